@@ -1,0 +1,81 @@
+/// The one registry of error codes. Every HTTP error body and every WebSocket `error` reply is built from
+/// an `ApiError`, so a code always travels with the same status.
+public struct ApiError: Error, Sendable, Equatable {
+    public let code: Code
+    public let message: String
+    public var details: [String: String]
+    /// Seconds for `Retry-After` (rate limiting).
+    public var retryAfter: Int?
+
+    public init(_ code: Code, _ message: String, details: [String: String] = [:], retryAfter: Int? = nil) {
+        self.code = code
+        self.message = message
+        self.details = details
+        self.retryAfter = retryAfter
+    }
+
+    public var status: Int { code.status }
+
+    public enum Code: String, Sendable, CaseIterable {
+        case badRequest = "BAD_REQUEST"
+        case unknownCommand = "UNKNOWN_COMMAND"
+        case invalidChannel = "INVALID_CHANNEL"
+        case invalidCursor = "INVALID_CURSOR"
+        case invalidBody = "INVALID_BODY"
+        case alreadySubscribed = "ALREADY_SUBSCRIBED"
+        case tooManySubscriptions = "TOO_MANY_SUBSCRIPTIONS"
+        case unauthenticated = "UNAUTHENTICATED"
+        case tokenRevoked = "TOKEN_REVOKED"
+        case forbidden = "FORBIDDEN"
+        case notFound = "NOT_FOUND"
+        case methodNotAllowed = "METHOD_NOT_ALLOWED"
+        case notAcceptable = "NOT_ACCEPTABLE"
+        case idempotencyConflict = "IDEMPOTENCY_CONFLICT"
+        case payloadTooLarge = "PAYLOAD_TOO_LARGE"
+        case upgradeRequired = "UPGRADE_REQUIRED"
+        case rateLimited = "RATE_LIMITED"
+        case internalError = "INTERNAL"
+        case storeUnavailable = "STORE_UNAVAILABLE"
+        case shuttingDown = "SHUTTING_DOWN"
+        case notImplemented = "NOT_IMPLEMENTED"
+
+        public var status: Int {
+            switch self {
+            case .badRequest, .unknownCommand, .invalidChannel, .invalidCursor, .invalidBody, .tooManySubscriptions: 400
+            case .unauthenticated, .tokenRevoked: 401
+            case .forbidden: 403
+            case .notFound: 404
+            case .methodNotAllowed: 405
+            case .notAcceptable: 406
+            case .idempotencyConflict, .alreadySubscribed: 409
+            case .payloadTooLarge: 413
+            case .upgradeRequired: 426
+            case .rateLimited: 429
+            case .internalError: 500
+            case .notImplemented: 501
+            case .storeUnavailable, .shuttingDown: 503
+            }
+        }
+    }
+
+    /// The envelope of PROTOCOL.md §4 as compact JSON.
+    public func envelopeJSON(requestId: String) -> String {
+        var out = "{\"code\":"
+        JSONText.appendString(code.rawValue, to: &out)
+        out += ",\"message\":"
+        JSONText.appendString(message, to: &out)
+        out += ",\"details\":{"
+        var first = true
+        for (key, value) in details.sorted(by: { $0.key < $1.key }) {
+            if !first { out += "," }
+            first = false
+            JSONText.appendString(key, to: &out)
+            out += ":"
+            JSONText.appendString(value, to: &out)
+        }
+        out += "},\"requestId\":"
+        JSONText.appendString(requestId, to: &out)
+        out += "}"
+        return out
+    }
+}

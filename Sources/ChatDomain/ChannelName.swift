@@ -1,0 +1,50 @@
+/// A validated channel name: `thread:<uuid>` (stored lowercase) or `topic:<name>` with `[a-z0-9._-]{1,64}`.
+public struct ChannelName: Hashable, Sendable, CustomStringConvertible {
+    public enum Kind: Sendable, Hashable {
+        case thread(id: String)
+        case topic(name: String)
+    }
+
+    public let rawValue: String
+    public let kind: Kind
+
+    public var description: String { rawValue }
+
+    public init(parsing text: String) throws(ApiError) {
+        if text.hasPrefix("thread:") {
+            let id = String(text.dropFirst("thread:".count)).lowercased()
+            guard ChannelName.isUUID(id) else {
+                throw ApiError(.invalidChannel, "thread channel must be thread:<uuid>", details: ["channel": text])
+            }
+            self.rawValue = "thread:" + id
+            self.kind = .thread(id: id)
+        } else if text.hasPrefix("topic:") {
+            let name = text.dropFirst("topic:".count)
+            guard (1...64).contains(name.utf8.count), name.utf8.allSatisfy(ChannelName.isTopicByte) else {
+                throw ApiError(.invalidChannel, "topic channel must be topic:[a-z0-9._-]{1,64}", details: ["channel": text])
+            }
+            self.rawValue = text
+            self.kind = .topic(name: String(name))
+        } else {
+            throw ApiError(.invalidChannel, "channel must be thread:<uuid> or topic:<name>", details: ["channel": text])
+        }
+    }
+
+    static func isTopicByte(_ b: UInt8) -> Bool {
+        (b >= 0x61 && b <= 0x7A) || (b >= 0x30 && b <= 0x39) || b == 0x2E || b == 0x5F || b == 0x2D
+    }
+
+    /// 8-4-4-4-12 hex digits.
+    static func isUUID(_ s: String) -> Bool {
+        let bytes = Array(s.utf8)
+        guard bytes.count == 36 else { return false }
+        for (i, b) in bytes.enumerated() {
+            if i == 8 || i == 13 || i == 18 || i == 23 {
+                if b != 0x2D { return false }
+            } else if !((b >= 0x30 && b <= 0x39) || (b >= 0x61 && b <= 0x66)) {
+                return false
+            }
+        }
+        return true
+    }
+}

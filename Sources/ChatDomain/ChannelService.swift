@@ -1,0 +1,83 @@
+import Auth
+
+/// The domain's entry for channels: names, permissions (through `Policy.can`), publishing and reading.
+/// Every transport goes through it, so a check cannot be skipped by picking another transport.
+public final class ChannelService: Sendable {
+    public let store: any Store
+    public let policy: Policy
+    public let bodyLimit: Int
+    public static let maxRequestIdLength = 200
+    public static let maxPageSize = 1000
+
+    public init(store: any Store, policy: Policy, bodyLimit: Int) {
+        self.store = store
+        self.policy = policy
+        self.bodyLimit = bodyLimit
+    }
+
+    /// Parses a channel name and checks that `actor` may do `action` on it.
+    public func authorize(_ actor: Actor, _ action: Action, _ name: String) throws(ApiError) -> ChannelName {
+        let channel = try ChannelName(parsing: name)
+        let resource: Resource
+        switch channel.kind {
+        case .topic(let topic): resource = .topic(name: topic)
+        // Thread membership arrives with the threads store; until then only admins reach thread channels.
+        case .thread(let id): resource = .thread(id: id, isMember: false)
+        }
+        guard policy.can(actor, action, resource) else {
+            throw ApiError(.forbidden, "not allowed to \(action.rawValue) on \(channel.rawValue)", details: ["channel": channel.rawValue])
+        }
+        return channel
+    }
+
+    /// Validates and commits a publish. `body` is the parsed JSON value of the request's `body`.
+    public func publish(_ actor: Actor, to channelName: String, body: Any?, requestId: String?) async throws(ApiError) -> AppendResult {
+        let channel = try authorize(actor, .publish, channelName)
+        if let requestId, requestId.isEmpty || requestId.utf8.count > Self.maxRequestIdLength {
+            throw ApiError(.badRequest, "request id must be 1 to \(Self.maxRequestIdLength) bytes")
+        }
+        let canonical = try JSONText.canonicalBody(body, limit: bodyLimit)
+        return try await store.append(AppendRequest(channel: channel, sender: actor.sub, requestId: requestId, body: canonical))
+    }
+
+    /// Checks that `cursor` is not past the channel's head (a cursor the channel never gave out).
+    public func position(of cursor: Cursor?, in channel: ChannelName, head: Int64) throws(ApiError) -> Int64 {
+        guard let cursor else { return head }
+        guard cursor.seq <= head else {
+            throw ApiError(.invalidCursor, "cursor is past the end of the channel", details: ["channel": channel.rawValue])
+        }
+        return cursor.seq
+    }
+
+    public enum HistoryQuery: Sendable {
+        case since(Cursor)
+        case before(Cursor)
+        case latest
+    }
+
+    public struct History: Sendable {
+        public let messages: [Message]
+        public let cursor: String
+        public let hasMore: Bool
+    }
+
+    /// History reads (`GET …/messages`). The answer's cursor is the last message's, or, for an empty page,
+    /// the position the query names (the channel's head for `latest`).
+    public func history(_ channel: ChannelName, _ query: HistoryQuery, limit: Int) async throws(ApiError) -> History {
+        switch query {
+        case .since(let cursor):
+            let page = try await store.messages(in: channel, after: cursor.seq, limit: limit)
+            if page.messages.isEmpty { _ = try position(of: cursor, in: channel, head: try await store.head(of: channel)) }
+            return History(messages: page.messages, cursor: page.messages.last?.cursor ?? Cursor.text(channel: channel, seq: cursor.seq), hasMore: page.hasMore)
+        case .before(let cursor):
+            let head = try await store.head(of: channel)
+            _ = try position(of: cursor, in: channel, head: head)
+            let page = try await store.messages(in: channel, before: cursor.seq, limit: limit)
+            return History(messages: page.messages, cursor: page.messages.last?.cursor ?? Cursor.text(channel: channel, seq: cursor.seq), hasMore: page.hasMore)
+        case .latest:
+            let head = try await store.head(of: channel)
+            let page = try await store.messages(in: channel, before: head + 1, limit: limit)
+            return History(messages: page.messages, cursor: Cursor.text(channel: channel, seq: head), hasMore: page.hasMore)
+        }
+    }
+}

@@ -1,0 +1,238 @@
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import SQLiteNIO
+
+/// The embedded store: one SQLite file in WAL mode. All appends go through this actor, which commits
+/// whatever has queued up while the previous transaction ran as one transaction (group commit): one fsync
+/// for many publishes, and no publisher is answered before its transaction committed.
+public actor SQLiteStore: Store {
+    public static let idempotencyWindowMicros: Int64 = 24 * 3600 * 1_000_000
+    private static let maxBatch = 512
+
+    private let writer: SQLiteConnection
+    private let reader: SQLiteConnection
+    private let logger: Logger
+    private let maxPending: Int
+    private var onCommit: CommitObserver?
+
+    private struct Head { var seq: Int64; var createdAt: Int64 }
+    private typealias Waiter = CheckedContinuation<Result<AppendResult, ApiError>, Never>
+    private var heads: [ChannelName: Head] = [:]
+    private var pending: [(AppendRequest, Waiter)] = []
+    private var committing = false
+
+    public static func open(path: String, maxPending: Int = 20_000, logger: Logger) async throws -> SQLiteStore {
+        let loop = MultiThreadedEventLoopGroup.singleton.any()
+        let writer = try await SQLiteConnection.open(storage: .file(path: path), threadPool: .singleton, logger: logger, on: loop)
+        _ = try await writer.query("PRAGMA journal_mode=WAL")
+        _ = try await writer.query("PRAGMA synchronous=FULL")
+        try await Self.migrate(writer)
+        let reader = try await SQLiteConnection.open(storage: .file(path: path), threadPool: .singleton, logger: logger, on: loop)
+        let store = SQLiteStore(writer: writer, reader: reader, maxPending: maxPending, logger: logger)
+        try await store.pruneIdempotencyKeys()
+        return store
+    }
+
+    private init(writer: SQLiteConnection, reader: SQLiteConnection, maxPending: Int, logger: Logger) {
+        self.writer = writer
+        self.reader = reader
+        self.maxPending = maxPending
+        self.logger = logger
+    }
+
+    /// Sets the observer that receives each committed batch (the fan-out bus).
+    public func setCommitObserver(_ observer: @escaping CommitObserver) {
+        onCommit = observer
+    }
+
+    static let migrations: [String] = [
+        """
+        CREATE TABLE channels (name TEXT PRIMARY KEY, last_seq INTEGER NOT NULL, last_created_at INTEGER NOT NULL) WITHOUT ROWID;
+        CREATE TABLE messages (
+            channel TEXT NOT NULL, seq INTEGER NOT NULL, id TEXT NOT NULL, created_at INTEGER NOT NULL,
+            sender TEXT NOT NULL, request_id TEXT, body TEXT NOT NULL, PRIMARY KEY (channel, seq)) WITHOUT ROWID;
+        CREATE TABLE idempotency (
+            channel TEXT NOT NULL, sender TEXT NOT NULL, request_id TEXT NOT NULL, seq INTEGER NOT NULL,
+            created_at INTEGER NOT NULL, PRIMARY KEY (channel, sender, request_id)) WITHOUT ROWID;
+        CREATE INDEX idempotency_created_at ON idempotency (created_at);
+        """,
+    ]
+
+    /// Applies the migrations past `PRAGMA user_version`, each in its own transaction.
+    static func migrate(_ db: SQLiteConnection) async throws {
+        let version = try await db.query("PRAGMA user_version").first?.column("user_version")?.integer ?? 0
+        for (index, script) in migrations.enumerated() where index >= version {
+            _ = try await db.query("BEGIN IMMEDIATE")
+            do {
+                for statement in script.split(separator: ";") where !statement.allSatisfy(\.isWhitespace) {
+                    _ = try await db.query(String(statement))
+                }
+                _ = try await db.query("PRAGMA user_version = \(index + 1)")
+                _ = try await db.query("COMMIT")
+            } catch {
+                _ = try? await db.query("ROLLBACK")
+                throw error
+            }
+        }
+    }
+
+    public func pruneIdempotencyKeys() async throws {
+        _ = try await writer.query("DELETE FROM idempotency WHERE created_at < ?", [.integer(Int(Timestamp.nowMicros() - Self.idempotencyWindowMicros))])
+    }
+
+    // MARK: append (group commit)
+
+    public func append(_ request: AppendRequest) async throws(ApiError) -> AppendResult {
+        guard pending.count < maxPending else {
+            throw ApiError(.storeUnavailable, "too many publishes waiting for the store")
+        }
+        let result = await withCheckedContinuation { (waiter: Waiter) in
+            pending.append((request, waiter))
+            if !committing {
+                committing = true
+                Task { await self.drain() }
+            }
+        }
+        return try result.get()
+    }
+
+    private func drain() async {
+        while !pending.isEmpty {
+            let batch = Array(pending.prefix(Self.maxBatch))
+            pending.removeFirst(batch.count)
+            await commit(batch)
+        }
+        committing = false
+    }
+
+    private enum Outcome { case stored(Message), replayed(Message), failed(ApiError) }
+
+    private func commit(_ batch: [(AppendRequest, Waiter)]) async {
+        var outcomes: [Outcome] = []
+        outcomes.reserveCapacity(batch.count)
+        var touched: [ChannelName: Head] = [:]
+        do {
+            _ = try await writer.query("BEGIN IMMEDIATE")
+            let now = Timestamp.nowMicros()
+            for (request, _) in batch {
+                outcomes.append(try await appendInTransaction(request, now: now, touched: &touched))
+            }
+            for (channel, head) in touched {
+                _ = try await writer.query(
+                    "INSERT INTO channels (name, last_seq, last_created_at) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET last_seq = excluded.last_seq, last_created_at = excluded.last_created_at",
+                    [.text(channel.rawValue), .integer(Int(head.seq)), .integer(Int(head.createdAt))])
+            }
+            _ = try await writer.query("COMMIT")
+        } catch {
+            logger.error("store commit failed", metadata: ["error": "\(error)"])
+            _ = try? await writer.query("ROLLBACK")
+            for channel in touched.keys { heads[channel] = nil }
+            let failure = ApiError(.storeUnavailable, "the store did not commit the message")
+            for (_, waiter) in batch { waiter.resume(returning: .failure(failure)) }
+            return
+        }
+        for (channel, head) in touched { heads[channel] = head }
+        let committed = outcomes.compactMap { outcome -> Message? in
+            if case .stored(let message) = outcome { return message }
+            return nil
+        }
+        if !committed.isEmpty { onCommit?(committed) }
+        for ((_, waiter), outcome) in zip(batch, outcomes) {
+            switch outcome {
+            case .stored(let m): waiter.resume(returning: .success(AppendResult(message: m, replayed: false)))
+            case .replayed(let m): waiter.resume(returning: .success(AppendResult(message: m, replayed: true)))
+            case .failed(let e): waiter.resume(returning: .failure(e))
+            }
+        }
+    }
+
+    private func appendInTransaction(_ request: AppendRequest, now: Int64, touched: inout [ChannelName: Head]) async throws -> Outcome {
+        let channel = request.channel
+        if let requestId = request.requestId {
+            let rows = try await writer.query(
+                """
+                SELECT m.id, m.seq, m.created_at, m.sender, m.request_id, m.body FROM idempotency i
+                JOIN messages m ON m.channel = i.channel AND m.seq = i.seq
+                WHERE i.channel = ? AND i.sender = ? AND i.request_id = ? AND i.created_at >= ?
+                """,
+                [.text(channel.rawValue), .text(request.sender), .text(requestId), .integer(Int(now - Self.idempotencyWindowMicros))])
+            if let row = rows.first {
+                let original = Self.message(from: row, channel: channel)
+                if original.body == request.body { return .replayed(original) }
+                return .failed(ApiError(.idempotencyConflict, "this request id was used with a different body",
+                                        details: ["request_id": requestId, "message_id": original.id]))
+            }
+        }
+        var head: Head
+        if let known = touched[channel] ?? heads[channel] {
+            head = known
+        } else {
+            let rows = try await writer.query("SELECT last_seq, last_created_at FROM channels WHERE name = ?", [.text(channel.rawValue)])
+            head = Head(seq: Int64(rows.first?.column("last_seq")?.integer ?? 0), createdAt: Int64(rows.first?.column("last_created_at")?.integer ?? 0))
+        }
+        head.seq += 1
+        head.createdAt = max(now, head.createdAt + 1)
+        let id = UUIDv7.make(micros: head.createdAt)
+        _ = try await writer.query(
+            "INSERT INTO messages (channel, seq, id, created_at, sender, request_id, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [.text(channel.rawValue), .integer(Int(head.seq)), .text(id), .integer(Int(head.createdAt)), .text(request.sender),
+             request.requestId.map { .text($0) } ?? .null, .text(request.body)])
+        if let requestId = request.requestId {
+            _ = try await writer.query(
+                "INSERT OR REPLACE INTO idempotency (channel, sender, request_id, seq, created_at) VALUES (?, ?, ?, ?, ?)",
+                [.text(channel.rawValue), .text(request.sender), .text(requestId), .integer(Int(head.seq)), .integer(Int(now))])
+        }
+        touched[channel] = head
+        return .stored(Message(id: id, channel: channel, seq: head.seq, createdAtMicros: head.createdAt, sender: request.sender,
+                               requestId: request.requestId, body: request.body))
+    }
+
+    // MARK: reads (on a second connection, so they never wait behind a commit)
+
+    private static let columns = "id, seq, created_at, sender, request_id, body"
+
+    static func message(from row: SQLiteRow, channel: ChannelName) -> Message {
+        Message(id: row.column("id")?.string ?? "", channel: channel, seq: Int64(row.column("seq")?.integer ?? 0),
+                createdAtMicros: Int64(row.column("created_at")?.integer ?? 0), sender: row.column("sender")?.string ?? "",
+                requestId: row.column("request_id")?.string, body: row.column("body")?.string ?? "{}")
+    }
+
+    private nonisolated func read(_ sql: String, _ binds: [SQLiteData]) async throws(ApiError) -> [SQLiteRow] {
+        do {
+            return try await reader.query(sql, binds)
+        } catch {
+            logger.error("store read failed", metadata: ["error": "\(error)"])
+            throw ApiError(.storeUnavailable, "the store did not answer")
+        }
+    }
+
+    public nonisolated func messages(in channel: ChannelName, after: Int64, limit: Int) async throws(ApiError) -> Page {
+        let rows = try await read("SELECT \(Self.columns) FROM messages WHERE channel = ? AND seq > ? ORDER BY seq LIMIT ?",
+                                  [.text(channel.rawValue), .integer(Int(after)), .integer(limit + 1)])
+        let messages = rows.prefix(limit).map { Self.message(from: $0, channel: channel) }
+        return Page(messages: messages, hasMore: rows.count > limit)
+    }
+
+    public nonisolated func messages(in channel: ChannelName, before: Int64, limit: Int) async throws(ApiError) -> Page {
+        let rows = try await read("SELECT \(Self.columns) FROM messages WHERE channel = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+                                  [.text(channel.rawValue), .integer(Int(before)), .integer(limit + 1)])
+        let messages = rows.prefix(limit).reversed().map { Self.message(from: $0, channel: channel) }
+        return Page(messages: messages, hasMore: rows.count > limit)
+    }
+
+    public nonisolated func head(of channel: ChannelName) async throws(ApiError) -> Int64 {
+        let rows = try await read("SELECT last_seq FROM channels WHERE name = ?", [.text(channel.rawValue)])
+        return Int64(rows.first?.column("last_seq")?.integer ?? 0)
+    }
+
+    public nonisolated func ping() async -> Bool {
+        (try? await reader.query("SELECT 1")) != nil
+    }
+
+    public func close() async {
+        try? await reader.close()
+        try? await writer.close()
+    }
+}

@@ -1,0 +1,49 @@
+/// What a publisher asks the store to append.
+public struct AppendRequest: Sendable {
+    public let channel: ChannelName
+    public let sender: String
+    public let requestId: String?
+    /// Canonical JSON text of the body.
+    public let body: String
+
+    public init(channel: ChannelName, sender: String, requestId: String?, body: String) {
+        self.channel = channel
+        self.sender = sender
+        self.requestId = requestId
+        self.body = body
+    }
+}
+
+public struct AppendResult: Sendable {
+    public let message: Message
+    /// True when the request id repeated an earlier publish: nothing new was stored.
+    public let replayed: Bool
+}
+
+/// A page of a channel, ascending by `seq`.
+public struct Page: Sendable {
+    public let messages: [Message]
+    /// More messages exist past the page in the direction read (after it for `after`, before it for
+    /// `before` and `latest`).
+    public let hasMore: Bool
+}
+
+/// The durable, ordered store of messages. Order is decided here, once: `seq` is gapless per channel and
+/// `created_at` strictly increases with it.
+public protocol Store: Sendable {
+    /// Appends, commits, and only then returns. Committed messages are handed to the commit observer in
+    /// `seq` order before the call returns.
+    func append(_ request: AppendRequest) async throws(ApiError) -> AppendResult
+    /// Messages with `seq > after`, ascending, at most `limit`.
+    func messages(in channel: ChannelName, after: Int64, limit: Int) async throws(ApiError) -> Page
+    /// Messages with `seq < before`, the `limit` nearest, ascending.
+    func messages(in channel: ChannelName, before: Int64, limit: Int) async throws(ApiError) -> Page
+    /// The seq of the last message of the channel; 0 when empty.
+    func head(of channel: ChannelName) async throws(ApiError) -> Int64
+    /// Whether the store answers (readiness).
+    func ping() async -> Bool
+    func close() async
+}
+
+/// Receives every committed batch of messages, in commit order, exactly once per commit.
+public typealias CommitObserver = @Sendable ([Message]) -> Void

@@ -1,0 +1,72 @@
+import Auth
+import ChatDomain
+import Fanout
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+
+/// What every connection of an instance shares: config, token verification, the channel service, the Hub,
+/// and the registry of live streams (for shutdown).
+public final class GatewayApp: Sendable {
+    public let config: GatewayConfig
+    public let verifier: TokenVerifier
+    public let channels: ChannelService
+    public let hub: Hub
+    public let store: any Store
+    public let logger: Logger
+    let streams = StreamRegistry()
+    let counters = Counters()
+
+    init(config: GatewayConfig, verifier: TokenVerifier, channels: ChannelService, hub: Hub, logger: Logger) {
+        self.config = config
+        self.verifier = verifier
+        self.channels = channels
+        self.hub = hub
+        self.store = channels.store
+        self.logger = logger
+    }
+
+    /// Verifies a bearer token; every failure is `401 UNAUTHENTICATED` with its reason.
+    func authenticate(_ token: String?) async throws(ApiError) -> Actor {
+        guard let token, !token.isEmpty else { throw ApiError(.unauthenticated, AuthFailure.missing.reason) }
+        do {
+            return try await verifier.verify(token)
+        } catch {
+            throw ApiError(error == .revoked ? .tokenRevoked : .unauthenticated, error.reason)
+        }
+    }
+
+    static func newRequestId() -> String { UUID().uuidString.lowercased() }
+
+    /// A client's `X-Request-Id` if it is reasonable (printable ASCII, ≤ 128 bytes), else a new one.
+    static func requestId(from header: String?) -> String {
+        if let header, !header.isEmpty, header.utf8.count <= 128, header.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) {
+            return header
+        }
+        return newRequestId()
+    }
+}
+
+/// Live streams that must be told when the instance shuts down.
+protocol LiveStream: AnyObject, Sendable {
+    /// Ends the stream for shutdown (WebSocket close 1001, SSE and long-poll end).
+    func shutdown()
+}
+
+final class StreamRegistry: Sendable {
+    private let streams = NIOLockedValueBox<[ObjectIdentifier: any LiveStream]>([:])
+
+    func add(_ stream: any LiveStream) { streams.withLockedValue { $0[ObjectIdentifier(stream)] = stream } }
+    func remove(_ stream: any LiveStream) { _ = streams.withLockedValue { $0.removeValue(forKey: ObjectIdentifier(stream)) } }
+    func all() -> [any LiveStream] { streams.withLockedValue { Array($0.values) } }
+    var count: Int { streams.withLockedValue { $0.count } }
+}
+
+/// Counters exposed to tests and (later) metrics.
+final class Counters: Sendable {
+    private let values = NIOLockedValueBox<[String: Int]>([:])
+    func add(_ name: String, _ n: Int = 1) { values.withLockedValue { $0[name, default: 0] += n } }
+    func get(_ name: String) -> Int { values.withLockedValue { $0[name] ?? 0 } }
+    func snapshot() -> [String: Int] { values.withLockedValue { $0 } }
+}

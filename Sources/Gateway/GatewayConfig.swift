@@ -1,0 +1,49 @@
+import Auth
+import Foundation
+import Logging
+import NIOCore
+
+/// Everything an instance is started with. Environment variables of PROTOCOL.md §8 first, flags on top
+/// (see `GatewayMain`).
+public struct GatewayConfig: Sendable {
+    public var host = "127.0.0.1"
+    public var port = 8080
+    public var dataDir = "./data"
+    public var jwtSecret: String?
+    public var echo = false
+    public var instanceId: String?
+    public var logLevel: Logger.Level = .info
+    /// Largest canonical `body` of a message, in bytes.
+    public var bodyLimit = 64 * 1024
+    /// Bytes queued for one connection before it counts as a slow consumer.
+    public var sendBudget = 1024 * 1024
+    /// Kernel send buffer per connection, capped so that a slow consumer shows in NIO's queue.
+    public var socketSendBuffer = 128 * 1024
+    public var maxSubscriptionsPerConnection = 128
+    public var keepaliveSeconds: Int64 = 15
+    public var wsPingSeconds: Int64 = 20
+    public var eventLoops = System.coreCount
+    public var topics: [String: TopicRule] = [:]
+
+    public init() {}
+
+    /// Largest WebSocket message or HTTP request body: room for a body at its limit with JSON escaping.
+    public var maxMessageBytes: Int { bodyLimit * 4 + 16 * 1024 }
+
+    public var instanceName: String { instanceId ?? "\(host):\(port)" }
+
+    /// Reads the `GATEWAY_*` variables.
+    public static func fromEnvironment(_ env: [String: String] = ProcessInfo.processInfo.environment) -> GatewayConfig {
+        var c = GatewayConfig()
+        if let v = env["GATEWAY_HOST"], !v.isEmpty { c.host = v }
+        if let v = env["GATEWAY_PORT"], let p = Int(v) { c.port = p }
+        if let v = env["GATEWAY_DATA_DIR"], !v.isEmpty { c.dataDir = v }
+        if let v = env["GATEWAY_JWT_SECRET"], !v.isEmpty { c.jwtSecret = v }
+        if let v = env["GATEWAY_ECHO"] { c.echo = v == "1" || v == "true" }
+        if let v = env["GATEWAY_INSTANCE_ID"], !v.isEmpty { c.instanceId = v }
+        if let v = env["GATEWAY_LOG_LEVEL"], let level = Logger.Level(rawValue: v == "warning" ? "warning" : v) { c.logLevel = level }
+        if let v = env["GATEWAY_BODY_LIMIT"], let n = Int(v) { c.bodyLimit = n }
+        if let v = env["GATEWAY_SEND_BUDGET"], let n = Int(v) { c.sendBudget = n }
+        return c
+    }
+}

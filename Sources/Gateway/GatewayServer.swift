@@ -1,0 +1,157 @@
+import Auth
+import ChatDomain
+import Fanout
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import NIOWebSocket
+
+/// One gateway instance: the store, the Hub and the NIO server on one port (one event loop per core).
+public final class GatewayServer: Sendable {
+    public let app: GatewayApp
+    public let port: Int
+    private let group: MultiThreadedEventLoopGroup
+    private let serverChannel: any Channel
+    private let lockFD: Int32
+
+    public static func start(config: GatewayConfig, logger: Logger) async throws -> GatewayServer {
+        try FileManager.default.createDirectory(atPath: config.dataDir, withIntermediateDirectories: true)
+        let lockFD = try lockDataDir(config.dataDir)
+        let store = try await SQLiteStore.open(path: config.dataDir + "/gateway.sqlite", logger: logger)
+        let bus = InProcessBus()
+        await store.setCommitObserver { bus.publish($0) }
+        guard let secret = config.jwtSecret else { throw GatewayStartError("no JWT secret configured (GATEWAY_JWT_SECRET)") }
+        guard secret.utf8.count >= 32 else { throw GatewayStartError("the JWT secret must be at least 32 bytes") }
+        let verifier = await TokenVerifier(hs256Secret: secret)
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, config.eventLoops))
+        let loops = Array(group.makeIterator())
+        let hub = Hub(loops: loops, store: store, bus: bus, encoder: WireEncoding.encoder, logger: logger)
+        let channels = ChannelService(store: store, policy: Policy(topics: config.topics), bodyLimit: config.bodyLimit)
+        let app = GatewayApp(config: config, verifier: verifier, channels: channels, hub: hub, logger: logger)
+        let upgrades = PendingUpgrades()
+
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(ChannelOptions.backlog, value: 1024)
+            .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(ChannelOptions.socketOption(.so_sndbuf), value: SocketOptionValue(config.socketSendBuffer))
+            .childChannelOption(ChannelOptions.writeBufferWaterMark,
+                                value: .init(low: config.sendBudget / 2, high: config.sendBudget))
+            .childChannelOption(ChannelOptions.maxMessagesPerRead, value: 16)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try Self.configure(channel, app: app, upgrades: upgrades)
+                }
+            }
+        let serverChannel: any Channel
+        do {
+            serverChannel = try await bootstrap.bind(host: config.host, port: config.port).get()
+        } catch {
+            try? await group.shutdownGracefully()
+            await store.close()
+            close(lockFD)
+            throw error
+        }
+        let port = serverChannel.localAddress?.port ?? config.port
+        logger.info("gateway listening", metadata: ["instance": "\(config.instanceName)", "address": "\(config.host):\(port)", "mode": "embedded"])
+        return GatewayServer(app: app, port: port, group: group, serverChannel: serverChannel, lockFD: lockFD)
+    }
+
+    private init(app: GatewayApp, port: Int, group: MultiThreadedEventLoopGroup, serverChannel: any Channel, lockFD: Int32) {
+        self.app = app
+        self.port = port
+        self.group = group
+        self.serverChannel = serverChannel
+        self.lockFD = lockFD
+    }
+
+    /// Stops accepting, closes WebSockets with 1001, ends SSE streams and long-polls, lets publishes in flight
+    /// finish, then releases the store.
+    public func shutdown() async {
+        app.logger.info("gateway shutting down")
+        try? await serverChannel.close()
+        for stream in app.streams.all() { stream.shutdown() }
+        for _ in 0..<50 where app.streams.count > 0 { try? await Task.sleep(for: .milliseconds(100)) }
+        try? await Task.sleep(for: .milliseconds(200))
+        try? await group.shutdownGracefully()
+        await app.store.close()
+        close(lockFD)
+    }
+
+    /// The HTTP pipeline with the WebSocket upgrade for `/v1/ws` (authenticated before the 101) and
+    /// `/v1/echo` (when enabled). A refused upgrade falls through to `HTTPHandler`, which answers with the
+    /// error envelope.
+    static func configure(_ channel: any Channel, app: GatewayApp, upgrades: PendingUpgrades) throws {
+        let upgrader = NIOWebSocketServerUpgrader(
+            maxFrameSize: app.config.maxMessageBytes,
+            automaticErrorHandling: false,
+            shouldUpgrade: { channel, head in
+                let request = HTTPRequest(head: head, body: ByteBuffer())
+                var headers = HTTPHeaders()
+                headers.add(name: "X-Request-Id", value: request.requestId)
+                switch request.path {
+                case ["v1", "echo"]:
+                    return channel.eventLoop.makeSucceededFuture(app.config.echo ? headers : nil)
+                case ["v1", "ws"]:
+                    return channel.eventLoop.makeFutureWithTask {
+                        guard let actor = try? await app.authenticate(request.bearerToken) else { return nil }
+                        upgrades.put(channel, actor: actor, requestId: request.requestId)
+                        return headers
+                    }
+                default:
+                    return channel.eventLoop.makeSucceededFuture(nil)
+                }
+            },
+            upgradePipelineHandler: { channel, head in
+                channel.eventLoop.makeCompletedFuture {
+                    let sync = channel.pipeline.syncOperations
+                    if let (actor, requestId) = upgrades.take(channel) {
+                        try sync.addHandler(WebSocketSession(app: app, actor: actor, requestId: requestId, eventLoop: channel.eventLoop))
+                    } else {
+                        try sync.addHandler(EchoSession(maxMessageBytes: app.config.maxMessageBytes, pingInterval: .seconds(app.config.wsPingSeconds)))
+                    }
+                }
+            })
+        let sync = channel.pipeline.syncOperations
+        try sync.configureHTTPServerPipeline(
+            withServerUpgrade: (upgraders: [upgrader], completionHandler: { context in
+                let sync = context.pipeline.syncOperations
+                if let handler = try? sync.handler(type: HTTPHandler.self) { _ = sync.removeHandler(handler) }
+            }),
+            withErrorHandling: true)
+        try sync.addHandler(HTTPHandler(app: app))
+        channel.closeFuture.whenComplete { _ in _ = upgrades.take(channel) }
+    }
+
+    /// Takes an exclusive lock on the data folder: one embedded instance per folder.
+    private static func lockDataDir(_ dir: String) throws -> Int32 {
+        let fd = open(dir + "/gateway.lock", O_CREAT | O_RDWR, 0o644)
+        guard fd >= 0 else { throw GatewayStartError("cannot open \(dir)/gateway.lock") }
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+            close(fd)
+            throw GatewayStartError("another gateway is using \(dir)")
+        }
+        return fd
+    }
+}
+
+public struct GatewayStartError: Error, CustomStringConvertible {
+    public let description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// Actors verified before a `101`, waiting for their session handler.
+final class PendingUpgrades: Sendable {
+    private let pending = NIOLockedValueBox<[ObjectIdentifier: (Actor, String)]>([:])
+
+    func put(_ channel: any Channel, actor: Actor, requestId: String) {
+        pending.withLockedValue { $0[ObjectIdentifier(channel)] = (actor, requestId) }
+    }
+
+    func take(_ channel: any Channel) -> (Actor, String)? {
+        pending.withLockedValue { $0.removeValue(forKey: ObjectIdentifier(channel)) }
+    }
+}

@@ -1,0 +1,223 @@
+import Auth
+import ChatDomain
+import Fanout
+import Foundation
+import NIOCore
+import NIOHTTP1
+
+/// Serves the HTTP side of a connection: REST, long-poll and SSE. One request at a time (NIO's pipelining
+/// handler queues the next); a WebSocket upgrade never reaches it unless it was refused.
+final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private let app: GatewayApp
+    private enum State {
+        case idle
+        case receiving(HTTPRequestHead, ByteBuffer)
+        case tooLarge(HTTPRequestHead)
+        case responding
+    }
+    private var state = State.idle
+    /// The SSE stream or long-poll wait in progress, ended when the connection goes.
+    private var live: (any ConnectionBoundStream)?
+
+    init(app: GatewayApp) {
+        self.app = app
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head):
+            if let length = head.headers.first(name: "content-length").flatMap(Int.init), length > app.config.maxMessageBytes {
+                state = .tooLarge(head)
+            } else {
+                state = .receiving(head, context.channel.allocator.buffer(capacity: 0))
+            }
+        case .body(var chunk):
+            if case .receiving(let head, var body) = state {
+                if body.readableBytes + chunk.readableBytes > app.config.maxMessageBytes {
+                    state = .tooLarge(head)
+                } else {
+                    state = .idle
+                    body.writeBuffer(&chunk)
+                    state = .receiving(head, body)
+                }
+            }
+        case .end:
+            switch state {
+            case .receiving(let head, let body):
+                state = .responding
+                route(context: context, request: HTTPRequest(head: head, body: body))
+            case .tooLarge(let head):
+                state = .responding
+                let request = HTTPRequest(head: head, body: ByteBuffer())
+                let error = ApiError(.payloadTooLarge, "request body is larger than \(app.config.maxMessageBytes) bytes")
+                write(context: context, response: .error(error, requestId: request.requestId), request: request, forceClose: true)
+            case .idle, .responding:
+                break
+            }
+        }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        live?.writabilityChanged(isWritable: context.channel.isWritable)
+        context.fireChannelWritabilityChanged()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        live?.connectionClosed()
+        live = nil
+        context.fireChannelInactive()
+    }
+
+    // MARK: routing
+
+    private func route(context: ChannelHandlerContext, request: HTTPRequest) {
+        let path = request.path
+        switch (request.method, path.count) {
+        case (.GET, 1) where path[0] == "healthz":
+            write(context: context, response: .json(.ok, "{\"status\":\"ok\"}"), request: request)
+        case (.GET, 1) where path[0] == "readyz":
+            respond(context: context, request: request) { [app] () async throws(ApiError) -> HTTPResponse in
+                if await app.store.ping() { return .json(.ok, "{\"status\":\"ok\",\"store\":\"ok\"}") }
+                return .json(.serviceUnavailable, "{\"status\":\"unavailable\",\"store\":\"failed\"}")
+            }
+        case (_, 4) where path[0] == "v1" && path[1] == "channels":
+            routeChannel(context: context, request: request, channel: path[2], action: path[3])
+        case (_, 2) where path[0] == "v1" && (path[1] == "ws" || path[1] == "echo"):
+            refusedUpgrade(context: context, request: request, echo: path[1] == "echo")
+        default:
+            write(context: context, response: .error(ApiError(.notFound, "no such route"), requestId: request.requestId), request: request)
+        }
+    }
+
+    private func routeChannel(context: ChannelHandlerContext, request: HTTPRequest, channel: String, action: String) {
+        let app = self.app
+        switch (request.method, action) {
+        case (.POST, "messages"):
+            respond(context: context, request: request) { () async throws(ApiError) -> HTTPResponse in
+                try await Routes.publish(app, request, channel: channel)
+            }
+        case (.GET, "messages"):
+            respond(context: context, request: request) { () async throws(ApiError) -> HTTPResponse in
+                try await Routes.history(app, request, channel: channel)
+            }
+        case (.GET, "poll"):
+            startLongPoll(context: context, request: request, channel: channel)
+        case (.GET, "events"):
+            startEventStream(context: context, request: request, channel: channel)
+        case (_, "messages"), (_, "poll"), (_, "events"):
+            write(context: context, response: .error(ApiError(.methodNotAllowed, "method not allowed"), requestId: request.requestId), request: request)
+        default:
+            write(context: context, response: .error(ApiError(.notFound, "no such route"), requestId: request.requestId), request: request)
+        }
+    }
+
+    /// `/v1/ws` or `/v1/echo` reached as plain HTTP: the upgrade was refused. Say why.
+    private func refusedUpgrade(context: ChannelHandlerContext, request: HTTPRequest, echo: Bool) {
+        let app = self.app
+        respond(context: context, request: request) { () async throws(ApiError) -> HTTPResponse in
+            if echo && !app.config.echo { throw ApiError(.notFound, "echo is not enabled") }
+            if !echo { _ = try await app.authenticate(request.bearerToken) }
+            throw ApiError(.upgradeRequired, "a WebSocket upgrade (version 13) is required here")
+        }
+    }
+
+    // MARK: writing
+
+    /// Runs `work` off the event loop and writes its answer (or its error envelope) back on it.
+    func respond(context: ChannelHandlerContext, request: HTTPRequest, _ work: @escaping @Sendable () async throws(ApiError) -> HTTPResponse) {
+        let promise = context.eventLoop.makePromise(of: HTTPResponse.self)
+        promise.completeWithTask {
+            do throws(ApiError) { return try await work() } catch { return .error(error, requestId: request.requestId) }
+        }
+        promise.futureResult.assumeIsolated().whenSuccess { response in
+            self.write(context: context, response: response, request: request)
+        }
+    }
+
+    func write(context: ChannelHandlerContext, response: HTTPResponse, request: HTTPRequest, forceClose: Bool = false) {
+        guard context.channel.isActive else { return }
+        let close = forceClose || !request.keepAlive
+        var headers = HTTPHeaders()
+        headers.add(name: "Content-Type", value: "application/json")
+        headers.add(name: "Content-Length", value: String(response.body.utf8.count))
+        headers.add(name: "X-Request-Id", value: request.requestId)
+        for (name, value) in response.headers { headers.add(name: name, value: value) }
+        if close { headers.add(name: "Connection", value: "close") }
+        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: response.status, headers: headers))), promise: nil)
+        var body = context.channel.allocator.buffer(capacity: response.body.utf8.count)
+        body.writeString(response.body)
+        context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
+        let done = context.writeAndFlushWithFuture(wrapOutboundOut(.end(nil)))
+        state = .idle
+        if close {
+            done.assumeIsolated().whenComplete { _ in context.close(promise: nil) }
+        }
+    }
+
+    // MARK: long-poll
+
+    private func startLongPoll(context: ChannelHandlerContext, request: HTTPRequest, channel name: String) {
+        let app = self.app
+        let setup = context.eventLoop.makePromise(of: LongPoll.Start.self)
+        setup.completeWithTask { () async throws -> LongPoll.Start in
+            try await LongPoll.prepare(app, request, channel: name)
+        }
+        setup.futureResult.assumeIsolated().whenComplete { result in
+            switch result {
+            case .failure(let error as ApiError):
+                self.write(context: context, response: .error(error, requestId: request.requestId), request: request)
+            case .failure:
+                self.write(context: context, response: .error(ApiError(.internalError, "internal error"), requestId: request.requestId), request: request)
+            case .success(let start):
+                let poll = LongPoll(app: app, start: start, eventLoop: context.eventLoop) { [weak self] response in
+                    self?.live = nil
+                    self?.write(context: context, response: response, request: request)
+                }
+                self.live = poll
+                poll.run()
+            }
+        }
+    }
+
+    // MARK: Server-Sent Events
+
+    private func startEventStream(context: ChannelHandlerContext, request: HTTPRequest, channel name: String) {
+        let app = self.app
+        let setup = context.eventLoop.makePromise(of: EventStream.Start.self)
+        setup.completeWithTask { () async throws -> EventStream.Start in
+            try await EventStream.prepare(app, request, channel: name)
+        }
+        setup.futureResult.assumeIsolated().whenComplete { result in
+            switch result {
+            case .failure(let error):
+                let apiError = error as? ApiError ?? ApiError(.internalError, "internal error")
+                self.write(context: context, response: .error(apiError, requestId: request.requestId), request: request)
+            case .success(let start):
+                let stream = EventStream(app: app, start: start, context: context, requestId: request.requestId)
+                self.live = stream
+                stream.open()
+            }
+        }
+    }
+}
+
+/// A response that outlives the request handling and must stop when the client goes.
+protocol ConnectionBoundStream: AnyObject {
+    func connectionClosed()
+    func writabilityChanged(isWritable: Bool)
+}
+
+extension ConnectionBoundStream {
+    func writabilityChanged(isWritable: Bool) {}
+}
+
+extension ChannelHandlerContext {
+    func writeAndFlushWithFuture(_ data: NIOAny) -> EventLoopFuture<Void> {
+        let promise = eventLoop.makePromise(of: Void.self)
+        writeAndFlush(data, promise: promise)
+        return promise.futureResult
+    }
+}

@@ -1,0 +1,81 @@
+import ChatDomain
+import Foundation
+import NIOCore
+import NIOHTTP1
+
+/// One HTTP request as the routes see it.
+struct HTTPRequest: Sendable {
+    let method: HTTPMethod
+    let path: [String]
+    let query: [String: String]
+    let headers: HTTPHeaders
+    let body: ByteBuffer
+    let requestId: String
+    let keepAlive: Bool
+
+    init(head: HTTPRequestHead, body: ByteBuffer) {
+        self.method = head.method
+        let uri = head.uri
+        let pathPart: Substring
+        let queryPart: Substring?
+        if let q = uri.firstIndex(of: "?") {
+            pathPart = uri[..<q]
+            queryPart = uri[uri.index(after: q)...]
+        } else {
+            pathPart = Substring(uri)
+            queryPart = nil
+        }
+        self.path = pathPart.split(separator: "/", omittingEmptySubsequences: true).map {
+            String($0).removingPercentEncoding ?? String($0)
+        }
+        var query: [String: String] = [:]
+        for pair in queryPart?.split(separator: "&") ?? [] {
+            let kv = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            let key = String(kv[0]).replacingOccurrences(of: "+", with: " ").removingPercentEncoding ?? String(kv[0])
+            let value = kv.count > 1 ? (String(kv[1]).replacingOccurrences(of: "+", with: " ").removingPercentEncoding ?? String(kv[1])) : ""
+            if query[key] == nil { query[key] = value }
+        }
+        self.query = query
+        self.headers = head.headers
+        self.body = body
+        self.requestId = GatewayApp.requestId(from: head.headers.first(name: "x-request-id"))
+        self.keepAlive = head.isKeepAlive
+    }
+
+    /// `Authorization: Bearer …`, else `?access_token=`.
+    var bearerToken: String? {
+        if let auth = headers.first(name: "authorization") {
+            let parts = auth.split(separator: " ", maxSplits: 1)
+            if parts.count == 2, parts[0].lowercased() == "bearer" { return String(parts[1]).trimmingCharacters(in: .whitespaces) }
+            return ""
+        }
+        return query["access_token"]
+    }
+
+    /// An integer query parameter within `range`, or `BAD_REQUEST`.
+    func intParameter(_ name: String, default value: Int, range: ClosedRange<Int>) throws(ApiError) -> Int {
+        guard let text = query[name] else { return value }
+        guard let n = Int(text), range.contains(n) else {
+            throw ApiError(.badRequest, "\(name) must be an integer in \(range.lowerBound)...\(range.upperBound)", details: ["parameter": name])
+        }
+        return n
+    }
+}
+
+/// A complete (non-streaming) answer.
+struct HTTPResponse: Sendable {
+    var status: HTTPResponseStatus
+    var headers: [(String, String)] = []
+    var body: String
+
+    static func json(_ status: HTTPResponseStatus, _ body: String, headers: [(String, String)] = []) -> HTTPResponse {
+        HTTPResponse(status: status, headers: headers, body: body)
+    }
+
+    static func error(_ error: ApiError, requestId: String) -> HTTPResponse {
+        var headers: [(String, String)] = []
+        if let retry = error.retryAfter { headers.append(("Retry-After", String(retry))) }
+        if error.code == .upgradeRequired { headers.append(("Sec-WebSocket-Version", "13")) }
+        return HTTPResponse(status: HTTPResponseStatus(statusCode: error.status), headers: headers, body: error.envelopeJSON(requestId: requestId))
+    }
+}

@@ -1,0 +1,151 @@
+import ChatDomain
+import NIOCore
+import NIOWebSocket
+
+/// The transport half of a server WebSocket: applies `WebSocketFraming`, answers pings, pings the client
+/// every interval and drops it after two unanswered pings, and runs the close handshake. Outbound frames
+/// are written as ready-made bytes through the context of NIO's frame encoder (so they pass below it), and
+/// a broadcast frame encoded once is written to every connection as is. Subclasses handle complete
+/// messages.
+class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = WebSocketFrame
+    typealias OutboundOut = ByteBuffer
+
+    private var framing: WebSocketFraming
+    private let pingInterval: TimeAmount
+    private var pingTask: RepeatedTask?
+    private var unansweredPings = 0
+    private var forcedClose: Scheduled<Void>?
+    /// Set once a close frame was sent: nothing but the peer's close is read after it.
+    private(set) var closing = false
+    var context: ChannelHandlerContext?
+    /// Where frame bytes are written: the frame encoder's context, whose writes go straight to the socket.
+    private var output: ChannelHandlerContext?
+
+    init(maxMessageBytes: Int, pingInterval: TimeAmount) {
+        self.framing = WebSocketFraming(maxMessageBytes: maxMessageBytes)
+        self.pingInterval = pingInterval
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        self.output = (try? context.pipeline.syncOperations.context(handlerType: WebSocketFrameEncoder.self)) ?? context
+        pingTask = context.eventLoop.scheduleRepeatedTask(initialDelay: pingInterval, delay: pingInterval) { [weak self] _ in
+            self?.sendPing()
+        }
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        stopTimers()
+        self.context = nil
+        self.output = nil
+    }
+
+    /// Queues frame bytes.
+    func writeFrame(_ bytes: ByteBuffer) {
+        output?.write(NIOAny(bytes), promise: nil)
+    }
+
+    func flushFrames() {
+        output?.flush()
+    }
+
+    func writeAndFlushFrame(_ bytes: ByteBuffer) -> EventLoopFuture<Void>? {
+        guard let output else { return nil }
+        let promise = output.eventLoop.makePromise(of: Void.self)
+        output.writeAndFlush(NIOAny(bytes), promise: promise)
+        return promise.futureResult
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        stopTimers()
+        connectionEnded()
+        context.fireChannelInactive()
+    }
+
+    private func stopTimers() {
+        pingTask?.cancel()
+        pingTask = nil
+        forcedClose?.cancel()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let event = framing.receive(unwrapInboundIn(data))
+        if closing {
+            if case .close = event { context.close(promise: nil) }
+            return
+        }
+        switch event {
+        case .text(let text): handleText(text)
+        case .binary(let data): handleBinary(data)
+        case .ping(let payload):
+            _ = writeAndFlushFrame(WireEncoding.frame(.pong, payload: payload))
+        case .pong:
+            unansweredPings = 0
+        case .close(let code):
+            closing = true
+            connectionEnded()
+            let reply = code.map { WireEncoding.closeFrame(code: $0) } ?? WireEncoding.frame(.close, payload: ByteBuffer())
+            let channel = context.channel
+            writeAndFlushFrame(reply)?.whenComplete { _ in channel.close(promise: nil) }
+        case .fail(let code, let reason):
+            close(code: code, reason: reason)
+        case .none:
+            break
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if let error = error as? NIOWebSocketError {
+            close(code: error == .invalidFrameLength ? 1009 : 1002, reason: "protocol error")
+        } else {
+            context.close(promise: nil)
+        }
+    }
+
+    /// Sends a text frame (not flushed when `flush` is false).
+    func send(_ text: String, flush: Bool = true) {
+        guard context != nil, !closing else { return }
+        writeFrame(WireEncoding.frame(.text, text: text))
+        if flush { flushFrames() }
+    }
+
+    /// Starts the close handshake with `code`; the connection is dropped if the peer does not answer within
+    /// 5 seconds (a peer that stopped reading never will).
+    func close(code: UInt16, reason: String = "") {
+        guard let context, !closing else { return }
+        closing = true
+        connectionEnded()
+        _ = writeAndFlushFrame(WireEncoding.closeFrame(code: code, reason: reason))
+        forcedClose = context.eventLoop.scheduleTask(in: .seconds(5)) { [channel = context.channel] in channel.close(promise: nil) }
+    }
+
+    private func sendPing() {
+        guard let context, !closing else { return }
+        if unansweredPings >= 2 {
+            context.close(promise: nil)
+            return
+        }
+        unansweredPings += 1
+        _ = writeAndFlushFrame(WireEncoding.frame(.ping, payload: ByteBuffer()))
+    }
+
+    // MARK: for subclasses
+
+    func handleText(_ text: String) {}
+    func handleBinary(_ data: ByteBuffer) {}
+    /// The connection is closing or closed: release subscriptions and timers. Called at most twice.
+    func connectionEnded() {}
+}
+
+/// `/v1/echo` (only with echo enabled): echoes every message, for the Autobahn conformance suite.
+final class EchoSession: WebSocketConnection {
+    override func handleText(_ text: String) {
+        send(text)
+    }
+
+    override func handleBinary(_ data: ByteBuffer) {
+        guard !closing else { return }
+        _ = writeAndFlushFrame(WireEncoding.frame(.binary, payload: data))
+    }
+}

@@ -1,0 +1,256 @@
+import Auth
+import ChatDomain
+import Fanout
+import Foundation
+import NIOCore
+
+/// `/v1/ws`: the command protocol of PROTOCOL.md §6 over one authenticated WebSocket.
+final class WebSocketSession: WebSocketConnection, SubscriptionSink, LiveStream, @unchecked Sendable {  // state only touched on the channel's event loop
+    static let maxPublishesInFlight = 64
+
+    private let app: GatewayApp
+    private var actor: Actor
+    private let requestId: String
+    private var subscriptions: [ChannelName: Subscription] = [:]
+    private var publishesInFlight = 0
+    private var expiry: Scheduled<Void>?
+    private var waiters = WritabilityWaiters()
+    private var ended = false
+
+    private let eventLoop: any EventLoop
+
+    init(app: GatewayApp, actor: Actor, requestId: String, eventLoop: any EventLoop) {
+        self.app = app
+        self.eventLoop = eventLoop
+        self.actor = actor
+        self.requestId = requestId
+        super.init(maxMessageBytes: app.config.maxMessageBytes, pingInterval: .seconds(app.config.wsPingSeconds))
+    }
+
+    override func handlerAdded(context: ChannelHandlerContext) {
+        super.handlerAdded(context: context)
+        app.streams.add(self)
+        app.counters.add("ws_connections")
+        scheduleExpiry()
+    }
+
+    private func scheduleExpiry() {
+        expiry?.cancel()
+        let ms = max(0, Int64(actor.expiresAt.timeIntervalSinceNow * 1000))
+        expiry = context?.eventLoop.scheduleTask(in: .milliseconds(ms)) { [weak self] in self?.close(code: 4001, reason: "token expired") }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { waiters.writable() }
+        context.fireChannelWritabilityChanged()
+    }
+
+    override func connectionEnded() {
+        guard !ended else { return }
+        ended = true
+        expiry?.cancel()
+        for subscription in subscriptions.values { subscription.cancel() }
+        subscriptions.removeAll()
+        waiters.fail(ChannelError.ioOnClosedChannel)
+        app.streams.remove(self)
+    }
+
+    func shutdown() {
+        context?.eventLoop.execute { self.close(code: 1001, reason: "server shutting down") }
+    }
+
+    // MARK: commands
+
+    override func handleBinary(_ data: ByteBuffer) {
+        sendError(ApiError(.badRequest, "commands are JSON text frames"), id: nil)
+    }
+
+    override func handleText(_ text: String) {
+        let command: [String: Any]
+        do {
+            command = try JSONText.parseObject(text.utf8)
+        } catch {
+            sendError(error, id: nil)
+            return
+        }
+        let id = Self.idJSON(command["id"])
+        guard let type = command["type"] as? String else {
+            sendError(ApiError(.badRequest, "a command needs a string type"), id: id)
+            return
+        }
+        do throws(ApiError) {
+            switch type {
+            case "subscribe": try subscribe(command, id: id)
+            case "unsubscribe": try unsubscribe(command, id: id)
+            case "publish": try publish(command, id: id)
+            case "ping": send("{\"type\":\"pong\"\(Self.idField(id))}")
+            case "refresh": refresh(command, id: id)
+            case "read": throw ApiError(.notImplemented, "read cursors arrive with chat threads")
+            default: throw ApiError(.unknownCommand, "unknown command type", details: ["type": String(type.prefix(64))])
+            }
+        } catch {
+            sendError(error, id: id)
+        }
+    }
+
+    private func subscribe(_ command: [String: Any], id: String?) throws(ApiError) {
+        guard let name = command["channel"] as? String else { throw ApiError(.badRequest, "subscribe needs a channel") }
+        let channel = try app.channels.authorize(actor, .subscribe, name)
+        guard subscriptions[channel] == nil else { throw ApiError(.alreadySubscribed, "already subscribed to \(channel)") }
+        guard subscriptions.count < app.config.maxSubscriptionsPerConnection else {
+            throw ApiError(.tooManySubscriptions, "at most \(app.config.maxSubscriptionsPerConnection) subscriptions per connection")
+        }
+        var cursor: Cursor?
+        if let since = command["since"], !(since is NSNull) {
+            guard let text = since as? String else { throw ApiError(.invalidCursor, "since must be a cursor string") }
+            cursor = try Cursor(parsing: text, for: channel)
+        }
+        var history: Int64 = 0
+        if let value = command["history"], !(value is NSNull) {
+            guard let n = value as? Int, (0...ChannelService.maxPageSize).contains(n) else {
+                throw ApiError(.badRequest, "history must be an integer in 0...\(ChannelService.maxPageSize)")
+            }
+            history = Int64(n)
+        }
+        guard let context else { return }
+        let subscription = Subscription(channel: channel, eventLoop: context.eventLoop, format: .webSocket, hub: app.hub, sink: self)
+        subscriptions[channel] = subscription
+        subscription.register()
+        let store = app.store
+        let service = app.channels
+        let loop = context.eventLoop
+        Task {
+            let position: Result<Int64, ApiError>
+            do throws(ApiError) {
+                let head = try await store.head(of: channel)
+                position = .success(cursor == nil ? max(0, head - history) : try service.position(of: cursor, in: channel, head: head))
+            } catch {
+                position = .failure(error)
+            }
+            loop.execute {
+                guard self.subscriptions[channel] === subscription else { return }
+                switch position {
+                case .failure(let error):
+                    subscription.cancel()
+                    self.subscriptions[channel] = nil
+                    self.sendError(error, id: id)
+                case .success(let after):
+                    self.send("{\"type\":\"subscribed\"\(Self.idField(id)),\"channel\":\"\(channel.rawValue)\",\"cursor\":\"\(Cursor.text(channel: channel, seq: after))\"}", flush: false)
+                    subscription.begin(after: after)
+                }
+            }
+        }
+    }
+
+    private func unsubscribe(_ command: [String: Any], id: String?) throws(ApiError) {
+        guard let name = command["channel"] as? String else { throw ApiError(.badRequest, "unsubscribe needs a channel") }
+        let channel = try ChannelName(parsing: name)
+        subscriptions.removeValue(forKey: channel)?.cancel()
+        send("{\"type\":\"unsubscribed\"\(Self.idField(id)),\"channel\":\"\(channel.rawValue)\"}")
+    }
+
+    private func publish(_ command: [String: Any], id: String?) throws(ApiError) {
+        guard let name = command["channel"] as? String else { throw ApiError(.badRequest, "publish needs a channel") }
+        var requestId: String?
+        if let value = command["request_id"], !(value is NSNull) {
+            guard let text = value as? String else { throw ApiError(.badRequest, "request_id must be a string") }
+            requestId = text
+        }
+        guard let context else { return }
+        // Bounded work per connection: past the limit, stop reading until acks go out.
+        publishesInFlight += 1
+        if publishesInFlight == Self.maxPublishesInFlight { context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in } }
+        let body = UncheckedSendable(command["body"])
+        let app = self.app
+        let actor = self.actor
+        let loop = context.eventLoop
+        Task {
+            let result: Result<AppendResult, ApiError>
+            do throws(ApiError) { result = .success(try await app.channels.publish(actor, to: name, body: body.value, requestId: requestId)) } catch { result = .failure(error) }
+            loop.execute {
+                self.publishesInFlight -= 1
+                if self.publishesInFlight == Self.maxPublishesInFlight - 1 {
+                    self.context?.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
+                }
+                switch result {
+                case .success(let appended):
+                    self.send("{\"type\":\"ack\"\(Self.idField(id)),\"message\":\(appended.message.json)\(appended.replayed ? ",\"replayed\":true" : "")}")
+                case .failure(let error):
+                    self.sendError(error, id: id)
+                }
+            }
+        }
+    }
+
+    private func refresh(_ command: [String: Any], id: String?) {
+        let token = command["token"] as? String
+        let app = self.app
+        guard let loop = context?.eventLoop else { return }
+        Task {
+            let result: Result<Actor, ApiError>
+            do throws(ApiError) { result = .success(try await app.authenticate(token)) } catch { result = .failure(error) }
+            loop.execute {
+                switch result {
+                case .success(let fresh) where fresh.sub == self.actor.sub:
+                    self.actor = fresh
+                    self.scheduleExpiry()
+                    self.send("{\"type\":\"ack\"\(Self.idField(id))}")
+                case .success:
+                    self.sendError(ApiError(.forbidden, "a refresh token must have the same sub"), id: id)
+                case .failure(let error):
+                    self.sendError(error, id: id)
+                }
+            }
+        }
+    }
+
+    private func sendError(_ error: ApiError, id: String?) {
+        send("{\"type\":\"error\"\(Self.idField(id)),\"error\":\(error.envelopeJSON(requestId: requestId))}")
+    }
+
+    /// A command's `id` as JSON text (string or number), to echo in the reply.
+    static func idJSON(_ value: Any?) -> String? {
+        switch value {
+        case let s as String: JSONText.quoted(s)
+        case let n as NSNumber: n.stringValue
+        default: nil
+        }
+    }
+
+    static func idField(_ id: String?) -> String {
+        id.map { ",\"id\":" + $0 } ?? ""
+    }
+
+    // MARK: SubscriptionSink
+
+    func write(_ bytes: ByteBuffer, message: Message) {
+        guard !closing else { return }
+        writeFrame(bytes)
+    }
+
+    func flush() -> EventLoopFuture<Void> {
+        guard let context else { return eventLoop.makeFailedFuture(ChannelError.ioOnClosedChannel) }
+        flushFrames()
+        return waiters.whenWritable(context.channel)
+    }
+
+    var isWritable: Bool { context?.channel.isWritable ?? false }
+
+    func slowConsumer() {
+        guard !closing else { return }
+        app.counters.add("slow_consumer_closes")
+        app.logger.info("closing slow WebSocket consumer", metadata: ["request-id": "\(requestId)"])
+        close(code: 4008, reason: "slow consumer")
+    }
+
+    func subscriptionFailed(_ channel: ChannelName, _ error: ApiError) {
+        subscriptions.removeValue(forKey: channel)?.cancel()
+        send("{\"type\":\"unsubscribed\",\"channel\":\"\(channel.rawValue)\",\"reason\":\"store_unavailable\"}")
+    }
+}
+
+/// Carries a value parsed by JSONSerialization (immutable Foundation containers) into a task.
+struct UncheckedSendable<T>: @unchecked Sendable {  // the wrapped value is never mutated after parsing
+    let value: T
+    init(_ value: T) { self.value = value }
+}

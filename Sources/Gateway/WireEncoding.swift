@@ -1,0 +1,73 @@
+import ChatDomain
+import Fanout
+import NIOCore
+
+/// Server-side bytes on the wire: WebSocket frames (server frames are never masked, so one encoding serves
+/// every subscriber) and Server-Sent Events.
+enum WireEncoding {
+    static let allocator = ByteBufferAllocator()
+
+    enum Opcode: UInt8 {
+        case continuation = 0x0, text = 0x1, binary = 0x2, close = 0x8, ping = 0x9, pong = 0xA
+    }
+
+    /// One final, unmasked frame.
+    static func frame(_ opcode: Opcode, payload: ByteBuffer) -> ByteBuffer {
+        var out = allocator.buffer(capacity: payload.readableBytes + 10)
+        writeHeader(opcode, length: payload.readableBytes, into: &out)
+        var payload = payload
+        out.writeBuffer(&payload)
+        return out
+    }
+
+    static func frame(_ opcode: Opcode, text: String) -> ByteBuffer {
+        var out = allocator.buffer(capacity: text.utf8.count + 10)
+        writeHeader(opcode, length: text.utf8.count, into: &out)
+        out.writeString(text)
+        return out
+    }
+
+    static func writeHeader(_ opcode: Opcode, length: Int, into out: inout ByteBuffer) {
+        out.writeInteger(0x80 | opcode.rawValue)
+        if length < 126 {
+            out.writeInteger(UInt8(length))
+        } else if length <= 0xFFFF {
+            out.writeInteger(UInt8(126))
+            out.writeInteger(UInt16(length))
+        } else {
+            out.writeInteger(UInt8(127))
+            out.writeInteger(UInt64(length))
+        }
+    }
+
+    static func closeFrame(code: UInt16, reason: String = "") -> ByteBuffer {
+        var payload = allocator.buffer(capacity: 2 + reason.utf8.count)
+        payload.writeInteger(code)
+        payload.writeString(reason)
+        return frame(.close, payload: payload)
+    }
+
+    /// `{"type":"message","channel":…,"message":…}` as a text frame.
+    static func webSocketMessage(_ message: Message) -> ByteBuffer {
+        let text = "{\"type\":\"message\",\"channel\":\"" + message.channel.rawValue + "\",\"message\":" + message.json + "}"
+        return frame(.text, text: text)
+    }
+
+    /// `id: <cursor>\nevent: message\ndata: <json>\n\n` (the JSON never holds a raw newline).
+    static func serverSentEvent(_ message: Message) -> ByteBuffer {
+        var out = allocator.buffer(capacity: message.json.utf8.count + 64)
+        out.writeString("id: ")
+        out.writeString(message.cursor)
+        out.writeString("\nevent: message\ndata: ")
+        out.writeString(message.json)
+        out.writeString("\n\n")
+        return out
+    }
+
+    static let encoder: MessageEncoder = { message, format in
+        switch format {
+        case .webSocket: webSocketMessage(message)
+        case .serverSentEvents: serverSentEvent(message)
+        }
+    }
+}

@@ -1,0 +1,125 @@
+import ArgumentParser
+import Auth
+import Foundation
+import Gateway
+import Logging
+
+@main
+struct GatewayCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "gateway",
+        abstract: "Realtime message gateway: WebSocket, Server-Sent Events and long-poll over a durable, ordered store.",
+        subcommands: [Serve.self, Token.self],
+        defaultSubcommand: Serve.self)
+}
+
+struct Serve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Run the gateway (environment variables of PROTOCOL.md §8; flags override them).")
+
+    @Option(help: "Listen address (GATEWAY_HOST).") var host: String?
+    @Option(help: "Listen port (GATEWAY_PORT).") var port: Int?
+    @Option(help: "Embedded mode's data folder (GATEWAY_DATA_DIR).") var dataDir: String?
+    @Option(help: "HS256 secret, at least 32 bytes (GATEWAY_JWT_SECRET).") var jwtSecret: String?
+    @Flag(help: "Serve /v1/echo for conformance tests (GATEWAY_ECHO=1).") var echo = false
+    @Option(help: "Largest message body in bytes (GATEWAY_BODY_LIMIT).") var bodyLimit: Int?
+    @Option(help: "Bytes queued per connection before it is closed as a slow consumer (GATEWAY_SEND_BUDGET).") var sendBudget: Int?
+    @Option(help: "Event loop threads (default: one per core).") var threads: Int?
+
+    func run() async throws {
+        var config = GatewayConfig.fromEnvironment()
+        if let host { config.host = host }
+        if let port { config.port = port }
+        if let dataDir { config.dataDir = dataDir }
+        if let jwtSecret { config.jwtSecret = jwtSecret }
+        if echo { config.echo = true }
+        if let bodyLimit { config.bodyLimit = bodyLimit }
+        if let sendBudget { config.sendBudget = sendBudget }
+        if let threads { config.eventLoops = threads }
+
+        let level = config.logLevel
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        var logger = Logger(label: "gateway")
+        logger[metadataKey: "instance"] = "\(config.instanceName)"
+
+        var devToken: String?
+        if config.jwtSecret == nil {
+            let secret = (0..<32).map { _ in String(format: "%02x", UInt8.random(in: 0...255)) }.joined()
+            config.jwtSecret = secret
+            let verifier = await TokenVerifier(hs256Secret: secret)
+            devToken = try await verifier.mint(sub: "dev", roles: ["admin"], ttl: 24 * 3600)
+            logger.warning("no GATEWAY_JWT_SECRET: generated one for this run only")
+        }
+        let server = try await GatewayServer.start(config: config, logger: logger)
+        print("gateway listening on http://\(config.host):\(server.port) (embedded, data in \(config.dataDir))")
+        if let devToken {
+            print("dev token (sub=dev, roles=admin, 24h):\n\(devToken)")
+        }
+        fflush(nil)
+        await waitForTermination()
+        await server.shutdown()
+    }
+
+    /// Returns on SIGTERM or SIGINT.
+    private func waitForTermination() async {
+        signal(SIGTERM, SIG_IGN)
+        signal(SIGINT, SIG_IGN)
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let once = Once(continuation)
+            for sig in [SIGTERM, SIGINT] {
+                let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+                source.setEventHandler { once.fire() }
+                source.resume()
+                SignalSources.keep(source)
+            }
+        }
+    }
+}
+
+struct Token: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Print a token signed with the HS256 secret (for development and tests).")
+
+    @Option(help: "The token's subject.") var sub: String
+    @Option(help: "Comma-separated roles.") var roles: String = ""
+    @Option(help: "Lifetime: seconds, or with a suffix s, m, h, d.") var ttl: String = "1h"
+    @Option(help: "Session id claim.") var sid: String?
+    @Option(help: "HS256 secret (default GATEWAY_JWT_SECRET).") var secret: String?
+
+    func run() async throws {
+        guard let secret = secret ?? ProcessInfo.processInfo.environment["GATEWAY_JWT_SECRET"], secret.utf8.count >= 32 else {
+            throw ValidationError("give --secret or GATEWAY_JWT_SECRET (at least 32 bytes)")
+        }
+        guard let seconds = Self.seconds(ttl) else { throw ValidationError("bad --ttl \(ttl)") }
+        let verifier = await TokenVerifier(hs256Secret: secret)
+        let roleList = roles.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+        print(try await verifier.mint(sub: sub, roles: roleList, ttl: seconds, sid: sid))
+    }
+
+    static func seconds(_ text: String) -> TimeInterval? {
+        let units: [Character: Double] = ["s": 1, "m": 60, "h": 3600, "d": 86400]
+        if let last = text.last, let unit = units[last], let n = Double(text.dropLast()) { return n * unit }
+        return Double(text)
+    }
+}
+
+/// Resumes a continuation once, whichever signal comes first.
+final class Once: @unchecked Sendable {  // guarded by `lock`
+    private let lock = NSLock()
+    private var continuation: CheckedContinuation<Void, Never>?
+    init(_ continuation: CheckedContinuation<Void, Never>) { self.continuation = continuation }
+    func fire() {
+        lock.lock()
+        let c = continuation
+        continuation = nil
+        lock.unlock()
+        c?.resume()
+    }
+}
+
+enum SignalSources {
+    nonisolated(unsafe) static var sources: [any DispatchSourceSignal] = []  // written only during start-up, before any signal
+    static func keep(_ source: any DispatchSourceSignal) { sources.append(source) }
+}
