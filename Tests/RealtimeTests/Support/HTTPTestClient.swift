@@ -1,0 +1,156 @@
+import Foundation
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+
+/// A minimal HTTP/1.1 client over a real socket (one connection per request).
+struct HTTPTestResponse: Sendable {
+    let status: Int
+    let headers: HTTPHeaders
+    let body: String
+
+    var json: [String: Any] { RealtimeTests.json(body) }
+}
+
+enum HTTPTestClient {
+    static func request(_ method: HTTPMethod, port: Int, _ uri: String, headers: [(String, String)] = [], body: String? = nil,
+                        token: String? = nil) async throws -> HTTPTestResponse {
+        try await within(30, "\(method) \(uri)") {
+            let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                .connect(host: "127.0.0.1", port: port) { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHTTPClientHandlers()
+                        return try NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>(wrappingChannelSynchronously: channel)
+                    }
+                }
+            return try await channel.executeThenClose { inbound, outbound in
+                var head = HTTPRequestHead(version: .http1_1, method: method, uri: uri)
+                head.headers.add(name: "Host", value: "127.0.0.1:\(port)")
+                head.headers.add(name: "Connection", value: "close")
+                if let token { head.headers.add(name: "Authorization", value: "Bearer \(token)") }
+                for (name, value) in headers { head.headers.add(name: name, value: value) }
+                if let body { head.headers.add(name: "Content-Length", value: String(body.utf8.count)) }
+                try await outbound.write(.head(head))
+                if let body { try await outbound.write(.body(.byteBuffer(ByteBuffer(string: body)))) }
+                try await outbound.write(.end(nil))
+                var status = 0
+                var headers = HTTPHeaders()
+                var collected = ByteBuffer()
+                for try await part in inbound {
+                    switch part {
+                    case .head(let h):
+                        status = Int(h.status.code)
+                        headers = h.headers
+                    case .body(var chunk):
+                        collected.writeBuffer(&chunk)
+                    case .end:
+                        return HTTPTestResponse(status: status, headers: headers, body: String(buffer: collected))
+                    }
+                }
+                return HTTPTestResponse(status: status, headers: headers, body: String(buffer: collected))
+            }
+        }
+    }
+
+    /// Publishes `body` over REST; returns the response.
+    static func publish(port: Int, channel: String, body: [String: Any], token: String, idempotencyKey: String? = nil) async throws -> HTTPTestResponse {
+        var headers: [(String, String)] = [("Content-Type", "application/json")]
+        if let idempotencyKey { headers.append(("Idempotency-Key", idempotencyKey)) }
+        return try await request(.POST, port: port, "/v1/channels/\(channel)/messages", headers: headers, body: jsonText(["body": body]), token: token)
+    }
+}
+
+/// An SSE client over a real socket: yields each event as it arrives.
+final class SSETestClient: @unchecked Sendable {  // used from one test task at a time
+    struct Event: Sendable {
+        var id: String?
+        var event: String?
+        var data: String?
+    }
+
+    let status: Int
+    let headers: HTTPHeaders
+    private var iterator: NIOAsyncChannelInboundStream<HTTPClientResponsePart>.AsyncIterator
+    private let channel: NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>
+    private var pending = ""
+    private(set) var comments: [String] = []
+    private(set) var retry: String?
+    private(set) var ended = false
+
+    static func connect(port: Int, channel name: String, token: String, query: String = "", lastEventID: String? = nil) async throws -> SSETestClient {
+        let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .connect(host: "127.0.0.1", port: port) { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHTTPClientHandlers()
+                    return try NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>(wrappingChannelSynchronously: channel)
+                }
+            }
+        var head = HTTPRequestHead(version: .http1_1, method: .GET, uri: "/v1/channels/\(name)/events\(query.isEmpty ? "" : "?" + query)")
+        head.headers.add(name: "Host", value: "127.0.0.1:\(port)")
+        head.headers.add(name: "Accept", value: "text/event-stream")
+        head.headers.add(name: "Authorization", value: "Bearer \(token)")
+        if let lastEventID { head.headers.add(name: "Last-Event-ID", value: lastEventID) }
+        try await channel.outbound.write(.head(head))
+        try await channel.outbound.write(.end(nil))
+        var iterator = channel.inbound.makeAsyncIterator()
+        guard case .head(let responseHead)? = try await iterator.next() else { throw TimedOut(what: "SSE response head") }
+        return SSETestClient(channel: channel, iterator: iterator, status: Int(responseHead.status.code), headers: responseHead.headers)
+    }
+
+    private init(channel: NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>, iterator: NIOAsyncChannelInboundStream<HTTPClientResponsePart>.AsyncIterator, status: Int, headers: HTTPHeaders) {
+        self.channel = channel
+        self.iterator = iterator
+        self.status = status
+        self.headers = headers
+    }
+
+    /// The next event block (an `id:`-only block included); nil when the stream ended.
+    func nextEvent() async throws -> Event? {
+        while true {
+            if let range = pending.range(of: "\n\n") {
+                let block = String(pending[..<range.lowerBound])
+                pending.removeSubrange(..<range.upperBound)
+                var event = Event()
+                var hasField = false
+                for line in block.split(separator: "\n", omittingEmptySubsequences: false) {
+                    if line.hasPrefix(":") { comments.append(String(line)); continue }
+                    let parts = line.split(separator: ":", maxSplits: 1, omittingEmptySubsequences: false)
+                    let field = String(parts[0])
+                    var value = parts.count > 1 ? String(parts[1]) : ""
+                    if value.hasPrefix(" ") { value.removeFirst() }
+                    switch field {
+                    case "id": event.id = value; hasField = true
+                    case "event": event.event = value; hasField = true
+                    case "data": event.data = (event.data.map { $0 + "\n" } ?? "") + value; hasField = true
+                    case "retry": retry = value
+                    default: break
+                    }
+                }
+                if hasField { return event }
+                continue
+            }
+            guard !ended else { return nil }
+            switch try await iterator.next() {
+            case .body(let chunk)?: pending += String(buffer: chunk)
+            case .end?, nil, .head?: ended = true
+            }
+        }
+    }
+
+    /// Reads events until `count` messages have arrived; returns the message JSON objects.
+    func messages(_ count: Int, timeout: Double = 60) async throws -> [[String: Any]] {
+        nonisolated(unsafe) let client = self
+        let texts = try await within(timeout, "SSE messages") {
+            var out: [String] = []
+            while out.count < count, let event = try await client.nextEvent() {
+                if event.event == "message", let data = event.data { out.append(data) }
+            }
+            return out
+        }
+        return texts.map { json($0) }
+    }
+
+    func close() async {
+        try? await channel.channel.close()
+    }
+}

@@ -1,0 +1,82 @@
+import Auth
+import Foundation
+import Gateway
+import Logging
+
+/// A real gateway instance on a free loopback port with its own data folder, for one test.
+final class TestGateway: Sendable {
+    static let secret = "test-secret-test-secret-test-secret-0123456789"
+    let server: GatewayServer
+    let dataDir: String
+    let verifier: TokenVerifier
+
+    var port: Int { server.port }
+
+    static func start(_ configure: (inout GatewayConfig) -> Void = { _ in }) async throws -> TestGateway {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("gw-test-\(UUID().uuidString)").path
+        var config = GatewayConfig()
+        config.host = "127.0.0.1"
+        config.port = 0
+        config.dataDir = dir
+        config.jwtSecret = secret
+        config.eventLoops = 2
+        configure(&config)
+        var logger = Logger(label: "test-gateway")
+        logger.logLevel = .warning
+        let server = try await GatewayServer.start(config: config, logger: logger)
+        return TestGateway(server: server, dataDir: dir, verifier: await TokenVerifier(hs256Secret: secret))
+    }
+
+    private init(server: GatewayServer, dataDir: String, verifier: TokenVerifier) {
+        self.server = server
+        self.dataDir = dataDir
+        self.verifier = verifier
+    }
+
+    func token(_ sub: String = "alice", roles: [String] = ["admin"], ttl: TimeInterval = 3600) async throws -> String {
+        try await verifier.mint(sub: sub, roles: roles, ttl: ttl)
+    }
+
+    func stop() async {
+        await server.shutdown()
+        try? FileManager.default.removeItem(atPath: dataDir)
+    }
+}
+
+struct TimedOut: Error, CustomStringConvertible {
+    let what: String
+    var description: String { "timed out: \(what)" }
+}
+
+/// Guards a test against hanging (never a timing assertion: the limit is far above any expected time).
+func within<T: Sendable>(_ seconds: Double, _ what: String = "operation", _ body: @escaping @Sendable () async throws -> T) async throws -> T {
+    try await withThrowingTaskGroup(of: T.self) { group in
+        group.addTask { try await body() }
+        group.addTask {
+            try await Task.sleep(for: .seconds(seconds))
+            throw TimedOut(what: what)
+        }
+        let result = try await group.next()!
+        group.cancelAll()
+        return result
+    }
+}
+
+/// Polls `condition` until it holds (a hang guard, not a timing assertion).
+func eventually(_ what: String, timeout: Double = 20, _ condition: @Sendable () async throws -> Bool) async throws {
+    let deadline = Date().addingTimeInterval(timeout)
+    while Date() < deadline {
+        if try await condition() { return }
+        try await Task.sleep(for: .milliseconds(50))
+    }
+    throw TimedOut(what: what)
+}
+
+/// A parsed JSON object from text.
+func json(_ text: String) -> [String: Any] {
+    (try? JSONSerialization.jsonObject(with: Data(text.utf8))) as? [String: Any] ?? [:]
+}
+
+func jsonText(_ object: Any) -> String {
+    String(decoding: try! JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]), as: UTF8.self)
+}
