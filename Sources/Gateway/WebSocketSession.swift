@@ -135,7 +135,7 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, LiveStream,
                     self.subscriptions[channel] = nil
                     self.sendError(error, id: id)
                 case .success(let after):
-                    self.send("{\"type\":\"subscribed\"\(Self.idField(id)),\"channel\":\"\(channel.rawValue)\",\"cursor\":\"\(Cursor.text(channel: channel, seq: after))\"}", flush: false)
+                    self.send("{\"type\":\"subscribed\"\(Self.idField(id)),\"channel\":\"\(channel.rawValue)\",\"cursor\":\"\(Cursor.text(channel: channel, seq: after))\"}")
                     subscription.begin(after: after)
                 }
             }

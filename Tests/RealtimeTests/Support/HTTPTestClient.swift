@@ -138,7 +138,7 @@ final class SSETestClient: @unchecked Sendable {  // used from one test task at 
     }
 
     /// Reads events until `count` messages have arrived; returns the message JSON objects.
-    func messages(_ count: Int, timeout: Double = 60) async throws -> [[String: Any]] {
+    func messages(_ count: Int, timeout: Double = 60) async throws -> [Received] {
         nonisolated(unsafe) let client = self
         let texts = try await within(timeout, "SSE messages") {
             var out: [String] = []
@@ -147,10 +147,16 @@ final class SSETestClient: @unchecked Sendable {  // used from one test task at 
             }
             return out
         }
-        return texts.map { json($0) }
+        return texts.map { Received(json($0)) }
     }
 
     func close() async {
+        channel.outbound.finish()
         try? await channel.channel.close()
+    }
+
+    deinit {
+        channel.outbound.finish()
+        channel.channel.close(promise: nil)
     }
 }

@@ -22,7 +22,7 @@ final class TestGateway: Sendable {
         config.eventLoops = 2
         configure(&config)
         var logger = Logger(label: "test-gateway")
-        logger.logLevel = .warning
+        logger.logLevel = ProcessInfo.processInfo.environment["TEST_LOG"].flatMap { Logger.Level(rawValue: $0) } ?? .warning
         let server = try await GatewayServer.start(config: config, logger: logger)
         return TestGateway(server: server, dataDir: dir, verifier: await TokenVerifier(hs256Secret: secret))
     }
@@ -79,4 +79,21 @@ func json(_ text: String) -> [String: Any] {
 
 func jsonText(_ object: Any) -> String {
     String(decoding: try! JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]), as: UTF8.self)
+}
+
+/// One message as a client received it.
+struct Received: Sendable, Equatable {
+    let seq: Int64
+    let id: String
+    let cursor: String
+    let json: String
+
+    init(_ object: [String: Any]) {
+        seq = (object["seq"] as? NSNumber)?.int64Value ?? -1
+        id = object["id"] as? String ?? ""
+        cursor = object["cursor"] as? String ?? ""
+        json = jsonText(object)
+    }
+
+    var object: [String: Any] { RealtimeTests.json(json) }
 }

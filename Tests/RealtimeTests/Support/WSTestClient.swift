@@ -116,7 +116,7 @@ final class WSTestClient: @unchecked Sendable {  // used from one test task at a
     }
 
     /// Collects `count` channel messages (the `message` objects), skipping replies.
-    func messages(_ count: Int, timeout: Double = 60) async throws -> [[String: Any]] {
+    func messages(_ count: Int, timeout: Double = 60) async throws -> [Received] {
         nonisolated(unsafe) let client = self
         let texts = try await within(timeout, "WebSocket messages") {
             var out: [String] = []
@@ -125,10 +125,16 @@ final class WSTestClient: @unchecked Sendable {  // used from one test task at a
             }
             return out
         }
-        return texts.compactMap { json($0)["message"] as? [String: Any] }
+        return texts.compactMap { (json($0)["message"] as? [String: Any]).map(Received.init) }
     }
 
     func close() async {
+        channel.outbound.finish()
         try? await channel.channel.close()
+    }
+
+    deinit {
+        channel.outbound.finish()
+        channel.channel.close(promise: nil)
     }
 }
