@@ -26,7 +26,7 @@ enum HTTPTestClient {
             return try await channel.executeThenClose { inbound, outbound in
                 var head = HTTPRequestHead(version: .http1_1, method: method, uri: uri)
                 head.headers.add(name: "Host", value: "127.0.0.1:\(port)")
-                head.headers.add(name: "Connection", value: "close")
+                if !headers.contains(where: { $0.0.lowercased() == "connection" }) { head.headers.add(name: "Connection", value: "close") }
                 if let token { head.headers.add(name: "Authorization", value: "Bearer \(token)") }
                 for (name, value) in headers { head.headers.add(name: name, value: value) }
                 if let body { head.headers.add(name: "Content-Length", value: String(body.utf8.count)) }

@@ -128,6 +128,21 @@ final class WSTestClient: @unchecked Sendable {  // used from one test task at a
         return texts.compactMap { (json($0)["message"] as? [String: Any]).map(Received.init) }
     }
 
+    /// Reads `count` channel messages keeping only their seqs (for large volumes).
+    func messageSeqs(_ count: Int, timeout: Double = 120) async throws -> [Int64] {
+        nonisolated(unsafe) let client = self
+        return try await within(timeout, "WebSocket messages") {
+            var out: [Int64] = []
+            while out.count < count, let text = try await client.nextText() {
+                guard text.hasPrefix("{\"type\":\"message\"") else { continue }
+                if let range = text.range(of: "\"seq\":"), let end = text[range.upperBound...].firstIndex(of: ",") {
+                    out.append(Int64(text[range.upperBound..<end]) ?? -1)
+                }
+            }
+            return out
+        }
+    }
+
     func close() async {
         channel.outbound.finish()
         try? await channel.channel.close()
