@@ -1,0 +1,143 @@
+import ChatDomain
+import Foundation
+@testable import Gateway
+import NIOCore
+import NIOWebSocket
+import Testing
+
+struct CursorAndChannelTests {
+    let alerts = try! ChannelName(parsing: "topic:alerts")
+
+    @Test func cursorRoundTripsAndIsBoundToItsChannel() throws {
+        let cursor = Cursor(channel: alerts, seq: 42)
+        #expect(try Cursor(parsing: cursor.text, for: alerts).seq == 42)
+        let other = try ChannelName(parsing: "topic:drift")
+        #expect(throws: ApiError.self) { try Cursor(parsing: cursor.text, for: other) }
+        do {
+            _ = try Cursor(parsing: cursor.text, for: other)
+        } catch {
+            #expect(error.code == .invalidCursor)
+        }
+    }
+
+    @Test(arguments: ["", "42", "abc.def", "-1.0000000000000000", "1.123", "1.zzzzzzzzzzzzzzzz", "99999999999999999999.0000000000000000", "1.ABCDEF0123456789", "1..2"])
+    func malformedCursorsAreRefused(text: String) {
+        #expect(throws: ApiError(.invalidCursor, "cursor is malformed", details: ["cursor": text])) { try Cursor(parsing: text, for: alerts) }
+    }
+
+    @Test(arguments: ["topic:a", "topic:alerts.prod_eu-1", "thread:6f1c2d3e-0000-4000-8000-1234567890ab", "thread:6F1C2D3E-0000-4000-8000-1234567890AB"])
+    func validChannelNames(name: String) throws {
+        let channel = try ChannelName(parsing: name)
+        #expect(channel.rawValue == name.lowercased() || channel.rawValue == name)
+    }
+
+    @Test(arguments: ["", "topic:", "topic:UPPER", "topic:has space", "topic:" + String(repeating: "a", count: 65), "thread:123", "thread:6f1c2d3e00004000800012345678900ab", "room:x", "thread:"])
+    func invalidChannelNames(name: String) {
+        #expect(throws: ApiError.self) { try ChannelName(parsing: name) }
+    }
+
+    @Test func threadNamesAreCaseInsensitive() throws {
+        #expect(try ChannelName(parsing: "thread:6F1C2D3E-0000-4000-8000-1234567890AB") == ChannelName(parsing: "thread:6f1c2d3e-0000-4000-8000-1234567890ab"))
+    }
+
+    @Test func uuidV7HasVersionAndVariant() {
+        let id = UUIDv7.make()
+        let chars = Array(id)
+        #expect(chars.count == 36 && chars[14] == "7")
+        #expect("89ab".contains(chars[19]))
+    }
+
+    @Test func timestampsHaveMicroseconds() {
+        #expect(Timestamp.iso8601(micros: 1_795_302_600_123_456) == "2026-11-21T23:10:00.123456Z")
+        #expect(Timestamp.iso8601(micros: 0) == "1970-01-01T00:00:00.000000Z")
+    }
+
+    @Test func messageJSONIsValidAndComplete() throws {
+        let message = Message(id: "0193a6c4-5a1e-7c3b-9f00-2a6f4e1d9b10", channel: alerts, seq: 7, createdAtMicros: 1_795_302_600_000_001,
+                              sender: "al\"ice\n", requestId: nil, body: "{\"a\":1}")
+        let object = try #require(json(message.json) as [String: Any]?)
+        #expect(object["seq"] as? Int == 7)
+        #expect(object["sender"] as? String == "al\"ice\n")
+        #expect(object["request_id"] is NSNull)
+        #expect(object["cursor"] as? String == Cursor.text(channel: alerts, seq: 7))
+        #expect((object["body"] as? [String: Any])?["a"] as? Int == 1)
+    }
+
+    @Test func canonicalBodiesCompareEqualRegardlessOfKeyOrder() throws {
+        let a = try JSONText.canonicalBody(JSONText.parseObject(Array("{\"b\":1,\"a\":[1,2]}".utf8)), limit: 100)
+        let b = try JSONText.canonicalBody(JSONText.parseObject(Array("{ \"a\" : [1, 2], \"b\" : 1 }".utf8)), limit: 100)
+        #expect(a == b)
+        #expect(throws: ApiError.self) { try JSONText.canonicalBody(["x": String(repeating: "y", count: 200)], limit: 100) }
+        #expect(throws: ApiError.self) { try JSONText.canonicalBody([1, 2], limit: 100) }
+    }
+
+    @Test func errorEnvelopeIsJSON() {
+        let envelope = json(ApiError(.forbidden, "no \"way\"", details: ["channel": "topic:x"]).envelopeJSON(requestId: "r1"))
+        #expect(envelope["code"] as? String == "FORBIDDEN")
+        #expect(envelope["message"] as? String == "no \"way\"")
+        #expect((envelope["details"] as? [String: Any])?["channel"] as? String == "topic:x")
+        #expect(envelope["requestId"] as? String == "r1")
+    }
+}
+
+struct WireTests {
+    func frame(_ opcode: WebSocketOpcode, _ bytes: [UInt8], fin: Bool = true, masked: Bool = true, rsv1: Bool = false) -> WebSocketFrame {
+        let key: WebSocketMaskingKey? = masked ? .random() : nil
+        var data = ByteBuffer(bytes: bytes)
+        if let key { data.webSocketMask(key) }
+        return WebSocketFrame(fin: fin, rsv1: rsv1, opcode: opcode, maskKey: key, data: data)
+    }
+
+    @Test func fragmentsWithInterleavedPingsMakeOneMessage() {
+        var framing = WebSocketFraming(maxMessageBytes: 100)
+        #expect(framing.receive(frame(.text, Array("he".utf8), fin: false)) == .none)
+        #expect(framing.receive(frame(.ping, [1, 2])) == .ping(ByteBuffer(bytes: [1, 2])))
+        #expect(framing.receive(frame(.continuation, Array("l".utf8), fin: false)) == .none)
+        #expect(framing.receive(frame(.continuation, Array("lo".utf8))) == .text("hello"))
+    }
+
+    @Test func utf8IsCheckedAcrossFragments() {
+        var framing = WebSocketFraming(maxMessageBytes: 100)
+        // "é" split over two fragments is fine …
+        #expect(framing.receive(frame(.text, [0xC3], fin: false)) == .none)
+        #expect(framing.receive(frame(.continuation, [0xA9])) == .text("é"))
+        // … a byte that can never be UTF-8 is not.
+        #expect(framing.receive(frame(.text, [0x61, 0xFF])) == .fail(code: 1007, reason: "invalid UTF-8"))
+    }
+
+    @Test func protocolErrors() {
+        var framing = WebSocketFraming(maxMessageBytes: 10)
+        #expect(framing.receive(frame(.text, [0x61], masked: false)) == .fail(code: 1002, reason: "client frames must be masked"))
+        #expect(framing.receive(frame(.text, [0x61], rsv1: true)) == .fail(code: 1002, reason: "reserved bits set"))
+        #expect(framing.receive(frame(.continuation, [0x61])) == .fail(code: 1002, reason: "continuation without a message"))
+        #expect(framing.receive(frame(.ping, [], fin: false)) == .fail(code: 1002, reason: "bad control frame"))
+        #expect(framing.receive(frame(.text, Array(repeating: 0x61, count: 11))) == .fail(code: 1009, reason: "message too big"))
+        #expect(framing.receive(frame(.text, Array(repeating: 0x61, count: 6), fin: false)) == .none)
+        #expect(framing.receive(frame(.continuation, Array(repeating: 0x61, count: 6))) == .fail(code: 1009, reason: "message too big"))
+    }
+
+    @Test func closeCodesAreValidated() {
+        var framing = WebSocketFraming(maxMessageBytes: 10)
+        #expect(framing.receive(frame(.connectionClose, [])) == .close(code: nil))
+        #expect(framing.receive(frame(.connectionClose, [0x03, 0xE8])) == .close(code: 1000))
+        #expect(framing.receive(frame(.connectionClose, [0x03])) == .fail(code: 1002, reason: "bad close payload"))
+        #expect(framing.receive(frame(.connectionClose, [0x03, 0xED])) == .fail(code: 1002, reason: "invalid close code"))  // 1005
+        #expect(framing.receive(frame(.connectionClose, [0x0F, 0xA0, 0xFF])) == .fail(code: 1007, reason: "invalid UTF-8 in close reason"))
+    }
+
+    @Test func serverFramesUseTheShortestLength() {
+        #expect(Array(WireEncoding.frame(.text, text: "hi").readableBytesView) == [0x81, 2, 0x68, 0x69])
+        let medium = WireEncoding.frame(.text, text: String(repeating: "a", count: 300))
+        #expect(Array(medium.readableBytesView.prefix(4)) == [0x81, 126, 0x01, 0x2C])
+        let large = WireEncoding.frame(.binary, payload: ByteBuffer(repeating: 0, count: 70_000))
+        #expect(Array(large.readableBytesView.prefix(10)) == [0x82, 127, 0, 0, 0, 0, 0, 0x01, 0x11, 0x70])
+        #expect(Array(WireEncoding.closeFrame(code: 4008).readableBytesView) == [0x88, 2, 0x0F, 0xA8])
+    }
+
+    @Test func sseEventCarriesTheCursorAsId() throws {
+        let channel = try ChannelName(parsing: "topic:x")
+        let message = Message(id: "i", channel: channel, seq: 3, createdAtMicros: 1, sender: "s", requestId: "r", body: "{}")
+        let text = String(buffer: WireEncoding.serverSentEvent(message))
+        #expect(text == "id: \(message.cursor)\nevent: message\ndata: \(message.json)\n\n")
+    }
+}
