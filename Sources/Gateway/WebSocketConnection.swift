@@ -111,13 +111,13 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     /// Starts the close handshake with `code`; the connection is dropped if the peer does not answer within
-    /// 5 seconds (a peer that stopped reading never will).
+    /// 10 seconds (a peer that stopped reading never will).
     func close(code: UInt16, reason: String = "") {
         guard let context, !closing else { return }
         closing = true
         connectionEnded()
         _ = writeAndFlushFrame(WireEncoding.closeFrame(code: code, reason: reason))
-        forcedClose = context.eventLoop.scheduleTask(in: .seconds(5)) { [channel = context.channel] in channel.close(promise: nil) }
+        forcedClose = context.eventLoop.scheduleTask(in: .seconds(10)) { [channel = context.channel] in channel.close(promise: nil) }
     }
 
     private func sendPing() {
