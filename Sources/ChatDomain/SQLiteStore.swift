@@ -14,14 +14,10 @@ public actor SQLiteStore: Store {
     private let writer: SQLiteConnection
     private let reader: SQLiteConnection
     private let logger: Logger
-    private let maxPending: Int
-    private var onCommit: CommitObserver?
+    public nonisolated let appends: GroupCommit
 
     private struct Head { var seq: Int64; var createdAt: Int64 }
-    private typealias Waiter = CheckedContinuation<Result<AppendResult, ApiError>, Never>
     private var heads: [ChannelName: Head] = [:]
-    private var pending: [(AppendRequest, Waiter)] = []
-    private var committing = false
 
     public static func open(path: String, maxPending: Int = 20_000, logger: Logger) async throws -> SQLiteStore {
         let loop = MultiThreadedEventLoopGroup.singleton.any()
@@ -38,13 +34,17 @@ public actor SQLiteStore: Store {
     private init(writer: SQLiteConnection, reader: SQLiteConnection, maxPending: Int, logger: Logger) {
         self.writer = writer
         self.reader = reader
-        self.maxPending = maxPending
         self.logger = logger
+        let box = WeakBox<SQLiteStore>()
+        self.appends = GroupCommit(maxPending: maxPending) { requests in
+            guard let store = box.value else { return requests.map { _ in .failure(ApiError(.storeUnavailable, "the store is closed")) } }
+            return await store.commit(requests)
+        }
+        box.value = self
     }
 
-    /// Sets the observer that receives each committed batch (the fan-out bus).
-    public func setCommitObserver(_ observer: @escaping CommitObserver) {
-        onCommit = observer
+    public nonisolated func setCommitObserver(_ observer: @escaping CommitObserver) async {
+        await appends.setObserver(observer)
     }
 
     static let migrations: [String] = [
@@ -82,41 +82,22 @@ public actor SQLiteStore: Store {
         _ = try await writer.query("DELETE FROM idempotency WHERE created_at < ?", [.integer(Int(Timestamp.nowMicros() - Self.idempotencyWindowMicros))])
     }
 
-    // MARK: append (group commit)
+    // MARK: append (one transaction per batch)
 
-    public func append(_ request: AppendRequest) async throws(ApiError) -> AppendResult {
-        guard pending.count < maxPending else {
-            throw ApiError(.storeUnavailable, "too many publishes waiting for the store")
-        }
-        let result = await withCheckedContinuation { (waiter: Waiter) in
-            pending.append((request, waiter))
-            if !committing {
-                committing = true
-                Task { await self.drain() }
-            }
-        }
-        return try result.get()
-    }
-
-    private func drain() async {
-        while !pending.isEmpty {
-            let batch = Array(pending.prefix(Self.maxBatch))
-            pending.removeFirst(batch.count)
-            await commit(batch)
-        }
-        committing = false
+    public nonisolated func append(_ request: AppendRequest) async throws(ApiError) -> AppendResult {
+        try await appends.append(request)
     }
 
     private enum Outcome { case stored(Message), replayed(Message), failed(ApiError) }
 
-    private func commit(_ batch: [(AppendRequest, Waiter)]) async {
+    private func commit(_ batch: [AppendRequest]) async -> [GroupCommit.Outcome] {
         var outcomes: [Outcome] = []
         outcomes.reserveCapacity(batch.count)
         var touched: [ChannelName: Head] = [:]
         do {
             _ = try await writer.query("BEGIN IMMEDIATE")
             let now = Timestamp.nowMicros()
-            for (request, _) in batch {
+            for request in batch {
                 outcomes.append(try await appendInTransaction(request, now: now, touched: &touched))
             }
             for (channel, head) in touched {
@@ -130,20 +111,14 @@ public actor SQLiteStore: Store {
             _ = try? await writer.query("ROLLBACK")
             for channel in touched.keys { heads[channel] = nil }
             let failure = ApiError(.storeUnavailable, "the store did not commit the message")
-            for (_, waiter) in batch { waiter.resume(returning: .failure(failure)) }
-            return
+            return batch.map { _ in .failure(failure) }
         }
         for (channel, head) in touched { heads[channel] = head }
-        let committed = outcomes.compactMap { outcome -> Message? in
-            if case .stored(let message) = outcome { return message }
-            return nil
-        }
-        if !committed.isEmpty { onCommit?(committed) }
-        for ((_, waiter), outcome) in zip(batch, outcomes) {
+        return outcomes.map { outcome in
             switch outcome {
-            case .stored(let m): waiter.resume(returning: .success(AppendResult(message: m, replayed: false)))
-            case .replayed(let m): waiter.resume(returning: .success(AppendResult(message: m, replayed: true)))
-            case .failed(let e): waiter.resume(returning: .failure(e))
+            case .stored(let m): .success(AppendResult(message: m, replayed: false))
+            case .replayed(let m): .success(AppendResult(message: m, replayed: true))
+            case .failed(let e): .failure(e)
             }
         }
     }

@@ -6,11 +6,13 @@ import NIOConcurrencyHelpers
 public protocol Bus: Sendable {
     /// Hands committed messages (in commit order) to every instance, this one included.
     func publish(_ messages: [Message])
-    /// The Hub starts and stops caring about a channel (first local subscriber, last one gone).
-    func subscribe(_ channel: ChannelName)
+    /// The Hub starts caring about a channel (its first local subscriber). `active` runs once messages
+    /// published from now on will arrive (at once when the bus is down: the Hub polls the store then).
+    func subscribe(_ channel: ChannelName, active: @escaping @Sendable () -> Void)
+    /// The last local subscriber is gone.
     func unsubscribe(_ channel: ChannelName)
-    /// Where received messages go.
-    func setReceiver(_ receiver: @escaping @Sendable ([Message]) -> Void)
+    /// Where received messages go, and whom to tell when the bus goes down (`false`) or is back (`true`).
+    func setReceiver(_ receiver: @escaping @Sendable ([Message]) -> Void, availability: @escaping @Sendable (Bool) -> Void)
 }
 
 /// Fan-out inside one process: a publish is a direct call to the receiver.
@@ -23,10 +25,10 @@ public final class InProcessBus: Bus {
         receiver.withLockedValue { $0 }?(messages)
     }
 
-    public func subscribe(_ channel: ChannelName) {}
+    public func subscribe(_ channel: ChannelName, active: @escaping @Sendable () -> Void) { active() }
     public func unsubscribe(_ channel: ChannelName) {}
 
-    public func setReceiver(_ receiver: @escaping @Sendable ([Message]) -> Void) {
+    public func setReceiver(_ receiver: @escaping @Sendable ([Message]) -> Void, availability: @escaping @Sendable (Bool) -> Void) {
         self.receiver.withLockedValue { $0 = receiver }
     }
 }

@@ -79,6 +79,14 @@ public struct GaplessSequencer<Element: Sequenced> {
         return .none
     }
 
+    /// Reads the store after `last` although no gap was seen: the bus may have lost messages (it was down,
+    /// or the channel's subscription was not active yet). Nothing to do while a read is outstanding.
+    public mutating func poll() -> Step {
+        guard positioned, !isReading else { return .none }
+        isReading = true
+        return Step(deliver: [], readAfter: last)
+    }
+
     /// A store read after `last` returned `rows` (ascending); `hasMore` when it stopped at its limit.
     public mutating func readCompleted(_ rows: [Element], hasMore: Bool) -> Step {
         precondition(isReading && positioned, "readCompleted without a read")

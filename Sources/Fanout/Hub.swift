@@ -36,6 +36,9 @@ public protocol HubSubscriber: AnyObject, Sendable {
     /// `nil` for receivers that only need to know that something arrived (long-poll).
     var format: WireFormat? { get }
     func hubDelivered(_ messages: [EncodedMessage])
+    /// The channel has reached at least `seq`: a subscriber behind it reads the store (it may have read the
+    /// store before the Hub knew of it, or the bus may have lost messages).
+    func hubSynced(upTo seq: Int64)
 }
 
 /// The local subscribers of every channel on this instance. Each channel lives on one home event loop
@@ -56,7 +59,15 @@ public final class Hub: Sendable {
         self.encoder = encoder
         self.logger = logger
         self.shards = loops.map { HubShard(loop: $0) }
-        bus.setReceiver { [weak self] messages in self?.receive(messages) }
+        bus.setReceiver({ [weak self] messages in self?.receive(messages) },
+                        availability: { [weak self] up in self?.busAvailability(up) })
+    }
+
+    /// While the bus is down every channel polls the store; when it is back, each reads once more.
+    private func busAvailability(_ up: Bool) {
+        for shard in shards {
+            shard.loop.execute { shard.setPolling(!up, hub: self) }
+        }
     }
 
     private func shard(for channel: ChannelName) -> HubShard {
@@ -104,8 +115,28 @@ public final class Hub: Sendable {
 final class HubShard: @unchecked Sendable {  // every member is only used on `loop` (asserted)
     let loop: any EventLoop
     var channels: [ChannelName: ChannelEntry] = [:]
+    private var pollTask: RepeatedTask?
+    static let pollInterval = TimeAmount.milliseconds(200)
 
     init(loop: any EventLoop) { self.loop = loop }
+
+    func setPolling(_ on: Bool, hub: Hub) {
+        loop.preconditionInEventLoop()
+        pollTask?.cancel()
+        pollTask = nil
+        if on {
+            pollTask = loop.scheduleRepeatedTask(initialDelay: Self.pollInterval, delay: Self.pollInterval) { [weak self] _ in
+                self?.pollAll(hub: hub)
+            }
+        }
+        pollAll(hub: hub)
+    }
+
+    private func pollAll(hub: Hub) {
+        for (channel, entry) in channels where entry.begun {
+            perform(entry.sequencer.poll(), channel, entry, hub: hub)
+        }
+    }
 
     final class LoopGroup {
         let loop: any EventLoop
@@ -120,6 +151,8 @@ final class HubShard: @unchecked Sendable {  // every member is only used on `lo
         var count = 0
         var readInFlight = false
         var closed = false
+        /// The channel's position is known (the Hub read its head once the bus subscription was active).
+        var begun = false
 
         var formats: Set<WireFormat> {
             Set(WireFormat.allCases.filter { formatCounts[$0.rawValue] > 0 })
@@ -134,8 +167,13 @@ final class HubShard: @unchecked Sendable {  // every member is only used on `lo
         } else {
             entry = ChannelEntry()
             channels[channel] = entry
-            hub.bus.subscribe(channel)
-            startFromHead(channel, entry, hub: hub)
+            let loop = self.loop
+            hub.bus.subscribe(channel) {
+                loop.execute {
+                    guard !entry.closed else { return }
+                    self.startFromHead(channel, entry, hub: hub)
+                }
+            }
         }
         let loopID = ObjectIdentifier(subscriber.eventLoop)
         let group = entry.groups[loopID] ?? LoopGroup(loop: subscriber.eventLoop)
@@ -143,6 +181,11 @@ final class HubShard: @unchecked Sendable {  // every member is only used on `lo
         if group.subscribers.updateValue(subscriber, forKey: ObjectIdentifier(subscriber)) == nil {
             entry.count += 1
             if let format = subscriber.format { entry.formatCounts[format.rawValue] += 1 }
+        }
+        if entry.begun {
+            // The subscriber may have read the store before it was registered here.
+            let last = entry.sequencer.last
+            subscriber.eventLoop.execute { subscriber.hubSynced(upTo: last) }
         }
     }
 
@@ -181,7 +224,9 @@ final class HubShard: @unchecked Sendable {  // every member is only used on `lo
             loop.execute {
                 entry.readInFlight = false
                 guard !entry.closed else { return }
+                entry.begun = true
                 let step = entry.sequencer.begin(after: head)
+                self.sync(entry, upTo: head)
                 self.perform(step, channel, entry, hub: hub)
             }
         }
@@ -233,6 +278,15 @@ final class HubShard: @unchecked Sendable {  // every member is only used on `lo
                 } else {
                     self.perform(step, channel, entry, hub: hub)
                 }
+            }
+        }
+    }
+
+    private func sync(_ entry: ChannelEntry, upTo seq: Int64) {
+        for group in entry.groups.values {
+            let subscribers = Array(group.subscribers.values)
+            group.loop.execute {
+                for subscriber in subscribers { subscriber.hubSynced(upTo: seq) }
             }
         }
     }

@@ -75,6 +75,12 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
         if wrote { _ = sink.flush() }
     }
 
+    public func hubSynced(upTo seq: Int64) {
+        guard !isCancelled, sequencer.last < seq else { return }
+        let step = sequencer.poll()
+        if let after = step.readAfter { read(after: after) }
+    }
+
     private func write(_ messages: [EncodedMessage], to sink: any SubscriptionSink) -> Bool {
         guard let format else { return false }
         for message in messages {

@@ -15,10 +15,13 @@ public final class GatewayApp: Sendable {
     public let hub: Hub
     public let store: any Store
     public let logger: Logger
+    /// The Redis bus in cluster fan-out, for readiness.
+    let redis: RedisBus?
     let streams = StreamRegistry()
     let counters = Counters()
 
-    init(config: GatewayConfig, verifier: TokenVerifier, channels: ChannelService, hub: Hub, logger: Logger) {
+    init(config: GatewayConfig, verifier: TokenVerifier, channels: ChannelService, hub: Hub, redis: RedisBus?, logger: Logger) {
+        self.redis = redis
         self.config = config
         self.verifier = verifier
         self.channels = channels

@@ -24,6 +24,10 @@ public struct GatewayConfig: Sendable {
     public var wsPingSeconds: Int64 = 20
     public var eventLoops = System.coreCount
     public var topics: [String: TopicRule] = [:]
+    /// Set: cluster store (Postgres). Unset: SQLite under `dataDir`.
+    public var databaseURL: String?
+    /// Set: fan-out through Redis pub/sub. Unset: in-process.
+    public var redisURL: String?
 
     public init() {}
 
@@ -44,6 +48,8 @@ public struct GatewayConfig: Sendable {
         if let v = env["GATEWAY_LOG_LEVEL"], let level = Logger.Level(rawValue: v == "warning" ? "warning" : v) { c.logLevel = level }
         if let v = env["GATEWAY_BODY_LIMIT"], let n = Int(v) { c.bodyLimit = n }
         if let v = env["GATEWAY_SEND_BUDGET"], let n = Int(v) { c.sendBudget = n }
+        if let v = env["DATABASE_URL"], !v.isEmpty { c.databaseURL = v }
+        if let v = env["REDIS_URL"], !v.isEmpty { c.redisURL = v }
         return c
     }
 }

@@ -18,19 +18,36 @@ public final class GatewayServer: Sendable {
     private let lockFD: Int32
 
     public static func start(config: GatewayConfig, logger: Logger) async throws -> GatewayServer {
-        try FileManager.default.createDirectory(atPath: config.dataDir, withIntermediateDirectories: true)
-        let lockFD = try lockDataDir(config.dataDir)
-        let store = try await SQLiteStore.open(path: config.dataDir + "/gateway.sqlite", logger: logger)
-        let bus = InProcessBus()
-        await store.setCommitObserver { bus.publish($0) }
         guard let secret = config.jwtSecret else { throw GatewayStartError("no JWT secret configured (GATEWAY_JWT_SECRET)") }
         guard secret.utf8.count >= 32 else { throw GatewayStartError("the JWT secret must be at least 32 bytes") }
         let verifier = await TokenVerifier(hs256Secret: secret)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, config.eventLoops))
         let loops = Array(group.makeIterator())
+
+        let store: any Store
+        var lockFD: Int32 = -1
+        if let url = config.databaseURL {
+            store = try await PostgresStore.open(url: url, logger: logger)
+        } else {
+            try FileManager.default.createDirectory(atPath: config.dataDir, withIntermediateDirectories: true)
+            lockFD = try lockDataDir(config.dataDir)
+            store = try await SQLiteStore.open(path: config.dataDir + "/gateway.sqlite", logger: logger)
+        }
+        let bus: any Bus
+        var redis: RedisBus?
+        if let url = config.redisURL {
+            guard let endpoint = RedisBus.endpoint(from: url) else { throw GatewayStartError("REDIS_URL must be redis://host:port") }
+            let redisBus = RedisBus(host: endpoint.host, port: endpoint.port, group: group, logger: logger)
+            redis = redisBus
+            bus = redisBus
+        } else {
+            bus = InProcessBus()
+        }
+        await store.setCommitObserver { bus.publish($0) }
         let hub = Hub(loops: loops, store: store, bus: bus, encoder: WireEncoding.encoder, logger: logger)
         let channels = ChannelService(store: store, policy: Policy(topics: config.topics), bodyLimit: config.bodyLimit)
-        let app = GatewayApp(config: config, verifier: verifier, channels: channels, hub: hub, logger: logger)
+        let app = GatewayApp(config: config, verifier: verifier, channels: channels, hub: hub, redis: redis, logger: logger)
+        redis?.start()
         let upgrades = PendingUpgrades()
 
         let bootstrap = ServerBootstrap(group: group)
@@ -50,13 +67,15 @@ public final class GatewayServer: Sendable {
         do {
             serverChannel = try await bootstrap.bind(host: config.host, port: config.port).get()
         } catch {
+            redis?.stop()
             try? await group.shutdownGracefully()
             await store.close()
-            close(lockFD)
+            if lockFD >= 0 { close(lockFD) }
             throw error
         }
         let port = serverChannel.localAddress?.port ?? config.port
-        logger.info("gateway listening", metadata: ["instance": "\(config.instanceName)", "address": "\(config.host):\(port)", "mode": "embedded"])
+        logger.info("gateway listening", metadata: ["instance": "\(config.instanceName)", "address": "\(config.host):\(port)",
+                                                        "mode": "\(config.databaseURL == nil ? "embedded" : "cluster")", "fanout": "\(redis == nil ? "in-process" : "redis")"])
         return GatewayServer(app: app, port: port, group: group, serverChannel: serverChannel, lockFD: lockFD)
     }
 
@@ -76,9 +95,10 @@ public final class GatewayServer: Sendable {
         for stream in app.streams.all() { stream.shutdown() }
         for _ in 0..<50 where app.streams.count > 0 { try? await Task.sleep(for: .milliseconds(100)) }
         try? await Task.sleep(for: .milliseconds(200))
+        app.redis?.stop()
         try? await group.shutdownGracefully()
         await app.store.close()
-        close(lockFD)
+        if lockFD >= 0 { close(lockFD) }
     }
 
     /// The HTTP pipeline with the WebSocket upgrade for `/v1/ws` (authenticated before the 101) and

@@ -80,8 +80,12 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             write(context: context, response: .json(.ok, "{\"status\":\"ok\"}"), request: request)
         case (.GET, 1) where path[0] == "readyz":
             respond(context: context, request: request) { [app] () async throws(ApiError) -> HTTPResponse in
-                if await app.store.ping() { return .json(.ok, "{\"status\":\"ok\",\"store\":\"ok\"}") }
-                return .json(.serviceUnavailable, "{\"status\":\"unavailable\",\"store\":\"failed\"}")
+                let store = await app.store.ping()
+                let redis = app.redis.map { $0.isAvailable }
+                var body = "{\"status\":\"\(store && redis != false ? "ok" : "unavailable")\",\"store\":\"\(store ? "ok" : "failed")\""
+                if let redis { body += ",\"redis\":\"\(redis ? "ok" : "failed")\"" }
+                body += "}"
+                return .json(store && redis != false ? .ok : .serviceUnavailable, body)
             }
         case (_, 4) where path[0] == "v1" && path[1] == "channels":
             routeChannel(context: context, request: request, channel: path[2], action: path[3])

@@ -57,6 +57,10 @@ final class LongPoll: HubSubscriber, ConnectionBoundStream, LiveStream, @uncheck
         if reading { arrivedWhileReading = true } else { read() }
     }
 
+    func hubSynced(upTo seq: Int64) {
+        if seq > start.after { hubDelivered([]) }
+    }
+
     private func read() {
         reading = true
         let store = app.store

@@ -24,6 +24,9 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Largest message body in bytes (GATEWAY_BODY_LIMIT).") var bodyLimit: Int?
     @Option(help: "Bytes queued per connection before it is closed as a slow consumer (GATEWAY_SEND_BUDGET).") var sendBudget: Int?
     @Option(help: "Event loop threads (default: one per core).") var threads: Int?
+    @Option(help: "Postgres URL: cluster store (DATABASE_URL).") var databaseURL: String?
+    @Option(help: "Redis URL: cluster fan-out (REDIS_URL).") var redisURL: String?
+    @Option(help: "Name in logs and metrics (GATEWAY_INSTANCE_ID).") var instanceId: String?
 
     func run() async throws {
         var config = GatewayConfig.fromEnvironment()
@@ -35,6 +38,9 @@ struct Serve: AsyncParsableCommand {
         if let bodyLimit { config.bodyLimit = bodyLimit }
         if let sendBudget { config.sendBudget = sendBudget }
         if let threads { config.eventLoops = threads }
+        if let databaseURL { config.databaseURL = databaseURL }
+        if let redisURL { config.redisURL = redisURL }
+        if let instanceId { config.instanceId = instanceId }
 
         let level = config.logLevel
         LoggingSystem.bootstrap { label in
@@ -54,7 +60,11 @@ struct Serve: AsyncParsableCommand {
             logger.warning("no GATEWAY_JWT_SECRET: generated one for this run only")
         }
         let server = try await GatewayServer.start(config: config, logger: logger)
-        print("gateway listening on http://\(config.host):\(server.port) (embedded, data in \(config.dataDir))")
+        if config.databaseURL == nil {
+            print("gateway listening on http://\(config.host):\(server.port) (embedded, data in \(config.dataDir))")
+        } else {
+            print("gateway listening on http://\(config.host):\(server.port) (cluster store\(config.redisURL == nil ? "" : ", Redis fan-out"))")
+        }
         if let devToken {
             print("dev token (sub=dev, roles=admin, 24h):\n\(devToken)")
         }

@@ -22,6 +22,8 @@ struct SequencerTests {
         /// Rows a read has fetched but not yet handed back.
         var fetched: (rows: [Item], hasMore: Bool)?
         var output: [Int64] = []
+        /// Store polls the driver may make without a gap (bus down, or the Hub's sync hint).
+        var polls = 0
 
         mutating func apply(_ step: GaplessSequencer<Item>.Step) {
             output += step.deliver.map(\.seq)
@@ -31,7 +33,7 @@ struct SequencerTests {
             }
         }
 
-        enum Event { case commit, arrive(Int64), begin, fetch, complete }
+        enum Event { case commit, arrive(Int64), begin, fetch, complete, poll }
 
         var events: [Event] {
             var out: [Event] = []
@@ -40,6 +42,7 @@ struct SequencerTests {
             if !begun { out.append(.begin) }
             if readAfter != nil && fetched == nil { out.append(.fetch) }
             if fetched != nil { out.append(.complete) }
+            if polls > 0 && begun { out.append(.poll) }
             return out
         }
 
@@ -58,6 +61,9 @@ struct SequencerTests {
                 let after = Int(readAfter!)
                 let upTo = min(committed, after + page)
                 fetched = (rows: after < upTo ? (after + 1...upTo).map { Item(seq: Int64($0)) } : [], hasMore: committed > upTo)
+            case .poll:
+                polls -= 1
+                apply(sequencer.poll())
             case .complete:
                 let (rows, hasMore) = fetched!
                 fetched = nil
@@ -116,6 +122,7 @@ struct SequencerTests {
             let copies = (0..<n).map { _ in Int(rng.next() % 3) + 1 }
             var world = World(n: n, cursor: cursor, page: Int(rng.next() % 5) + 1, copies: copies, committed: alreadyCommitted,
                               sequencer: GaplessSequencer(capacity: Int(rng.next() % 6) + 1))
+            world.polls = Int(rng.next() % 4)
             while case let events = world.events, !events.isEmpty {
                 world.perform(events[Int(rng.next() % UInt64(events.count))])
             }
@@ -123,6 +130,17 @@ struct SequencerTests {
                 Issue.record("n \(n) cursor \(cursor): delivered \(world.output)")
             }
         }
+    }
+
+    /// Messages the bus never delivered (it was down) are found by polling the store.
+    @Test func pollingFindsWhatTheBusLost() {
+        var s = GaplessSequencer<Item>(liveAfter: 3)
+        #expect(s.poll().readAfter == 3)
+        #expect(s.poll().readAfter == nil)
+        let step = s.readCompleted([Item(seq: 4), Item(seq: 5)], hasMore: false)
+        #expect(step.deliver.map(\.seq) == [4, 5] && !s.isReading)
+        #expect(s.receive(Item(seq: 5)).deliver.isEmpty)
+        #expect(s.receive(Item(seq: 6)).deliver.map(\.seq) == [6])
     }
 
     @Test func liveSequencerDropsDuplicatesAndAsksForTheGap() {

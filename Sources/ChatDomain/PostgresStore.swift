@@ -1,0 +1,303 @@
+import Foundation
+import Logging
+import PostgresNIO
+
+/// The cluster store: Postgres shared by every instance. Order is decided by the channel's row: an append
+/// batch locks it (`INSERT … ON CONFLICT DO UPDATE … RETURNING`), takes the next `seq` values and
+/// `created_at = greatest(now, last_created_at + 1 µs)`, inserts the messages and commits, so commit order is
+/// `seq` order on every instance. Concurrent appends of this instance are committed together (group commit).
+public final class PostgresStore: Store {
+    public static let idempotencyWindowMicros: Int64 = 24 * 3600 * 1_000_000
+    private static let migrationLock: Int64 = 0x6761_7465_7761_79  // "gateway"
+
+    private let client: PostgresClient
+    private let logger: Logger
+    public let appends: GroupCommit
+    private let runTask: Task<Void, Never>
+
+    /// Parses `postgres://user:pass@host:port/db` into a client configuration (TLS off: loopback and
+    /// private networks; put TLS in front or extend this when needed).
+    public static func configuration(from url: String) -> PostgresClient.Configuration? {
+        guard let components = URLComponents(string: url), ["postgres", "postgresql"].contains(components.scheme ?? ""),
+              let host = components.host, let user = components.user
+        else { return nil }
+        let database = components.path.hasPrefix("/") ? String(components.path.dropFirst()) : nil
+        var config = PostgresClient.Configuration(host: host, port: components.port ?? 5432, username: user, password: components.password,
+                                                  database: database?.isEmpty == false ? database : nil, tls: .disable)
+        config.options.maximumConnections = 16
+        config.options.connectTimeout = .seconds(3)
+        return config
+    }
+
+    /// Connects, applies the migrations (once, even when several instances start together), and starts.
+    public static func open(url: String, maxPending: Int = 20_000, logger: Logger) async throws -> PostgresStore {
+        guard let config = configuration(from: url) else { throw PostgresStoreError("DATABASE_URL must be postgres://user:pass@host:port/db") }
+        let client = PostgresClient(configuration: config, backgroundLogger: logger)
+        let store = PostgresStore(client: client, maxPending: maxPending, logger: logger)
+        do {
+            try await store.migrate()
+            try await store.pruneIdempotencyKeys()
+        } catch {
+            await store.close()
+            throw error
+        }
+        return store
+    }
+
+    private init(client: PostgresClient, maxPending: Int, logger: Logger) {
+        self.client = client
+        self.logger = logger
+        self.runTask = Task { await client.run() }
+        let box = WeakBox<PostgresStore>()
+        self.appends = GroupCommit(maxPending: maxPending) { requests in
+            guard let store = box.value else { return requests.map { _ in .failure(ApiError(.storeUnavailable, "the store is closed")) } }
+            return await store.commit(requests)
+        }
+        box.value = self
+    }
+
+    public func setCommitObserver(_ observer: @escaping CommitObserver) async {
+        await appends.setObserver(observer)
+    }
+
+    // MARK: migrations
+
+    static let migrations: [String] = [
+        """
+        CREATE TABLE channels (name TEXT PRIMARY KEY, last_seq BIGINT NOT NULL, last_created_at BIGINT NOT NULL);
+        CREATE TABLE messages (
+            channel TEXT NOT NULL, seq BIGINT NOT NULL, id UUID NOT NULL, created_at BIGINT NOT NULL,
+            sender TEXT NOT NULL, request_id TEXT, body TEXT NOT NULL, PRIMARY KEY (channel, seq));
+        CREATE INDEX messages_channel_order ON messages (channel, created_at, id);
+        CREATE TABLE idempotency (
+            channel TEXT NOT NULL, sender TEXT NOT NULL, request_id TEXT NOT NULL, seq BIGINT NOT NULL,
+            created_at BIGINT NOT NULL, PRIMARY KEY (channel, sender, request_id));
+        CREATE INDEX idempotency_created_at ON idempotency (created_at)
+        """,
+    ]
+
+    /// Versioned migrations in `schema_migrations`, under an advisory lock so that instances starting at
+    /// once apply each exactly once.
+    func migrate() async throws {
+        try await client.withTransaction(logger: logger) { connection in
+            try await connection.query("SELECT pg_advisory_xact_lock(\(Self.migrationLock))", logger: logger)
+            try await connection.query("CREATE TABLE IF NOT EXISTS schema_migrations (version INT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())", logger: logger)
+            var applied: Set<Int> = []
+            for try await version in try await connection.query("SELECT version FROM schema_migrations", logger: logger).decode(Int.self) {
+                applied.insert(version)
+            }
+            for (index, script) in Self.migrations.enumerated() where !applied.contains(index + 1) {
+                for statement in script.split(separator: ";") where !statement.allSatisfy(\.isWhitespace) {
+                    try await connection.query(PostgresQuery(unsafeSQL: String(statement)), logger: logger)
+                }
+                try await connection.query("INSERT INTO schema_migrations (version) VALUES (\(index + 1))", logger: logger)
+                logger.info("applied migration", metadata: ["version": "\(index + 1)"])
+            }
+        }
+    }
+
+    public func pruneIdempotencyKeys() async throws {
+        let cutoff = Timestamp.nowMicros() - Self.idempotencyWindowMicros
+        try await client.query("DELETE FROM idempotency WHERE created_at < \(cutoff)", logger: logger)
+    }
+
+    // MARK: append
+
+    public func append(_ request: AppendRequest) async throws(ApiError) -> AppendResult {
+        try await appends.append(request)
+    }
+
+    struct RetryBatch: Error {}
+
+    private func commit(_ batch: [AppendRequest]) async -> [GroupCommit.Outcome] {
+        for attempt in 1...3 {
+            do {
+                return try await client.withTransaction(logger: logger) { connection in
+                    try await Self.append(batch, on: connection, logger: logger)
+                }
+            } catch is RetryBatch {
+                logger.debug("idempotency key raced with another instance; retrying the batch", metadata: ["attempt": "\(attempt)"])
+            } catch {
+                logger.error("store commit failed", metadata: ["error": "\(String(reflecting: error))"])
+                break
+            }
+        }
+        let failure = ApiError(.storeUnavailable, "the store did not commit the message")
+        return batch.map { _ in .failure(failure) }
+    }
+
+    struct Key: Hashable { let channel: String, sender: String, requestId: String }
+
+    /// One transaction: idempotency look-ups, one locked head update per channel (in name order, so
+    /// concurrent instances never deadlock), one multi-row insert of messages and one of keys.
+    static func append(_ batch: [AppendRequest], on connection: PostgresConnection, logger: Logger) async throws -> [GroupCommit.Outcome] {
+        let cutoff = Timestamp.nowMicros() - idempotencyWindowMicros
+        var outcomes = [GroupCommit.Outcome?](repeating: nil, count: batch.count)
+
+        // 1. Keys seen before, within the window.
+        var existing: [Key: Message] = [:]
+        let keyed = batch.indices.filter { batch[$0].requestId != nil }
+        if !keyed.isEmpty {
+            let channels = keyed.map { batch[$0].channel.rawValue }
+            let senders = keyed.map { batch[$0].sender }
+            let requestIds = keyed.map { batch[$0].requestId! }
+            let rows = try await connection.query("""
+                SELECT i.channel, i.sender, i.request_id, m.id::text, m.seq, m.created_at, m.body
+                FROM idempotency i JOIN messages m ON m.channel = i.channel AND m.seq = i.seq
+                WHERE i.created_at >= \(cutoff)
+                  AND (i.channel, i.sender, i.request_id) IN (SELECT * FROM unnest(\(channels)::text[], \(senders)::text[], \(requestIds)::text[]))
+                """, logger: logger)
+            for try await (channel, sender, requestId, id, seq, createdAt, body) in rows.decode((String, String, String, String, Int64, Int64, String).self) {
+                guard let name = try? ChannelName(parsing: channel) else { continue }
+                existing[Key(channel: channel, sender: sender, requestId: requestId)] =
+                    Message(id: id, channel: name, seq: seq, createdAtMicros: createdAt, sender: sender, requestId: requestId, body: body)
+            }
+        }
+        var firstInBatch: [Key: Int] = [:]
+        var fresh: [Int] = []
+        var repeats: [(index: Int, of: Int)] = []
+        for (index, request) in batch.enumerated() {
+            guard let requestId = request.requestId else {
+                fresh.append(index)
+                continue
+            }
+            let key = Key(channel: request.channel.rawValue, sender: request.sender, requestId: requestId)
+            if let original = existing[key] {
+                outcomes[index] = replay(original, of: request)
+            } else if let first = firstInBatch[key] {
+                repeats.append((index, first))
+            } else {
+                firstInBatch[key] = index
+                fresh.append(index)
+            }
+        }
+
+        // 2. Heads: one locked update per channel.
+        var byChannel: [String: [Int]] = [:]
+        for index in fresh { byChannel[batch[index].channel.rawValue, default: []].append(index) }
+        var stored: [Int: Message] = [:]
+        for channel in byChannel.keys.sorted() {
+            let indices = byChannel[channel]!
+            let k = Int64(indices.count)
+            let rows = try await connection.query("""
+                INSERT INTO channels AS c (name, last_seq, last_created_at)
+                VALUES (\(channel), \(k), (extract(epoch FROM clock_timestamp()) * 1000000)::bigint + \(k) - 1)
+                ON CONFLICT (name) DO UPDATE SET
+                    last_seq = c.last_seq + \(k),
+                    last_created_at = greatest((extract(epoch FROM clock_timestamp()) * 1000000)::bigint + \(k) - 1, c.last_created_at + \(k))
+                RETURNING last_seq, last_created_at
+                """, logger: logger)
+            var head: (Int64, Int64)?
+            for try await row in rows.decode((Int64, Int64).self) { head = row }
+            guard let (lastSeq, lastCreatedAt) = head else { throw PostgresStoreError("no channel head returned") }
+            for (offset, index) in indices.enumerated() {
+                let request = batch[index]
+                let seq = lastSeq - k + 1 + Int64(offset)
+                let createdAt = lastCreatedAt - k + 1 + Int64(offset)
+                stored[index] = Message(id: UUIDv7.make(micros: createdAt), channel: request.channel, seq: seq, createdAtMicros: createdAt,
+                                        sender: request.sender, requestId: request.requestId, body: request.body)
+            }
+        }
+
+        // 3. The messages, in one statement.
+        if !stored.isEmpty {
+            let messages = fresh.map { stored[$0]! }
+            try await connection.query("""
+                INSERT INTO messages (channel, seq, id, created_at, sender, request_id, body)
+                SELECT c, s, i::uuid, t, u, NULLIF(r, ''), b FROM unnest(
+                    \(messages.map(\.channel.rawValue))::text[], \(messages.map(\.seq))::int8[], \(messages.map(\.id))::text[],
+                    \(messages.map(\.createdAtMicros))::int8[], \(messages.map(\.sender))::text[], \(messages.map { $0.requestId ?? "" })::text[],
+                    \(messages.map(\.body))::text[]) AS x(c, s, i, t, u, r, b)
+                """, logger: logger)
+        }
+
+        // 4. The keys; one taken meanwhile by another instance means: roll back and run the batch again.
+        let newKeys = fresh.compactMap { index -> Message? in batch[index].requestId == nil ? nil : stored[index] }
+        if !newKeys.isEmpty {
+            let rows = try await connection.query("""
+                INSERT INTO idempotency AS i (channel, sender, request_id, seq, created_at)
+                SELECT * FROM unnest(\(newKeys.map(\.channel.rawValue))::text[], \(newKeys.map(\.sender))::text[],
+                                     \(newKeys.map { $0.requestId! })::text[], \(newKeys.map(\.seq))::int8[], \(newKeys.map(\.createdAtMicros))::int8[])
+                ON CONFLICT (channel, sender, request_id) DO UPDATE SET seq = excluded.seq, created_at = excluded.created_at
+                WHERE i.created_at < \(cutoff)
+                RETURNING 1
+                """, logger: logger)
+            var inserted = 0
+            for try await _ in rows { inserted += 1 }
+            if inserted != newKeys.count { throw RetryBatch() }
+        }
+
+        for (index, message) in stored { outcomes[index] = .success(AppendResult(message: message, replayed: false)) }
+        for (index, first) in repeats {
+            if let original = stored[first] { outcomes[index] = replay(original, of: batch[index]) }
+        }
+        return outcomes.map { $0 ?? .failure(ApiError(.internalError, "append left without an outcome")) }
+    }
+
+    static func replay(_ original: Message, of request: AppendRequest) -> GroupCommit.Outcome {
+        guard original.body == request.body else {
+            return .failure(ApiError(.idempotencyConflict, "this request id was used with a different body",
+                                     details: ["request_id": request.requestId ?? "", "message_id": original.id]))
+        }
+        return .success(AppendResult(message: original, replayed: true))
+    }
+
+    // MARK: reads
+
+    private func read(_ query: PostgresQuery, channel: ChannelName) async throws(ApiError) -> [Message] {
+        do {
+            var out: [Message] = []
+            let rows = try await client.query(query, logger: logger)
+            for try await (id, seq, createdAt, sender, requestId, body) in rows.decode((String, Int64, Int64, String, String?, String).self) {
+                out.append(Message(id: id, channel: channel, seq: seq, createdAtMicros: createdAt, sender: sender, requestId: requestId, body: body))
+            }
+            return out
+        } catch {
+            logger.error("store read failed", metadata: ["error": "\(String(reflecting: error))"])
+            throw ApiError(.storeUnavailable, "the store did not answer")
+        }
+    }
+
+    public func messages(in channel: ChannelName, after: Int64, limit: Int) async throws(ApiError) -> Page {
+        let rows = try await read("""
+            SELECT id::text, seq, created_at, sender, request_id, body FROM messages
+            WHERE channel = \(channel.rawValue) AND seq > \(after) ORDER BY seq LIMIT \(limit + 1)
+            """, channel: channel)
+        return Page(messages: Array(rows.prefix(limit)), hasMore: rows.count > limit)
+    }
+
+    public func messages(in channel: ChannelName, before: Int64, limit: Int) async throws(ApiError) -> Page {
+        let rows = try await read("""
+            SELECT id::text, seq, created_at, sender, request_id, body FROM messages
+            WHERE channel = \(channel.rawValue) AND seq < \(before) ORDER BY seq DESC LIMIT \(limit + 1)
+            """, channel: channel)
+        return Page(messages: rows.prefix(limit).reversed(), hasMore: rows.count > limit)
+    }
+
+    public func head(of channel: ChannelName) async throws(ApiError) -> Int64 {
+        do {
+            var head: Int64 = 0
+            for try await seq in try await client.query("SELECT last_seq FROM channels WHERE name = \(channel.rawValue)", logger: logger).decode(Int64.self) {
+                head = seq
+            }
+            return head
+        } catch {
+            logger.error("store read failed", metadata: ["error": "\(String(reflecting: error))"])
+            throw ApiError(.storeUnavailable, "the store did not answer")
+        }
+    }
+
+    public func ping() async -> Bool {
+        (try? await client.query("SELECT 1", logger: logger)) != nil
+    }
+
+    public func close() async {
+        runTask.cancel()
+        _ = await runTask.value
+    }
+}
+
+public struct PostgresStoreError: Error, CustomStringConvertible {
+    public let description: String
+    init(_ description: String) { self.description = description }
+}
