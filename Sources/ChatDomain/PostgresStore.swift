@@ -115,7 +115,7 @@ public final class PostgresStore: Store {
                 return try await client.withTransaction(logger: logger) { connection in
                     try await Self.append(batch, on: connection, logger: logger)
                 }
-            } catch is RetryBatch {
+            } catch let error as PostgresTransactionError where error.closureError is RetryBatch {
                 logger.debug("idempotency key raced with another instance; retrying the batch", metadata: ["attempt": "\(attempt)"])
             } catch {
                 logger.error("store commit failed", metadata: ["error": "\(String(reflecting: error))"])

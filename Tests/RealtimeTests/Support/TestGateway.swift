@@ -83,12 +83,14 @@ func jsonText(_ object: Any) -> String {
 
 /// One message as a client received it.
 struct Received: Sendable, Equatable {
+    let channel: String
     let seq: Int64
     let id: String
     let cursor: String
     let json: String
 
     init(_ object: [String: Any]) {
+        channel = object["channel"] as? String ?? ""
         seq = (object["seq"] as? NSNumber)?.int64Value ?? -1
         id = object["id"] as? String ?? ""
         cursor = object["cursor"] as? String ?? ""

@@ -1,0 +1,196 @@
+import Foundation
+
+/// Real Postgres and Redis servers for one test: on loopback, on free ports, in temporary folders, stopped
+/// by the test that started them (by PID). Postgres refuses to run as root, so as root it runs as the
+/// `postgres` user (setpriv, which execs: the PID is the server's own).
+enum TestServices {
+    static let root = "/tmp/gw-test-services"
+
+    static func freePort() -> Int {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        addr.sin_port = 0
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) } }
+        _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
+        return Int(UInt16(bigEndian: addr.sin_port))
+    }
+
+    static func canConnect(port: Int) -> Bool {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        addr.sin_port = in_port_t(UInt16(port).bigEndian)
+        return withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } } == 0
+    }
+
+    static var isRoot: Bool { getuid() == 0 }
+
+    /// Runs a command to completion; returns its exit status and output.
+    @discardableResult
+    static func run(_ path: String, _ arguments: [String], asPostgres: Bool = false) throws -> (Int32, String) {
+        let process = Process()
+        if asPostgres && isRoot {
+            process.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
+            process.arguments = ["--reuid=postgres", "--regid=postgres", "--init-groups", path] + arguments
+        } else {
+            process.executableURL = URL(fileURLWithPath: path)
+            process.arguments = arguments
+        }
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        process.standardError = pipe
+        try process.run()
+        let output = pipe.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return (process.terminationStatus, String(decoding: output, as: UTF8.self))
+    }
+
+    static func spawn(_ path: String, _ arguments: [String], asPostgres: Bool = false, log: String) throws -> Process {
+        let process = Process()
+        if asPostgres && isRoot {
+            process.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
+            process.arguments = ["--reuid=postgres", "--regid=postgres", "--init-groups", path] + arguments
+        } else {
+            process.executableURL = URL(fileURLWithPath: path)
+            process.arguments = arguments
+        }
+        FileManager.default.createFile(atPath: log, contents: nil)
+        let handle = FileHandle(forWritingAtPath: log)
+        process.standardOutput = handle
+        process.standardError = handle
+        try process.run()
+        try? "\(process.processIdentifier)\n".write(toFile: root + "/pids/\(process.processIdentifier)", atomically: true, encoding: .utf8)
+        return process
+    }
+
+    static func forget(_ process: Process) {
+        try? FileManager.default.removeItem(atPath: root + "/pids/\(process.processIdentifier)")
+    }
+
+    static func prepareRoot() throws {
+        try FileManager.default.createDirectory(atPath: root + "/pids", withIntermediateDirectories: true)
+        chmod(root, 0o777)
+    }
+}
+
+struct ServiceError: Error, CustomStringConvertible {
+    let description: String
+}
+
+/// A throwaway Postgres cluster (initdb into a temporary folder, loopback, a free port).
+final class PostgresServer: @unchecked Sendable {  // used from one test task; stop() is idempotent
+    let port: Int
+    let dataDir: String
+    let binDir: String
+    private var process: Process?
+
+    var url: String { "postgres://postgres@127.0.0.1:\(port)/gateway" }
+
+    static func findBinDir() throws -> String {
+        let base = "/usr/lib/postgresql"
+        let versions = ((try? FileManager.default.contentsOfDirectory(atPath: base)) ?? []).compactMap(Int.init).sorted()
+        guard let version = versions.last else { throw ServiceError(description: "postgresql is not installed (make test installs it)") }
+        return "\(base)/\(version)/bin"
+    }
+
+    static func start() async throws -> PostgresServer {
+        try TestServices.prepareRoot()
+        let binDir = try findBinDir()
+        let dataDir = TestServices.root + "/pg-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true)
+        if TestServices.isRoot { _ = try TestServices.run("/bin/chown", ["postgres:postgres", dataDir]) }
+        let (status, output) = try TestServices.run(binDir + "/initdb", ["-D", dataDir + "/data", "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"], asPostgres: true)
+        guard status == 0 else { throw ServiceError(description: "initdb failed: \(output)") }
+        let server = PostgresServer(port: TestServices.freePort(), dataDir: dataDir, binDir: binDir)
+        try await server.startProcess()
+        let (created, createOutput) = try TestServices.run(binDir + "/psql", ["-h", "127.0.0.1", "-p", String(server.port), "-U", "postgres", "-c", "CREATE DATABASE gateway"])
+        guard created == 0 else { throw ServiceError(description: "createdb failed: \(createOutput)") }
+        return server
+    }
+
+    private init(port: Int, dataDir: String, binDir: String) {
+        self.port = port
+        self.dataDir = dataDir
+        self.binDir = binDir
+    }
+
+    /// Starts (or starts again) the server on the same port and data.
+    func startProcess() async throws {
+        process = try TestServices.spawn(binDir + "/postgres", [
+            "-D", dataDir + "/data", "-p", String(port), "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=" + dataDir,
+            "-c", "max_connections=200", "-c", "shared_buffers=64MB",
+        ], asPostgres: true, log: dataDir + "/postgres.log")
+        for _ in 0..<200 {
+            let (status, _) = try TestServices.run(binDir + "/pg_isready", ["-h", "127.0.0.1", "-p", String(port), "-U", "postgres"])
+            if status == 0 { return }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        throw ServiceError(description: "postgres did not start: \((try? String(contentsOfFile: dataDir + "/postgres.log", encoding: .utf8)) ?? "")")
+    }
+
+    /// Stops the server (fast shutdown: open connections are cut), keeping its data.
+    func stopProcess() {
+        guard let process else { return }
+        kill(process.processIdentifier, SIGINT)
+        process.waitUntilExit()
+        TestServices.forget(process)
+        self.process = nil
+    }
+
+    func stop() {
+        stopProcess()
+        try? FileManager.default.removeItem(atPath: dataDir)
+    }
+}
+
+/// A redis-server on loopback with no persistence.
+final class RedisServer: @unchecked Sendable {  // used from one test task; stop() is idempotent
+    let port: Int
+    private var process: Process?
+    private let logPath: String
+
+    var url: String { "redis://127.0.0.1:\(port)" }
+
+    static func start() async throws -> RedisServer {
+        try TestServices.prepareRoot()
+        let server = RedisServer(port: TestServices.freePort())
+        try await server.startProcess()
+        return server
+    }
+
+    private init(port: Int) {
+        self.port = port
+        self.logPath = TestServices.root + "/redis-\(port).log"
+    }
+
+    func startProcess() async throws {
+        let path = ["/usr/bin/redis-server", "/usr/local/bin/redis-server"].first { FileManager.default.isExecutableFile(atPath: $0) }
+        guard let path else { throw ServiceError(description: "redis-server is not installed (make test installs it)") }
+        process = try TestServices.spawn(path, ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], log: logPath)
+        for _ in 0..<200 {
+            if TestServices.canConnect(port: port) { return }
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        throw ServiceError(description: "redis did not start")
+    }
+
+    /// Kills the server (SIGKILL: no goodbye to clients).
+    func kill9() {
+        guard let process else { return }
+        kill(process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
+        TestServices.forget(process)
+        self.process = nil
+    }
+
+    func stop() {
+        kill9()
+        try? FileManager.default.removeItem(atPath: logPath)
+    }
+}
