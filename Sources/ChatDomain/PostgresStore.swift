@@ -108,12 +108,34 @@ public final class PostgresStore: Store {
     }
 
     struct RetryBatch: Error {}
+    struct Deadline: Error {}
+
+    /// How long an operation may wait, mostly for a connection: postgres-nio's pool keeps a lease request
+    /// waiting while the server is down, and a publisher must hear 503 instead.
+    static let commitDeadline = Duration.seconds(5)
+    static let readDeadline = Duration.seconds(5)
+
+    static func bounded<T: Sendable>(_ deadline: Duration, _ operation: @escaping @Sendable () async throws -> T) async throws -> T {
+        try await withThrowingTaskGroup(of: T.self) { group in
+            group.addTask { try await operation() }
+            group.addTask {
+                try await Task.sleep(for: deadline)
+                throw Deadline()
+            }
+            defer { group.cancelAll() }
+            return try await group.next()!
+        }
+    }
 
     private func commit(_ batch: [AppendRequest]) async -> [GroupCommit.Outcome] {
         for attempt in 1...3 {
             do {
-                return try await client.withTransaction(logger: logger) { connection in
-                    try await Self.append(batch, on: connection, logger: logger)
+                let client = self.client
+                let logger = self.logger
+                return try await Self.bounded(Self.commitDeadline) {
+                    try await client.withTransaction(logger: logger) { connection in
+                        try await Self.append(batch, on: connection, logger: logger)
+                    }
                 }
             } catch let error as PostgresTransactionError where error.closureError is RetryBatch {
                 logger.debug("idempotency key raced with another instance; retrying the batch", metadata: ["attempt": "\(attempt)"])
@@ -245,13 +267,17 @@ public final class PostgresStore: Store {
     // MARK: reads
 
     private func read(_ query: PostgresQuery, channel: ChannelName) async throws(ApiError) -> [Message] {
+        let client = self.client
+        let logger = self.logger
         do {
-            var out: [Message] = []
-            let rows = try await client.query(query, logger: logger)
-            for try await (id, seq, createdAt, sender, requestId, body) in rows.decode((String, Int64, Int64, String, String?, String).self) {
-                out.append(Message(id: id, channel: channel, seq: seq, createdAtMicros: createdAt, sender: sender, requestId: requestId, body: body))
+            return try await Self.bounded(Self.readDeadline) {
+                var out: [Message] = []
+                let rows = try await client.query(query, logger: logger)
+                for try await (id, seq, createdAt, sender, requestId, body) in rows.decode((String, Int64, Int64, String, String?, String).self) {
+                    out.append(Message(id: id, channel: channel, seq: seq, createdAtMicros: createdAt, sender: sender, requestId: requestId, body: body))
+                }
+                return out
             }
-            return out
         } catch {
             logger.error("store read failed", metadata: ["error": "\(String(reflecting: error))"])
             throw ApiError(.storeUnavailable, "the store did not answer")
@@ -275,12 +301,16 @@ public final class PostgresStore: Store {
     }
 
     public func head(of channel: ChannelName) async throws(ApiError) -> Int64 {
+        let client = self.client
+        let logger = self.logger
         do {
-            var head: Int64 = 0
-            for try await seq in try await client.query("SELECT last_seq FROM channels WHERE name = \(channel.rawValue)", logger: logger).decode(Int64.self) {
-                head = seq
+            return try await Self.bounded(Self.readDeadline) {
+                var head: Int64 = 0
+                for try await seq in try await client.query("SELECT last_seq FROM channels WHERE name = \(channel.rawValue)", logger: logger).decode(Int64.self) {
+                    head = seq
+                }
+                return head
             }
-            return head
         } catch {
             logger.error("store read failed", metadata: ["error": "\(String(reflecting: error))"])
             throw ApiError(.storeUnavailable, "the store did not answer")
@@ -288,7 +318,9 @@ public final class PostgresStore: Store {
     }
 
     public func ping() async -> Bool {
-        (try? await client.query("SELECT 1", logger: logger)) != nil
+        let client = self.client
+        let logger = self.logger
+        return (try? await Self.bounded(.seconds(2)) { _ = try await client.query("SELECT 1", logger: logger) }) != nil
     }
 
     public func close() async {
