@@ -6,20 +6,21 @@ GATEWAY_HOST ?= 127.0.0.1
 GATEWAY_DATA_DIR ?= ./data
 export GATEWAY_PORT GATEWAY_HOST GATEWAY_DATA_DIR
 
-.PHONY: run build test unit check-run conformance clean
+.PHONY: run build test unit check-run conformance bench cluster clean
 
 ## Build and start the embedded gateway (SQLite + in-process fan-out) on $(GATEWAY_HOST):$(GATEWAY_PORT).
 run:
-	@scripts/ensure-packages.sh curl
+	@scripts/ensure-packages.sh curl libhiredis-dev
 	swift build -c $(BUILD_CONFIG) --product gateway
 	@BIN=$$(swift build -c $(BUILD_CONFIG) --show-bin-path)/gateway scripts/run.sh
 
 build:
+	@scripts/ensure-packages.sh curl libhiredis-dev postgresql redis-server
 	swift build --build-tests
 
 ## The whole suite: unit, integration and end-to-end tests, then the `make run` check.
 test: build
-	swift test --skip-build --parallel
+	@status=0; swift test --skip-build --parallel || status=$$?; scripts/stop-test-services.sh; [ $$status -eq 0 ]
 	$(MAKE) check-run
 
 unit: build
@@ -28,6 +29,13 @@ unit: build
 ## Starts `make run` like a user would, publishes and streams one message, stops it.
 check-run:
 	scripts/check-run.sh
+
+## Benchmarks (release build): group commit appends/s at 1, 16 and 256 publishers on Postgres and SQLite.
+bench:
+	@scripts/ensure-packages.sh libhiredis-dev postgresql redis-server
+	swift build -c release --product bench
+	@D=/tmp/gw-bench-$$$$; scripts/services.sh start $$D >/dev/null; set -a; . $$D/env; set +a; \
+	  $$(swift build -c release --show-bin-path)/bench; status=$$?; scripts/services.sh stop $$D; exit $$status
 
 ## RFC 6455 conformance (Autobahn|Testsuite) against /v1/echo.
 conformance:

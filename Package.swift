@@ -55,6 +55,11 @@ let package = Package(
         .executableTarget(name: "loadtest", dependencies: [
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], path: "loadtest/Sources/loadtest"),
+        .executableTarget(name: "bench", dependencies: [
+            "ChatDomain", "Fanout",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ], path: "bench/Sources/bench"),
         .testTarget(name: "RealtimeTests", dependencies: [
             "Gateway", "Auth", "ChatDomain", "Fanout",
             .product(name: "NIOCore", package: "swift-nio"),

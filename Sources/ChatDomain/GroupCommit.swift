@@ -8,14 +8,18 @@ public actor GroupCommit {
 
     private let maxPending: Int
     private let maxBatch: Int
+    private let maxInFlight: Int
     private let commitBatch: CommitBatch
     private var observer: CommitObserver?
     private var pending: [(AppendRequest, CheckedContinuation<Outcome, Never>)] = []
-    private var committing = false
+    private var inFlight = 0
 
-    public init(maxPending: Int = 20_000, maxBatch: Int = 512, commit: @escaping CommitBatch) {
+    /// `maxInFlight` transactions may run at once (1 for a single-writer store; a few for Postgres, whose
+    /// row locks keep each channel's order whatever the interleaving).
+    public init(maxPending: Int = 20_000, maxBatch: Int = 512, maxInFlight: Int = 1, commit: @escaping CommitBatch) {
         self.maxPending = maxPending
         self.maxBatch = maxBatch
+        self.maxInFlight = max(1, maxInFlight)
         self.commitBatch = commit
     }
 
@@ -29,32 +33,38 @@ public actor GroupCommit {
         }
         let outcome = await withCheckedContinuation { waiter in
             pending.append((request, waiter))
-            if !committing {
-                committing = true
-                Task { await self.drain() }
-            }
+            startBatches()
         }
         return try outcome.get()
     }
 
-    private func drain() async {
-        while !pending.isEmpty {
+    private func startBatches() {
+        while inFlight < maxInFlight && !pending.isEmpty {
             let batch = Array(pending.prefix(maxBatch))
             pending.removeFirst(batch.count)
-            let outcomes = await commitBatch(batch.map(\.0))
-            // Committed messages go to the bus in seq order, before any publisher hears back.
-            let stored = outcomes.compactMap { outcome -> Message? in
-                if case .success(let result) = outcome, !result.replayed { return result.message }
-                return nil
+            inFlight += 1
+            let commitBatch = self.commitBatch
+            Task {
+                let outcomes = await commitBatch(batch.map(\.0))
+                self.finish(batch, outcomes)
             }
-            if !stored.isEmpty { observer?(stored) }
-            for ((_, waiter), outcome) in zip(batch, outcomes) { waiter.resume(returning: outcome) }
         }
-        committing = false
     }
 
-    /// Publishes waiting for their commit (for shutdown).
-    public var waiting: Int { pending.count + (committing ? 1 : 0) }
+    private func finish(_ batch: [(AppendRequest, CheckedContinuation<Outcome, Never>)], _ outcomes: [Outcome]) {
+        // Committed messages go to the bus before any publisher of the batch hears back.
+        let stored = outcomes.compactMap { outcome -> Message? in
+            if case .success(let result) = outcome, !result.replayed { return result.message }
+            return nil
+        }
+        if !stored.isEmpty { observer?(stored) }
+        for ((_, waiter), outcome) in zip(batch, outcomes) { waiter.resume(returning: outcome) }
+        inFlight -= 1
+        startBatches()
+    }
+
+    /// Publishes waiting for their commit or in a transaction (for shutdown).
+    public var waiting: Int { pending.count + inFlight }
 }
 
 /// A weak reference that can be captured by a `@Sendable` closure made before the referent exists.

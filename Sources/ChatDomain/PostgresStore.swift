@@ -49,7 +49,7 @@ public final class PostgresStore: Store {
         self.logger = logger
         self.runTask = Task { await client.run() }
         let box = WeakBox<PostgresStore>()
-        self.appends = GroupCommit(maxPending: maxPending) { requests in
+        self.appends = GroupCommit(maxPending: maxPending, maxInFlight: 4) { requests in
             guard let store = box.value else { return requests.map { _ in .failure(ApiError(.storeUnavailable, "the store is closed")) } }
             return await store.commit(requests)
         }
@@ -194,31 +194,35 @@ public final class PostgresStore: Store {
             }
         }
 
-        // 2. Heads: one locked update per channel.
+        // 2. Heads: one statement locks every channel's row, in name order (so concurrent batches of any
+        //    instance never deadlock), and takes k seqs and k microseconds from each.
         var byChannel: [String: [Int]] = [:]
         for index in fresh { byChannel[batch[index].channel.rawValue, default: []].append(index) }
         var stored: [Int: Message] = [:]
-        for channel in byChannel.keys.sorted() {
-            let indices = byChannel[channel]!
-            let k = Int64(indices.count)
+        if !byChannel.isEmpty {
+            let names = byChannel.keys.sorted()
+            let counts = names.map { Int64(byChannel[$0]!.count) }
             let rows = try await connection.query("""
                 INSERT INTO channels AS c (name, last_seq, last_created_at)
-                VALUES (\(channel), \(k), (extract(epoch FROM clock_timestamp()) * 1000000)::bigint + \(k) - 1)
+                SELECT n, k, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint + k - 1
+                FROM unnest(\(names)::text[], \(counts)::int8[]) AS x(n, k) ORDER BY n
                 ON CONFLICT (name) DO UPDATE SET
-                    last_seq = c.last_seq + \(k),
-                    last_created_at = greatest((extract(epoch FROM clock_timestamp()) * 1000000)::bigint + \(k) - 1, c.last_created_at + \(k))
-                RETURNING last_seq, last_created_at
+                    last_seq = c.last_seq + excluded.last_seq,
+                    last_created_at = greatest(excluded.last_created_at, c.last_created_at + excluded.last_seq)
+                RETURNING name, last_seq, last_created_at
                 """, logger: logger)
-            var head: (Int64, Int64)?
-            for try await row in rows.decode((Int64, Int64).self) { head = row }
-            guard let (lastSeq, lastCreatedAt) = head else { throw PostgresStoreError("no channel head returned") }
-            for (offset, index) in indices.enumerated() {
-                let request = batch[index]
-                let seq = lastSeq - k + 1 + Int64(offset)
-                let createdAt = lastCreatedAt - k + 1 + Int64(offset)
-                stored[index] = Message(id: UUIDv7.make(micros: createdAt), channel: request.channel, seq: seq, createdAtMicros: createdAt,
-                                        sender: request.sender, requestId: request.requestId, body: request.body)
+            for try await (name, lastSeq, lastCreatedAt) in rows.decode((String, Int64, Int64).self) {
+                guard let indices = byChannel[name] else { continue }
+                let k = Int64(indices.count)
+                for (offset, index) in indices.enumerated() {
+                    let request = batch[index]
+                    let seq = lastSeq - k + 1 + Int64(offset)
+                    let createdAt = lastCreatedAt - k + 1 + Int64(offset)
+                    stored[index] = Message(id: UUIDv7.make(micros: createdAt), channel: request.channel, seq: seq, createdAtMicros: createdAt,
+                                            sender: request.sender, requestId: request.requestId, body: request.body)
+                }
             }
+            guard stored.count == fresh.count else { throw PostgresStoreError("a channel head was not returned") }
         }
 
         // 3. The messages, in one statement.

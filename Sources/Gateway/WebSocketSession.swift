@@ -40,9 +40,8 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, LiveStream,
         expiry = context?.eventLoop.scheduleTask(in: .milliseconds(ms)) { [weak self] in self?.close(code: 4001, reason: "token expired") }
     }
 
-    func channelWritabilityChanged(context: ChannelHandlerContext) {
-        if context.channel.isWritable { waiters.writable() }
-        context.fireChannelWritabilityChanged()
+    override func writabilityChanged(isWritable: Bool) {
+        if isWritable { waiters.writable() }
     }
 
     override func connectionEnded() {

@@ -20,119 +20,119 @@ import Testing
     }
 
     @Test func webSocketCommandsGetErrorRepliesAndTheConnectionStaysOpen() async throws {
-        let gateway = try await TestGateway.start()
-        defer { Task { await gateway.stop() } }
-        let port = gateway.port
-        let token = try await gateway.token()
-        let ws = try await WSTestClient.connect(port: port, token: token)
+        try await withTestGateway { gateway in
+            let port = gateway.port
+            let token = try await gateway.token()
+            let ws = try await WSTestClient.connect(port: port, token: token)
 
-        try await ws.send("{not json")
-        #expect(Self.errorCode(try await ws.reply("error")) == "BAD_REQUEST")
-        try await ws.send(["type": "dance", "id": "1"])
-        let unknown = try await ws.reply("error")
-        #expect(Self.errorCode(unknown) == "UNKNOWN_COMMAND")
-        #expect(unknown["id"] as? String == "1")
-        try await ws.send(["type": "subscribe", "id": "2", "channel": "room:1"])
-        #expect(Self.errorCode(try await ws.reply("error")) == "INVALID_CHANNEL")
-        try await ws.send(["type": "publish", "id": "3", "channel": "topic:UPPER", "body": ["a": 1]])
-        #expect(Self.errorCode(try await ws.reply("error")) == "INVALID_CHANNEL")
-        try await ws.send(["type": "subscribe", "id": "4", "channel": "topic:bad", "since": "garbage"])
-        #expect(Self.errorCode(try await ws.reply("error")) == "INVALID_CURSOR")
-        // A well-formed cursor of another channel.
-        let other = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/topic:other/messages", token: token)
-        let otherCursor = other.json["cursor"] as! String
-        try await ws.send(["type": "subscribe", "id": "5", "channel": "topic:bad", "since": otherCursor])
-        #expect(Self.errorCode(try await ws.reply("error")) == "INVALID_CURSOR")
-        // A cursor past the channel's end.
-        let ahead = otherCursor.replacingOccurrences(of: "0.", with: "99.")
-        try await ws.send(["type": "subscribe", "id": "5b", "channel": "topic:other", "since": ahead])
-        #expect(Self.errorCode(try await ws.reply("error")) == "INVALID_CURSOR")
-        try await ws.send(["type": "publish", "id": "6", "channel": "topic:bad", "body": ["big": String(repeating: "x", count: 70_000)]])
-        #expect(Self.errorCode(try await ws.reply("error")) == "PAYLOAD_TOO_LARGE")
-        try await ws.send(["type": "publish", "id": "7", "channel": "topic:bad", "body": "not an object"])
-        #expect(Self.errorCode(try await ws.reply("error")) == "INVALID_BODY")
-        try await ws.send(["type": "ping", "id": "8"])
-        let pong = try await ws.reply("pong")
-        #expect(pong["id"] as? String == "8")
+            try await ws.send("{not json")
+            #expect(Self.errorCode(try await ws.reply("error")) == "BAD_REQUEST")
+            try await ws.send(["type": "dance", "id": "1"])
+            let unknown = try await ws.reply("error")
+            #expect(Self.errorCode(unknown) == "UNKNOWN_COMMAND")
+            #expect(unknown["id"] as? String == "1")
+            try await ws.send(["type": "subscribe", "id": "2", "channel": "room:1"])
+            #expect(Self.errorCode(try await ws.reply("error")) == "INVALID_CHANNEL")
+            try await ws.send(["type": "publish", "id": "3", "channel": "topic:UPPER", "body": ["a": 1]])
+            #expect(Self.errorCode(try await ws.reply("error")) == "INVALID_CHANNEL")
+            try await ws.send(["type": "subscribe", "id": "4", "channel": "topic:bad", "since": "garbage"])
+            #expect(Self.errorCode(try await ws.reply("error")) == "INVALID_CURSOR")
+            // A well-formed cursor of another channel.
+            let other = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/topic:other/messages", token: token)
+            let otherCursor = other.json["cursor"] as! String
+            try await ws.send(["type": "subscribe", "id": "5", "channel": "topic:bad", "since": otherCursor])
+            #expect(Self.errorCode(try await ws.reply("error")) == "INVALID_CURSOR")
+            // A cursor past the channel's end.
+            let ahead = otherCursor.replacingOccurrences(of: "0.", with: "99.")
+            try await ws.send(["type": "subscribe", "id": "5b", "channel": "topic:other", "since": ahead])
+            #expect(Self.errorCode(try await ws.reply("error")) == "INVALID_CURSOR")
+            try await ws.send(["type": "publish", "id": "6", "channel": "topic:bad", "body": ["big": String(repeating: "x", count: 70_000)]])
+            #expect(Self.errorCode(try await ws.reply("error")) == "PAYLOAD_TOO_LARGE")
+            try await ws.send(["type": "publish", "id": "7", "channel": "topic:bad", "body": "not an object"])
+            #expect(Self.errorCode(try await ws.reply("error")) == "INVALID_BODY")
+            try await ws.send(["type": "ping", "id": "8"])
+            let pong = try await ws.reply("pong")
+            #expect(pong["id"] as? String == "8")
 
-        let history = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/topic:bad/messages", token: token)
-        #expect((history.json["messages"] as? [Any])?.isEmpty == true)
-        await ws.close()
+            let history = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/topic:bad/messages", token: token)
+            #expect((history.json["messages"] as? [Any])?.isEmpty == true)
+            await ws.close()
+        }
     }
 
     @Test func invalidUTF8ClosesWith1007() async throws {
-        let gateway = try await TestGateway.start()
-        defer { Task { await gateway.stop() } }
-        let ws = try await WSTestClient.connect(port: gateway.port, token: try await gateway.token())
-        try await ws.sendFrame(WebSocketFrame(fin: true, opcode: .text, maskKey: .random(), data: ByteBuffer(bytes: [0x7B, 0xFF, 0xFE, 0x7D])))
-        #expect(try await ws.waitForClose() == 1007)
+        try await withTestGateway { gateway in
+            let ws = try await WSTestClient.connect(port: gateway.port, token: try await gateway.token())
+            try await ws.sendFrame(WebSocketFrame(fin: true, opcode: .text, maskKey: .random(), data: ByteBuffer(bytes: [0x7B, 0xFF, 0xFE, 0x7D])))
+            #expect(try await ws.waitForClose() == 1007)
+        }
     }
 
     @Test func protocolViolationsClose() async throws {
-        let gateway = try await TestGateway.start()
-        defer { Task { await gateway.stop() } }
-        let token = try await gateway.token()
-        let unmasked = try await WSTestClient.connect(port: gateway.port, token: token)
-        try await unmasked.sendFrame(WebSocketFrame(fin: true, opcode: .text, data: ByteBuffer(string: "{\"type\":\"ping\"}")))
-        #expect(try await unmasked.waitForClose() == 1002)
+        try await withTestGateway { gateway in
+            let token = try await gateway.token()
+            let unmasked = try await WSTestClient.connect(port: gateway.port, token: token)
+            try await unmasked.sendFrame(WebSocketFrame(fin: true, opcode: .text, data: ByteBuffer(string: "{\"type\":\"ping\"}")))
+            #expect(try await unmasked.waitForClose() == 1002)
 
-        let tooBig = try await WSTestClient.connect(port: gateway.port, token: token)
-        try await tooBig.send(String(repeating: "x", count: gateway.server.app.config.maxMessageBytes + 1))
-        #expect(try await tooBig.waitForClose() == 1009)
+            let tooBig = try await WSTestClient.connect(port: gateway.port, token: token)
+            try await tooBig.send(String(repeating: "x", count: gateway.server.app.config.maxMessageBytes + 1))
+            #expect(try await tooBig.waitForClose() == 1009)
 
-        // The gateway still serves other clients.
-        let fine = try await WSTestClient.connect(port: gateway.port, token: token)
-        try await fine.send(["type": "ping", "id": "ok"])
-        #expect(try await fine.reply("pong")["id"] as? String == "ok")
-        await fine.close()
+            // The gateway still serves other clients.
+            let fine = try await WSTestClient.connect(port: gateway.port, token: token)
+            try await fine.send(["type": "ping", "id": "ok"])
+            #expect(try await fine.reply("pong")["id"] as? String == "ok")
+            await fine.close()
+        }
     }
 
     @Test func httpErrorsUseTheEnvelopeAndStoreNothing() async throws {
-        let gateway = try await TestGateway.start()
-        defer { Task { await gateway.stop() } }
-        let port = gateway.port
-        let token = try await gateway.token()
-        let channel = "topic:http-bad"
-        let path = "/v1/channels/\(channel)/messages"
+        try await withTestGateway { gateway in
+            let port = gateway.port
+            let token = try await gateway.token()
+            let channel = "topic:http-bad"
+            let path = "/v1/channels/\(channel)/messages"
 
-        Self.expectEnvelope(try await HTTPTestClient.request(.POST, port: port, path, body: "{oops", token: token), status: 400, code: "BAD_REQUEST")
-        Self.expectEnvelope(try await HTTPTestClient.request(.POST, port: port, path, body: "{\"body\": 5}", token: token), status: 400, code: "INVALID_BODY")
-        Self.expectEnvelope(try await HTTPTestClient.publish(port: port, channel: "nope", body: ["a": 1], token: token), status: 400, code: "INVALID_CHANNEL")
-        Self.expectEnvelope(try await HTTPTestClient.publish(port: port, channel: "thread:not-a-uuid", body: ["a": 1], token: token), status: 400, code: "INVALID_CHANNEL")
-        Self.expectEnvelope(try await HTTPTestClient.publish(port: port, channel: channel, body: ["big": String(repeating: "y", count: 70_000)], token: token),
-                            status: 413, code: "PAYLOAD_TOO_LARGE")
-        let huge = "{\"body\":{\"x\":\"" + String(repeating: "z", count: gateway.server.app.config.maxMessageBytes) + "\"}}"
-        Self.expectEnvelope(try await HTTPTestClient.request(.POST, port: port, path, body: huge, token: token), status: 413, code: "PAYLOAD_TOO_LARGE")
-        Self.expectEnvelope(try await HTTPTestClient.request(.GET, port: port, path + "?since=12", token: token), status: 400, code: "INVALID_CURSOR")
-        let otherCursor = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/topic:elsewhere/messages", token: token).json["cursor"] as! String
-        Self.expectEnvelope(try await HTTPTestClient.request(.GET, port: port, path + "?since=\(otherCursor)", token: token), status: 400, code: "INVALID_CURSOR")
-        Self.expectEnvelope(try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/poll?since=\(otherCursor)&timeout=1", token: token),
-                            status: 400, code: "INVALID_CURSOR")
-        let sse = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/events", headers: [("Last-Event-ID", "bogus")], token: token)
-        Self.expectEnvelope(sse, status: 400, code: "INVALID_CURSOR")
-        Self.expectEnvelope(try await HTTPTestClient.request(.GET, port: port, path + "?limit=0", token: token), status: 400, code: "BAD_REQUEST")
-        Self.expectEnvelope(try await HTTPTestClient.request(.GET, port: port, "/v1/nothing", token: token), status: 404, code: "NOT_FOUND")
+            Self.expectEnvelope(try await HTTPTestClient.request(.POST, port: port, path, body: "{oops", token: token), status: 400, code: "BAD_REQUEST")
+            Self.expectEnvelope(try await HTTPTestClient.request(.POST, port: port, path, body: "{\"body\": 5}", token: token), status: 400, code: "INVALID_BODY")
+            Self.expectEnvelope(try await HTTPTestClient.publish(port: port, channel: "nope", body: ["a": 1], token: token), status: 400, code: "INVALID_CHANNEL")
+            Self.expectEnvelope(try await HTTPTestClient.publish(port: port, channel: "thread:not-a-uuid", body: ["a": 1], token: token), status: 400, code: "INVALID_CHANNEL")
+            Self.expectEnvelope(try await HTTPTestClient.publish(port: port, channel: channel, body: ["big": String(repeating: "y", count: 70_000)], token: token),
+                                status: 413, code: "PAYLOAD_TOO_LARGE")
+            let huge = "{\"body\":{\"x\":\"" + String(repeating: "z", count: gateway.server.app.config.maxMessageBytes) + "\"}}"
+            Self.expectEnvelope(try await HTTPTestClient.request(.POST, port: port, path, body: huge, token: token), status: 413, code: "PAYLOAD_TOO_LARGE")
+            Self.expectEnvelope(try await HTTPTestClient.request(.GET, port: port, path + "?since=12", token: token), status: 400, code: "INVALID_CURSOR")
+            let otherCursor = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/topic:elsewhere/messages", token: token).json["cursor"] as! String
+            Self.expectEnvelope(try await HTTPTestClient.request(.GET, port: port, path + "?since=\(otherCursor)", token: token), status: 400, code: "INVALID_CURSOR")
+            Self.expectEnvelope(try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/poll?since=\(otherCursor)&timeout=1", token: token),
+                                status: 400, code: "INVALID_CURSOR")
+            let sse = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/events", headers: [("Last-Event-ID", "bogus")], token: token)
+            Self.expectEnvelope(sse, status: 400, code: "INVALID_CURSOR")
+            Self.expectEnvelope(try await HTTPTestClient.request(.GET, port: port, path + "?limit=0", token: token), status: 400, code: "BAD_REQUEST")
+            Self.expectEnvelope(try await HTTPTestClient.request(.GET, port: port, "/v1/nothing", token: token), status: 404, code: "NOT_FOUND")
 
-        // Tokens: missing, malformed, badly signed, expired — on REST, SSE, long-poll and the WebSocket upgrade.
-        let expired = try await gateway.token(ttl: -120)
-        let forged = token.dropLast(4) + "AAAA"
-        for bad in [nil, "not.a.jwt", String(forged), expired] {
-            Self.expectEnvelope(try await HTTPTestClient.publish(port: port, channel: channel, body: ["a": 1], token: bad ?? ""), status: 401, code: "UNAUTHENTICATED")
-            Self.expectEnvelope(try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/events", token: bad), status: 401, code: "UNAUTHENTICATED")
-            Self.expectEnvelope(try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/poll", token: bad), status: 401, code: "UNAUTHENTICATED")
-            let upgrade = try await HTTPTestClient.request(.GET, port: port, "/v1/ws", headers: [
-                ("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13"),
-            ], token: bad)
-            Self.expectEnvelope(upgrade, status: 401, code: "UNAUTHENTICATED")
-            await #expect(throws: WSTestClient.WSRefused.self) { _ = try await WSTestClient.connect(port: port, token: bad) }
+            // Tokens: missing, malformed, badly signed, expired — on REST, SSE, long-poll and the WebSocket upgrade.
+            let expired = try await gateway.token(ttl: -120)
+            let forged = token.dropLast(4) + "AAAA"
+            for bad in [nil, "not.a.jwt", String(forged), expired] {
+                Self.expectEnvelope(try await HTTPTestClient.publish(port: port, channel: channel, body: ["a": 1], token: bad ?? ""), status: 401, code: "UNAUTHENTICATED")
+                Self.expectEnvelope(try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/events", token: bad), status: 401, code: "UNAUTHENTICATED")
+                Self.expectEnvelope(try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/poll", token: bad), status: 401, code: "UNAUTHENTICATED")
+                let upgrade = try await HTTPTestClient.request(.GET, port: port, "/v1/ws", headers: [
+                    ("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13"),
+                ], token: bad)
+                Self.expectEnvelope(upgrade, status: 401, code: "UNAUTHENTICATED")
+                await #expect(throws: WSTestClient.WSRefused.self) { _ = try await WSTestClient.connect(port: port, token: bad) }
+            }
+            // A topic publish without the service or admin role.
+            Self.expectEnvelope(try await HTTPTestClient.publish(port: port, channel: channel, body: ["a": 1], token: try await gateway.token("bob", roles: [])),
+                                status: 403, code: "FORBIDDEN")
+
+            let history = try await HTTPTestClient.request(.GET, port: port, path, token: token)
+            #expect(history.status == 200)
+            #expect((history.json["messages"] as? [Any])?.isEmpty == true)
+            #expect(history.json["cursor"] as? String != nil)
         }
-        // A topic publish without the service or admin role.
-        Self.expectEnvelope(try await HTTPTestClient.publish(port: port, channel: channel, body: ["a": 1], token: try await gateway.token("bob", roles: [])),
-                            status: 403, code: "FORBIDDEN")
-
-        let history = try await HTTPTestClient.request(.GET, port: port, path, token: token)
-        #expect(history.status == 200)
-        #expect((history.json["messages"] as? [Any])?.isEmpty == true)
-        #expect(history.json["cursor"] as? String != nil)
     }
 }

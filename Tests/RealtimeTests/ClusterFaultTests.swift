@@ -29,158 +29,158 @@ import Testing
     }
 
     @Test func redisKilledAndRestartedWhilePublishing() async throws {
-        let cluster = try await Cluster.start(instances: 2)
-        defer { Task { await cluster.stop() } }
-        let token = try await cluster.token()
-        let channel = "topic:redis-restart"
-        let count = 300
-        let sockets = try await Self.subscribers(cluster, channel: channel, token: token)
-        let ports = cluster.ports
-        let redis = cluster.redis
-        try await withThrowingTaskGroup(of: [Received].self) { group in
-            for ws in sockets { group.addTask { try await ws.messages(count, timeout: 120) } }
-            group.addTask { try await Self.steadyPublish(ports: ports, channel: channel, count: count, token: token) }
-            group.addTask {
-                try await Task.sleep(for: .milliseconds(700))
-                redis.kill9()
-                try await Task.sleep(for: .milliseconds(300))
-                try await redis.startProcess()
-                return []
+        try await withCluster(instances: 2) { cluster in
+            let token = try await cluster.token()
+            let channel = "topic:redis-restart"
+            let count = 300
+            let sockets = try await Self.subscribers(cluster, channel: channel, token: token)
+            let ports = cluster.ports
+            let redis = cluster.redis
+            try await withThrowingTaskGroup(of: [Received].self) { group in
+                for ws in sockets { group.addTask { try await ws.messages(count, timeout: 120) } }
+                group.addTask { try await Self.steadyPublish(ports: ports, channel: channel, count: count, token: token) }
+                group.addTask {
+                    try await Task.sleep(for: .milliseconds(700))
+                    redis.kill9()
+                    try await Task.sleep(for: .milliseconds(300))
+                    try await redis.startProcess()
+                    return []
+                }
+                for try await received in group where !received.isEmpty {
+                    #expect(received.map(\.seq) == Array(1...Int64(count)))
+                }
             }
-            for try await received in group where !received.isEmpty {
-                #expect(received.map(\.seq) == Array(1...Int64(count)))
+            // Live delivery through Redis is back without any client action.
+            try await eventually("redis subscriptions back") {
+                try await HTTPTestClient.request(.GET, port: ports[1], "/readyz").status == 200
             }
+            _ = try await Self.steadyPublish(ports: [ports[0]], channel: channel, count: 3, token: token)
+            for ws in sockets { #expect(try await ws.messages(3).map(\.seq) == [301, 302, 303]) }
+            for ws in sockets { await ws.close() }
         }
-        // Live delivery through Redis is back without any client action.
-        try await eventually("redis subscriptions back") {
-            try await HTTPTestClient.request(.GET, port: ports[1], "/readyz").status == 200
-        }
-        _ = try await Self.steadyPublish(ports: [ports[0]], channel: channel, count: 3, token: token)
-        for ws in sockets { #expect(try await ws.messages(3).map(\.seq) == [301, 302, 303]) }
-        for ws in sockets { await ws.close() }
     }
 
     @Test func redisDownForFiveSecondsFallsBackToTheStore() async throws {
-        let cluster = try await Cluster.start(instances: 2)
-        defer { Task { await cluster.stop() } }
-        let token = try await cluster.token()
-        let channel = "topic:redis-down"
-        let count = 400
-        let sockets = try await Self.subscribers(cluster, channel: channel, token: token)
-        let sse = try await SSETestClient.connect(port: cluster.ports[1], channel: channel, token: token)
-        _ = try await sse.nextEvent()
-        let ports = cluster.ports
-        let redis = cluster.redis
-        try await withThrowingTaskGroup(of: [Received].self) { group in
-            for ws in sockets { group.addTask { try await ws.messages(count, timeout: 120) } }
-            group.addTask { try await sse.messages(count, timeout: 120) }
-            group.addTask { try await Self.steadyPublish(ports: ports, channel: channel, count: count, token: token, pause: .milliseconds(20)) }
-            group.addTask {
-                try await Task.sleep(for: .milliseconds(500))
-                redis.kill9()
-                try await eventually("readyz names redis") {
-                    let ready = try await HTTPTestClient.request(.GET, port: ports[0], "/readyz")
-                    return ready.status == 503 && ready.json["redis"] as? String == "failed" && ready.json["store"] as? String == "ok"
+        try await withCluster(instances: 2) { cluster in
+            let token = try await cluster.token()
+            let channel = "topic:redis-down"
+            let count = 400
+            let sockets = try await Self.subscribers(cluster, channel: channel, token: token)
+            let sse = try await SSETestClient.connect(port: cluster.ports[1], channel: channel, token: token)
+            _ = try await sse.nextEvent()
+            let ports = cluster.ports
+            let redis = cluster.redis
+            try await withThrowingTaskGroup(of: [Received].self) { group in
+                for ws in sockets { group.addTask { try await ws.messages(count, timeout: 120) } }
+                group.addTask { try await sse.messages(count, timeout: 120) }
+                group.addTask { try await Self.steadyPublish(ports: ports, channel: channel, count: count, token: token, pause: .milliseconds(20)) }
+                group.addTask {
+                    try await Task.sleep(for: .milliseconds(500))
+                    redis.kill9()
+                    try await eventually("readyz names redis") {
+                        let ready = try await HTTPTestClient.request(.GET, port: ports[0], "/readyz")
+                        return ready.status == 503 && ready.json["redis"] as? String == "failed" && ready.json["store"] as? String == "ok"
+                    }
+                    try await Task.sleep(for: .seconds(5))
+                    try await redis.startProcess()
+                    return []
                 }
-                try await Task.sleep(for: .seconds(5))
-                try await redis.startProcess()
-                return []
+                var receivers = 0
+                for try await received in group where !received.isEmpty {
+                    receivers += 1
+                    #expect(received.map(\.seq) == Array(1...Int64(count)))
+                }
+                #expect(receivers == 4)  // three subscribers and the publisher's acks
             }
-            var receivers = 0
-            for try await received in group where !received.isEmpty {
-                receivers += 1
-                #expect(received.map(\.seq) == Array(1...Int64(count)))
-            }
-            #expect(receivers == 4)  // three subscribers and the publisher's acks
+            for ws in sockets { await ws.close() }
+            await sse.close()
         }
-        for ws in sockets { await ws.close() }
-        await sse.close()
     }
 
     @Test func postgresStoppedGives503AndNothingAckedIsLost() async throws {
-        let cluster = try await Cluster.start(instances: 2)
-        defer { Task { await cluster.stop() } }
-        let token = try await cluster.token()
-        let channel = "topic:pg-down"
-        let port = cluster.ports[0]
-        var acked = try await ClusterFaultTests.steadyPublish(ports: cluster.ports, channel: channel, count: 20, token: token, pause: .zero)
+        try await withCluster(instances: 2) { cluster in
+            let token = try await cluster.token()
+            let channel = "topic:pg-down"
+            let port = cluster.ports[0]
+            var acked = try await ClusterFaultTests.steadyPublish(ports: cluster.ports, channel: channel, count: 20, token: token, pause: .zero)
 
-        cluster.postgres.stopProcess()
-        let refused = try await HTTPTestClient.publish(port: port, channel: channel, body: ["during": "outage"], token: token)
-        #expect(refused.status == 503)
-        #expect(refused.json["code"] as? String == "STORE_UNAVAILABLE")
-        let read = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/messages", token: token)
-        #expect(read.status == 503)
-        #expect((try await HTTPTestClient.request(.GET, port: port, "/readyz")).json["store"] as? String == "failed")
+            cluster.postgres.stopProcess()
+            let refused = try await HTTPTestClient.publish(port: port, channel: channel, body: ["during": "outage"], token: token)
+            #expect(refused.status == 503)
+            #expect(refused.json["code"] as? String == "STORE_UNAVAILABLE")
+            let read = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/messages", token: token)
+            #expect(read.status == 503)
+            #expect((try await HTTPTestClient.request(.GET, port: port, "/readyz")).json["store"] as? String == "failed")
 
-        try await cluster.postgres.startProcess()
-        // The same instance recovers by itself.
-        var recovered = false
-        for _ in 0..<300 where !recovered {
-            let response = try await HTTPTestClient.publish(port: port, channel: channel, body: ["after": "outage"], token: token)
-            if response.status == 201, let message = response.json["message"] as? [String: Any] {
-                acked.append(Received(message))
-                recovered = true
-            } else {
-                try await Task.sleep(for: .milliseconds(100))
+            try await cluster.postgres.startProcess()
+            // The same instance recovers by itself.
+            var recovered = false
+            for _ in 0..<300 where !recovered {
+                let response = try await HTTPTestClient.publish(port: port, channel: channel, body: ["after": "outage"], token: token)
+                if response.status == 201, let message = response.json["message"] as? [String: Any] {
+                    acked.append(Received(message))
+                    recovered = true
+                } else {
+                    try await Task.sleep(for: .milliseconds(100))
+                }
             }
+            #expect(recovered)
+            let history = try await HTTPTestClient.request(.GET, port: cluster.ports[1], "/v1/channels/\(channel)/messages?limit=1000", token: token)
+            let stored = (history.json["messages"] as! [[String: Any]]).map(Received.init)
+            #expect(stored.map(\.seq) == Array(1...Int64(stored.count)))
+            #expect(Set(acked.map(\.id)).isSubset(of: Set(stored.map(\.id))))
+            #expect(!stored.contains { $0.json.contains("outage\"}") && $0.json.contains("during") })
         }
-        #expect(recovered)
-        let history = try await HTTPTestClient.request(.GET, port: cluster.ports[1], "/v1/channels/\(channel)/messages?limit=1000", token: token)
-        let stored = (history.json["messages"] as! [[String: Any]]).map(Received.init)
-        #expect(stored.map(\.seq) == Array(1...Int64(stored.count)))
-        #expect(Set(acked.map(\.id)).isSubset(of: Set(stored.map(\.id))))
-        #expect(!stored.contains { $0.json.contains("outage\"}") && $0.json.contains("during") })
     }
 
     @Test func instanceKilledMidStreamClientsResumeElsewhere() async throws {
-        let cluster = try await Cluster.start(instances: 1)
-        defer { Task { await cluster.stop() } }
-        let token = try await cluster.token()
-        let channel = "topic:kill9"
-        // A separate gateway process, so that it can be killed -9.
-        let binary = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("gateway").path
-        let victimPort = TestServices.freePort()
-        let victim = Process()
-        victim.executableURL = URL(fileURLWithPath: binary)
-        victim.environment = [
-            "GATEWAY_PORT": String(victimPort), "GATEWAY_JWT_SECRET": TestGateway.secret, "DATABASE_URL": cluster.postgres.url,
-            "REDIS_URL": cluster.redis.url, "GATEWAY_LOG_LEVEL": "error", "GATEWAY_INSTANCE_ID": "victim",
-        ]
-        victim.standardOutput = FileHandle.nullDevice
-        try victim.run()
-        defer { if victim.isRunning { kill(victim.processIdentifier, SIGKILL) } }
-        try await eventually("victim ready") { TestServices.canConnect(port: victimPort) }
+        try await withCluster(instances: 1) { cluster in
+            let token = try await cluster.token()
+            let channel = "topic:kill9"
+            // A separate gateway process, so that it can be killed -9.
+            let binary = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("gateway").path
+            let victimPort = TestServices.freePort()
+            let victim = Process()
+            victim.executableURL = URL(fileURLWithPath: binary)
+            victim.environment = [
+                "GATEWAY_PORT": String(victimPort), "GATEWAY_JWT_SECRET": TestGateway.secret, "DATABASE_URL": cluster.postgres.url,
+                "REDIS_URL": cluster.redis.url, "GATEWAY_LOG_LEVEL": "error", "GATEWAY_INSTANCE_ID": "victim",
+            ]
+            victim.standardOutput = FileHandle.nullDevice
+            try victim.run()
+            defer { if victim.isRunning { kill(victim.processIdentifier, SIGKILL) } }
+            try await eventually("victim ready") { TestServices.canConnect(port: victimPort) }
 
-        let ws = try await WSTestClient.connect(port: victimPort, token: token)
-        try await ws.send(["type": "subscribe", "id": "1", "channel": channel])
-        _ = try await ws.reply("subscribed")
-        let sse = try await SSETestClient.connect(port: victimPort, channel: channel, token: token)
-        _ = try await sse.nextEvent()
-        let survivor = cluster.ports[0]
-        let total = 300
-        let publishing = Task { try await ClusterFaultTests.steadyPublish(ports: [survivor], channel: channel, count: total, token: token, pause: .milliseconds(5)) }
+            let ws = try await WSTestClient.connect(port: victimPort, token: token)
+            try await ws.send(["type": "subscribe", "id": "1", "channel": channel])
+            _ = try await ws.reply("subscribed")
+            let sse = try await SSETestClient.connect(port: victimPort, channel: channel, token: token)
+            _ = try await sse.nextEvent()
+            let survivor = cluster.ports[0]
+            let total = 300
+            let publishing = Task { try await ClusterFaultTests.steadyPublish(ports: [survivor], channel: channel, count: total, token: token, pause: .milliseconds(5)) }
 
-        let wsBefore = try await ws.messages(50)
-        let sseBefore = try await sse.messages(50)
-        kill(victim.processIdentifier, SIGKILL)
-        victim.waitUntilExit()
-        // Whatever else arrived before the socket died counts too.
-        var wsSeen = wsBefore
-        while let more = try? await ws.messages(1, timeout: 5), let m = more.first { wsSeen.append(m) }
-        var sseSeen = sseBefore
-        while let more = try? await sse.messages(1, timeout: 5), let m = more.first { sseSeen.append(m) }
+            let wsBefore = try await ws.messages(50)
+            let sseBefore = try await sse.messages(50)
+            kill(victim.processIdentifier, SIGKILL)
+            victim.waitUntilExit()
+            // Whatever else arrived before the socket died counts too.
+            var wsSeen = wsBefore
+            while let more = try? await ws.messages(1, timeout: 5), let m = more.first { wsSeen.append(m) }
+            var sseSeen = sseBefore
+            while let more = try? await sse.messages(1, timeout: 5), let m = more.first { sseSeen.append(m) }
 
-        let ws2 = try await WSTestClient.connect(port: survivor, token: token)
-        try await ws2.send(["type": "subscribe", "id": "2", "channel": channel, "since": wsSeen.last!.cursor])
-        _ = try await ws2.reply("subscribed")
-        let sse2 = try await SSETestClient.connect(port: survivor, channel: channel, token: token, lastEventID: sseSeen.last!.cursor)
-        wsSeen += try await ws2.messages(total - wsSeen.count, timeout: 120)
-        sseSeen += try await sse2.messages(total - sseSeen.count, timeout: 120)
-        _ = try await publishing.value
-        #expect(wsSeen.map(\.seq) == Array(1...Int64(total)))
-        #expect(sseSeen.map(\.seq) == Array(1...Int64(total)))
-        await ws2.close()
-        await sse2.close()
+            let ws2 = try await WSTestClient.connect(port: survivor, token: token)
+            try await ws2.send(["type": "subscribe", "id": "2", "channel": channel, "since": wsSeen.last!.cursor])
+            _ = try await ws2.reply("subscribed")
+            let sse2 = try await SSETestClient.connect(port: survivor, channel: channel, token: token, lastEventID: sseSeen.last!.cursor)
+            wsSeen += try await ws2.messages(total - wsSeen.count, timeout: 120)
+            sseSeen += try await sse2.messages(total - sseSeen.count, timeout: 120)
+            _ = try await publishing.value
+            #expect(wsSeen.map(\.seq) == Array(1...Int64(total)))
+            #expect(sseSeen.map(\.seq) == Array(1...Int64(total)))
+            await ws2.close()
+            await sse2.close()
+        }
     }
 }

@@ -48,6 +48,19 @@ final class Cluster: @unchecked Sendable {  // set up once per test, then read-o
     }
 }
 
+/// Runs `body` with a fresh cluster and stops every server of it afterwards, whether `body` succeeded or threw.
+func withCluster<T>(instances: Int, _ body: (Cluster) async throws -> T) async throws -> T {
+    let cluster = try await Cluster.start(instances: instances)
+    do {
+        let result = try await body(cluster)
+        await cluster.stop()
+        return result
+    } catch {
+        await cluster.stop()
+        throw error
+    }
+}
+
 @Suite(.serialized) struct ClusterTests {
     static func seqs(_ received: [Received], channel: String) -> [Int64] {
         received.filter { $0.channel == channel }.map(\.seq)
@@ -100,103 +113,103 @@ final class Cluster: @unchecked Sendable {  // set up once per test, then read-o
     }
 
     @Test func threeInstancesDeliverTheSameGaplessOrderEverywhere() async throws {
-        let cluster = try await Cluster.start(instances: 3)
-        defer { Task { await cluster.stop() } }
-        let token = try await cluster.token()
-        let main = "topic:cluster-main"
-        let side = (0..<20).map { "topic:side-\($0)" }
-        let mainCount = 5000
-        let sideCount = 50
+        try await withCluster(instances: 3) { cluster in
+            let token = try await cluster.token()
+            let main = "topic:cluster-main"
+            let side = (0..<20).map { "topic:side-\($0)" }
+            let mainCount = 5000
+            let sideCount = 50
 
-        // On every instance: one WebSocket subscribed to all 21 channels, one SSE stream and one long-poller
-        // on the main channel.
-        var sockets: [WSTestClient] = []
-        var streams: [SSETestClient] = []
-        for port in cluster.ports {
-            let ws = try await WSTestClient.connect(port: port, token: token)
-            for (i, channel) in ([main] + side).enumerated() {
-                try await ws.send(["type": "subscribe", "id": "\(i)", "channel": channel])
-                #expect(try await ws.reply("subscribed")["type"] as? String == "subscribed")
+            // On every instance: one WebSocket subscribed to all 21 channels, one SSE stream and one long-poller
+            // on the main channel.
+            var sockets: [WSTestClient] = []
+            var streams: [SSETestClient] = []
+            for port in cluster.ports {
+                let ws = try await WSTestClient.connect(port: port, token: token)
+                for (i, channel) in ([main] + side).enumerated() {
+                    try await ws.send(["type": "subscribe", "id": "\(i)", "channel": channel])
+                    #expect(try await ws.reply("subscribed")["type"] as? String == "subscribed")
+                }
+                sockets.append(ws)
+                let sse = try await SSETestClient.connect(port: port, channel: main, token: token)
+                _ = try await sse.nextEvent()
+                streams.append(sse)
             }
-            sockets.append(ws)
-            let sse = try await SSETestClient.connect(port: port, channel: main, token: token)
-            _ = try await sse.nextEvent()
-            streams.append(sse)
-        }
-        let ports = cluster.ports
-        let totalPerSocket = mainCount + side.count * sideCount
-        try await withThrowingTaskGroup(of: (String, [Received]).self) { group in
-            for (i, ws) in sockets.enumerated() { group.addTask { ("ws\(i)", try await ws.messages(totalPerSocket, timeout: 240)) } }
-            for (i, sse) in streams.enumerated() { group.addTask { ("sse\(i)", try await sse.messages(mainCount, timeout: 240)) } }
-            for (i, port) in ports.enumerated() {
-                group.addTask { ("poll\(i)", try await Self.longPoll(port: port, channel: main, token: token, count: mainCount)) }
-            }
-            group.addTask { ("acked-main", try await Self.publish(ports: ports, channel: main, count: mainCount, workers: 24, token: token, tag: "main")) }
-            for channel in side {
-                group.addTask { ("acked-\(channel)", try await Self.publish(ports: ports, channel: channel, count: sideCount, workers: 2, token: token, tag: channel)) }
-            }
-            var results: [String: [Received]] = [:]
-            for try await (name, received) in group { results[name] = received }
+            let ports = cluster.ports
+            let totalPerSocket = mainCount + side.count * sideCount
+            try await withThrowingTaskGroup(of: (String, [Received]).self) { group in
+                for (i, ws) in sockets.enumerated() { group.addTask { ("ws\(i)", try await ws.messages(totalPerSocket, timeout: 240)) } }
+                for (i, sse) in streams.enumerated() { group.addTask { ("sse\(i)", try await sse.messages(mainCount, timeout: 240)) } }
+                for (i, port) in ports.enumerated() {
+                    group.addTask { ("poll\(i)", try await Self.longPoll(port: port, channel: main, token: token, count: mainCount)) }
+                }
+                group.addTask { ("acked-main", try await Self.publish(ports: ports, channel: main, count: mainCount, workers: 24, token: token, tag: "main")) }
+                for channel in side {
+                    group.addTask { ("acked-\(channel)", try await Self.publish(ports: ports, channel: channel, count: sideCount, workers: 2, token: token, tag: channel)) }
+                }
+                var results: [String: [Received]] = [:]
+                for try await (name, received) in group { results[name] = received }
 
-            // Acks: each channel got 1…N, once each.
-            #expect(results["acked-main"]!.map(\.seq).sorted() == Array(1...Int64(mainCount)))
-            var reference: [String: [Int64: String]] = [:]
-            reference[main] = Dictionary(uniqueKeysWithValues: results["acked-main"]!.map { ($0.seq, $0.id) })
-            for channel in side {
-                let acked = results["acked-\(channel)"]!
-                #expect(acked.map(\.seq).sorted() == Array(1...Int64(sideCount)))
-                reference[channel] = Dictionary(uniqueKeysWithValues: acked.map { ($0.seq, $0.id) })
-            }
-            // Every receiver: every channel in seq order, no gap, no duplicate, the same ids as acked.
-            for (name, received) in results where !name.hasPrefix("acked") {
-                let channels = name.hasPrefix("ws") ? [main] + side : [main]
-                for channel in channels {
-                    let got = received.filter { $0.channel == channel }
-                    let expected = Int64(channel == main ? mainCount : sideCount)
-                    #expect(got.map(\.seq) == Array(1...expected), "\(name) on \(channel)")
-                    #expect(got.allSatisfy { reference[channel]?[$0.seq] == $0.id }, "\(name) on \(channel): ids differ from the acks")
+                // Acks: each channel got 1…N, once each.
+                #expect(results["acked-main"]!.map(\.seq).sorted() == Array(1...Int64(mainCount)))
+                var reference: [String: [Int64: String]] = [:]
+                reference[main] = Dictionary(uniqueKeysWithValues: results["acked-main"]!.map { ($0.seq, $0.id) })
+                for channel in side {
+                    let acked = results["acked-\(channel)"]!
+                    #expect(acked.map(\.seq).sorted() == Array(1...Int64(sideCount)))
+                    reference[channel] = Dictionary(uniqueKeysWithValues: acked.map { ($0.seq, $0.id) })
+                }
+                // Every receiver: every channel in seq order, no gap, no duplicate, the same ids as acked.
+                for (name, received) in results where !name.hasPrefix("acked") {
+                    let channels = name.hasPrefix("ws") ? [main] + side : [main]
+                    for channel in channels {
+                        let got = received.filter { $0.channel == channel }
+                        let expected = Int64(channel == main ? mainCount : sideCount)
+                        #expect(got.map(\.seq) == Array(1...expected), "\(name) on \(channel)")
+                        #expect(got.allSatisfy { reference[channel]?[$0.seq] == $0.id }, "\(name) on \(channel): ids differ from the acks")
+                    }
                 }
             }
+            for ws in sockets { await ws.close() }
+            for sse in streams { await sse.close() }
         }
-        for ws in sockets { await ws.close() }
-        for sse in streams { await sse.close() }
     }
 
     @Test func resumeOnAnotherInstanceAndIdempotencyAcrossInstances() async throws {
-        let cluster = try await Cluster.start(instances: 2)
-        defer { Task { await cluster.stop() } }
-        let token = try await cluster.token()
-        let (a, b) = (cluster.ports[0], cluster.ports[1])
-        let channel = "topic:roam"
+        try await withCluster(instances: 2) { cluster in
+            let token = try await cluster.token()
+            let (a, b) = (cluster.ports[0], cluster.ports[1])
+            let channel = "topic:roam"
 
-        let ws = try await WSTestClient.connect(port: a, token: token)
-        try await ws.send(["type": "subscribe", "id": "1", "channel": channel])
-        _ = try await ws.reply("subscribed")
-        _ = try await Self.publish(ports: [a, b], channel: channel, count: 10, workers: 2, token: token, tag: "first")
-        let first = try await ws.messages(10)
-        #expect(first.map(\.seq) == Array(1...10))
-        await ws.close()
+            let ws = try await WSTestClient.connect(port: a, token: token)
+            try await ws.send(["type": "subscribe", "id": "1", "channel": channel])
+            _ = try await ws.reply("subscribed")
+            _ = try await Self.publish(ports: [a, b], channel: channel, count: 10, workers: 2, token: token, tag: "first")
+            let first = try await ws.messages(10)
+            #expect(first.map(\.seq) == Array(1...10))
+            await ws.close()
 
-        _ = try await Self.publish(ports: [a, b], channel: channel, count: 40, workers: 4, token: token, tag: "missed")
-        let resumed = try await WSTestClient.connect(port: b, token: token)
-        try await resumed.send(["type": "subscribe", "id": "2", "channel": channel, "since": first.last!.cursor])
-        _ = try await resumed.reply("subscribed")
-        #expect(try await resumed.messages(40).map(\.seq) == Array(11...50))
-        _ = try await Self.publish(ports: [a], channel: channel, count: 5, workers: 1, token: token, tag: "live")
-        #expect(try await resumed.messages(5).map(\.seq) == Array(51...55))
-        await resumed.close()
+            _ = try await Self.publish(ports: [a, b], channel: channel, count: 40, workers: 4, token: token, tag: "missed")
+            let resumed = try await WSTestClient.connect(port: b, token: token)
+            try await resumed.send(["type": "subscribe", "id": "2", "channel": channel, "since": first.last!.cursor])
+            _ = try await resumed.reply("subscribed")
+            #expect(try await resumed.messages(40).map(\.seq) == Array(11...50))
+            _ = try await Self.publish(ports: [a], channel: channel, count: 5, workers: 1, token: token, tag: "live")
+            #expect(try await resumed.messages(5).map(\.seq) == Array(51...55))
+            await resumed.close()
 
-        // The same key on A and on B: one message.
-        let onA = try await HTTPTestClient.publish(port: a, channel: channel, body: ["x": 1], token: token, idempotencyKey: "once")
-        let onB = try await HTTPTestClient.publish(port: b, channel: channel, body: ["x": 1], token: token, idempotencyKey: "once")
-        #expect(onA.status == 201 && onB.status == 200)
-        #expect(onB.headers.first(name: "Idempotent-Replayed") == "true")
-        // Both at once, on both instances.
-        async let racedA = HTTPTestClient.publish(port: a, channel: channel, body: ["y": 1], token: token, idempotencyKey: "race")
-        async let racedB = HTTPTestClient.publish(port: b, channel: channel, body: ["y": 1], token: token, idempotencyKey: "race")
-        let raced = try await [racedA, racedB]
-        #expect(Set(raced.map(\.status)) == [200, 201])
-        let history = try await HTTPTestClient.request(.GET, port: a, "/v1/channels/\(channel)/messages?limit=1000", token: token)
-        #expect((history.json["messages"] as! [[String: Any]]).count == 57)
+            // The same key on A and on B: one message.
+            let onA = try await HTTPTestClient.publish(port: a, channel: channel, body: ["x": 1], token: token, idempotencyKey: "once")
+            let onB = try await HTTPTestClient.publish(port: b, channel: channel, body: ["x": 1], token: token, idempotencyKey: "once")
+            #expect(onA.status == 201 && onB.status == 200)
+            #expect(onB.headers.first(name: "Idempotent-Replayed") == "true")
+            // Both at once, on both instances.
+            async let racedA = HTTPTestClient.publish(port: a, channel: channel, body: ["y": 1], token: token, idempotencyKey: "race")
+            async let racedB = HTTPTestClient.publish(port: b, channel: channel, body: ["y": 1], token: token, idempotencyKey: "race")
+            let raced = try await [racedA, racedB]
+            #expect(Set(raced.map(\.status)) == [200, 201])
+            let history = try await HTTPTestClient.request(.GET, port: a, "/v1/channels/\(channel)/messages?limit=1000", token: token)
+            #expect((history.json["messages"] as! [[String: Any]]).count == 57)
+        }
     }
 }

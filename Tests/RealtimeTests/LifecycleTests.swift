@@ -33,32 +33,32 @@ struct LifecycleTests {
     }
 
     @Test func sseSendsKeepalivesAndEndsAtTokenExpiry() async throws {
-        let gateway = try await TestGateway.start { $0.keepaliveSeconds = 1 }
-        defer { Task { await gateway.stop() } }
-        let token = try await gateway.verifier.mint(sub: "short", roles: [], ttl: 3)
-        let sse = try await SSETestClient.connect(port: gateway.port, channel: "topic:ka", token: token)
-        #expect(sse.headers.first(name: "Content-Type") == "text/event-stream")
-        #expect(sse.headers.first(name: "Cache-Control") == "no-cache")
-        #expect(sse.headers.first(name: "X-Accel-Buffering") == "no")
-        let opening = try await sse.nextEvent()
-        #expect(opening?.id != nil && sse.retry == "2000")
-        let ended = try await within(30, "SSE end at expiry") { try await sse.nextEvent() == nil }
-        #expect(ended)
-        #expect(sse.comments.contains(": keepalive"))
+        try await withTestGateway(configure: { $0.keepaliveSeconds = 1 }) { gateway in
+            let token = try await gateway.verifier.mint(sub: "short", roles: [], ttl: 3)
+            let sse = try await SSETestClient.connect(port: gateway.port, channel: "topic:ka", token: token)
+            #expect(sse.headers.first(name: "Content-Type") == "text/event-stream")
+            #expect(sse.headers.first(name: "Cache-Control") == "no-cache")
+            #expect(sse.headers.first(name: "X-Accel-Buffering") == "no")
+            let opening = try await sse.nextEvent()
+            #expect(opening?.id != nil && sse.retry == "2000")
+            let ended = try await within(30, "SSE end at expiry") { try await sse.nextEvent() == nil }
+            #expect(ended)
+            #expect(sse.comments.contains(": keepalive"))
+        }
     }
 
     @Test func webSocketClosesWith4001WhenTheTokenExpiresAndRefreshKeepsItOpen() async throws {
-        let gateway = try await TestGateway.start()
-        defer { Task { await gateway.stop() } }
-        let expiring = try await WSTestClient.connect(port: gateway.port, token: try await gateway.verifier.mint(sub: "eve", roles: [], ttl: 2))
-        #expect(try await expiring.waitForClose() == 4001)
+        try await withTestGateway { gateway in
+            let expiring = try await WSTestClient.connect(port: gateway.port, token: try await gateway.verifier.mint(sub: "eve", roles: [], ttl: 2))
+            #expect(try await expiring.waitForClose() == 4001)
 
-        let refreshed = try await WSTestClient.connect(port: gateway.port, token: try await gateway.verifier.mint(sub: "eve", roles: [], ttl: 2))
-        try await refreshed.send(["type": "refresh", "id": "r", "token": try await gateway.verifier.mint(sub: "eve", roles: [], ttl: 3600)])
-        #expect(try await refreshed.reply("ack")["id"] as? String == "r")
-        try await Task.sleep(for: .seconds(3))
-        try await refreshed.send(["type": "ping", "id": "still-here"])
-        #expect(try await refreshed.reply("pong")["id"] as? String == "still-here")
-        await refreshed.close()
+            let refreshed = try await WSTestClient.connect(port: gateway.port, token: try await gateway.verifier.mint(sub: "eve", roles: [], ttl: 2))
+            try await refreshed.send(["type": "refresh", "id": "r", "token": try await gateway.verifier.mint(sub: "eve", roles: [], ttl: 3600)])
+            #expect(try await refreshed.reply("ack")["id"] as? String == "r")
+            try await Task.sleep(for: .seconds(3))
+            try await refreshed.send(["type": "ping", "id": "still-here"])
+            #expect(try await refreshed.reply("pong")["id"] as? String == "still-here")
+            await refreshed.close()
+        }
     }
 }

@@ -43,22 +43,58 @@ final class TestGateway: Sendable {
     }
 }
 
+/// Runs `body` with a fresh gateway and stops it afterwards, whether `body` succeeded or threw.
+func withTestGateway<T>(configure: (inout GatewayConfig) -> Void = { _ in }, _ body: (TestGateway) async throws -> T) async throws -> T {
+    let gateway = try await TestGateway.start(configure)
+    do {
+        let result = try await body(gateway)
+        await gateway.stop()
+        return result
+    } catch {
+        await gateway.stop()
+        throw error
+    }
+}
+
 struct TimedOut: Error, CustomStringConvertible {
     let what: String
     var description: String { "timed out: \(what)" }
 }
 
 /// Guards a test against hanging (never a timing assertion: the limit is far above any expected time).
+/// The body runs in its own task, so even a body that ignores cancellation cannot hold the test.
 func within<T: Sendable>(_ seconds: Double, _ what: String = "operation", _ body: @escaping @Sendable () async throws -> T) async throws -> T {
-    try await withThrowingTaskGroup(of: T.self) { group in
-        group.addTask { try await body() }
-        group.addTask {
-            try await Task.sleep(for: .seconds(seconds))
-            throw TimedOut(what: what)
+    let once = ResumeOnce<T>()
+    return try await withCheckedThrowingContinuation { continuation in
+        once.set(continuation)
+        let work = Task {
+            do { once.resume(.success(try await body())) } catch { once.resume(.failure(error)) }
         }
-        let result = try await group.next()!
-        group.cancelAll()
-        return result
+        Task {
+            try? await Task.sleep(for: .seconds(seconds))
+            if once.resume(.failure(TimedOut(what: what))) { work.cancel() }
+        }
+    }
+}
+
+final class ResumeOnce<T: Sendable>: @unchecked Sendable {  // guarded by `lock`
+    private let lock = NSLock()
+    private var continuation: CheckedContinuation<T, any Error>?
+
+    func set(_ continuation: CheckedContinuation<T, any Error>) {
+        lock.lock()
+        self.continuation = continuation
+        lock.unlock()
+    }
+
+    @discardableResult
+    func resume(_ result: Result<T, any Error>) -> Bool {
+        lock.lock()
+        let continuation = self.continuation
+        self.continuation = nil
+        lock.unlock()
+        continuation?.resume(with: result)
+        return continuation != nil
     }
 }
 

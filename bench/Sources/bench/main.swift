@@ -1,0 +1,81 @@
+// `make bench`: throughput figures of the store's group commit and of the fan-out encoding, printed with
+// ratios. Not a test: nothing here asserts a number.
+import ChatDomain
+import Fanout
+import Foundation
+import Logging
+import NIOCore
+
+func measure(_ store: any Store, publishers: Int, seconds: Double, channels: Int) async -> (count: Int, rate: Double) {
+    let deadline = Date().addingTimeInterval(seconds)
+    let start = Date()
+    let count = await withTaskGroup(of: Int.self) { group in
+        for p in 0..<publishers {
+            group.addTask {
+                var done = 0
+                let channel = try! ChannelName(parsing: "topic:bench-\(p % channels)")
+                while Date() < deadline {
+                    let request = AppendRequest(channel: channel, sender: "bench", requestId: nil, body: "{\"p\":\(p),\"n\":\(done),\"text\":\"a chat-sized message body of about a hundred bytes......\"}")
+                    if (try? await store.append(request)) != nil { done += 1 }
+                }
+                return done
+            }
+        }
+        return await group.reduce(0, +)
+    }
+    return (count, Double(count) / Date().timeIntervalSince(start))
+}
+
+var logger = Logger(label: "bench")
+logger.logLevel = .error
+let env = ProcessInfo.processInfo.environment
+let seconds = Double(env["BENCH_SECONDS"] ?? "5") ?? 5
+var results: [(String, Double)] = []
+
+print("== group commit: durable appends/s (\(seconds) s each, 8 channels) ==")
+if let url = env["DATABASE_URL"] {
+    let store = try await PostgresStore.open(url: url, logger: logger)
+    for publishers in [1, 16, 256] {
+        let (count, rate) = await measure(store, publishers: publishers, seconds: seconds, channels: 8)
+        print(String(format: "postgres  %4d publishers: %8.0f appends/s  (%d appends)", publishers, rate, count))
+        results.append(("postgres-\(publishers)", rate))
+    }
+    await store.close()
+}
+let dir = FileManager.default.temporaryDirectory.appendingPathComponent("bench-\(UUID().uuidString)").path
+try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+let sqlite = try await SQLiteStore.open(path: dir + "/bench.sqlite", logger: logger)
+for publishers in [1, 16, 256] {
+    let (count, rate) = await measure(sqlite, publishers: publishers, seconds: seconds, channels: 8)
+    print(String(format: "sqlite    %4d publishers: %8.0f appends/s  (%d appends)", publishers, rate, count))
+    results.append(("sqlite-\(publishers)", rate))
+}
+await sqlite.close()
+try? FileManager.default.removeItem(atPath: dir)
+let byName = Dictionary(uniqueKeysWithValues: results)
+for engine in ["postgres", "sqlite"] {
+    if let one = byName["\(engine)-1"], let many = byName["\(engine)-256"] {
+        print(String(format: "%@: 256 publishers / 1 publisher = %.1fx (group commit at work)", engine, many / one))
+    }
+}
+
+print("\n== fan-out encoding: one message, encoded once, shared ==")
+let channel = try! ChannelName(parsing: "topic:bench")
+let message = Message(id: UUIDv7.make(), channel: channel, seq: 1, createdAtMicros: Timestamp.nowMicros(), sender: "bench", requestId: nil,
+                      body: "{\"text\":\"a chat-sized message body of about a hundred bytes........................\"}")
+let encoder: MessageEncoder = { message, _ in
+    var buffer = ByteBuffer()
+    buffer.writeString(message.json)
+    return buffer
+}
+let n = 1_000_000
+var t0 = Date()
+var sink = 0
+let shared = EncodedMessage(message, formats: [.webSocket], encoder: encoder)
+for _ in 0..<n { sink &+= shared.bytes(.webSocket)!.readableBytes }
+let sharedRate = Double(n) / Date().timeIntervalSince(t0)
+t0 = Date()
+for _ in 0..<(n / 10) { sink &+= encoder(message, .webSocket).readableBytes }
+let perClientRate = Double(n / 10) / Date().timeIntervalSince(t0)
+print(String(format: "shared buffer per subscriber: %.2f M/s; encoding per subscriber: %.2f M/s; ratio %.0fx (checksum %d)",
+             sharedRate / 1e6, perClientRate / 1e6, sharedRate / perClientRate, sink % 7))
