@@ -6,7 +6,7 @@ GATEWAY_HOST ?= 127.0.0.1
 GATEWAY_DATA_DIR ?= ./data
 export GATEWAY_PORT GATEWAY_HOST GATEWAY_DATA_DIR
 
-.PHONY: run build test unit check-run conformance bench cluster clean
+.PHONY: run build test unit check-run bench cluster clean
 
 ## Build and start the embedded gateway (SQLite + in-process fan-out) on $(GATEWAY_HOST):$(GATEWAY_PORT).
 run:
@@ -20,7 +20,7 @@ build:
 
 ## The whole suite: unit, integration and end-to-end tests, then the `make run` check.
 test: build
-	@status=0; swift test --skip-build --parallel || status=$$?; scripts/stop-test-services.sh; [ $$status -eq 0 ]
+	@status=0; swift test --skip-build --no-parallel || status=$$?; scripts/stop-test-services.sh; [ $$status -eq 0 ]
 	$(MAKE) check-run
 
 unit: build
@@ -37,10 +37,11 @@ bench:
 	@D=/tmp/gw-bench-$$$$; scripts/services.sh start $$D >/dev/null; set -a; . $$D/env; set +a; \
 	  $$(swift build -c release --show-bin-path)/bench; status=$$?; scripts/services.sh stop $$D; exit $$status
 
-## RFC 6455 conformance (Autobahn|Testsuite) against /v1/echo.
-conformance:
+## Postgres, Redis and three gateway instances on 8081-8083 (foreground; Ctrl-C stops them).
+cluster:
+	@scripts/ensure-packages.sh curl libhiredis-dev postgresql redis-server
 	swift build -c $(BUILD_CONFIG) --product gateway
-	scripts/conformance.sh $$(swift build -c $(BUILD_CONFIG) --show-bin-path)/gateway
+	@BIN=$$(swift build -c $(BUILD_CONFIG) --show-bin-path)/gateway scripts/cluster.sh
 
 clean:
 	rm -rf .build data

@@ -14,8 +14,13 @@ start)
   [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$dir"
   PGPORT=$(free_port); RPORT=$(free_port)
   as_pg "$BIN/initdb" -D "$dir/pg" -U postgres -A trust --no-sync -E UTF8 >/dev/null
-  as_pg "$BIN/postgres" -D "$dir/pg" -p "$PGPORT" -c listen_addresses=127.0.0.1 -c unix_socket_directories="$dir" \
-    -c max_connections=300 -c shared_buffers=128MB >"$dir/postgres.log" 2>&1 &
+  PGARGS=(-D "$dir/pg" -p "$PGPORT" -c listen_addresses=127.0.0.1 -c unix_socket_directories="$dir" -c max_connections=300 -c shared_buffers=128MB)
+  # Started directly in the background (setpriv execs), so that $! is the server's own PID.
+  if [ "$(id -u)" -eq 0 ]; then
+    setpriv --reuid=postgres --regid=postgres --init-groups "$BIN/postgres" "${PGARGS[@]}" >"$dir/postgres.log" 2>&1 &
+  else
+    "$BIN/postgres" "${PGARGS[@]}" >"$dir/postgres.log" 2>&1 &
+  fi
   echo $! >"$dir/postgres.pid"
   redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no >"$dir/redis.log" 2>&1 &
   echo $! >"$dir/redis.pid"
@@ -25,8 +30,15 @@ start)
   cat "$dir/env"
   ;;
 stop)
-  for f in "$dir"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
-  sleep 1
+  # SIGINT is Postgres's fast shutdown (it does not wait for clients); Redis stops on it too.
+  pids=()
+  for f in "$dir"/*.pid; do [ -f "$f" ] && pids+=("$(cat "$f")"); done
+  for pid in "${pids[@]}"; do kill -INT "$pid" 2>/dev/null || true; done
+  for _ in $(seq 1 100); do
+    alive=0; for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ $alive -eq 0 ] && break; sleep 0.1
+  done
+  for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
   rm -rf "$dir"
   ;;
 esac

@@ -63,13 +63,48 @@ final class StreamRegistry: Sendable {
     func add(_ stream: any LiveStream) { streams.withLockedValue { $0[ObjectIdentifier(stream)] = stream } }
     func remove(_ stream: any LiveStream) { _ = streams.withLockedValue { $0.removeValue(forKey: ObjectIdentifier(stream)) } }
     func all() -> [any LiveStream] { streams.withLockedValue { Array($0.values) } }
+    func count(where predicate: (any LiveStream) -> Bool) -> Int { streams.withLockedValue { $0.values.filter(predicate).count } }
     var count: Int { streams.withLockedValue { $0.count } }
 }
 
-/// Counters exposed to tests and (later) metrics.
+/// Counters behind `/metrics`.
 final class Counters: Sendable {
     private let values = NIOLockedValueBox<[String: Int]>([:])
     func add(_ name: String, _ n: Int = 1) { values.withLockedValue { $0[name, default: 0] += n } }
     func get(_ name: String) -> Int { values.withLockedValue { $0[name] ?? 0 } }
     func snapshot() -> [String: Int] { values.withLockedValue { $0 } }
+}
+
+extension GatewayApp {
+    /// Prometheus text (a first set; the latency histogram and per-error counters are still to come).
+    func metricsText() -> String {
+        let counters = self.counters.snapshot()
+        var out = ""
+        func metric(_ name: String, _ type: String, _ help: String, _ samples: [(String, Int)]) {
+            out += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n"
+            for (labels, value) in samples { out += "\(name)\(labels) \(value)\n" }
+        }
+        let instance = "instance=\"\(config.instanceName)\""
+        metric("gateway_connections", "gauge", "Live streams by transport.", [
+            ("{\(instance),transport=\"ws\"}", streams.count { $0 is WebSocketSession }),
+            ("{\(instance),transport=\"sse\"}", streams.count { $0 is EventStream }),
+            ("{\(instance),transport=\"poll\"}", streams.count { $0 is LongPoll }),
+        ])
+        metric("gateway_messages_published_total", "counter", "Messages committed through this instance.", [("{\(instance)}", counters["messages_published"] ?? 0)])
+        metric("gateway_slow_consumer_closes_total", "counter", "Connections closed for passing their send budget.", [("{\(instance)}", counters["slow_consumer_closes"] ?? 0)])
+        metric("gateway_store_errors_total", "counter", "Requests answered 503 because the store failed.", [("{\(instance)}", counters["store_errors"] ?? 0)])
+        if let redis {
+            metric("gateway_redis_up", "gauge", "1 when the Redis subscriber connection is active.", [("{\(instance)}", redis.isAvailable ? 1 : 0)])
+        }
+        return out
+    }
+
+    /// Counts the outcome of a publish for `/metrics`.
+    func record(_ result: Result<AppendResult, ApiError>) {
+        switch result {
+        case .success(let appended) where !appended.replayed: counters.add("messages_published")
+        case .failure(let error) where error.code == .storeUnavailable: counters.add("store_errors")
+        default: break
+        }
+    }
 }

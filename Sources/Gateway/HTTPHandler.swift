@@ -87,6 +87,10 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
                 body += "}"
                 return .json(store && redis != false ? .ok : .serviceUnavailable, body)
             }
+        case (.GET, 1) where path[0] == "metrics":
+            var response = HTTPResponse.json(.ok, app.metricsText())
+            response.contentType = "text/plain; version=0.0.4"
+            write(context: context, response: response, request: request)
         case (_, 4) where path[0] == "v1" && path[1] == "channels":
             routeChannel(context: context, request: request, channel: path[2], action: path[3])
         case (_, 2) where path[0] == "v1" && (path[1] == "ws" || path[1] == "echo"):
@@ -145,7 +149,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         guard context.channel.isActive else { return }
         let close = forceClose || !request.keepAlive
         var headers = HTTPHeaders()
-        headers.add(name: "Content-Type", value: "application/json")
+        headers.add(name: "Content-Type", value: response.contentType)
         headers.add(name: "Content-Length", value: String(response.body.utf8.count))
         headers.add(name: "X-Request-Id", value: request.requestId)
         for (name, value) in response.headers { headers.add(name: name, value: value) }

@@ -67,6 +67,7 @@ struct HTTPResponse: Sendable {
     var status: HTTPResponseStatus
     var headers: [(String, String)] = []
     var body: String
+    var contentType = "application/json"
 
     static func json(_ status: HTTPResponseStatus, _ body: String, headers: [(String, String)] = []) -> HTTPResponse {
         HTTPResponse(status: status, headers: headers, body: body)

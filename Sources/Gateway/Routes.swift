@@ -13,7 +13,10 @@ enum Routes {
             guard let text = fromBody as? String else { throw ApiError(.badRequest, "request_id must be a string") }
             requestId = text
         }
-        let result = try await app.channels.publish(actor, to: channel, body: object["body"], requestId: requestId)
+        let outcome: Result<AppendResult, ApiError>
+        do throws(ApiError) { outcome = .success(try await app.channels.publish(actor, to: channel, body: object["body"], requestId: requestId)) } catch { outcome = .failure(error) }
+        app.record(outcome)
+        let result = try outcome.get()
         let body = "{\"message\":" + result.message.json + "}"
         if result.replayed { return .json(.ok, body, headers: [("Idempotent-Replayed", "true")]) }
         return .json(.created, body)

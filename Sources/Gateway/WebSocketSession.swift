@@ -166,6 +166,7 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, LiveStream,
         Task {
             let result: Result<AppendResult, ApiError>
             do throws(ApiError) { result = .success(try await app.channels.publish(actor, to: name, body: body.value, requestId: requestId)) } catch { result = .failure(error) }
+            app.record(result)
             loop.execute {
                 self.publishesInFlight -= 1
                 if self.publishesInFlight == Self.maxPublishesInFlight - 1 {

@@ -138,18 +138,11 @@ import Testing
             let token = try await cluster.token()
             let channel = "topic:kill9"
             // A separate gateway process, so that it can be killed -9.
-            let binary = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("gateway").path
-            let victimPort = TestServices.freePort()
-            let victim = Process()
-            victim.executableURL = URL(fileURLWithPath: binary)
-            victim.environment = [
-                "GATEWAY_PORT": String(victimPort), "GATEWAY_JWT_SECRET": TestGateway.secret, "DATABASE_URL": cluster.postgres.url,
-                "REDIS_URL": cluster.redis.url, "GATEWAY_LOG_LEVEL": "error", "GATEWAY_INSTANCE_ID": "victim",
-            ]
-            victim.standardOutput = FileHandle.nullDevice
-            try victim.run()
-            defer { if victim.isRunning { kill(victim.processIdentifier, SIGKILL) } }
-            try await eventually("victim ready") { TestServices.canConnect(port: victimPort) }
+            let victim = try await GatewayProcess.start(environment: [
+                "DATABASE_URL": cluster.postgres.url, "REDIS_URL": cluster.redis.url, "GATEWAY_INSTANCE_ID": "victim",
+            ])
+            defer { victim.kill9() }
+            let victimPort = victim.port
 
             let ws = try await WSTestClient.connect(port: victimPort, token: token)
             try await ws.send(["type": "subscribe", "id": "1", "channel": channel])
@@ -162,8 +155,7 @@ import Testing
 
             let wsBefore = try await ws.messages(50)
             let sseBefore = try await sse.messages(50)
-            kill(victim.processIdentifier, SIGKILL)
-            victim.waitUntilExit()
+            victim.kill9()
             // Whatever else arrived before the socket died counts too.
             var wsSeen = wsBefore
             while let more = try? await ws.messages(1, timeout: 5), let m = more.first { wsSeen.append(m) }

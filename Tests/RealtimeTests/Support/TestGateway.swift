@@ -37,6 +37,11 @@ final class TestGateway: Sendable {
         try await verifier.mint(sub: sub, roles: roles, ttl: ttl)
     }
 
+    /// A token for any gateway started with the test secret.
+    static func token(_ sub: String = "alice", roles: [String] = ["admin"], ttl: TimeInterval = 3600) async throws -> String {
+        try await TokenVerifier(hs256Secret: secret).mint(sub: sub, roles: roles, ttl: ttl)
+    }
+
     func stop() async {
         await server.shutdown()
         try? FileManager.default.removeItem(atPath: dataDir)

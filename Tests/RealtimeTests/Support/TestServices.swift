@@ -194,3 +194,73 @@ final class RedisServer: @unchecked Sendable {  // used from one test task; stop
         try? FileManager.default.removeItem(atPath: logPath)
     }
 }
+
+/// The `gateway` executable in its own process (for what must be observed or killed from outside: its
+/// memory, kill -9).
+final class GatewayProcess: @unchecked Sendable {  // used from one test task
+    let port: Int
+    let process: Process
+    let dataDir: String
+
+    static var binary: String {
+        URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("gateway").path
+    }
+
+    static func start(environment: [String: String] = [:]) async throws -> GatewayProcess {
+        let port = TestServices.freePort()
+        let dataDir = FileManager.default.temporaryDirectory.appendingPathComponent("gw-proc-\(UUID().uuidString)").path
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: binary)
+        process.environment = ["GATEWAY_PORT": String(port), "GATEWAY_JWT_SECRET": TestGateway.secret, "GATEWAY_DATA_DIR": dataDir,
+                               "GATEWAY_LOG_LEVEL": "error"].merging(environment) { $1 }
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        let gateway = GatewayProcess(port: port, process: process, dataDir: dataDir)
+        do {
+            try await eventually("gateway process ready") {
+                guard process.isRunning else { throw ServiceError(description: "gateway process exited") }
+                return (try? await HTTPTestClient.request(.GET, port: port, "/readyz"))?.status == 200
+            }
+        } catch {
+            gateway.kill9()
+            throw error
+        }
+        return gateway
+    }
+
+    private init(port: Int, process: Process, dataDir: String) {
+        self.port = port
+        self.process = process
+        self.dataDir = dataDir
+    }
+
+    /// Resident memory of the gateway process.
+    var residentBytes: Int {
+        let status = (try? String(contentsOfFile: "/proc/\(process.processIdentifier)/status", encoding: .utf8)) ?? ""
+        for line in status.split(separator: "\n") where line.hasPrefix("VmRSS:") {
+            return (Int(line.split(separator: " ")[1]) ?? 0) * 1024
+        }
+        return 0
+    }
+
+    /// One sample of `/metrics` (first sample of the metric's name).
+    func metric(_ name: String) async throws -> Int {
+        let text = try await HTTPTestClient.request(.GET, port: port, "/metrics").body
+        for line in text.split(separator: "\n") where line.hasPrefix(name + "{") || line.hasPrefix(name + " ") {
+            return Int(line.split(separator: " ").last ?? "") ?? 0
+        }
+        return 0
+    }
+
+    func kill9() {
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()
+        try? FileManager.default.removeItem(atPath: dataDir)
+    }
+
+    func stop() {
+        if process.isRunning { kill(process.processIdentifier, SIGTERM) }
+        process.waitUntilExit()
+        try? FileManager.default.removeItem(atPath: dataDir)
+    }
+}
