@@ -13,7 +13,6 @@ public final class PostgresStore: Store {
     private let client: PostgresClient
     private let logger: Logger
     public let appends: GroupCommit
-    private let runTask: Task<Void, Never>
 
     /// Parses `postgres://user:pass@host:port/db` into a client configuration (TLS off: loopback and
     /// private networks; put TLS in front or extend this when needed).
@@ -29,25 +28,24 @@ public final class PostgresStore: Store {
         return config
     }
 
-    /// Connects, applies the migrations (once, even when several instances start together), and starts.
-    public static func open(url: String, maxPending: Int = 20_000, logger: Logger) async throws -> PostgresStore {
+    /// The connection pool for `url`. It is a swift-service-lifecycle `Service`: run it in the instance's
+    /// `ServiceGroup` before opening the store.
+    public static func makeClient(url: String, logger: Logger) throws -> PostgresClient {
         guard let config = configuration(from: url) else { throw PostgresStoreError("DATABASE_URL must be postgres://user:pass@host:port/db") }
-        let client = PostgresClient(configuration: config, backgroundLogger: logger)
+        return PostgresClient(configuration: config, backgroundLogger: logger)
+    }
+
+    /// Applies the migrations (once, even when several instances start together) through a running client.
+    public static func open(client: PostgresClient, maxPending: Int = 20_000, logger: Logger) async throws -> PostgresStore {
         let store = PostgresStore(client: client, maxPending: maxPending, logger: logger)
-        do {
-            try await store.migrate()
-            try await store.pruneIdempotencyKeys()
-        } catch {
-            await store.close()
-            throw error
-        }
+        try await store.migrate()
+        try await store.pruneIdempotencyKeys()
         return store
     }
 
     private init(client: PostgresClient, maxPending: Int, logger: Logger) {
         self.client = client
         self.logger = logger
-        self.runTask = Task { await client.run() }
         let box = WeakBox<PostgresStore>()
         self.appends = GroupCommit(maxPending: maxPending, maxInFlight: 4) { requests in
             guard let store = box.value else { return requests.map { _ in .failure(ApiError(.storeUnavailable, "the store is closed")) } }
@@ -327,10 +325,8 @@ public final class PostgresStore: Store {
         return (try? await Self.bounded(.seconds(2)) { _ = try await client.query("SELECT 1", logger: logger) }) != nil
     }
 
-    public func close() async {
-        runTask.cancel()
-        _ = await runTask.value
-    }
+    /// The client's lifecycle belongs to its service group; nothing to release here.
+    public func close() async {}
 }
 
 public struct PostgresStoreError: Error, CustomStringConvertible {

@@ -40,6 +40,8 @@ public protocol Store: Sendable {
     func messages(in channel: ChannelName, before: Int64, limit: Int) async throws(ApiError) -> Page
     /// The seq of the last message of the channel; 0 when empty.
     func head(of channel: ChannelName) async throws(ApiError) -> Int64
+    /// The queue of appends in front of the store (group commit).
+    var appends: GroupCommit { get }
     /// Where committed batches go (the bus), in commit order.
     func setCommitObserver(_ observer: @escaping CommitObserver) async
     /// Whether the store answers (readiness).

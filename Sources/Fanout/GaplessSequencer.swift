@@ -124,3 +124,5 @@ public struct GaplessSequencer<Element: Sequenced> {
         }
     }
 }
+
+extension GaplessSequencer.Step: Sendable where Element: Sendable {}

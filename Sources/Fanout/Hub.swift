@@ -257,10 +257,11 @@ final class HubShard: @unchecked Sendable {  // every member is only used on `lo
         entry.readInFlight = true
         let loop = self.loop
         Task {
-            var page: Page?
+            let page: Page?
             do {
                 page = try await hub.store.messages(in: channel, after: after, limit: 1000)
             } catch {
+                page = nil
                 hub.logger.warning("hub gap repair read failed; retrying", metadata: ["channel": "\(channel)"])
                 try? await Task.sleep(for: .milliseconds(200))
             }

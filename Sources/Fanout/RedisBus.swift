@@ -12,6 +12,9 @@ import NIOPosix
 /// Hub drops.
 public final class RedisBus: Bus {
     public static let prefix = "gw:"
+    /// A message here tells every instance to read all its channels from the store once: an instance whose
+    /// publishing connection dropped may have lost PUBLISHes in it, so it sends this after reconnecting.
+    static let syncChannel = "gw:_sync"
     private let host: String
     private let port: Int
     private let group: any EventLoopGroup
@@ -117,6 +120,7 @@ public final class RedisBus: Bus {
 
     private func maintain(subscriber isSubscriber: Bool) async {
         var delay = Duration.milliseconds(100)
+        var connectedBefore = false
         while !state.withLockedValue({ $0.stopped }) {
             do {
                 let channel = try await ClientBootstrap(group: group)
@@ -135,7 +139,12 @@ public final class RedisBus: Bus {
                     return state.stopped
                 }
                 if stopped { channel.close(promise: nil) }
-                if isSubscriber { resubscribe(channel) }
+                if isSubscriber {
+                    resubscribe(channel)
+                } else if connectedBefore {
+                    channel.writeAndFlush(RESPCommand.encode(["PUBLISH", Self.syncChannel, "1"]), promise: nil)
+                }
+                connectedBefore = true
                 logger.info("redis connected", metadata: ["role": "\(isSubscriber ? "subscriber" : "publisher")"])
                 delay = .milliseconds(100)
                 try? await channel.closeFuture.get()
@@ -163,9 +172,9 @@ public final class RedisBus: Bus {
 
     /// After a (re)connect: subscribe to every channel, then PING; the PONG means every SUBSCRIBE is active.
     private func resubscribe(_ channel: any Channel) {
-        let names = state.withLockedValue { Array($0.channels) }
+        let names = state.withLockedValue { Array($0.channels) } + [Self.syncChannel]
         var command = ByteBuffer()
-        if !names.isEmpty { RESPCommand.encode([Array("SUBSCRIBE".utf8)] + names.map { Array($0.utf8) }, into: &command) }
+        RESPCommand.encode([Array("SUBSCRIBE".utf8)] + names.map { Array($0.utf8) }, into: &command)
         RESPCommand.encode([Array("PING".utf8)], into: &command)
         channel.writeAndFlush(command, promise: nil)
     }
@@ -177,7 +186,13 @@ public final class RedisBus: Bus {
         }
         switch String(buffer: kindBytes) {
         case "message":
-            guard parts.count == 3, case .string(let payload) = parts[2], let message = MessageWire.decode(payload) else { return }
+            guard parts.count == 3, case .string(let nameBytes) = parts[1], case .string(let payload) = parts[2] else { return }
+            if String(buffer: nameBytes) == Self.syncChannel {
+                // Another instance may have lost publishes: every channel reads the store once.
+                state.withLockedValue { $0.availability }?(true)
+                return
+            }
+            guard let message = MessageWire.decode(payload) else { return }
             state.withLockedValue { $0.receiver }?([message])
         case "subscribe":
             guard parts.count >= 2, case .string(let nameBytes) = parts[1] else { return }

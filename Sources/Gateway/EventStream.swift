@@ -112,7 +112,8 @@ final class EventStream: SubscriptionSink, ConnectionBoundStream, LiveStream, @u
     private func end() {
         guard !ended else { return }
         stop()
-        context.writeAndFlush(NIOAny(HTTPServerResponsePart.end(nil))).whenComplete { [context] _ in context.close(promise: nil) }
+        let channel = context.channel
+        context.writeAndFlush(NIOAny(HTTPServerResponsePart.end(nil))).whenComplete { _ in channel.close(promise: nil) }
     }
 
     private func stop() {

@@ -8,6 +8,8 @@ import NIOCore
 import NIOHTTP1
 import NIOPosix
 import NIOWebSocket
+import PostgresNIO
+import ServiceLifecycle
 
 /// One gateway instance: the store, the Hub and the NIO server on one port (one event loop per core).
 public final class GatewayServer: Sendable {
@@ -24,10 +26,27 @@ public final class GatewayServer: Sendable {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, config.eventLoops))
         let loops = Array(group.makeIterator())
 
+        // Background services (the Postgres pool) run in a ServiceGroup owned by this instance.
+        var services: [any Service] = []
+        let client = try config.databaseURL.map { try PostgresStore.makeClient(url: $0, logger: logger) }
+        if let client { services.append(client) }
+        let serviceGroup = ServiceGroup(configuration: .init(services: services, logger: logger))
+        let servicesTask = Task { try? await serviceGroup.run() }
+        let stopServices: @Sendable () async -> Void = {
+            await serviceGroup.triggerGracefulShutdown()
+            await servicesTask.value
+        }
+
         let store: any Store
         var lockFD: Int32 = -1
-        if let url = config.databaseURL {
-            store = try await PostgresStore.open(url: url, logger: logger)
+        if let client {
+            do {
+                store = try await PostgresStore.open(client: client, logger: logger)
+            } catch {
+                await stopServices()
+                try? await group.shutdownGracefully()
+                throw error
+            }
         } else {
             try FileManager.default.createDirectory(atPath: config.dataDir, withIntermediateDirectories: true)
             lockFD = try lockDataDir(config.dataDir)
@@ -70,21 +89,26 @@ public final class GatewayServer: Sendable {
             redis?.stop()
             try? await group.shutdownGracefully()
             await store.close()
+            await stopServices()
             if lockFD >= 0 { close(lockFD) }
             throw error
         }
         let port = serverChannel.localAddress?.port ?? config.port
         logger.info("gateway listening", metadata: ["instance": "\(config.instanceName)", "address": "\(config.host):\(port)",
                                                         "mode": "\(config.databaseURL == nil ? "embedded" : "cluster")", "fanout": "\(redis == nil ? "in-process" : "redis")"])
-        return GatewayServer(app: app, port: port, group: group, serverChannel: serverChannel, lockFD: lockFD)
+        return GatewayServer(app: app, port: port, group: group, serverChannel: serverChannel, lockFD: lockFD, stopServices: stopServices)
     }
 
-    private init(app: GatewayApp, port: Int, group: MultiThreadedEventLoopGroup, serverChannel: any Channel, lockFD: Int32) {
+    private let stopServices: @Sendable () async -> Void
+
+    private init(app: GatewayApp, port: Int, group: MultiThreadedEventLoopGroup, serverChannel: any Channel, lockFD: Int32,
+                 stopServices: @escaping @Sendable () async -> Void) {
         self.app = app
         self.port = port
         self.group = group
         self.serverChannel = serverChannel
         self.lockFD = lockFD
+        self.stopServices = stopServices
     }
 
     /// Stops accepting, closes WebSockets with 1001, ends SSE streams and long-polls, lets publishes in flight
@@ -94,10 +118,13 @@ public final class GatewayServer: Sendable {
         try? await serverChannel.close()
         for stream in app.streams.all() { stream.shutdown() }
         for _ in 0..<50 where app.streams.count > 0 { try? await Task.sleep(for: .milliseconds(100)) }
+        // Publishes in flight finish (and are answered) before the store goes.
+        for _ in 0..<100 where await app.store.appends.waiting > 0 { try? await Task.sleep(for: .milliseconds(50)) }
         try? await Task.sleep(for: .milliseconds(200))
         app.redis?.stop()
         try? await group.shutdownGracefully()
         await app.store.close()
+        await stopServices()
         if lockFD >= 0 { close(lockFD) }
     }
 
@@ -110,8 +137,7 @@ public final class GatewayServer: Sendable {
             automaticErrorHandling: false,
             shouldUpgrade: { channel, head in
                 let request = HTTPRequest(head: head, body: ByteBuffer())
-                var headers = HTTPHeaders()
-                headers.add(name: "X-Request-Id", value: request.requestId)
+                let headers: HTTPHeaders = ["X-Request-Id": request.requestId]
                 switch request.path {
                 case ["v1", "echo"]:
                     return channel.eventLoop.makeSucceededFuture(app.config.echo ? headers : nil)

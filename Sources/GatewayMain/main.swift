@@ -3,6 +3,7 @@ import Auth
 import Foundation
 import Gateway
 import Logging
+import ServiceLifecycle
 
 @main
 struct GatewayCommand: AsyncParsableCommand {
@@ -59,6 +60,22 @@ struct Serve: AsyncParsableCommand {
             devToken = try await verifier.mint(sub: "dev", roles: ["admin"], ttl: 24 * 3600)
             logger.warning("no GATEWAY_JWT_SECRET: generated one for this run only")
         }
+        // SIGTERM or SIGINT: stop accepting, close WebSockets with 1001, end streams, finish publishes, exit.
+        let group = ServiceGroup(configuration: .init(
+            services: [GatewayService(config: config, devToken: devToken, logger: logger)],
+            gracefulShutdownSignals: [.sigterm, .sigint],
+            logger: logger))
+        try await group.run()
+    }
+}
+
+/// The gateway instance as a swift-service-lifecycle service.
+struct GatewayService: Service {
+    let config: GatewayConfig
+    let devToken: String?
+    let logger: Logger
+
+    func run() async throws {
         let server = try await GatewayServer.start(config: config, logger: logger)
         if config.databaseURL == nil {
             print("gateway listening on http://\(config.host):\(server.port) (embedded, data in \(config.dataDir))")
@@ -69,23 +86,8 @@ struct Serve: AsyncParsableCommand {
             print("dev token (sub=dev, roles=admin, 24h):\n\(devToken)")
         }
         fflush(nil)
-        await waitForTermination()
+        try? await gracefulShutdown()
         await server.shutdown()
-    }
-
-    /// Returns on SIGTERM or SIGINT.
-    private func waitForTermination() async {
-        signal(SIGTERM, SIG_IGN)
-        signal(SIGINT, SIG_IGN)
-        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            let once = Once(continuation)
-            for sig in [SIGTERM, SIGINT] {
-                let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-                source.setEventHandler { once.fire() }
-                source.resume()
-                SignalSources.keep(source)
-            }
-        }
     }
 }
 
@@ -113,23 +115,4 @@ struct Token: AsyncParsableCommand {
         if let last = text.last, let unit = units[last], let n = Double(text.dropLast()) { return n * unit }
         return Double(text)
     }
-}
-
-/// Resumes a continuation once, whichever signal comes first.
-final class Once: @unchecked Sendable {  // guarded by `lock`
-    private let lock = NSLock()
-    private var continuation: CheckedContinuation<Void, Never>?
-    init(_ continuation: CheckedContinuation<Void, Never>) { self.continuation = continuation }
-    func fire() {
-        lock.lock()
-        let c = continuation
-        continuation = nil
-        lock.unlock()
-        c?.resume()
-    }
-}
-
-enum SignalSources {
-    nonisolated(unsafe) static var sources: [any DispatchSourceSignal] = []  // written only during start-up, before any signal
-    static func keep(_ source: any DispatchSourceSignal) { sources.append(source) }
 }

@@ -60,6 +60,33 @@ import Testing
         }
     }
 
+    /// Redis drops the connections instances publish on (not the subscribers'): PUBLISHes in flight are lost
+    /// without any subscriber seeing Redis go down. The publishing instance tells the others to read the
+    /// store when it reconnects, so the last messages arrive even though nothing is published after them.
+    @Test func lostPublishesAreFoundWithoutALaterMessage() async throws {
+        try await withCluster(instances: 2) { cluster in
+            let token = try await cluster.token()
+            let channel = "topic:lost-publish"
+            let (a, b) = (cluster.ports[0], cluster.ports[1])
+            let ws = try await WSTestClient.connect(port: b, token: token)
+            try await ws.send(["type": "subscribe", "id": "s", "channel": channel])
+            _ = try await ws.reply("subscribed")
+            let redisPort = cluster.redis.port
+            let count = 60
+            let killer = Task {
+                for _ in 0..<20 {
+                    try? TestServices.run("/usr/bin/redis-cli", ["-p", String(redisPort), "CLIENT", "KILL", "TYPE", "normal"])
+                    try await Task.sleep(for: .milliseconds(15))
+                }
+            }
+            let acked = try await Self.steadyPublish(ports: [a], channel: channel, count: count, token: token, pause: .milliseconds(5))
+            try await killer.value
+            #expect(acked.map(\.seq) == Array(1...Int64(count)))
+            #expect(try await ws.messages(count, timeout: 60).map(\.seq) == Array(1...Int64(count)))
+            await ws.close()
+        }
+    }
+
     @Test func redisDownForFiveSecondsFallsBackToTheStore() async throws {
         try await withCluster(instances: 2) { cluster in
             let token = try await cluster.token()

@@ -137,10 +137,20 @@ import Testing
             #expect(Self.seqs(try await ws2.messages(5)) == Array(Int64(k + 101)...Int64(k + 105)))
             #expect(Self.seqs(try await sse2.messages(5)) == Array(Int64(k + 101)...Int64(k + 105)))
 
+            // After unsubscribe, nothing more arrives for the channel on that connection.
+            try await ws2.send(["type": "unsubscribe", "id": "u", "channel": channel])
+            let unsubscribed = try await ws2.reply("unsubscribed")
+            #expect(unsubscribed["id"] as? String == "u" && unsubscribed["channel"] as? String == channel)
+            #expect(try await HTTPTestClient.publish(port: port, channel: channel, body: ["after": "unsubscribe"], token: token).status == 201)
+            #expect(Self.seqs(try await sse2.messages(1)) == [Int64(k + 106)])
+            try await ws2.send(["type": "ping", "id": "last"])
+            let next = try await ws2.next()
+            #expect(next?["type"] as? String == "pong", "a message arrived after unsubscribe: \(String(describing: next))")
+
             // `since` on the SSE query string works the same, and `history` starts N back.
             let sse3 = try await SSETestClient.connect(port: port, channel: channel, token: token, query: "history=3")
             _ = try await sse3.nextEvent()
-            #expect(Self.seqs(try await sse3.messages(3)) == [Int64(k + 103), Int64(k + 104), Int64(k + 105)])
+            #expect(Self.seqs(try await sse3.messages(3)) == [Int64(k + 104), Int64(k + 105), Int64(k + 106)])
             await ws2.close()
             await sse2.close()
             await sse3.close()

@@ -32,8 +32,8 @@ enum TestServices {
     static var isRoot: Bool { getuid() == 0 }
 
     /// Runs a command to completion; returns its exit status and output.
-    @discardableResult
-    static func run(_ path: String, _ arguments: [String], asPostgres: Bool = false) throws -> (Int32, String) {
+    /// A process for `path`; as root and `asPostgres`, run as the postgres user through setpriv (which execs).
+    static func process(_ path: String, _ arguments: [String], asPostgres: Bool) -> Process {
         let process = Process()
         if asPostgres && isRoot {
             process.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
@@ -42,6 +42,12 @@ enum TestServices {
             process.executableURL = URL(fileURLWithPath: path)
             process.arguments = arguments
         }
+        return process
+    }
+
+    @discardableResult
+    static func run(_ path: String, _ arguments: [String], asPostgres: Bool = false) throws -> (Int32, String) {
+        let process = process(path, arguments, asPostgres: asPostgres)
         let pipe = Pipe()
         process.standardOutput = pipe
         process.standardError = pipe
@@ -52,14 +58,7 @@ enum TestServices {
     }
 
     static func spawn(_ path: String, _ arguments: [String], asPostgres: Bool = false, log: String) throws -> Process {
-        let process = Process()
-        if asPostgres && isRoot {
-            process.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
-            process.arguments = ["--reuid=postgres", "--regid=postgres", "--init-groups", path] + arguments
-        } else {
-            process.executableURL = URL(fileURLWithPath: path)
-            process.arguments = arguments
-        }
+        let process = process(path, arguments, asPostgres: asPostgres)
         FileManager.default.createFile(atPath: log, contents: nil)
         let handle = FileHandle(forWritingAtPath: log)
         process.standardOutput = handle

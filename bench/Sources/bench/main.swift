@@ -5,6 +5,8 @@ import Fanout
 import Foundation
 import Logging
 import NIOCore
+import PostgresNIO
+import ServiceLifecycle
 
 func measure(_ store: any Store, publishers: Int, seconds: Double, channels: Int) async -> (count: Int, rate: Double) {
     let deadline = Date().addingTimeInterval(seconds)
@@ -34,13 +36,17 @@ var results: [(String, Double)] = []
 
 print("== group commit: durable appends/s (\(seconds) s each, 8 channels) ==")
 if let url = env["DATABASE_URL"] {
-    let store = try await PostgresStore.open(url: url, logger: logger)
+    let client = try PostgresStore.makeClient(url: url, logger: logger)
+    let services = ServiceGroup(configuration: .init(services: [client], logger: logger))
+    let running = Task { try? await services.run() }
+    let store = try await PostgresStore.open(client: client, logger: logger)
     for publishers in [1, 16, 256] {
         let (count, rate) = await measure(store, publishers: publishers, seconds: seconds, channels: 8)
         print(String(format: "postgres  %4d publishers: %8.0f appends/s  (%d appends)", publishers, rate, count))
         results.append(("postgres-\(publishers)", rate))
     }
-    await store.close()
+    await services.triggerGracefulShutdown()
+    await running.value
 }
 let dir = FileManager.default.temporaryDirectory.appendingPathComponent("bench-\(UUID().uuidString)").path
 try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
