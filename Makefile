@@ -6,7 +6,7 @@ GATEWAY_HOST ?= 127.0.0.1
 GATEWAY_DATA_DIR ?= ./data
 export GATEWAY_PORT GATEWAY_HOST GATEWAY_DATA_DIR
 
-.PHONY: run build test unit check-run bench cluster clean
+.PHONY: run build test unit check-run bench cluster conformance clean
 
 ## Build and start the embedded gateway (SQLite + in-process fan-out) on $(GATEWAY_HOST):$(GATEWAY_PORT).
 run:
@@ -42,6 +42,12 @@ cluster:
 	@scripts/ensure-packages.sh curl libhiredis-dev postgresql redis-server
 	swift build -c $(BUILD_CONFIG) --product gateway
 	@BIN=$$(swift build -c $(BUILD_CONFIG) --show-bin-path)/gateway scripts/cluster.sh
+
+## RFC 6455 conformance: Autobahn|Testsuite cases 1-10 against /v1/echo (ARGS=-z adds 12.*/13.*).
+conformance:
+	@scripts/ensure-packages.sh curl libhiredis-dev
+	swift build -c $(BUILD_CONFIG) --product gateway
+	@BIN=$$(swift build -c $(BUILD_CONFIG) --show-bin-path)/gateway scripts/conformance.sh $(ARGS)
 
 clean:
 	rm -rf .build data

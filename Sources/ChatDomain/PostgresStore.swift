@@ -7,11 +7,12 @@ import PostgresNIO
 /// `created_at = greatest(now, last_created_at + 1 µs)`, inserts the messages and commits, so commit order is
 /// `seq` order on every instance. Concurrent appends of this instance are committed together (group commit).
 public final class PostgresStore: Store {
-    public static let idempotencyWindowMicros: Int64 = 24 * 3600 * 1_000_000
     private static let migrationLock: Int64 = 0x6761_7465_7761_79  // "gateway"
 
     private let client: PostgresClient
     private let logger: Logger
+    /// How long a request id is remembered (PROTOCOL.md: 24 hours), in microseconds.
+    private let idempotencyWindow: Int64
     public let appends: GroupCommit
 
     /// Parses `postgres://user:pass@host:port/db` into a client configuration (TLS off: loopback and
@@ -36,20 +37,23 @@ public final class PostgresStore: Store {
     }
 
     /// Applies the migrations (once, even when several instances start together) through a running client.
-    public static func open(client: PostgresClient, maxPending: Int = 20_000, logger: Logger) async throws -> PostgresStore {
-        let store = PostgresStore(client: client, maxPending: maxPending, logger: logger)
+    public static func open(client: PostgresClient, maxPending: Int = 20_000, idempotencyWindow: Duration = .seconds(24 * 3600),
+                            logger: Logger) async throws -> PostgresStore {
+        let store = PostgresStore(client: client, maxPending: maxPending, idempotencyWindow: idempotencyWindow, logger: logger)
         try await store.migrate()
         try await store.pruneIdempotencyKeys()
         return store
     }
 
-    private init(client: PostgresClient, maxPending: Int, logger: Logger) {
+    private init(client: PostgresClient, maxPending: Int, idempotencyWindow: Duration, logger: Logger) {
         self.client = client
         self.logger = logger
+        let window = idempotencyWindow.components.seconds * 1_000_000 + idempotencyWindow.components.attoseconds / 1_000_000_000_000
+        self.idempotencyWindow = window
         let box = WeakBox<PostgresStore>()
         self.appends = GroupCommit(maxPending: maxPending, maxInFlight: 4) { requests in
             guard let store = box.value else { return requests.map { _ in .failure(ApiError(.storeUnavailable, "the store is closed")) } }
-            return await store.commit(requests)
+            return await store.commit(requests, window: window)
         }
         box.value = self
     }
@@ -95,7 +99,7 @@ public final class PostgresStore: Store {
     }
 
     public func pruneIdempotencyKeys() async throws {
-        let cutoff = Timestamp.nowMicros() - Self.idempotencyWindowMicros
+        let cutoff = Timestamp.nowMicros() - idempotencyWindow
         try await client.query("DELETE FROM idempotency WHERE created_at < \(cutoff)", logger: logger)
     }
 
@@ -125,14 +129,14 @@ public final class PostgresStore: Store {
         }
     }
 
-    private func commit(_ batch: [AppendRequest]) async -> [GroupCommit.Outcome] {
+    private func commit(_ batch: [AppendRequest], window: Int64) async -> [GroupCommit.Outcome] {
         for attempt in 1...3 {
             do {
                 let client = self.client
                 let logger = self.logger
                 return try await Self.bounded(Self.commitDeadline) {
                     try await client.withTransaction(logger: logger) { connection in
-                        try await Self.append(batch, on: connection, logger: logger)
+                        try await Self.append(batch, window: window, on: connection, logger: logger)
                     }
                 }
             } catch let error as PostgresTransactionError where error.closureError is RetryBatch {
@@ -150,8 +154,8 @@ public final class PostgresStore: Store {
 
     /// One transaction: idempotency look-ups, one locked head update per channel (in name order, so
     /// concurrent instances never deadlock), one multi-row insert of messages and one of keys.
-    static func append(_ batch: [AppendRequest], on connection: PostgresConnection, logger: Logger) async throws -> [GroupCommit.Outcome] {
-        let cutoff = Timestamp.nowMicros() - idempotencyWindowMicros
+    static func append(_ batch: [AppendRequest], window: Int64, on connection: PostgresConnection, logger: Logger) async throws -> [GroupCommit.Outcome] {
+        let cutoff = Timestamp.nowMicros() - window
         var outcomes = [GroupCommit.Outcome?](repeating: nil, count: batch.count)
 
         // 1. Keys seen before, within the window.

@@ -8,33 +8,35 @@ import SQLiteNIO
 /// whatever has queued up while the previous transaction ran as one transaction (group commit): one fsync
 /// for many publishes, and no publisher is answered before its transaction committed.
 public actor SQLiteStore: Store {
-    public static let idempotencyWindowMicros: Int64 = 24 * 3600 * 1_000_000
     private static let maxBatch = 512
 
     private let writer: SQLiteConnection
     private let reader: SQLiteConnection
     private let logger: Logger
+    /// How long a request id is remembered (PROTOCOL.md: 24 hours).
+    private let idempotencyWindow: Int64
     public nonisolated let appends: GroupCommit
 
     private struct Head { var seq: Int64; var createdAt: Int64 }
     private var heads: [ChannelName: Head] = [:]
 
-    public static func open(path: String, maxPending: Int = 20_000, logger: Logger) async throws -> SQLiteStore {
+    public static func open(path: String, maxPending: Int = 20_000, idempotencyWindow: Duration = .seconds(24 * 3600), logger: Logger) async throws -> SQLiteStore {
         let loop = MultiThreadedEventLoopGroup.singleton.any()
         let writer = try await SQLiteConnection.open(storage: .file(path: path), threadPool: .singleton, logger: logger, on: loop)
         _ = try await writer.query("PRAGMA journal_mode=WAL")
         _ = try await writer.query("PRAGMA synchronous=FULL")
         try await Self.migrate(writer)
         let reader = try await SQLiteConnection.open(storage: .file(path: path), threadPool: .singleton, logger: logger, on: loop)
-        let store = SQLiteStore(writer: writer, reader: reader, maxPending: maxPending, logger: logger)
+        let store = SQLiteStore(writer: writer, reader: reader, maxPending: maxPending, idempotencyWindow: idempotencyWindow, logger: logger)
         try await store.pruneIdempotencyKeys()
         return store
     }
 
-    private init(writer: SQLiteConnection, reader: SQLiteConnection, maxPending: Int, logger: Logger) {
+    private init(writer: SQLiteConnection, reader: SQLiteConnection, maxPending: Int, idempotencyWindow: Duration, logger: Logger) {
         self.writer = writer
         self.reader = reader
         self.logger = logger
+        self.idempotencyWindow = idempotencyWindow.components.seconds * 1_000_000 + idempotencyWindow.components.attoseconds / 1_000_000_000_000
         let box = WeakBox<SQLiteStore>()
         self.appends = GroupCommit(maxPending: maxPending) { requests in
             guard let store = box.value else { return requests.map { _ in .failure(ApiError(.storeUnavailable, "the store is closed")) } }
@@ -79,7 +81,7 @@ public actor SQLiteStore: Store {
     }
 
     public func pruneIdempotencyKeys() async throws {
-        _ = try await writer.query("DELETE FROM idempotency WHERE created_at < ?", [.integer(Int(Timestamp.nowMicros() - Self.idempotencyWindowMicros))])
+        _ = try await writer.query("DELETE FROM idempotency WHERE created_at < ?", [.integer(Int(Timestamp.nowMicros() - idempotencyWindow))])
     }
 
     // MARK: append (one transaction per batch)
@@ -132,7 +134,7 @@ public actor SQLiteStore: Store {
                 JOIN messages m ON m.channel = i.channel AND m.seq = i.seq
                 WHERE i.channel = ? AND i.sender = ? AND i.request_id = ? AND i.created_at >= ?
                 """,
-                [.text(channel.rawValue), .text(request.sender), .text(requestId), .integer(Int(now - Self.idempotencyWindowMicros))])
+                [.text(channel.rawValue), .text(request.sender), .text(requestId), .integer(Int(now - idempotencyWindow))])
             if let row = rows.first {
                 let original = Self.message(from: row, channel: channel)
                 if original.body == request.body { return .replayed(original) }

@@ -44,6 +44,8 @@ public protocol Store: Sendable {
     var appends: GroupCommit { get }
     /// Where committed batches go (the bus), in commit order.
     func setCommitObserver(_ observer: @escaping CommitObserver) async
+    /// Forgets request ids older than the idempotency window (run periodically).
+    func pruneIdempotencyKeys() async throws
     /// Whether the store answers (readiness).
     func ping() async -> Bool
     func close() async

@@ -24,6 +24,8 @@ public struct GatewayConfig: Sendable {
     public var wsPingSeconds: Int64 = 20
     public var eventLoops = System.coreCount
     public var topics: [String: TopicRule] = [:]
+    /// How long a publish's request id is remembered (PROTOCOL.md §2: 24 hours).
+    public var idempotencyWindow: Duration = .seconds(24 * 3600)
     /// Set: cluster store (Postgres). Unset: SQLite under `dataDir`.
     public var databaseURL: String?
     /// Set: fan-out through Redis pub/sub. Unset: in-process.

@@ -41,7 +41,7 @@ public final class GatewayServer: Sendable {
         var lockFD: Int32 = -1
         if let client {
             do {
-                store = try await PostgresStore.open(client: client, logger: logger)
+                store = try await PostgresStore.open(client: client, idempotencyWindow: config.idempotencyWindow, logger: logger)
             } catch {
                 await stopServices()
                 try? await group.shutdownGracefully()
@@ -50,7 +50,7 @@ public final class GatewayServer: Sendable {
         } else {
             try FileManager.default.createDirectory(atPath: config.dataDir, withIntermediateDirectories: true)
             lockFD = try lockDataDir(config.dataDir)
-            store = try await SQLiteStore.open(path: config.dataDir + "/gateway.sqlite", logger: logger)
+            store = try await SQLiteStore.open(path: config.dataDir + "/gateway.sqlite", idempotencyWindow: config.idempotencyWindow, logger: logger)
         }
         let bus: any Bus
         var redis: RedisBus?
@@ -93,10 +93,21 @@ public final class GatewayServer: Sendable {
             if lockFD >= 0 { close(lockFD) }
             throw error
         }
+        // Request ids are forgotten once out of their window: prune every hour (or every window, if shorter).
+        let pruneEvery = min(config.idempotencyWindow, .seconds(3600))
+        let pruning = Task {
+            while !Task.isCancelled {
+                try? await Task.sleep(for: pruneEvery)
+                do { try await store.pruneIdempotencyKeys() } catch { logger.warning("pruning request ids failed", metadata: ["error": "\(error)"]) }
+            }
+        }
         let port = serverChannel.localAddress?.port ?? config.port
         logger.info("gateway listening", metadata: ["instance": "\(config.instanceName)", "address": "\(config.host):\(port)",
                                                         "mode": "\(config.databaseURL == nil ? "embedded" : "cluster")", "fanout": "\(redis == nil ? "in-process" : "redis")"])
-        return GatewayServer(app: app, port: port, group: group, serverChannel: serverChannel, lockFD: lockFD, stopServices: stopServices)
+        return GatewayServer(app: app, port: port, group: group, serverChannel: serverChannel, lockFD: lockFD, stopServices: {
+            pruning.cancel()
+            await stopServices()
+        })
     }
 
     private let stopServices: @Sendable () async -> Void

@@ -1,4 +1,5 @@
 import Foundation
+import Gateway
 import NIOHTTP1
 import Testing
 
@@ -8,11 +9,11 @@ final class Cluster: @unchecked Sendable {  // set up once per test, then read-o
     let redis: RedisServer
     var gateways: [TestGateway] = []
 
-    static func start(instances: Int) async throws -> Cluster {
+    static func start(instances: Int, configure: @escaping @Sendable (inout GatewayConfig) -> Void = { _ in }) async throws -> Cluster {
         let postgres = try await PostgresServer.start()
         let redis: RedisServer
         do { redis = try await RedisServer.start() } catch { postgres.stop(); throw error }
-        let cluster = Cluster(postgres: postgres, redis: redis)
+        let cluster = Cluster(postgres: postgres, redis: redis, configure: configure)
         do {
             for i in 0..<instances { cluster.gateways.append(try await cluster.startInstance(i)) }
         } catch {
@@ -22,9 +23,12 @@ final class Cluster: @unchecked Sendable {  // set up once per test, then read-o
         return cluster
     }
 
-    private init(postgres: PostgresServer, redis: RedisServer) {
+    private let configure: @Sendable (inout GatewayConfig) -> Void
+
+    private init(postgres: PostgresServer, redis: RedisServer, configure: @escaping @Sendable (inout GatewayConfig) -> Void) {
         self.postgres = postgres
         self.redis = redis
+        self.configure = configure
     }
 
     func startInstance(_ i: Int) async throws -> TestGateway {
@@ -32,6 +36,7 @@ final class Cluster: @unchecked Sendable {  // set up once per test, then read-o
             config.databaseURL = self.postgres.url
             config.redisURL = self.redis.url
             config.instanceId = "gw-\(i)"
+            self.configure(&config)
         }
     }
 
@@ -49,8 +54,8 @@ final class Cluster: @unchecked Sendable {  // set up once per test, then read-o
 }
 
 /// Runs `body` with a fresh cluster and stops every server of it afterwards, whether `body` succeeded or threw.
-func withCluster<T>(instances: Int, _ body: (Cluster) async throws -> T) async throws -> T {
-    let cluster = try await Cluster.start(instances: instances)
+func withCluster<T>(instances: Int, configure: @escaping @Sendable (inout GatewayConfig) -> Void = { _ in }, _ body: (Cluster) async throws -> T) async throws -> T {
+    let cluster = try await Cluster.start(instances: instances, configure: configure)
     do {
         let result = try await body(cluster)
         await cluster.stop()
@@ -172,6 +177,12 @@ func withCluster<T>(instances: Int, _ body: (Cluster) async throws -> T) async t
             }
             for ws in sockets { await ws.close() }
             for sse in streams { await sse.close() }
+        }
+    }
+
+    @Test func requestIdsAreForgottenAfterTheirWindowInPostgres() async throws {
+        try await withCluster(instances: 2, configure: { $0.idempotencyWindow = .seconds(1) }) { cluster in
+            try await IdempotencyWindow.check(ports: cluster.ports, token: try await cluster.token())
         }
     }
 

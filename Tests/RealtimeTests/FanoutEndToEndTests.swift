@@ -157,6 +157,12 @@ import Testing
         }
     }
 
+    @Test func requestIdsAreForgottenAfterTheirWindowInSQLite() async throws {
+        try await withTestGateway(configure: { $0.idempotencyWindow = .seconds(1) }) { gateway in
+            try await IdempotencyWindow.check(ports: [gateway.port], token: try await gateway.token())
+        }
+    }
+
     @Test func idempotentPublishStoresOnceOverRESTAndWebSocket() async throws {
         try await withTestGateway { gateway in
             let port = gateway.port
@@ -193,5 +199,23 @@ import Testing
             #expect(Self.seqs(history.json["messages"] as! [[String: Any]]) == [1, 2])
             await ws.close()
         }
+    }
+}
+
+/// With a 1 s window (24 h in production): a request id repeats within it, and is new again after it.
+enum IdempotencyWindow {
+    static func check(ports: [Int], token: String) async throws {
+        let channel = "topic:window"
+        let first = try await HTTPTestClient.publish(port: ports[0], channel: channel, body: ["v": 1], token: token, idempotencyKey: "k")
+        #expect(first.status == 201)
+        let conflict = try await HTTPTestClient.publish(port: ports.last!, channel: channel, body: ["v": 2], token: token, idempotencyKey: "k")
+        #expect(conflict.status == 409)
+        try await Task.sleep(for: .milliseconds(1500))
+        let fresh = try await HTTPTestClient.publish(port: ports.last!, channel: channel, body: ["v": 2], token: token, idempotencyKey: "k")
+        #expect(fresh.status == 201)
+        #expect((fresh.json["message"] as? [String: Any])?["seq"] as? Int == 2)
+        let replay = try await HTTPTestClient.publish(port: ports[0], channel: channel, body: ["v": 2], token: token, idempotencyKey: "k")
+        #expect(replay.status == 200)
+        #expect((replay.json["message"] as? [String: Any])?["seq"] as? Int == 2)
     }
 }
