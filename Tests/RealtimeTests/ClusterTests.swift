@@ -224,3 +224,42 @@ func withCluster<T>(instances: Int, configure: @escaping @Sendable (inout Gatewa
         }
     }
 }
+
+/// Migrations are applied once even when several instances start at the same moment.
+struct MigrationTests {
+    @Test func instancesStartingTogetherApplyEachMigrationOnce() async throws {
+        let postgres = try await PostgresServer.start()
+        do {
+            let gateways = try await withThrowingTaskGroup(of: TestGateway.self) { group in
+                for i in 0..<4 {
+                    group.addTask {
+                        try await TestGateway.start { config in
+                            config.databaseURL = postgres.url
+                            config.instanceId = "boot-\(i)"
+                        }
+                    }
+                }
+                var started: [TestGateway] = []
+                for try await gateway in group { started.append(gateway) }
+                return started
+            }
+            #expect(gateways.count == 4)
+            let (status, output) = try TestServices.run(postgres.binDir + "/psql", [
+                "-h", "127.0.0.1", "-p", String(postgres.port), "-U", "postgres", "-d", "gateway", "-At",
+                "-c", "SELECT count(*), count(DISTINCT version) FROM schema_migrations",
+            ])
+            #expect(status == 0)
+            #expect(output.trimmingCharacters(in: .whitespacesAndNewlines) == "1|1")
+            // And they work: a publish on one is read on another.
+            let token = try await gateways[0].token()
+            #expect(try await HTTPTestClient.publish(port: gateways[0].port, channel: "topic:boot", body: ["ok": true], token: token).status == 201)
+            let read = try await HTTPTestClient.request(.GET, port: gateways[3].port, "/v1/channels/topic:boot/messages", token: token)
+            #expect((read.json["messages"] as? [Any])?.count == 1)
+            for gateway in gateways { await gateway.stop() }
+            postgres.stop()
+        } catch {
+            postgres.stop()
+            throw error
+        }
+    }
+}
