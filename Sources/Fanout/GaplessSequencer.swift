@@ -63,6 +63,14 @@ public struct GaplessSequencer<Element: Sequenced> {
         return Step(deliver: [], readAfter: position)
     }
 
+    /// The common case without allocating: live, and `element` is the next one. Then `last` moves to it and
+    /// the caller hands it on; otherwise nothing changes and the caller uses `receive`.
+    public mutating func acceptNext(_ element: Element) -> Bool {
+        guard !isReading, element.seq == last + 1 else { return false }
+        last = element.seq
+        return true
+    }
+
     /// A live element arrived.
     public mutating func receive(_ element: Element) -> Step {
         if positioned && element.seq <= last { return .none }

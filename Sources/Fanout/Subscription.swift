@@ -68,6 +68,16 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
         }
         var wrote = false
         for message in messages {
+            if sequencer.acceptNext(message) {
+                // The per-message, per-subscriber path: the shared bytes, no allocation.
+                if let format, let bytes = message.bytes(format) {
+                    sink.write(bytes, message: message.message)
+                    wrote = true
+                    continue
+                }
+                wrote = write([message], to: sink) || wrote
+                continue
+            }
             let step = sequencer.receive(message)
             wrote = write(step.deliver, to: sink) || wrote
             if let after = step.readAfter { read(after: after) }

@@ -55,15 +55,7 @@ final class Cluster: @unchecked Sendable {  // set up once per test, then read-o
 
 /// Runs `body` with a fresh cluster and stops every server of it afterwards, whether `body` succeeded or threw.
 func withCluster<T>(instances: Int, configure: @escaping @Sendable (inout GatewayConfig) -> Void = { _ in }, _ body: (Cluster) async throws -> T) async throws -> T {
-    let cluster = try await Cluster.start(instances: instances, configure: configure)
-    do {
-        let result = try await body(cluster)
-        await cluster.stop()
-        return result
-    } catch {
-        await cluster.stop()
-        throw error
-    }
+    try await withStarted({ try await Cluster.start(instances: instances, configure: configure) }, stop: { await $0.stop() }, body)
 }
 
 @Suite(.serialized) struct ClusterTests {

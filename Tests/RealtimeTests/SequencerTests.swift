@@ -143,6 +143,18 @@ struct SequencerTests {
         #expect(s.receive(Item(seq: 6)).deliver.map(\.seq) == [6])
     }
 
+    @Test func acceptNextIsReceiveWithoutTheStep() {
+        var s = GaplessSequencer<Item>(liveAfter: 5)
+        let next = s.acceptNext(Item(seq: 6))
+        #expect(next && s.last == 6)
+        let duplicate = s.acceptNext(Item(seq: 6))
+        let gap = s.acceptNext(Item(seq: 8))
+        #expect(!duplicate && !gap && s.last == 6 && !s.isReading)
+        var reading = GaplessSequencer<Item>()
+        let beforePosition = reading.acceptNext(Item(seq: 1))
+        #expect(!beforePosition)
+    }
+
     @Test func liveSequencerDropsDuplicatesAndAsksForTheGap() {
         var s = GaplessSequencer<Item>(liveAfter: 5)
         #expect(s.receive(Item(seq: 5)).deliver.isEmpty)

@@ -48,17 +48,23 @@ final class TestGateway: Sendable {
     }
 }
 
-/// Runs `body` with a fresh gateway and stops it afterwards, whether `body` succeeded or threw.
-func withTestGateway<T>(configure: (inout GatewayConfig) -> Void = { _ in }, _ body: (TestGateway) async throws -> T) async throws -> T {
-    let gateway = try await TestGateway.start(configure)
+/// Runs `body` with what `start` made and `stop`s it afterwards, whether `body` succeeded or threw.
+func withStarted<Resource, T>(_ start: () async throws -> Resource, stop: (Resource) async -> Void,
+                              _ body: (Resource) async throws -> T) async throws -> T {
+    let resource = try await start()
     do {
-        let result = try await body(gateway)
-        await gateway.stop()
+        let result = try await body(resource)
+        await stop(resource)
         return result
     } catch {
-        await gateway.stop()
+        await stop(resource)
         throw error
     }
+}
+
+/// Runs `body` with a fresh gateway and stops it afterwards, whether `body` succeeded or threw.
+func withTestGateway<T>(configure: (inout GatewayConfig) -> Void = { _ in }, _ body: (TestGateway) async throws -> T) async throws -> T {
+    try await withStarted({ try await TestGateway.start(configure) }, stop: { await $0.stop() }, body)
 }
 
 struct TimedOut: Error, CustomStringConvertible {
