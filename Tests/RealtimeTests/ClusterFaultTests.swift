@@ -94,7 +94,7 @@ import Testing
             let count = 400
             let sockets = try await Self.subscribers(cluster, channel: channel, token: token)
             let sse = try await SSETestClient.connect(port: cluster.ports[1], channel: channel, token: token)
-            _ = try await sse.nextEvent()
+            _ = try await sse.guardedNextEvent()
             let ports = cluster.ports
             let redis = cluster.redis
             try await withThrowingTaskGroup(of: [Received].self) { group in
@@ -175,7 +175,7 @@ import Testing
             try await ws.send(["type": "subscribe", "id": "1", "channel": channel])
             _ = try await ws.reply("subscribed")
             let sse = try await SSETestClient.connect(port: victimPort, channel: channel, token: token)
-            _ = try await sse.nextEvent()
+            _ = try await sse.guardedNextEvent()
             let survivor = cluster.ports[0]
             let total = 300
             let publishing = Task { try await ClusterFaultTests.steadyPublish(ports: [survivor], channel: channel, count: total, token: token, pause: .milliseconds(5)) }

@@ -129,7 +129,7 @@ func withCluster<T>(instances: Int, configure: @escaping @Sendable (inout Gatewa
                 }
                 sockets.append(ws)
                 let sse = try await SSETestClient.connect(port: port, channel: main, token: token)
-                _ = try await sse.nextEvent()
+                _ = try await sse.guardedNextEvent()
                 streams.append(sse)
             }
             let ports = cluster.ports

@@ -47,7 +47,7 @@ import Testing
             }
             let sse = try await SSETestClient.connect(port: port, channel: channel, token: token)
             #expect(sse.status == 200)
-            let opening = try await sse.nextEvent()
+            let opening = try await sse.guardedNextEvent()
             #expect(opening?.id != nil && opening?.data == nil)
 
             try await withThrowingTaskGroup(of: (String, [Received]).self) { group in
@@ -109,7 +109,7 @@ import Testing
             try await ws.send(["type": "subscribe", "id": "1", "channel": channel])
             _ = try await ws.reply("subscribed")
             let sse = try await SSETestClient.connect(port: port, channel: channel, token: token)
-            _ = try await sse.nextEvent()
+            _ = try await sse.guardedNextEvent()
             for i in 1...k { #expect(try await HTTPTestClient.publish(port: port, channel: channel, body: ["i": i], token: token).status == 201) }
             let wsFirst = try await ws.messages(k)
             let sseFirst = try await sse.messages(k)
@@ -127,7 +127,7 @@ import Testing
             let subscribed = try await ws2.reply("subscribed")
             #expect(subscribed["cursor"] as? String == wsCursor)
             let sse2 = try await SSETestClient.connect(port: port, channel: channel, token: token, lastEventID: sseCursor)
-            let sseOpening = try await sse2.nextEvent()
+            let sseOpening = try await sse2.guardedNextEvent()
             #expect(sseOpening?.id == sseCursor)
             let caughtUpWS = try await ws2.messages(100)
             let caughtUpSSE = try await sse2.messages(100)
@@ -149,7 +149,7 @@ import Testing
 
             // `since` on the SSE query string works the same, and `history` starts N back.
             let sse3 = try await SSETestClient.connect(port: port, channel: channel, token: token, query: "history=3")
-            _ = try await sse3.nextEvent()
+            _ = try await sse3.guardedNextEvent()
             #expect(Self.seqs(try await sse3.messages(3)) == [Int64(k + 104), Int64(k + 105), Int64(k + 106)])
             await ws2.close()
             await sse2.close()

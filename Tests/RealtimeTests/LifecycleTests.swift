@@ -24,7 +24,7 @@ struct LifecycleTests {
         try await ws.send(["type": "subscribe", "id": "1", "channel": "topic:bye"])
         _ = try await ws.reply("subscribed")
         let sse = try await SSETestClient.connect(port: gateway.port, channel: "topic:bye", token: token)
-        _ = try await sse.nextEvent()
+        _ = try await sse.guardedNextEvent()
         async let closeCode = ws.waitForClose()
         await gateway.stop()
         #expect(try await closeCode == 1001)
@@ -39,7 +39,7 @@ struct LifecycleTests {
             #expect(sse.headers.first(name: "Content-Type") == "text/event-stream")
             #expect(sse.headers.first(name: "Cache-Control") == "no-cache")
             #expect(sse.headers.first(name: "X-Accel-Buffering") == "no")
-            let opening = try await sse.nextEvent()
+            let opening = try await sse.guardedNextEvent()
             #expect(opening?.id != nil && sse.retry == "2000")
             let ended = try await within(30, "SSE end at expiry") { try await sse.nextEvent() == nil }
             #expect(ended)

@@ -141,6 +141,12 @@ final class SSETestClient: @unchecked Sendable {  // used from one test task at 
         }
     }
 
+    /// `nextEvent()` with a hang guard (events the test waits for one at a time).
+    func guardedNextEvent(timeout: Double = 30) async throws -> Event? {
+        nonisolated(unsafe) let client = self
+        return try await within(timeout, "SSE event") { try await client.nextEvent() }
+    }
+
     /// Reads events until `count` messages have arrived; returns the message JSON objects.
     func messages(_ count: Int, timeout: Double = 60) async throws -> [Received] {
         nonisolated(unsafe) let client = self

@@ -2,6 +2,7 @@ import Auth
 import Foundation
 import Gateway
 import Logging
+import Testing
 
 /// A real gateway instance on a free loopback port with its own data folder, for one test.
 final class TestGateway: Sendable {
@@ -42,8 +43,14 @@ final class TestGateway: Sendable {
         try await TokenVerifier(hs256Secret: secret).mint(sub: sub, roles: roles, ttl: ttl)
     }
 
+    /// Stops the instance; a shutdown that does not finish fails the test instead of holding the run.
     func stop() async {
-        await server.shutdown()
+        let server = self.server
+        do {
+            try await within(60, "gateway shutdown") { await server.shutdown() }
+        } catch {
+            Issue.record("gateway shutdown did not finish: \(error)")
+        }
         try? FileManager.default.removeItem(atPath: dataDir)
     }
 }
