@@ -97,7 +97,7 @@ public final class GatewayServer: Sendable {
         let pruneEvery = min(config.idempotencyWindow, .seconds(3600))
         let pruning = Task {
             while !Task.isCancelled {
-                try? await Task.sleep(for: pruneEvery)
+                do { try await Task.sleep(for: pruneEvery) } catch { return }
                 do { try await store.pruneIdempotencyKeys() } catch { logger.warning("pruning request ids failed", metadata: ["error": "\(error)"]) }
             }
         }

@@ -41,7 +41,7 @@ import Testing
                 group.addTask { try await Self.steadyPublish(ports: ports, channel: channel, count: count, token: token) }
                 group.addTask {
                     try await Task.sleep(for: .milliseconds(700))
-                    redis.kill9()
+                    await redis.kill9()
                     try await Task.sleep(for: .milliseconds(300))
                     try await redis.startProcess()
                     return []
@@ -75,7 +75,7 @@ import Testing
             let count = 60
             let killer = Task {
                 for _ in 0..<20 {
-                    try? TestServices.run("/usr/bin/redis-cli", ["-p", String(redisPort), "CLIENT", "KILL", "TYPE", "normal"])
+                    try? await TestServices.run("/usr/bin/redis-cli", ["-p", String(redisPort), "CLIENT", "KILL", "TYPE", "normal"])
                     try await Task.sleep(for: .milliseconds(15))
                 }
             }
@@ -103,7 +103,7 @@ import Testing
                 group.addTask { try await Self.steadyPublish(ports: ports, channel: channel, count: count, token: token, pause: .milliseconds(20)) }
                 group.addTask {
                     try await Task.sleep(for: .milliseconds(500))
-                    redis.kill9()
+                    await redis.kill9()
                     try await eventually("readyz names redis") {
                         let ready = try await HTTPTestClient.request(.GET, port: ports[0], "/readyz")
                         return ready.status == 503 && ready.json["redis"] as? String == "failed" && ready.json["store"] as? String == "ok"
@@ -131,7 +131,7 @@ import Testing
             let port = cluster.ports[0]
             var acked = try await ClusterFaultTests.steadyPublish(ports: cluster.ports, channel: channel, count: 20, token: token, pause: .zero)
 
-            cluster.postgres.stopProcess()
+            await cluster.postgres.stopProcess()
             let refused = try await HTTPTestClient.publish(port: port, channel: channel, body: ["during": "outage"], token: token)
             #expect(refused.status == 503)
             #expect(refused.json["code"] as? String == "STORE_UNAVAILABLE")
@@ -165,41 +165,43 @@ import Testing
             let token = try await cluster.token()
             let channel = "topic:kill9"
             // A separate gateway process, so that it can be killed -9.
-            let victim = try await GatewayProcess.start(environment: [
-                "DATABASE_URL": cluster.postgres.url, "REDIS_URL": cluster.redis.url, "GATEWAY_INSTANCE_ID": "victim",
-            ])
-            defer { victim.kill9() }
-            let victimPort = victim.port
+            try await withStarted({
+                try await GatewayProcess.start(environment: [
+                    "DATABASE_URL": cluster.postgres.url, "REDIS_URL": cluster.redis.url, "GATEWAY_INSTANCE_ID": "victim",
+                ])
+            }, stop: { await $0.kill9() }) { victim in
+                let victimPort = victim.port
 
-            let ws = try await WSTestClient.connect(port: victimPort, token: token)
-            try await ws.send(["type": "subscribe", "id": "1", "channel": channel])
-            _ = try await ws.reply("subscribed")
-            let sse = try await SSETestClient.connect(port: victimPort, channel: channel, token: token)
-            _ = try await sse.guardedNextEvent()
-            let survivor = cluster.ports[0]
-            let total = 300
-            let publishing = Task { try await ClusterFaultTests.steadyPublish(ports: [survivor], channel: channel, count: total, token: token, pause: .milliseconds(5)) }
+                let ws = try await WSTestClient.connect(port: victimPort, token: token)
+                try await ws.send(["type": "subscribe", "id": "1", "channel": channel])
+                _ = try await ws.reply("subscribed")
+                let sse = try await SSETestClient.connect(port: victimPort, channel: channel, token: token)
+                _ = try await sse.guardedNextEvent()
+                let survivor = cluster.ports[0]
+                let total = 300
+                let publishing = Task { try await ClusterFaultTests.steadyPublish(ports: [survivor], channel: channel, count: total, token: token, pause: .milliseconds(5)) }
 
-            let wsBefore = try await ws.messages(50)
-            let sseBefore = try await sse.messages(50)
-            victim.kill9()
-            // Whatever else arrived before the socket died counts too.
-            var wsSeen = wsBefore
-            while let more = try? await ws.messages(1, timeout: 5), let m = more.first { wsSeen.append(m) }
-            var sseSeen = sseBefore
-            while let more = try? await sse.messages(1, timeout: 5), let m = more.first { sseSeen.append(m) }
+                let wsBefore = try await ws.messages(50)
+                let sseBefore = try await sse.messages(50)
+                await victim.kill9()
+                // Whatever else arrived before the socket died counts too.
+                var wsSeen = wsBefore
+                while let more = try? await ws.messages(1, timeout: 5), let m = more.first { wsSeen.append(m) }
+                var sseSeen = sseBefore
+                while let more = try? await sse.messages(1, timeout: 5), let m = more.first { sseSeen.append(m) }
 
-            let ws2 = try await WSTestClient.connect(port: survivor, token: token)
-            try await ws2.send(["type": "subscribe", "id": "2", "channel": channel, "since": wsSeen.last!.cursor])
-            _ = try await ws2.reply("subscribed")
-            let sse2 = try await SSETestClient.connect(port: survivor, channel: channel, token: token, lastEventID: sseSeen.last!.cursor)
-            wsSeen += try await ws2.messages(total - wsSeen.count, timeout: 120)
-            sseSeen += try await sse2.messages(total - sseSeen.count, timeout: 120)
-            _ = try await publishing.value
-            #expect(wsSeen.map(\.seq) == Array(1...Int64(total)))
-            #expect(sseSeen.map(\.seq) == Array(1...Int64(total)))
-            await ws2.close()
-            await sse2.close()
+                let ws2 = try await WSTestClient.connect(port: survivor, token: token)
+                try await ws2.send(["type": "subscribe", "id": "2", "channel": channel, "since": wsSeen.last!.cursor])
+                _ = try await ws2.reply("subscribed")
+                let sse2 = try await SSETestClient.connect(port: survivor, channel: channel, token: token, lastEventID: sseSeen.last!.cursor)
+                wsSeen += try await ws2.messages(total - wsSeen.count, timeout: 120)
+                sseSeen += try await sse2.messages(total - sseSeen.count, timeout: 120)
+                _ = try await publishing.value
+                #expect(wsSeen.map(\.seq) == Array(1...Int64(total)))
+                #expect(sseSeen.map(\.seq) == Array(1...Int64(total)))
+                await ws2.close()
+                await sse2.close()
+            }
         }
     }
 }

@@ -12,7 +12,7 @@ final class Cluster: @unchecked Sendable {  // set up once per test, then read-o
     static func start(instances: Int, configure: @escaping @Sendable (inout GatewayConfig) -> Void = { _ in }) async throws -> Cluster {
         let postgres = try await PostgresServer.start()
         let redis: RedisServer
-        do { redis = try await RedisServer.start() } catch { postgres.stop(); throw error }
+        do { redis = try await RedisServer.start() } catch { await postgres.stop(); throw error }
         let cluster = Cluster(postgres: postgres, redis: redis, configure: configure)
         do {
             for i in 0..<instances { cluster.gateways.append(try await cluster.startInstance(i)) }
@@ -48,8 +48,8 @@ final class Cluster: @unchecked Sendable {  // set up once per test, then read-o
 
     func stop() async {
         for gateway in gateways { await gateway.stop() }
-        redis.stop()
-        postgres.stop()
+        await redis.stop()
+        await postgres.stop()
     }
 }
 
@@ -236,7 +236,7 @@ struct MigrationTests {
                 return started
             }
             #expect(gateways.count == 4)
-            let (status, output) = try TestServices.run(postgres.binDir + "/psql", [
+            let (status, output) = try await TestServices.run(postgres.binDir + "/psql", [
                 "-h", "127.0.0.1", "-p", String(postgres.port), "-U", "postgres", "-d", "gateway", "-At",
                 "-c", "SELECT count(*), count(DISTINCT version) FROM schema_migrations",
             ])
@@ -248,9 +248,9 @@ struct MigrationTests {
             let read = try await HTTPTestClient.request(.GET, port: gateways[3].port, "/v1/channels/topic:boot/messages", token: token)
             #expect((read.json["messages"] as? [Any])?.count == 1)
             for gateway in gateways { await gateway.stop() }
-            postgres.stop()
+            await postgres.stop()
         } catch {
-            postgres.stop()
+            await postgres.stop()
             throw error
         }
     }

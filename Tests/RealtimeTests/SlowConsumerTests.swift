@@ -6,8 +6,8 @@ import Testing
 /// its memory is measured alone.
 struct SlowConsumerTests {
     @Test func stalledClientIsClosedWith4008AndOthersKeepReceiving() async throws {
-        let gateway = try await GatewayProcess.start(environment: ["GATEWAY_BODY_LIMIT": String(256 * 1024), "GATEWAY_SEND_BUDGET": String(256 * 1024)])
-        defer { gateway.stop() }
+        try await withStarted({ try await GatewayProcess.start(environment: ["GATEWAY_BODY_LIMIT": String(256 * 1024), "GATEWAY_SEND_BUDGET": String(256 * 1024)]) },
+                              stop: { await $0.stop() }) { gateway in
         let port = gateway.port
         let token = try await TestGateway.token()
         let channel = "topic:firehose"
@@ -42,5 +42,6 @@ struct SlowConsumerTests {
         #expect(growth < count * payload.utf8.count / 2, "the gateway's resident memory grew by \(growth) bytes")
         print("slow consumer: gateway RSS before \(before / 1024) KiB, peak \(peak / 1024) KiB, growth \(growth / 1024) KiB for \(count * payload.utf8.count / 1024) KiB published")
         await fast.close()
+        }
     }
 }

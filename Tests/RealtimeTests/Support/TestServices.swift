@@ -31,45 +31,34 @@ enum TestServices {
 
     static var isRoot: Bool { getuid() == 0 }
 
+    /// Arguments to run `path`; as root and `asPostgres`, as the postgres user through setpriv (which execs).
+    static func command(_ path: String, _ arguments: [String], asPostgres: Bool) -> (String, [String]) {
+        asPostgres && isRoot
+            ? ("/usr/bin/setpriv", ["--reuid=postgres", "--regid=postgres", "--init-groups", path] + arguments)
+            : (path, arguments)
+    }
+
     /// Runs a command to completion; returns its exit status and output.
-    /// A process for `path`; as root and `asPostgres`, run as the postgres user through setpriv (which execs).
-    static func process(_ path: String, _ arguments: [String], asPostgres: Bool) -> Process {
-        let process = Process()
-        if asPostgres && isRoot {
-            process.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
-            process.arguments = ["--reuid=postgres", "--regid=postgres", "--init-groups", path] + arguments
-        } else {
-            process.executableURL = URL(fileURLWithPath: path)
-            process.arguments = arguments
-        }
-        return process
-    }
-
     @discardableResult
-    static func run(_ path: String, _ arguments: [String], asPostgres: Bool = false) throws -> (Int32, String) {
-        let process = process(path, arguments, asPostgres: asPostgres)
-        let pipe = Pipe()
-        process.standardOutput = pipe
-        process.standardError = pipe
-        try process.run()
-        let output = pipe.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        return (process.terminationStatus, String(decoding: output, as: UTF8.self))
+    static func run(_ path: String, _ arguments: [String], asPostgres: Bool = false) async throws -> (Int32, String) {
+        let output = FileManager.default.temporaryDirectory.appendingPathComponent("gw-run-\(UUID().uuidString)").path
+        defer { try? FileManager.default.removeItem(atPath: output) }
+        let (executable, args) = command(path, arguments, asPostgres: asPostgres)
+        let status = await try ChildProcess(executable, args, output: output).exitStatus()
+        return (status, (try? String(contentsOfFile: output, encoding: .utf8)) ?? "")
     }
 
-    static func spawn(_ path: String, _ arguments: [String], asPostgres: Bool = false, log: String) throws -> Process {
-        let process = process(path, arguments, asPostgres: asPostgres)
-        FileManager.default.createFile(atPath: log, contents: nil)
-        let handle = FileHandle(forWritingAtPath: log)
-        process.standardOutput = handle
-        process.standardError = handle
-        try process.run()
-        try? "\(process.processIdentifier)\n".write(toFile: root + "/pids/\(process.processIdentifier)", atomically: true, encoding: .utf8)
+    /// Starts a long-running server, its PID recorded so that `make test` can stop it if the run dies.
+    static func spawn(_ path: String, _ arguments: [String], asPostgres: Bool = false, environment: [String: String]? = nil,
+                      log: String) throws -> ChildProcess {
+        let (executable, args) = command(path, arguments, asPostgres: asPostgres)
+        let process = try ChildProcess(executable, args, environment: environment, output: log)
+        try? "\(process.pid)\n".write(toFile: root + "/pids/\(process.pid)", atomically: true, encoding: .utf8)
         return process
     }
 
-    static func forget(_ process: Process) {
-        try? FileManager.default.removeItem(atPath: root + "/pids/\(process.processIdentifier)")
+    static func forget(_ process: ChildProcess) {
+        try? FileManager.default.removeItem(atPath: root + "/pids/\(process.pid)")
     }
 
     static func prepareRoot() throws {
@@ -87,7 +76,7 @@ final class PostgresServer: @unchecked Sendable {  // used from one test task; s
     let port: Int
     let dataDir: String
     let binDir: String
-    private var process: Process?
+    private var process: ChildProcess?
 
     var url: String { "postgres://postgres@127.0.0.1:\(port)/gateway" }
 
@@ -103,12 +92,12 @@ final class PostgresServer: @unchecked Sendable {  // used from one test task; s
         let binDir = try findBinDir()
         let dataDir = TestServices.root + "/pg-\(UUID().uuidString.prefix(8))"
         try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true)
-        if TestServices.isRoot { _ = try TestServices.run("/bin/chown", ["postgres:postgres", dataDir]) }
-        let (status, output) = try TestServices.run(binDir + "/initdb", ["-D", dataDir + "/data", "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"], asPostgres: true)
+        if TestServices.isRoot { _ = try await TestServices.run("/bin/chown", ["postgres:postgres", dataDir]) }
+        let (status, output) = try await TestServices.run(binDir + "/initdb", ["-D", dataDir + "/data", "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"], asPostgres: true)
         guard status == 0 else { throw ServiceError(description: "initdb failed: \(output)") }
         let server = PostgresServer(port: TestServices.freePort(), dataDir: dataDir, binDir: binDir)
         try await server.startProcess()
-        let (created, createOutput) = try TestServices.run(binDir + "/psql", ["-h", "127.0.0.1", "-p", String(server.port), "-U", "postgres", "-c", "CREATE DATABASE gateway"])
+        let (created, createOutput) = try await TestServices.run(binDir + "/psql", ["-h", "127.0.0.1", "-p", String(server.port), "-U", "postgres", "-c", "CREATE DATABASE gateway"])
         guard created == 0 else { throw ServiceError(description: "createdb failed: \(createOutput)") }
         return server
     }
@@ -126,7 +115,7 @@ final class PostgresServer: @unchecked Sendable {  // used from one test task; s
             "-c", "max_connections=200", "-c", "shared_buffers=64MB",
         ], asPostgres: true, log: dataDir + "/postgres.log")
         for _ in 0..<200 {
-            let (status, _) = try TestServices.run(binDir + "/pg_isready", ["-h", "127.0.0.1", "-p", String(port), "-U", "postgres"])
+            let (status, _) = try await TestServices.run(binDir + "/pg_isready", ["-h", "127.0.0.1", "-p", String(port), "-U", "postgres"])
             if status == 0 { return }
             try await Task.sleep(for: .milliseconds(100))
         }
@@ -134,16 +123,15 @@ final class PostgresServer: @unchecked Sendable {  // used from one test task; s
     }
 
     /// Stops the server (fast shutdown: open connections are cut), keeping its data.
-    func stopProcess() {
+    func stopProcess() async {
         guard let process else { return }
-        kill(process.processIdentifier, SIGINT)
-        process.waitUntilExit()
+        await process.terminate(SIGINT)
         TestServices.forget(process)
         self.process = nil
     }
 
-    func stop() {
-        stopProcess()
+    func stop() async {
+        await stopProcess()
         try? FileManager.default.removeItem(atPath: dataDir)
     }
 }
@@ -151,7 +139,7 @@ final class PostgresServer: @unchecked Sendable {  // used from one test task; s
 /// A redis-server on loopback with no persistence.
 final class RedisServer: @unchecked Sendable {  // used from one test task; stop() is idempotent
     let port: Int
-    private var process: Process?
+    private var process: ChildProcess?
     private let logPath: String
 
     var url: String { "redis://127.0.0.1:\(port)" }
@@ -180,16 +168,15 @@ final class RedisServer: @unchecked Sendable {  // used from one test task; stop
     }
 
     /// Kills the server (SIGKILL: no goodbye to clients).
-    func kill9() {
+    func kill9() async {
         guard let process else { return }
-        kill(process.processIdentifier, SIGKILL)
-        process.waitUntilExit()
+        await process.terminate(SIGKILL)
         TestServices.forget(process)
         self.process = nil
     }
 
-    func stop() {
-        kill9()
+    func stop() async {
+        await kill9()
         try? FileManager.default.removeItem(atPath: logPath)
     }
 }
@@ -198,7 +185,7 @@ final class RedisServer: @unchecked Sendable {  // used from one test task; stop
 /// memory, kill -9).
 final class GatewayProcess: @unchecked Sendable {  // used from one test task
     let port: Int
-    let process: Process
+    let process: ChildProcess
     let dataDir: String
 
     static var binary: String {
@@ -208,12 +195,9 @@ final class GatewayProcess: @unchecked Sendable {  // used from one test task
     static func start(environment: [String: String] = [:]) async throws -> GatewayProcess {
         let port = TestServices.freePort()
         let dataDir = FileManager.default.temporaryDirectory.appendingPathComponent("gw-proc-\(UUID().uuidString)").path
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: binary)
-        process.environment = ["GATEWAY_PORT": String(port), "GATEWAY_JWT_SECRET": TestGateway.secret, "GATEWAY_DATA_DIR": dataDir,
-                               "GATEWAY_LOG_LEVEL": "error"].merging(environment) { $1 }
-        process.standardOutput = FileHandle.nullDevice
-        try process.run()
+        let process = try TestServices.spawn(binary, ["serve"], environment:
+            ["GATEWAY_PORT": String(port), "GATEWAY_JWT_SECRET": TestGateway.secret, "GATEWAY_DATA_DIR": dataDir,
+             "GATEWAY_LOG_LEVEL": "error"].merging(environment) { $1 }, log: "/dev/null")
         let gateway = GatewayProcess(port: port, process: process, dataDir: dataDir)
         do {
             try await eventually("gateway process ready") {
@@ -221,13 +205,13 @@ final class GatewayProcess: @unchecked Sendable {  // used from one test task
                 return (try? await HTTPTestClient.request(.GET, port: port, "/readyz"))?.status == 200
             }
         } catch {
-            gateway.kill9()
+            await gateway.kill9()
             throw error
         }
         return gateway
     }
 
-    private init(port: Int, process: Process, dataDir: String) {
+    private init(port: Int, process: ChildProcess, dataDir: String) {
         self.port = port
         self.process = process
         self.dataDir = dataDir
@@ -235,7 +219,7 @@ final class GatewayProcess: @unchecked Sendable {  // used from one test task
 
     /// Resident memory of the gateway process.
     var residentBytes: Int {
-        let status = (try? String(contentsOfFile: "/proc/\(process.processIdentifier)/status", encoding: .utf8)) ?? ""
+        let status = (try? String(contentsOfFile: "/proc/\(process.pid)/status", encoding: .utf8)) ?? ""
         for line in status.split(separator: "\n") where line.hasPrefix("VmRSS:") {
             return (Int(line.split(separator: " ")[1]) ?? 0) * 1024
         }
@@ -251,15 +235,15 @@ final class GatewayProcess: @unchecked Sendable {  // used from one test task
         return 0
     }
 
-    func kill9() {
-        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
-        process.waitUntilExit()
+    func kill9() async {
+        await process.terminate(SIGKILL)
+        TestServices.forget(process)
         try? FileManager.default.removeItem(atPath: dataDir)
     }
 
-    func stop() {
-        if process.isRunning { kill(process.processIdentifier, SIGTERM) }
-        process.waitUntilExit()
+    func stop() async {
+        await process.terminate(SIGTERM)
+        TestServices.forget(process)
         try? FileManager.default.removeItem(atPath: dataDir)
     }
 }
