@@ -21,7 +21,7 @@ build:
 ## The whole suite: unit, integration and end-to-end tests, then the `make run` check.
 test: build
 	@# A hang must fail the run, not use up CI's time: the suite takes about 3 minutes here.
-	@status=0; timeout --signal=KILL 1200 swift test --skip-build --no-parallel || status=$$?; \
+	@status=0; timeout --signal=KILL 1200 stdbuf -oL -eL swift test --skip-build --no-parallel || status=$$?; \
 	  [ $$status -eq 137 ] && echo "make test: the suite did not finish within 20 minutes (killed)"; \
 	  scripts/stop-test-services.sh; [ $$status -eq 0 ]
 	$(MAKE) check-run

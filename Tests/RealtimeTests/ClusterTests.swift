@@ -63,24 +63,9 @@ func withCluster<T>(instances: Int, configure: @escaping @Sendable (inout Gatewa
         received.filter { $0.channel == channel }.map(\.seq)
     }
 
-    /// Long-polls `channel` on `port` from position 0 until `count` messages arrived.
-    static func longPoll(port: Int, channel: String, token: String, count: Int) async throws -> [Received] {
-        var cursor = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/messages?before=\(zeroCursor(port: port, channel: channel, token: token))", token: token).json["cursor"] as! String
-        var received: [Received] = []
-        while received.count < count {
-            let answer = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/poll?since=\(cursor)&timeout=20&limit=500", token: token)
-            guard answer.status == 200 else { throw ServiceError(description: "poll answered \(answer.status): \(answer.body)") }
-            cursor = answer.json["cursor"] as! String
-            for m in answer.json["messages"] as! [[String: Any]] { received.append(Received(m)) }
-        }
-        return received
-    }
-
     /// The position before the first message (`0.<hash>`), from an empty-page history answer.
     static func zeroCursor(port: Int, channel: String, token: String) async throws -> String {
-        let latest = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/messages?limit=1", token: token)
-        let cursor = latest.json["cursor"] as! String
-        return "0." + cursor.split(separator: ".")[1]
+        try await HTTPTestClient.zeroCursor(port: port, channel: channel, token: token)
     }
 
     /// Publishes `count` messages to `channel` through REST on the given ports, `workers` at a time; returns
@@ -138,7 +123,7 @@ func withCluster<T>(instances: Int, configure: @escaping @Sendable (inout Gatewa
                 for (i, ws) in sockets.enumerated() { group.addTask { ("ws\(i)", try await ws.messages(totalPerSocket, timeout: 240)) } }
                 for (i, sse) in streams.enumerated() { group.addTask { ("sse\(i)", try await sse.messages(mainCount, timeout: 240)) } }
                 for (i, port) in ports.enumerated() {
-                    group.addTask { ("poll\(i)", try await Self.longPoll(port: port, channel: main, token: token, count: mainCount)) }
+                    group.addTask { ("poll\(i)", try await HTTPTestClient.longPoll(port: port, channel: main, token: token, count: mainCount)) }
                 }
                 group.addTask { ("acked-main", try await Self.publish(ports: ports, channel: main, count: mainCount, workers: 24, token: token, tag: "main")) }
                 for channel in side {

@@ -14,21 +14,6 @@ import Testing
 
     static func seqs(_ messages: [[String: Any]]) -> [Int64] { messages.map { Received($0).seq } }
 
-    /// Long-polls from the channel's current position until `count` messages arrived.
-    static func longPoll(port: Int, channel: String, token: String, count: Int) async throws -> [Received] {
-        let start = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/messages?limit=1", token: token)
-        var cursor = start.json["cursor"] as! String
-        var received: [Received] = []
-        while received.count < count {
-            let answer = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/poll?since=\(cursor)&timeout=20&limit=37", token: token)
-            guard answer.status == 200 else { throw TimedOut(what: "poll answered \(answer.status)") }
-            let object = answer.json
-            cursor = object["cursor"] as! String
-            for m in object["messages"] as! [[String: Any]] { received.append(Received(m)) }
-        }
-        return received
-    }
-
     @Test func fiveHundredMessagesReachEveryTransportOnceInOrder() async throws {
         try await withTestGateway { gateway in
             let port = gateway.port
@@ -55,7 +40,7 @@ import Testing
                     group.addTask { ("ws\(i)", try await client.messages(total)) }
                 }
                 group.addTask { ("sse", try await sse.messages(total)) }
-                group.addTask { ("poll", try await Self.longPoll(port: port, channel: channel, token: token, count: total)) }
+                group.addTask { ("poll", try await HTTPTestClient.longPoll(port: port, channel: channel, token: token, count: total)) }
                 // Publishers: two WebSocket connections and ten REST workers, all at once.
                 for p in 0..<2 {
                     group.addTask {

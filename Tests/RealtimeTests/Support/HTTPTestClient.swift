@@ -56,6 +56,30 @@ enum HTTPTestClient {
         }
     }
 
+    /// Long-polls `channel` from its very start until `count` messages arrived (from the start, not from "now":
+    /// publishers may already be running). Bounded, so that a loss shows as a failure, not as a hang.
+    static func longPoll(port: Int, channel: String, token: String, count: Int, timeout: Double = 240) async throws -> [Received] {
+        try await within(timeout, "long-poll of \(count) messages") {
+            var cursor = try await zeroCursor(port: port, channel: channel, token: token)
+            var received: [Received] = []
+            while received.count < count {
+                try Task.checkCancellation()
+                let answer = try await request(.GET, port: port, "/v1/channels/\(channel)/poll?since=\(cursor)&timeout=20&limit=37", token: token)
+                guard answer.status == 200 else { throw ServiceError(description: "poll answered \(answer.status): \(answer.body)") }
+                cursor = answer.json["cursor"] as! String
+                for m in answer.json["messages"] as! [[String: Any]] { received.append(Received(m)) }
+            }
+            return received
+        }
+    }
+
+    /// The position before the first message (`0.<hash>`), from an empty-page history answer.
+    static func zeroCursor(port: Int, channel: String, token: String) async throws -> String {
+        let latest = try await request(.GET, port: port, "/v1/channels/\(channel)/messages?limit=1", token: token)
+        let cursor = latest.json["cursor"] as! String
+        return "0." + cursor.split(separator: ".")[1]
+    }
+
     /// Publishes `body` over REST; returns the response.
     static func publish(port: Int, channel: String, body: [String: Any], token: String, idempotencyKey: String? = nil) async throws -> HTTPTestResponse {
         var headers: [(String, String)] = [("Content-Type", "application/json")]
