@@ -21,6 +21,7 @@ let package = Package(
     targets: [
         .target(name: "Auth", dependencies: [
             .product(name: "JWTKit", package: "jwt-kit"),
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
         ]),
         .target(name: "ChatDomain", dependencies: [
             "Auth",

@@ -4,13 +4,25 @@ public enum Action: String, Sendable {
     case publish
     /// History, long-poll and resume reads.
     case read
+    /// Seeing a thread and its members.
+    case view
+    /// Moving one's own read cursor in a thread.
+    case moveReadCursor = "move the read cursor"
+    case addMember = "add a member"
+    case removeMember = "remove a member"
+    /// Ending a session's or a user's tokens (`POST /v1/sessions/revoke`).
+    case revoke
 }
 
 /// What the action is done to, as far as the policy needs to know.
 public enum Resource: Sendable {
-    /// A chat thread's channel; `isMember` comes from the thread store.
+    /// A chat thread (or its channel); `isMember` comes from the thread store.
     case thread(id: String, isMember: Bool)
+    /// One member of a thread, for removal; `creator` is the thread's creator.
+    case threadMember(thread: String, user: String, creator: String)
     case topic(name: String)
+    /// The tokens of user `sub` (for a `sid`, its owner when known: nil for someone else's session).
+    case sessions(sub: String?)
 }
 
 /// Roles that may subscribe to and publish on a topic. `nil` means the default of PROTOCOL.md §1.
@@ -37,7 +49,12 @@ public struct Policy: Sendable {
         if actor.isAdmin { return true }
         switch resource {
         case .thread(_, let isMember):
-            return isMember
+            switch action {
+            case .subscribe, .publish, .read, .view, .moveReadCursor, .addMember: return isMember
+            case .removeMember, .revoke: return false
+            }
+        case .threadMember(_, let user, let creator):
+            return action == .removeMember && (actor.sub == user || actor.sub == creator)
         case .topic(let name):
             let rule = topics[name] ?? TopicRule()
             switch action {
@@ -46,7 +63,38 @@ public struct Policy: Sendable {
                 return !roles.isDisjoint(with: actor.roles)
             case .publish:
                 return !(rule.publish ?? Self.defaultTopicPublishers).isDisjoint(with: actor.roles)
+            default:
+                return false
             }
+        case .sessions(let sub):
+            return action == .revoke && sub == actor.sub
         }
+    }
+}
+
+extension TopicRule {
+    /// Topic rules from text, one topic per line: `alerts subscribe=ops,admin publish=service` (roles
+    /// comma-separated; a missing side keeps the default; `#` starts a comment). Used for
+    /// `GATEWAY_TOPICS_FILE` and `GATEWAY_TOPICS` (where `;` also separates topics).
+    public static func parse(_ text: String) throws -> [String: TopicRule] {
+        var rules: [String: TopicRule] = [:]
+        for rawLine in text.split(whereSeparator: { $0 == "\n" || $0 == ";" }) {
+            let line = rawLine.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
+            let words = line.split(whereSeparator: { $0 == " " || $0 == "\t" })
+            guard let name = words.first else { continue }
+            var rule = TopicRule()
+            for word in words.dropFirst() {
+                let kv = word.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+                guard kv.count == 2 else { throw AuthConfigurationError(description: "topic rule \"\(line)\": expected key=roles") }
+                let roles = Set(kv[1].split(separator: ",").map(String.init))
+                switch kv[0] {
+                case "subscribe": rule.subscribe = roles
+                case "publish": rule.publish = roles
+                default: throw AuthConfigurationError(description: "topic rule \"\(line)\": unknown key \(kv[0])")
+                }
+            }
+            rules[String(name)] = rule
+        }
+        return rules
     }
 }

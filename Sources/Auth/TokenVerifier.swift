@@ -1,5 +1,6 @@
 import Foundation
 import JWTKit
+import NIOConcurrencyHelpers
 
 /// The claims the gateway reads (PROTOCOL.md §3): `sub` and `exp` required, `roles`, `sid`, `iat`, `nbf`
 /// optional.
@@ -14,45 +15,127 @@ struct GatewayClaims: JWTPayload {
     func verify(using algorithm: some JWTAlgorithm) async throws {}
 }
 
-/// Verifies bearer tokens and mints development tokens. HS256 with a shared secret for now; RS256 / ES256
-/// from a JWKS file come with the Auth issue.
+/// Verifies bearer tokens and mints development tokens. HS256 with a shared secret; RS256 and ES256 with
+/// public keys from a JWKS file (reloaded by `reloadKeys()`, which the gateway calls on SIGHUP). The header's
+/// `alg` picks the key set: an HS256 token is never checked against a JWKS key (so an HS256 token "signed"
+/// with an RSA public key fails), and any other algorithm (`none` included) is refused.
 public final class TokenVerifier: Sendable {
-    private let keys: JWTKeyCollection
-    private let leeway: TimeInterval
+    public static let jwksAlgorithms: Set<String> = ["RS256", "ES256"]
 
-    /// `secret` must be at least 32 bytes (jwt-kit refuses shorter HMAC keys).
-    public init(hs256Secret secret: String, leeway: TimeInterval = 30) async {
-        let keys = JWTKeyCollection()
-        await keys.add(hmac: HMACKey(from: secret), digestAlgorithm: .sha256)
-        self.keys = keys
+    private let hmac: JWTKeyCollection?
+    private let jwks: NIOLockedValueBox<JWTKeyCollection?>
+    public let jwksFile: String?
+    private let leeway: TimeInterval
+    private let revocations: Revocations
+
+    /// `secret` must be at least 32 bytes (jwt-kit refuses shorter HMAC keys). `jwksFile` holds the public
+    /// keys for RS256 / ES256. Refuses to start without any key.
+    public init(hs256Secret secret: String?, jwksFile: String? = nil, leeway: TimeInterval = 30,
+                revocations: Revocations = Revocations()) async throws {
+        if let secret {
+            let keys = JWTKeyCollection()
+            await keys.add(hmac: HMACKey(from: secret), digestAlgorithm: .sha256)
+            hmac = keys
+        } else {
+            hmac = nil
+        }
+        self.jwksFile = jwksFile
+        var loaded: JWTKeyCollection?
+        if let jwksFile { loaded = try await Self.loadKeys(jwksFile) }
+        self.jwks = NIOLockedValueBox(loaded)
+        guard hmac != nil || jwksFile != nil else { throw AuthConfigurationError(description: "no HS256 secret and no JWKS file") }
         self.leeway = leeway
+        self.revocations = revocations
+    }
+
+    /// HS256 only (tests, `gateway token`).
+    public convenience init(hs256Secret secret: String, leeway: TimeInterval = 30) async {
+        try! await self.init(hs256Secret: Optional(secret), jwksFile: nil, leeway: leeway)
+    }
+
+    static func loadKeys(_ path: String) async throws -> JWTKeyCollection {
+        let text: String
+        do { text = try String(contentsOfFile: path, encoding: .utf8) } catch {
+            throw AuthConfigurationError(description: "cannot read the JWKS file \(path): \(error)")
+        }
+        let keys = JWTKeyCollection()
+        do { try await keys.add(jwksJSON: text) } catch {
+            throw AuthConfigurationError(description: "the JWKS file \(path) is not a valid key set: \(error)")
+        }
+        return keys
+    }
+
+    /// Reads the JWKS file again; on failure the keys in use stay.
+    public func reloadKeys() async throws {
+        guard let jwksFile else { return }
+        let keys = try await Self.loadKeys(jwksFile)
+        jwks.withLockedValue { $0 = keys }
     }
 
     public func verify(_ token: String, now: Date = Date()) async throws(AuthFailure) -> Actor {
         guard !token.isEmpty else { throw .missing }
+        let keys: JWTKeyCollection
+        switch Self.algorithm(of: token) {
+        case nil: throw .malformed
+        case "HS256":
+            guard let hmac else { throw .unsupportedAlgorithm }
+            keys = hmac
+        case let alg? where Self.jwksAlgorithms.contains(alg):
+            guard let loaded = jwks.withLockedValue({ $0 }) else { throw .unsupportedAlgorithm }
+            keys = loaded
+        default:
+            throw .unsupportedAlgorithm
+        }
         let claims: GatewayClaims
         do {
             claims = try await keys.verify(token, as: GatewayClaims.self)
         } catch let error as JWTError {
             switch error.errorType {
             case .signatureVerificationFailed: throw .badSignature
-            case .unknownKID, .noKeyProvided: throw .unsupportedAlgorithm
+            case .unknownKID, .noKeyProvided: throw .badSignature
             default: throw .malformed
             }
-        } catch {
+        } catch DecodingError.keyNotFound(let key, _) {
+            throw .missingClaim(key.stringValue)
+        } catch is DecodingError {
             throw .malformed
+        } catch {
+            // A key that cannot check this algorithm (an ES256 header naming an RSA key) lands here too.
+            throw .badSignature
         }
         guard !claims.sub.value.isEmpty else { throw .missingClaim("sub") }
         if claims.exp.value.addingTimeInterval(leeway) <= now { throw .expired }
         if let nbf = claims.nbf, nbf.value > now.addingTimeInterval(leeway) { throw .notYetValid }
-        return Actor(sub: claims.sub.value, roles: Set(claims.roles ?? []), sid: claims.sid, expiresAt: claims.exp.value,
-                     issuedAt: claims.iat?.value)
+        let actor = Actor(sub: claims.sub.value, roles: Set(claims.roles ?? []), sid: claims.sid, expiresAt: claims.exp.value,
+                          issuedAt: claims.iat?.value)
+        if revocations.isRevoked(actor) { throw .revoked }
+        return actor
     }
 
-    /// A signed token, for `gateway token`, `make run` and tests.
+    /// The `alg` of a token's header ("" when absent); nil when the header is not base64url JSON.
+    static func algorithm(of token: String) -> String? {
+        guard let dot = token.firstIndex(of: "."), let data = Base64URL.decode(token[..<dot]),
+              let header = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else { return nil }
+        return header["alg"] as? String ?? ""
+    }
+
+    /// A signed HS256 token, for `gateway token`, `make run` and tests.
     public func mint(sub: String, roles: [String], ttl: TimeInterval, sid: String? = nil, now: Date = Date()) async throws -> String {
+        guard let hmac else { throw AuthConfigurationError(description: "minting needs the HS256 secret") }
         let claims = GatewayClaims(sub: .init(value: sub), exp: .init(value: now.addingTimeInterval(ttl)), roles: roles, sid: sid,
                                    iat: .init(value: now), nbf: nil)
-        return try await keys.sign(claims)
+        return try await hmac.sign(claims)
+    }
+}
+
+public struct AuthConfigurationError: Error, CustomStringConvertible {
+    public let description: String
+}
+
+enum Base64URL {
+    static func decode(_ text: Substring) -> Data? {
+        var base64 = String(text).replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
+        while base64.count % 4 != 0 { base64 += "=" }
+        return Data(base64Encoded: base64)
     }
 }

@@ -30,12 +30,18 @@ public struct ChannelName: Hashable, Sendable, CustomStringConvertible {
         }
     }
 
+    /// The channel of a thread whose id is already known to be a lowercase UUID.
+    public init(thread id: String) {
+        self.rawValue = "thread:" + id
+        self.kind = .thread(id: id)
+    }
+
     static func isTopicByte(_ b: UInt8) -> Bool {
         (b >= 0x61 && b <= 0x7A) || (b >= 0x30 && b <= 0x39) || b == 0x2E || b == 0x5F || b == 0x2D
     }
 
     /// 8-4-4-4-12 hex digits.
-    static func isUUID(_ s: String) -> Bool {
+    public static func isUUID(_ s: String) -> Bool {
         let bytes = Array(s.utf8)
         guard bytes.count == 36 else { return false }
         for (i, b) in bytes.enumerated() {

@@ -15,14 +15,14 @@ public final class ChannelService: Sendable {
         self.bodyLimit = bodyLimit
     }
 
-    /// Parses a channel name and checks that `actor` may do `action` on it.
-    public func authorize(_ actor: Actor, _ action: Action, _ name: String) throws(ApiError) -> ChannelName {
+    /// Parses a channel name and checks that `actor` may do `action` on it (a thread's membership is read
+    /// from the store at every check: subscribe, resume, read and publish).
+    public func authorize(_ actor: Actor, _ action: Action, _ name: String) async throws(ApiError) -> ChannelName {
         let channel = try ChannelName(parsing: name)
         let resource: Resource
         switch channel.kind {
         case .topic(let topic): resource = .topic(name: topic)
-        // Thread membership arrives with the threads store; until then only admins reach thread channels.
-        case .thread(let id): resource = .thread(id: id, isMember: false)
+        case .thread(let id): resource = .thread(id: id, isMember: actor.isAdmin ? true : try await store.isMember(actor.sub, of: id))
         }
         guard policy.can(actor, action, resource) else {
             throw ApiError(.forbidden, "not allowed to \(action.rawValue) on \(channel.rawValue)", details: ["channel": channel.rawValue])
@@ -32,7 +32,7 @@ public final class ChannelService: Sendable {
 
     /// Validates and commits a publish. `body` is the parsed JSON value of the request's `body`.
     public func publish(_ actor: Actor, to channelName: String, body: Any?, requestId: String?) async throws(ApiError) -> AppendResult {
-        let channel = try authorize(actor, .publish, channelName)
+        let channel = try await authorize(actor, .publish, channelName)
         if let requestId, requestId.isEmpty || requestId.utf8.count > Self.maxRequestIdLength {
             throw ApiError(.badRequest, "request id must be 1 to \(Self.maxRequestIdLength) bytes")
         }

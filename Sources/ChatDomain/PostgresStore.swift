@@ -9,8 +9,8 @@ import PostgresNIO
 public final class PostgresStore: Store {
     private static let migrationLock: Int64 = 0x6761_7465_7761_79  // "gateway"
 
-    private let client: PostgresClient
-    private let logger: Logger
+    let client: PostgresClient
+    let logger: Logger
     /// How long a request id is remembered (PROTOCOL.md: 24 hours), in microseconds.
     private let idempotencyWindow: Int64
     public let appends: GroupCommit
@@ -76,6 +76,7 @@ public final class PostgresStore: Store {
             created_at BIGINT NOT NULL, PRIMARY KEY (channel, sender, request_id));
         CREATE INDEX idempotency_created_at ON idempotency (created_at)
         """,
+        threadMigration,
     ]
 
     /// Versioned migrations in `schema_migrations`, under an advisory lock so that instances starting at

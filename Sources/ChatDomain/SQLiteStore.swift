@@ -11,8 +11,10 @@ public actor SQLiteStore: Store {
     private static let maxBatch = 512
 
     private let writer: SQLiteConnection
-    private let reader: SQLiteConnection
-    private let logger: Logger
+    nonisolated let reader: SQLiteConnection
+    /// Thread, member, read-cursor and revocation writes (see SQLiteStore+Threads).
+    nonisolated let directory: SQLiteConnection
+    nonisolated let logger: Logger
     /// How long a request id is remembered (PROTOCOL.md: 24 hours).
     private let idempotencyWindow: Int64
     public nonisolated let appends: GroupCommit
@@ -25,16 +27,21 @@ public actor SQLiteStore: Store {
         let writer = try await SQLiteConnection.open(storage: .file(path: path), threadPool: .singleton, logger: logger, on: loop)
         _ = try await writer.query("PRAGMA journal_mode=WAL")
         _ = try await writer.query("PRAGMA synchronous=FULL")
+        _ = try await writer.query("PRAGMA busy_timeout=5000")
         try await Self.migrate(writer)
         let reader = try await SQLiteConnection.open(storage: .file(path: path), threadPool: .singleton, logger: logger, on: loop)
-        let store = SQLiteStore(writer: writer, reader: reader, maxPending: maxPending, idempotencyWindow: idempotencyWindow, logger: logger)
+        let directory = try await SQLiteConnection.open(storage: .file(path: path), threadPool: .singleton, logger: logger, on: loop)
+        _ = try await directory.query("PRAGMA synchronous=FULL")
+        _ = try await directory.query("PRAGMA busy_timeout=5000")
+        let store = SQLiteStore(writer: writer, reader: reader, directory: directory, maxPending: maxPending, idempotencyWindow: idempotencyWindow, logger: logger)
         try await store.pruneIdempotencyKeys()
         return store
     }
 
-    private init(writer: SQLiteConnection, reader: SQLiteConnection, maxPending: Int, idempotencyWindow: Duration, logger: Logger) {
+    private init(writer: SQLiteConnection, reader: SQLiteConnection, directory: SQLiteConnection, maxPending: Int, idempotencyWindow: Duration, logger: Logger) {
         self.writer = writer
         self.reader = reader
+        self.directory = directory
         self.logger = logger
         self.idempotencyWindow = idempotencyWindow.components.seconds * 1_000_000 + idempotencyWindow.components.attoseconds / 1_000_000_000_000
         let box = WeakBox<SQLiteStore>()
@@ -60,6 +67,7 @@ public actor SQLiteStore: Store {
             created_at INTEGER NOT NULL, PRIMARY KEY (channel, sender, request_id)) WITHOUT ROWID;
         CREATE INDEX idempotency_created_at ON idempotency (created_at);
         """,
+        threadMigration,
     ]
 
     /// Applies the migrations past `PRAGMA user_version`, each in its own transaction.
@@ -210,6 +218,7 @@ public actor SQLiteStore: Store {
 
     public func close() async {
         try? await reader.close()
+        try? await directory.close()
         try? await writer.close()
     }
 }

@@ -30,7 +30,7 @@ public struct Page: Sendable {
 
 /// The durable, ordered store of messages. Order is decided here, once: `seq` is gapless per channel and
 /// `created_at` strictly increases with it.
-public protocol Store: Sendable {
+public protocol Store: ThreadStore {
     /// Appends, commits, and only then returns. Committed messages are handed to the commit observer in
     /// `seq` order before the call returns.
     func append(_ request: AppendRequest) async throws(ApiError) -> AppendResult

@@ -13,11 +13,15 @@ public protocol Bus: Sendable {
     func unsubscribe(_ channel: ChannelName)
     /// Where received messages go, and whom to tell when the bus goes down (`false`) or is back (`true`).
     func setReceiver(_ receiver: @escaping @Sendable ([Message]) -> Void, availability: @escaping @Sendable (Bool) -> Void)
+    /// Hands a control event (revocation, member removal: JSON text) to every instance, this one included.
+    func publishControl(_ payload: String)
+    func setControlReceiver(_ receiver: @escaping @Sendable (String) -> Void)
 }
 
 /// Fan-out inside one process: a publish is a direct call to the receiver.
 public final class InProcessBus: Bus {
     private let receiver = NIOLockedValueBox<(@Sendable ([Message]) -> Void)?>(nil)
+    private let controlReceiver = NIOLockedValueBox<(@Sendable (String) -> Void)?>(nil)
 
     public init() {}
 
@@ -30,5 +34,13 @@ public final class InProcessBus: Bus {
 
     public func setReceiver(_ receiver: @escaping @Sendable ([Message]) -> Void, availability: @escaping @Sendable (Bool) -> Void) {
         self.receiver.withLockedValue { $0 = receiver }
+    }
+
+    public func publishControl(_ payload: String) {
+        controlReceiver.withLockedValue { $0 }?(payload)
+    }
+
+    public func setControlReceiver(_ receiver: @escaping @Sendable (String) -> Void) {
+        controlReceiver.withLockedValue { $0 = receiver }
     }
 }

@@ -15,6 +15,8 @@ public final class RedisBus: Bus {
     /// A message here tells every instance to read all its channels from the store once: an instance whose
     /// publishing connection dropped may have lost PUBLISHes in it, so it sends this after reconnecting.
     static let syncChannel = "gw:_sync"
+    /// Revocations and member removals (JSON text), for every instance.
+    static let controlChannel = "gw:_control"
     private let host: String
     private let port: Int
     private let group: any EventLoopGroup
@@ -23,6 +25,7 @@ public final class RedisBus: Bus {
 
     struct State {
         var receiver: (@Sendable ([Message]) -> Void)?
+        var controlReceiver: (@Sendable (String) -> Void)?
         var availability: (@Sendable (Bool) -> Void)?
         var channels: Set<String> = []
         /// Waiting for Redis to confirm a SUBSCRIBE.
@@ -116,6 +119,17 @@ public final class RedisBus: Bus {
         }
     }
 
+    public func publishControl(_ payload: String) {
+        let (receiver, publisher) = state.withLockedValue { ($0.controlReceiver, $0.publisher) }
+        receiver?(payload)
+        guard let publisher else { return }
+        publisher.writeAndFlush(RESPCommand.encode(["PUBLISH", Self.controlChannel, payload]), promise: nil)
+    }
+
+    public func setControlReceiver(_ receiver: @escaping @Sendable (String) -> Void) {
+        state.withLockedValue { $0.controlReceiver = receiver }
+    }
+
     // MARK: connections
 
     private func maintain(subscriber isSubscriber: Bool) async {
@@ -172,7 +186,7 @@ public final class RedisBus: Bus {
 
     /// After a (re)connect: subscribe to every channel, then PING; the PONG means every SUBSCRIBE is active.
     private func resubscribe(_ channel: any Channel) {
-        let names = state.withLockedValue { Array($0.channels) } + [Self.syncChannel]
+        let names = state.withLockedValue { Array($0.channels) } + [Self.syncChannel, Self.controlChannel]
         var command = ByteBuffer()
         RESPCommand.encode([Array("SUBSCRIBE".utf8)] + names.map { Array($0.utf8) }, into: &command)
         RESPCommand.encode([Array("PING".utf8)], into: &command)
@@ -190,6 +204,10 @@ public final class RedisBus: Bus {
             if String(buffer: nameBytes) == Self.syncChannel {
                 // Another instance may have lost publishes: every channel reads the store once.
                 state.withLockedValue { $0.availability }?(true)
+                return
+            }
+            if String(buffer: nameBytes) == Self.controlChannel {
+                state.withLockedValue { $0.controlReceiver }?(String(buffer: payload))
                 return
             }
             guard let message = MessageWire.decode(payload) else { return }

@@ -14,6 +14,8 @@ public protocol SubscriptionSink: AnyObject {
     func slowConsumer()
     /// The store could not be read for the catch-up.
     func subscriptionFailed(_ channel: ChannelName, _ error: ApiError)
+    /// The subscription reached the end set by `end(after:)` (a member removed from a thread).
+    func subscriptionEnded(_ channel: ChannelName)
 }
 
 /// One client's subscription to one channel: registers with the Hub first (live messages are held), reads
@@ -29,6 +31,9 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
     private weak var sink: (any SubscriptionSink)?
     private var sequencer: GaplessSequencer<EncodedMessage>
     private var reading = false
+    private var begun = false
+    /// Set by `end(after:)`: nothing after this seq is delivered, and the subscription ends once it is reached.
+    private var limit: Int64?
     public private(set) var isCancelled = false
 
     public init(channel: ChannelName, eventLoop: any EventLoop, format: WireFormat, hub: Hub, sink: any SubscriptionSink, heldLimit: Int = 1024) {
@@ -51,7 +56,28 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
     /// Step 2, once the start position is known (and the client told): catch up after it, then go live.
     public func begin(after position: Int64) {
         eventLoop.preconditionInEventLoop()
+        begun = true
         perform(sequencer.begin(after: position))
+        checkLimit()
+    }
+
+    /// Delivers every message up to `seq` (reading the store for any the bus lost), none after it, then
+    /// ends and tells the sink. For a member removed from a thread: `seq` is the head at the removal.
+    public func end(after seq: Int64) {
+        eventLoop.preconditionInEventLoop()
+        guard !isCancelled else { return }
+        limit = min(limit ?? seq, seq)
+        guard begun else { return }
+        if !checkLimit() { hubSynced(upTo: seq) }
+    }
+
+    /// Ends the subscription when its limit is reached; true when it ended.
+    @discardableResult
+    private func checkLimit() -> Bool {
+        guard let limit, begun, !isCancelled, sequencer.last >= limit else { return false }
+        cancel()
+        sink?.subscriptionEnded(channel)
+        return true
     }
 
     public func cancel() {
@@ -68,6 +94,8 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
         }
         var wrote = false
         for message in messages {
+            // Past the end: never written (`end(after:)` already asked the store for anything missing before it).
+            if let limit, message.message.seq > limit { continue }
             if sequencer.acceptNext(message) {
                 // The per-message, per-subscriber path: the shared bytes, no allocation.
                 if let format, let bytes = message.bytes(format) {
@@ -83,6 +111,7 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
             if let after = step.readAfter { read(after: after) }
         }
         if wrote { _ = sink.flush() }
+        checkLimit()
     }
 
     public func hubSynced(upTo seq: Int64) {
@@ -93,17 +122,20 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
 
     private func write(_ messages: [EncodedMessage], to sink: any SubscriptionSink) -> Bool {
         guard let format else { return false }
-        for message in messages {
+        var wrote = false
+        for message in messages where limit.map({ message.message.seq <= $0 }) ?? true {
+            wrote = true
             let bytes = message.bytes(format) ?? hub.encoder(message.message, format)
             sink.write(bytes, message: message.message)
         }
-        return !messages.isEmpty
+        return wrote
     }
 
     private func perform(_ step: GaplessSequencer<EncodedMessage>.Step) {
         guard !isCancelled, let sink else { return }
         let wrote = write(step.deliver, to: sink)
         let flushed = wrote ? sink.flush() : eventLoop.makeSucceededVoidFuture()
+        if checkLimit() { return }
         if let after = step.readAfter {
             // Pace the catch-up: read the next page only once this one reached the socket.
             flushed.whenComplete { [weak self] _ in self?.read(after: after) }

@@ -13,11 +13,12 @@ final class EventStream: SubscriptionSink, ConnectionBoundStream, LiveStream, @u
         let channel: ChannelName
         let position: Int64
         let expiresIn: TimeAmount
+        let actor: Actor
     }
 
     static func prepare(_ app: GatewayApp, _ request: HTTPRequest, channel name: String) async throws(ApiError) -> Start {
         let actor = try await app.authenticate(request.bearerToken)
-        let channel = try app.channels.authorize(actor, .subscribe, name)
+        let channel = try await app.channels.authorize(actor, .subscribe, name)
         let resume = request.headers.first(name: "last-event-id") ?? request.query["since"]
         let cursor = try resume.map { (text) throws(ApiError) in try Cursor(parsing: text.trimmingCharacters(in: .whitespaces), for: channel) }
         let history = try request.intParameter("history", default: 0, range: 0...ChannelService.maxPageSize)
@@ -25,7 +26,7 @@ final class EventStream: SubscriptionSink, ConnectionBoundStream, LiveStream, @u
         var position = try app.channels.position(of: cursor, in: channel, head: head)
         if cursor == nil { position = max(0, head - Int64(history)) }
         let expiresIn = TimeAmount.milliseconds(max(0, Int64(actor.expiresAt.timeIntervalSinceNow * 1000)))
-        return Start(channel: channel, position: position, expiresIn: expiresIn)
+        return Start(channel: channel, position: position, expiresIn: expiresIn, actor: actor)
     }
 
     private let app: GatewayApp
@@ -95,6 +96,20 @@ final class EventStream: SubscriptionSink, ConnectionBoundStream, LiveStream, @u
         app.logger.info("closing slow SSE consumer", metadata: ["request-id": "\(requestId)", "channel": "\(start.channel)"])
         stop()
         context.close(promise: nil)
+    }
+
+    func subscriptionEnded(_ channel: ChannelName) {
+        end()
+    }
+
+    func revoke(_ revocation: Revocation) {
+        guard revocation.covers(start.actor) else { return }
+        context.eventLoop.execute { self.end() }
+    }
+
+    func memberRemoved(_ user: String, from channel: ChannelName, at head: Int64) {
+        guard user == start.actor.sub, channel == start.channel else { return }
+        context.eventLoop.execute { self.subscription?.end(after: head) }
     }
 
     func subscriptionFailed(_ channel: ChannelName, _ error: ApiError) {

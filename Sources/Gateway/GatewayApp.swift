@@ -12,7 +12,11 @@ public final class GatewayApp: Sendable {
     public let config: GatewayConfig
     public let verifier: TokenVerifier
     public let channels: ChannelService
+    public let threads: ThreadService
+    public let revocations: Revocations
     public let hub: Hub
+    let bus: any Bus
+    let rateLimiter: RateLimiter
     public let store: any Store
     public let logger: Logger
     /// The Redis bus in cluster fan-out, for readiness.
@@ -20,8 +24,13 @@ public final class GatewayApp: Sendable {
     let streams = StreamRegistry()
     let counters = Counters()
 
-    init(config: GatewayConfig, verifier: TokenVerifier, channels: ChannelService, hub: Hub, redis: RedisBus?, logger: Logger) {
+    init(config: GatewayConfig, verifier: TokenVerifier, channels: ChannelService, threads: ThreadService, revocations: Revocations,
+         hub: Hub, bus: any Bus, redis: RedisBus?, logger: Logger) {
         self.redis = redis
+        self.threads = threads
+        self.revocations = revocations
+        self.bus = bus
+        self.rateLimiter = RateLimiter(rate: config.publishRate, burst: config.publishBurst)
         self.config = config
         self.verifier = verifier
         self.channels = channels
@@ -51,10 +60,14 @@ public final class GatewayApp: Sendable {
     }
 }
 
-/// Live streams that must be told when the instance shuts down.
+/// Live streams that must be told when the instance shuts down, a token is revoked, or a member removed.
 protocol LiveStream: AnyObject, Sendable {
     /// Ends the stream for shutdown (WebSocket close 1001, SSE and long-poll end).
     func shutdown()
+    /// Ends the stream if its token is covered (WebSocket close 4003, SSE end, long-poll 401).
+    func revoke(_ revocation: Revocation)
+    /// `user` left `channel`'s thread at `head`: their subscription delivers up to it, then ends.
+    func memberRemoved(_ user: String, from channel: ChannelName, at head: Int64)
 }
 
 final class StreamRegistry: Sendable {
@@ -93,10 +106,25 @@ extension GatewayApp {
         metric("gateway_messages_published_total", "counter", "Messages committed through this instance.", [("{\(instance)}", counters["messages_published"] ?? 0)])
         metric("gateway_slow_consumer_closes_total", "counter", "Connections closed for passing their send budget.", [("{\(instance)}", counters["slow_consumer_closes"] ?? 0)])
         metric("gateway_store_errors_total", "counter", "Requests answered 503 because the store failed.", [("{\(instance)}", counters["store_errors"] ?? 0)])
+        metric("gateway_rate_limited_total", "counter", "Publishes refused by the per-user rate limit.", [("{\(instance)}", counters["rate_limited"] ?? 0)])
+        metric("gateway_revocations_total", "counter", "Revocations applied on this instance.", [("{\(instance)}", counters["revocations"] ?? 0)])
         if let redis {
             metric("gateway_redis_up", "gauge", "1 when the Redis subscriber connection is active.", [("{\(instance)}", redis.isAvailable ? 1 : 0)])
         }
         return out
+    }
+
+    /// A publish from any transport: the rate limit first (nothing over it is stored), then the channel
+    /// service; the outcome is counted.
+    func publish(_ actor: Actor, to channel: String, body: Any?, requestId: String?) async -> Result<AppendResult, ApiError> {
+        if actor.roles.isDisjoint(with: config.rateLimitExemptRoles), let wait = rateLimiter.take(actor.sub) {
+            counters.add("rate_limited")
+            return .failure(ApiError(.rateLimited, "publish rate limit exceeded", retryAfter: wait))
+        }
+        let outcome: Result<AppendResult, ApiError>
+        do throws(ApiError) { outcome = .success(try await channels.publish(actor, to: channel, body: body, requestId: requestId)) } catch { outcome = .failure(error) }
+        record(outcome)
+        return outcome
     }
 
     /// Counts the outcome of a publish for `/metrics`.

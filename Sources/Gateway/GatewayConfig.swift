@@ -10,6 +10,21 @@ public struct GatewayConfig: Sendable {
     public var port = 8080
     public var dataDir = "./data"
     public var jwtSecret: String?
+    /// Public keys for RS256 / ES256 (a JWKS file, re-read on SIGHUP).
+    public var jwksFile: String?
+    /// Clock skew allowed on `exp` and `nbf`, in seconds.
+    public var jwtLeeway: TimeInterval = 30
+    /// Publishes per second per user (token bucket refill; 0 = unlimited) and the bucket's size.
+    public var publishRate: Double = 50
+    public var publishBurst: Double = 100
+    /// Roles the publish rate limit does not apply to (backend services, operators).
+    public var rateLimitExemptRoles: Set<String> = ["service", "admin"]
+    /// A WebSocket client refused this many publishes in a row is closed with 4029.
+    public var rateLimitStrikes = 200
+    /// How long a revocation is kept: longer than any token's lifetime.
+    public var revocationRetention: Duration = .seconds(30 * 24 * 3600)
+    /// How often revocations are re-read from the store (in case the bus lost one).
+    public var revocationRefresh: Duration = .seconds(2)
     public var echo = false
     public var instanceId: String?
     public var logLevel: Logger.Level = .info
@@ -45,6 +60,15 @@ public struct GatewayConfig: Sendable {
         if let v = env["GATEWAY_PORT"], let p = Int(v) { c.port = p }
         if let v = env["GATEWAY_DATA_DIR"], !v.isEmpty { c.dataDir = v }
         if let v = env["GATEWAY_JWT_SECRET"], !v.isEmpty { c.jwtSecret = v }
+        if let v = env["GATEWAY_JWKS_FILE"], !v.isEmpty { c.jwksFile = v }
+        if let v = env["GATEWAY_JWT_LEEWAY"], let n = Double(v) { c.jwtLeeway = n }
+        if let v = env["GATEWAY_PUBLISH_RATE"], let n = Double(v) { c.publishRate = n }
+        if let v = env["GATEWAY_PUBLISH_BURST"], let n = Double(v) { c.publishBurst = n }
+        if let v = env["GATEWAY_RATE_EXEMPT_ROLES"] { c.rateLimitExemptRoles = Set(v.split(separator: ",").map(String.init)) }
+        if let v = env["GATEWAY_TOPICS"], let rules = try? TopicRule.parse(v) { c.topics.merge(rules) { $1 } }
+        if let v = env["GATEWAY_TOPICS_FILE"], let text = try? String(contentsOfFile: v, encoding: .utf8), let rules = try? TopicRule.parse(text) {
+            c.topics.merge(rules) { $1 }
+        }
         if let v = env["GATEWAY_ECHO"] { c.echo = v == "1" || v == "true" }
         if let v = env["GATEWAY_INSTANCE_ID"], !v.isEmpty { c.instanceId = v }
         if let v = env["GATEWAY_LOG_LEVEL"], let level = Logger.Level(rawValue: v == "warning" ? "warning" : v) { c.logLevel = level }

@@ -20,9 +20,13 @@ public final class GatewayServer: Sendable {
     private let lockFD: Int32
 
     public static func start(config: GatewayConfig, logger: Logger) async throws -> GatewayServer {
-        guard let secret = config.jwtSecret else { throw GatewayStartError("no JWT secret configured (GATEWAY_JWT_SECRET)") }
-        guard secret.utf8.count >= 32 else { throw GatewayStartError("the JWT secret must be at least 32 bytes") }
-        let verifier = await TokenVerifier(hs256Secret: secret)
+        guard config.jwtSecret != nil || config.jwksFile != nil else {
+            throw GatewayStartError("no JWT secret (GATEWAY_JWT_SECRET) and no JWKS file (GATEWAY_JWKS_FILE) configured")
+        }
+        if let secret = config.jwtSecret, secret.utf8.count < 32 { throw GatewayStartError("the JWT secret must be at least 32 bytes") }
+        let revocations = Revocations()
+        let verifier = try await TokenVerifier(hs256Secret: config.jwtSecret, jwksFile: config.jwksFile, leeway: config.jwtLeeway,
+                                               revocations: revocations)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, config.eventLoops))
         let loops = Array(group.makeIterator())
 
@@ -64,8 +68,16 @@ public final class GatewayServer: Sendable {
         }
         await store.setCommitObserver { bus.publish($0) }
         let hub = Hub(loops: loops, store: store, bus: bus, encoder: WireEncoding.encoder, logger: logger)
-        let channels = ChannelService(store: store, policy: Policy(topics: config.topics), bodyLimit: config.bodyLimit)
-        let app = GatewayApp(config: config, verifier: verifier, channels: channels, hub: hub, redis: redis, logger: logger)
+        let policy = Policy(topics: config.topics)
+        let channels = ChannelService(store: store, policy: policy, bodyLimit: config.bodyLimit)
+        let app = GatewayApp(config: config, verifier: verifier, channels: channels, threads: ThreadService(store: store, policy: policy),
+                             revocations: revocations, hub: hub, bus: bus, redis: redis, logger: logger)
+        bus.setControlReceiver { [weak app] payload in app?.handleControl(payload) }
+        do {
+            try await app.refreshRevocations()
+        } catch {
+            logger.warning("could not read revocations at start", metadata: ["error": "\(error)"])
+        }
         redis?.start()
         let upgrades = PendingUpgrades()
 
@@ -101,11 +113,19 @@ public final class GatewayServer: Sendable {
                 do { try await store.pruneIdempotencyKeys() } catch { logger.warning("pruning request ids failed", metadata: ["error": "\(error)"]) }
             }
         }
+        // Revocations the bus lost (Redis down at the time) still arrive: re-read them every few seconds.
+        let revocationRefresh = Task { [weak app] in
+            while !Task.isCancelled {
+                do { try await Task.sleep(for: config.revocationRefresh) } catch { return }
+                try? await app?.refreshRevocations()
+            }
+        }
         let port = serverChannel.localAddress?.port ?? config.port
         logger.info("gateway listening", metadata: ["instance": "\(config.instanceName)", "address": "\(config.host):\(port)",
                                                         "mode": "\(config.databaseURL == nil ? "embedded" : "cluster")", "fanout": "\(redis == nil ? "in-process" : "redis")"])
         return GatewayServer(app: app, port: port, group: group, serverChannel: serverChannel, lockFD: lockFD, stopServices: {
             pruning.cancel()
+            revocationRefresh.cancel()
             await stopServices()
         })
     }

@@ -93,6 +93,11 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             write(context: context, response: response, request: request)
         case (_, 4) where path[0] == "v1" && path[1] == "channels":
             routeChannel(context: context, request: request, channel: path[2], action: path[3])
+        case (_, 2...5) where path[0] == "v1" && path[1] == "threads":
+            routeThreads(context: context, request: request, path: Array(path.dropFirst(2)))
+        case (_, 3) where path[0] == "v1" && path[1] == "sessions" && path[2] == "revoke":
+            guard request.method == .POST else { return methodNotAllowed(context: context, request: request) }
+            respond(context: context, request: request) { [app] () async throws(ApiError) -> HTTPResponse in try await Routes.revoke(app, request) }
         case (_, 2) where path[0] == "v1" && (path[1] == "ws" || path[1] == "echo"):
             refusedUpgrade(context: context, request: request, echo: path[1] == "echo")
         default:
@@ -120,6 +125,34 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         default:
             write(context: context, response: .error(ApiError(.notFound, "no such route"), requestId: request.requestId), request: request)
         }
+    }
+
+    /// `/v1/threads…` (PROTOCOL.md §4).
+    private func routeThreads(context: ChannelHandlerContext, request: HTTPRequest, path: [String]) {
+        let app = self.app
+        let work: (@Sendable () async throws(ApiError) -> HTTPResponse)?
+        switch (request.method, path.count) {
+        case (.POST, 0): work = { () async throws(ApiError) in try await Routes.createThread(app, request) }
+        case (.GET, 0): work = { () async throws(ApiError) in try await Routes.listThreads(app, request) }
+        case (.GET, 1): work = { () async throws(ApiError) in try await Routes.getThread(app, request, id: path[0]) }
+        case (.POST, 2) where path[1] == "members": work = { () async throws(ApiError) in try await Routes.addMember(app, request, thread: path[0]) }
+        case (.DELETE, 3) where path[1] == "members":
+            work = { () async throws(ApiError) in try await Routes.removeMember(app, request, thread: path[0], user: path[2]) }
+        case (.PUT, 2) where path[1] == "read": work = { () async throws(ApiError) in try await Routes.markRead(app, request, thread: path[0]) }
+        case (_, 0), (_, 1), (_, 2) where path.count == 2 && (path[1] == "members" || path[1] == "read"), (_, 3) where path[1] == "members":
+            work = nil
+            return methodNotAllowed(context: context, request: request)
+        default:
+            work = nil
+        }
+        guard let work else {
+            return write(context: context, response: .error(ApiError(.notFound, "no such route"), requestId: request.requestId), request: request)
+        }
+        respond(context: context, request: request, work)
+    }
+
+    private func methodNotAllowed(context: ChannelHandlerContext, request: HTTPRequest) {
+        write(context: context, response: .error(ApiError(.methodNotAllowed, "method not allowed"), requestId: request.requestId), request: request)
     }
 
     /// `/v1/ws` or `/v1/echo` reached as plain HTTP: the upgrade was refused. Say why.

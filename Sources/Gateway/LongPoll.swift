@@ -13,11 +13,12 @@ final class LongPoll: HubSubscriber, ConnectionBoundStream, LiveStream, @uncheck
         let limit: Int
         let timeout: TimeAmount
         let requestId: String
+        let actor: Actor
     }
 
     static func prepare(_ app: GatewayApp, _ request: HTTPRequest, channel name: String) async throws(ApiError) -> Start {
         let actor = try await app.authenticate(request.bearerToken)
-        let channel = try app.channels.authorize(actor, .read, name)
+        let channel = try await app.channels.authorize(actor, .read, name)
         let limit = try request.intParameter("limit", default: 100, range: 1...ChannelService.maxPageSize)
         let timeout = try request.intParameter("timeout", default: 25, range: 0...60)
         let cursor = try request.query["since"].map { (text) throws(ApiError) in try Cursor(parsing: text, for: channel) }
@@ -25,7 +26,7 @@ final class LongPoll: HubSubscriber, ConnectionBoundStream, LiveStream, @uncheck
         let after = try app.channels.position(of: cursor, in: channel, head: head)
         let untilExpiry = Int64(actor.expiresAt.timeIntervalSinceNow * 1000)
         return Start(channel: channel, after: after, limit: limit, timeout: .milliseconds(max(0, min(Int64(timeout) * 1000, untilExpiry))),
-                     requestId: request.requestId)
+                     requestId: request.requestId, actor: actor)
     }
 
     let eventLoop: any EventLoop
@@ -67,7 +68,17 @@ final class LongPoll: HubSubscriber, ConnectionBoundStream, LiveStream, @uncheck
         let start = self.start
         Task {
             let result: Result<Page, ApiError>
-            do throws(ApiError) { result = .success(try await store.messages(in: start.channel, after: start.after, limit: start.limit)) } catch { result = .failure(error) }
+            do throws(ApiError) {
+                let page = try await store.messages(in: start.channel, after: start.after, limit: start.limit)
+                // A member removed while the poll waited gets nothing published after the removal.
+                if case .thread(let id) = start.channel.kind, !page.messages.isEmpty, !start.actor.isAdmin,
+                   try await !store.isMember(start.actor.sub, of: id) {
+                    throw ApiError(.forbidden, "no longer a member of this thread")
+                }
+                result = .success(page)
+            } catch {
+                result = .failure(error)
+            }
             self.eventLoop.execute {
                 self.reading = false
                 guard !self.finished else { return }
@@ -110,5 +121,21 @@ final class LongPoll: HubSubscriber, ConnectionBoundStream, LiveStream, @uncheck
 
     func shutdown() {
         eventLoop.execute { self.answerEmpty() }
+    }
+
+    func revoke(_ revocation: Revocation) {
+        guard revocation.covers(start.actor) else { return }
+        eventLoop.execute {
+            guard !self.finished else { return }
+            self.finish(.error(ApiError(.tokenRevoked, AuthFailure.revoked.reason), requestId: self.start.requestId))
+        }
+    }
+
+    func memberRemoved(_ user: String, from channel: ChannelName, at head: Int64) {
+        guard user == start.actor.sub, channel == start.channel else { return }
+        eventLoop.execute {
+            guard !self.finished else { return }
+            self.finish(.error(ApiError(.forbidden, "no longer a member of this thread"), requestId: self.start.requestId))
+        }
     }
 }

@@ -13,10 +13,7 @@ enum Routes {
             guard let text = fromBody as? String else { throw ApiError(.badRequest, "request_id must be a string") }
             requestId = text
         }
-        let outcome: Result<AppendResult, ApiError>
-        do throws(ApiError) { outcome = .success(try await app.channels.publish(actor, to: channel, body: object["body"], requestId: requestId)) } catch { outcome = .failure(error) }
-        app.record(outcome)
-        let result = try outcome.get()
+        let result = try await app.publish(actor, to: channel, body: object["body"], requestId: requestId).get()
         let body = "{\"message\":" + result.message.json + "}"
         if result.replayed { return .json(.ok, body, headers: [("Idempotent-Replayed", "true")]) }
         return .json(.created, body)
@@ -24,7 +21,7 @@ enum Routes {
 
     static func history(_ app: GatewayApp, _ request: HTTPRequest, channel name: String) async throws(ApiError) -> HTTPResponse {
         let actor = try await app.authenticate(request.bearerToken)
-        let channel = try app.channels.authorize(actor, .read, name)
+        let channel = try await app.channels.authorize(actor, .read, name)
         let limit = try request.intParameter("limit", default: 100, range: 1...ChannelService.maxPageSize)
         let query: ChannelService.HistoryQuery
         switch (request.query["since"], request.query["before"]) {
@@ -39,6 +36,54 @@ enum Routes {
         }
         let history = try await app.channels.history(channel, query, limit: limit)
         return .json(.ok, pageJSON(history.messages, cursor: history.cursor, hasMore: history.hasMore))
+    }
+
+    // MARK: threads
+
+    static func createThread(_ app: GatewayApp, _ request: HTTPRequest) async throws(ApiError) -> HTTPResponse {
+        let actor = try await app.authenticate(request.bearerToken)
+        let object = try JSONText.parseObject(request.body.readableBytesView)
+        let thread = try await app.threads.create(actor, title: object["title"], members: object["members"])
+        return .json(.created, "{\"thread\":\(thread.json)}")
+    }
+
+    static func listThreads(_ app: GatewayApp, _ request: HTTPRequest) async throws(ApiError) -> HTTPResponse {
+        let actor = try await app.authenticate(request.bearerToken)
+        let summaries = try await app.threads.list(actor)
+        return .json(.ok, "{\"threads\":[" + summaries.map(ThreadService.summaryJSON).joined(separator: ",") + "]}")
+    }
+
+    static func getThread(_ app: GatewayApp, _ request: HTTPRequest, id: String) async throws(ApiError) -> HTTPResponse {
+        let actor = try await app.authenticate(request.bearerToken)
+        let thread = try await app.threads.authorized(actor, .view, id)
+        return .json(.ok, "{\"thread\":\(thread.json)}")
+    }
+
+    static func addMember(_ app: GatewayApp, _ request: HTTPRequest, thread id: String) async throws(ApiError) -> HTTPResponse {
+        let actor = try await app.authenticate(request.bearerToken)
+        let object = try JSONText.parseObject(request.body.readableBytesView)
+        let thread = try await app.threads.addMember(actor, thread: id, user: object["user"])
+        return .json(.ok, "{\"thread\":\(thread.json)}")
+    }
+
+    static func removeMember(_ app: GatewayApp, _ request: HTTPRequest, thread id: String, user: String) async throws(ApiError) -> HTTPResponse {
+        let actor = try await app.authenticate(request.bearerToken)
+        try await app.removeMember(actor, thread: id, user: user)
+        return .json(.ok, "{\"removed\":\(JSONText.quoted(user))}")
+    }
+
+    static func markRead(_ app: GatewayApp, _ request: HTTPRequest, thread id: String) async throws(ApiError) -> HTTPResponse {
+        let actor = try await app.authenticate(request.bearerToken)
+        let object = try JSONText.parseObject(request.body.readableBytesView)
+        let (cursor, unread) = try await app.threads.markRead(actor, thread: id, cursor: object["cursor"])
+        return .json(.ok, "{\"cursor\":\"\(cursor)\",\"unread\":\(unread)}")
+    }
+
+    static func revoke(_ app: GatewayApp, _ request: HTTPRequest) async throws(ApiError) -> HTTPResponse {
+        let actor = try await app.authenticate(request.bearerToken)
+        let object = try JSONText.parseObject(request.body.readableBytesView)
+        let revocation = try await app.revoke(actor, object)
+        return .json(.ok, "{\"revoked\":{\"\(revocation.kind.rawValue)\":\(JSONText.quoted(revocation.value))}}")
     }
 
     static func pageJSON(_ messages: [Message], cursor: String, hasMore: Bool) -> String {

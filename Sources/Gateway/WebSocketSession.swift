@@ -16,6 +16,8 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, LiveStream,
     private var expiry: Scheduled<Void>?
     private var waiters = WritabilityWaiters()
     private var ended = false
+    /// Publishes refused by the rate limit in a row; far past the limit the connection is closed (4029).
+    private var rateLimitStrikes = 0
 
     private let eventLoop: any EventLoop
 
@@ -84,7 +86,7 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, LiveStream,
             case "publish": try publish(command, id: id)
             case "ping": send("{\"type\":\"pong\"\(Self.idField(id))}")
             case "refresh": refresh(command, id: id)
-            case "read": throw ApiError(.notImplemented, "read cursors arrive with chat threads")
+            case "read": try markRead(command, id: id)
             default: throw ApiError(.unknownCommand, "unknown command type", details: ["type": String(type.prefix(64))])
             }
         } catch {
@@ -94,7 +96,7 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, LiveStream,
 
     private func subscribe(_ command: [String: Any], id: String?) throws(ApiError) {
         guard let name = command["channel"] as? String else { throw ApiError(.badRequest, "subscribe needs a channel") }
-        let channel = try app.channels.authorize(actor, .subscribe, name)
+        let channel = try ChannelName(parsing: name)
         guard subscriptions[channel] == nil else { throw ApiError(.alreadySubscribed, "already subscribed to \(channel)") }
         guard subscriptions.count < app.config.maxSubscriptionsPerConnection else {
             throw ApiError(.tooManySubscriptions, "at most \(app.config.maxSubscriptionsPerConnection) subscriptions per connection")
@@ -118,9 +120,12 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, LiveStream,
         let store = app.store
         let service = app.channels
         let loop = context.eventLoop
+        let actor = self.actor
         Task {
             let position: Result<Int64, ApiError>
             do throws(ApiError) {
+                // Registered first (so nothing is missed), allowed second: nothing is sent before both.
+                _ = try await service.authorize(actor, .subscribe, name)
                 let head = try await store.head(of: channel)
                 position = .success(cursor == nil ? max(0, head - history) : try service.position(of: cursor, in: channel, head: head))
             } catch {
@@ -164,19 +169,47 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, LiveStream,
         let actor = self.actor
         let loop = context.eventLoop
         Task {
-            let result: Result<AppendResult, ApiError>
-            do throws(ApiError) { result = .success(try await app.channels.publish(actor, to: name, body: body.value, requestId: requestId)) } catch { result = .failure(error) }
-            app.record(result)
+            let result = await app.publish(actor, to: name, body: body.value, requestId: requestId)
             loop.execute {
                 self.publishesInFlight -= 1
                 if self.publishesInFlight == Self.maxPublishesInFlight - 1 {
                     self.context?.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
+                }
+                if case .failure(let error) = result, error.code == .rateLimited {
+                    self.rateLimitStrikes += 1
+                    if self.rateLimitStrikes >= app.config.rateLimitStrikes {
+                        self.close(code: 4029, reason: "rate limited")
+                        return
+                    }
+                } else {
+                    self.rateLimitStrikes = 0
                 }
                 switch result {
                 case .success(let appended):
                     self.send("{\"type\":\"ack\"\(Self.idField(id)),\"message\":\(appended.message.json)\(appended.replayed ? ",\"replayed\":true" : "")}")
                 case .failure(let error):
                     self.sendError(error, id: id)
+                }
+            }
+        }
+    }
+
+    private func markRead(_ command: [String: Any], id: String?) throws(ApiError) {
+        guard let name = command["channel"] as? String else { throw ApiError(.badRequest, "read needs a channel") }
+        guard case .thread(let thread) = try ChannelName(parsing: name).kind else {
+            throw ApiError(.badRequest, "read cursors exist for thread channels only")
+        }
+        let cursor = UncheckedSendable(command["cursor"])
+        let app = self.app
+        let actor = self.actor
+        guard let loop = context?.eventLoop else { return }
+        Task {
+            let result: Result<(cursor: String, unread: Int64), ApiError>
+            do throws(ApiError) { result = .success(try await app.threads.markRead(actor, thread: thread, cursor: cursor.value)) } catch { result = .failure(error) }
+            loop.execute {
+                switch result {
+                case .success(let read): self.send("{\"type\":\"ack\"\(Self.idField(id)),\"cursor\":\"\(read.cursor)\",\"unread\":\(read.unread)}")
+                case .failure(let error): self.sendError(error, id: id)
                 }
             }
         }
@@ -241,6 +274,25 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, LiveStream,
         app.counters.add("slow_consumer_closes")
         app.logger.info("closing slow WebSocket consumer", metadata: ["request-id": "\(requestId)"])
         close(code: 4008, reason: "slow consumer")
+    }
+
+    func subscriptionEnded(_ channel: ChannelName) {
+        subscriptions.removeValue(forKey: channel)
+        send("{\"type\":\"unsubscribed\",\"channel\":\"\(channel.rawValue)\",\"reason\":\"forbidden\"}")
+    }
+
+    func revoke(_ revocation: Revocation) {
+        eventLoop.execute {
+            guard revocation.covers(self.actor) else { return }
+            self.close(code: 4003, reason: "session revoked")
+        }
+    }
+
+    func memberRemoved(_ user: String, from channel: ChannelName, at head: Int64) {
+        eventLoop.execute {
+            guard user == self.actor.sub else { return }
+            self.subscriptions[channel]?.end(after: head)
+        }
     }
 
     func subscriptionFailed(_ channel: ChannelName, _ error: ApiError) {

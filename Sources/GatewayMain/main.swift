@@ -21,6 +21,7 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Listen port (GATEWAY_PORT).") var port: Int?
     @Option(help: "Embedded mode's data folder (GATEWAY_DATA_DIR).") var dataDir: String?
     @Option(help: "HS256 secret, at least 32 bytes (GATEWAY_JWT_SECRET).") var jwtSecret: String?
+    @Option(help: "JWKS file with the RS256 / ES256 public keys, re-read on SIGHUP (GATEWAY_JWKS_FILE).") var jwksFile: String?
     @Flag(help: "Serve /v1/echo for conformance tests (GATEWAY_ECHO=1).") var echo = false
     @Option(help: "Largest message body in bytes (GATEWAY_BODY_LIMIT).") var bodyLimit: Int?
     @Option(help: "Bytes queued per connection before it is closed as a slow consumer (GATEWAY_SEND_BUDGET).") var sendBudget: Int?
@@ -35,6 +36,7 @@ struct Serve: AsyncParsableCommand {
         if let port { config.port = port }
         if let dataDir { config.dataDir = dataDir }
         if let jwtSecret { config.jwtSecret = jwtSecret }
+        if let jwksFile { config.jwksFile = jwksFile }
         if echo { config.echo = true }
         if let bodyLimit { config.bodyLimit = bodyLimit }
         if let sendBudget { config.sendBudget = sendBudget }
@@ -86,6 +88,21 @@ struct GatewayService: Service {
             print("dev token (sub=dev, roles=admin, 24h):\n\(devToken)")
         }
         fflush(nil)
+        // SIGHUP: read the JWKS file again (key rotation without a restart).
+        signal(SIGHUP, SIG_IGN)
+        let hangup = DispatchSource.makeSignalSource(signal: SIGHUP)
+        hangup.setEventHandler {
+            Task {
+                do {
+                    try await server.app.verifier.reloadKeys()
+                    logger.info("reloaded the JWKS file")
+                } catch {
+                    logger.error("could not reload the JWKS file; the keys in use stay", metadata: ["error": "\(error)"])
+                }
+            }
+        }
+        hangup.resume()
+        defer { hangup.cancel() }
         try? await gracefulShutdown()
         await server.shutdown()
     }

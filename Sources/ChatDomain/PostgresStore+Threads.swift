@@ -1,0 +1,164 @@
+import Auth
+import Logging
+import PostgresNIO
+
+/// Threads, members, read cursors and revocations in the cluster store.
+extension PostgresStore {
+    static let threadMigration = """
+        CREATE TABLE threads (id TEXT PRIMARY KEY, title TEXT NOT NULL, creator TEXT NOT NULL, created_at BIGINT NOT NULL);
+        CREATE TABLE thread_members (thread_id TEXT NOT NULL REFERENCES threads (id), user_id TEXT NOT NULL, added_at BIGINT NOT NULL,
+            PRIMARY KEY (thread_id, user_id));
+        CREATE INDEX thread_members_user ON thread_members (user_id, thread_id);
+        CREATE TABLE read_cursors (thread_id TEXT NOT NULL, user_id TEXT NOT NULL, seq BIGINT NOT NULL, PRIMARY KEY (thread_id, user_id));
+        CREATE TABLE revocations (kind TEXT NOT NULL, value TEXT NOT NULL, at BIGINT NOT NULL, until BIGINT NOT NULL,
+            PRIMARY KEY (kind, value))
+        """
+
+    /// Runs `body` (one statement or a transaction) within the read deadline; failures are 503.
+    private func run<T: Sendable>(_ body: @escaping @Sendable (PostgresClient, Logger) async throws -> T) async throws(ApiError) -> T {
+        let client = self.client
+        let logger = self.logger
+        do {
+            return try await Self.bounded(Self.commitDeadline) { try await body(client, logger) }
+        } catch {
+            logger.error("store request failed", metadata: ["error": "\(String(reflecting: error))"])
+            throw ApiError(.storeUnavailable, "the store did not answer")
+        }
+    }
+
+    public func createThread(_ thread: ChatThread) async throws(ApiError) {
+        try await run { client, logger in
+            try await client.withTransaction(logger: logger) { db in
+                try await db.query("INSERT INTO threads (id, title, creator, created_at) VALUES (\(thread.id), \(thread.title), \(thread.creator), \(thread.createdAtMicros))", logger: logger)
+                try await db.query("""
+                    INSERT INTO thread_members (thread_id, user_id, added_at)
+                    SELECT \(thread.id), m, \(thread.createdAtMicros) FROM unnest(\(thread.members)::text[]) AS m ON CONFLICT DO NOTHING
+                    """, logger: logger)
+            }
+        }
+    }
+
+    static func members(_ id: String, _ db: PostgresClient, _ logger: Logger) async throws -> [String] {
+        var members: [String] = []
+        for try await user in try await db.query("SELECT user_id FROM thread_members WHERE thread_id = \(id) ORDER BY user_id", logger: logger).decode(String.self) {
+            members.append(user)
+        }
+        return members
+    }
+
+    public func thread(_ id: String) async throws(ApiError) -> ChatThread? {
+        try await run { client, logger in
+            var found: ChatThread?
+            for try await (title, creator, createdAt) in try await client.query("SELECT title, creator, created_at FROM threads WHERE id = \(id)", logger: logger).decode((String, String, Int64).self) {
+                found = ChatThread(id: id, title: title, creator: creator, createdAtMicros: createdAt, members: [])
+            }
+            found?.members = try await Self.members(id, client, logger)
+            return found
+        }
+    }
+
+    public func isMember(_ user: String, of thread: String) async throws(ApiError) -> Bool {
+        try await run { client, logger in
+            var member = false
+            for try await _ in try await client.query("SELECT 1 FROM thread_members WHERE thread_id = \(thread) AND user_id = \(user)", logger: logger).decode(Int.self) {
+                member = true
+            }
+            return member
+        }
+    }
+
+    public func threads(of user: String) async throws(ApiError) -> [ThreadSummary] {
+        let rows = try await run { client, logger in
+            var rows: [(ChatThread, Int64, Int64)] = []
+            let query: PostgresQuery = """
+                SELECT t.id, t.title, t.creator, t.created_at, COALESCE(r.seq, 0),
+                    (SELECT count(*) FROM messages m WHERE m.channel = 'thread:' || t.id AND m.seq > COALESCE(r.seq, 0) AND m.sender <> \(user))
+                FROM thread_members tm JOIN threads t ON t.id = tm.thread_id
+                LEFT JOIN read_cursors r ON r.thread_id = t.id AND r.user_id = \(user)
+                WHERE tm.user_id = \(user) ORDER BY t.created_at, t.id
+                """
+            for try await (id, title, creator, createdAt, readSeq, unread) in try await client.query(query, logger: logger).decode((String, String, String, Int64, Int64, Int64).self) {
+                rows.append((ChatThread(id: id, title: title, creator: creator, createdAtMicros: createdAt, members: []), readSeq, unread))
+            }
+            for i in rows.indices { rows[i].0.members = try await Self.members(rows[i].0.id, client, logger) }
+            return rows
+        }
+        var out: [ThreadSummary] = []
+        for (thread, readSeq, unread) in rows {
+            let last = try await messages(in: thread.channel, before: Int64.max, limit: 1).messages.first
+            out.append(ThreadSummary(thread: thread, lastMessage: last, readSeq: readSeq, unread: unread))
+        }
+        return out
+    }
+
+    public func addMember(_ user: String, to thread: String) async throws(ApiError) -> Bool {
+        try await run { client, logger in
+            var added = false
+            let now = Timestamp.nowMicros()
+            for try await _ in try await client.query("""
+                INSERT INTO thread_members (thread_id, user_id, added_at) VALUES (\(thread), \(user), \(now))
+                ON CONFLICT DO NOTHING RETURNING 1
+                """, logger: logger).decode(Int.self) {
+                added = true
+            }
+            return added
+        }
+    }
+
+    public func removeMember(_ user: String, from thread: String) async throws(ApiError) -> Int64? {
+        try await run { client, logger in
+            try await client.withTransaction(logger: logger) { db in
+                // Lock the channel's row as a publish does: every message is committed either before the
+                // removal (seq ≤ the head read here) or after it.
+                var head: Int64 = 0
+                let channel = "thread:" + thread
+                for try await seq in try await db.query("""
+                    INSERT INTO channels (name, last_seq, last_created_at) VALUES (\(channel), 0, 0)
+                    ON CONFLICT (name) DO UPDATE SET name = excluded.name RETURNING last_seq
+                    """, logger: logger).decode(Int64.self) {
+                    head = seq
+                }
+                var removed = false
+                for try await _ in try await db.query("DELETE FROM thread_members WHERE thread_id = \(thread) AND user_id = \(user) RETURNING 1", logger: logger).decode(Int.self) {
+                    removed = true
+                }
+                return removed ? head : nil
+            }
+        }
+    }
+
+    public func moveReadCursor(of user: String, in thread: String, to seq: Int64) async throws(ApiError) -> (seq: Int64, unread: Int64) {
+        try await run { client, logger in
+            var result: (Int64, Int64) = (0, 0)
+            let channel = "thread:" + thread
+            for try await (cursor, unread) in try await client.query("""
+                WITH moved AS (
+                    INSERT INTO read_cursors (thread_id, user_id, seq) VALUES (\(thread), \(user), \(seq))
+                    ON CONFLICT (thread_id, user_id) DO UPDATE SET seq = GREATEST(read_cursors.seq, excluded.seq) RETURNING seq)
+                SELECT moved.seq, (SELECT count(*) FROM messages m WHERE m.channel = \(channel) AND m.seq > moved.seq AND m.sender <> \(user)) FROM moved
+                """, logger: logger).decode((Int64, Int64).self) {
+                result = (cursor, unread)
+            }
+            return result
+        }
+    }
+
+    public func revoke(_ revocation: Revocation) async throws(ApiError) {
+        try await run { client, logger in
+            try await client.query("""
+                INSERT INTO revocations (kind, value, at, until) VALUES (\(revocation.kind.rawValue), \(revocation.value), \(revocation.at), \(revocation.until))
+                ON CONFLICT (kind, value) DO UPDATE SET at = GREATEST(revocations.at, excluded.at), until = GREATEST(revocations.until, excluded.until)
+                """, logger: logger)
+        }
+    }
+
+    public func revocations(now: Int64) async throws(ApiError) -> [Revocation] {
+        try await run { client, logger in
+            var out: [Revocation] = []
+            for try await (kind, value, at, until) in try await client.query("SELECT kind, value, at, until FROM revocations WHERE until > \(now)", logger: logger).decode((String, String, Int64, Int64).self) {
+                if let r = Self.revocation(kind: kind, value: value, at: at, until: until) { out.append(r) }
+            }
+            return out
+        }
+    }
+}

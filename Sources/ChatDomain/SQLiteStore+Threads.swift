@@ -1,0 +1,144 @@
+import Auth
+import SQLiteNIO
+
+/// Threads, members, read cursors and revocations in the embedded store. Writes go through their own
+/// connection (`directory`): SQLite's write lock orders them with the message commits, and they never land
+/// inside a message batch's transaction.
+extension SQLiteStore {
+    static let threadMigration = """
+        CREATE TABLE threads (id TEXT PRIMARY KEY, title TEXT NOT NULL, creator TEXT NOT NULL, created_at INTEGER NOT NULL) WITHOUT ROWID;
+        CREATE TABLE thread_members (thread_id TEXT NOT NULL, user_id TEXT NOT NULL, added_at INTEGER NOT NULL,
+            PRIMARY KEY (thread_id, user_id)) WITHOUT ROWID;
+        CREATE INDEX thread_members_user ON thread_members (user_id, thread_id);
+        CREATE TABLE read_cursors (thread_id TEXT NOT NULL, user_id TEXT NOT NULL, seq INTEGER NOT NULL,
+            PRIMARY KEY (thread_id, user_id)) WITHOUT ROWID;
+        CREATE TABLE revocations (kind TEXT NOT NULL, value TEXT NOT NULL, at INTEGER NOT NULL, until INTEGER NOT NULL,
+            PRIMARY KEY (kind, value)) WITHOUT ROWID
+        """
+
+    /// Runs `body` in one write transaction on the directory connection.
+    private nonisolated func write<T: Sendable>(_ body: @Sendable (SQLiteConnection) async throws -> T) async throws(ApiError) -> T {
+        let db = directory
+        do {
+            _ = try await db.query("BEGIN IMMEDIATE")
+            do {
+                let result = try await body(db)
+                _ = try await db.query("COMMIT")
+                return result
+            } catch {
+                _ = try? await db.query("ROLLBACK")
+                throw error
+            }
+        } catch let error as ApiError {
+            throw error
+        } catch {
+            logger.error("store write failed", metadata: ["error": "\(error)"])
+            throw ApiError(.storeUnavailable, "the store did not answer")
+        }
+    }
+
+    private nonisolated func query(_ sql: String, _ binds: [SQLiteData]) async throws(ApiError) -> [SQLiteRow] {
+        do {
+            return try await reader.query(sql, binds)
+        } catch {
+            logger.error("store read failed", metadata: ["error": "\(error)"])
+            throw ApiError(.storeUnavailable, "the store did not answer")
+        }
+    }
+
+    public nonisolated func createThread(_ thread: ChatThread) async throws(ApiError) {
+        try await write { db in
+            _ = try await db.query("INSERT INTO threads (id, title, creator, created_at) VALUES (?, ?, ?, ?)",
+                                   [.text(thread.id), .text(thread.title), .text(thread.creator), .integer(Int(thread.createdAtMicros))])
+            for member in thread.members {
+                _ = try await db.query("INSERT OR IGNORE INTO thread_members (thread_id, user_id, added_at) VALUES (?, ?, ?)",
+                                       [.text(thread.id), .text(member), .integer(Int(thread.createdAtMicros))])
+            }
+        }
+    }
+
+    public nonisolated func thread(_ id: String) async throws(ApiError) -> ChatThread? {
+        guard let row = try await query("SELECT title, creator, created_at FROM threads WHERE id = ?", [.text(id)]).first else { return nil }
+        let members = try await query("SELECT user_id FROM thread_members WHERE thread_id = ? ORDER BY user_id", [.text(id)])
+        return ChatThread(id: id, title: row.column("title")?.string ?? "", creator: row.column("creator")?.string ?? "",
+                          createdAtMicros: Int64(row.column("created_at")?.integer ?? 0),
+                          members: members.compactMap { $0.column("user_id")?.string })
+    }
+
+    public nonisolated func isMember(_ user: String, of thread: String) async throws(ApiError) -> Bool {
+        try await !query("SELECT 1 FROM thread_members WHERE thread_id = ? AND user_id = ?", [.text(thread), .text(user)]).isEmpty
+    }
+
+    public nonisolated func threads(of user: String) async throws(ApiError) -> [ThreadSummary] {
+        let rows = try await query("""
+            SELECT t.id, t.title, t.creator, t.created_at, COALESCE(r.seq, 0) AS read_seq,
+                (SELECT count(*) FROM messages m WHERE m.channel = 'thread:' || t.id AND m.seq > COALESCE(r.seq, 0) AND m.sender <> ?1) AS unread
+            FROM thread_members tm JOIN threads t ON t.id = tm.thread_id
+            LEFT JOIN read_cursors r ON r.thread_id = t.id AND r.user_id = ?1
+            WHERE tm.user_id = ?1 ORDER BY t.created_at, t.id
+            """, [.text(user)])
+        var out: [ThreadSummary] = []
+        for row in rows {
+            let id = row.column("id")?.string ?? ""
+            let members = try await query("SELECT user_id FROM thread_members WHERE thread_id = ? ORDER BY user_id", [.text(id)])
+            let thread = ChatThread(id: id, title: row.column("title")?.string ?? "", creator: row.column("creator")?.string ?? "",
+                                    createdAtMicros: Int64(row.column("created_at")?.integer ?? 0),
+                                    members: members.compactMap { $0.column("user_id")?.string })
+            let last = try await messages(in: thread.channel, before: Int64.max, limit: 1).messages.first
+            out.append(ThreadSummary(thread: thread, lastMessage: last, readSeq: Int64(row.column("read_seq")?.integer ?? 0),
+                                     unread: Int64(row.column("unread")?.integer ?? 0)))
+        }
+        return out
+    }
+
+    public nonisolated func addMember(_ user: String, to thread: String) async throws(ApiError) -> Bool {
+        try await write { db in
+            let before = try await db.query("SELECT 1 FROM thread_members WHERE thread_id = ? AND user_id = ?", [.text(thread), .text(user)])
+            guard before.isEmpty else { return false }
+            _ = try await db.query("INSERT INTO thread_members (thread_id, user_id, added_at) VALUES (?, ?, ?)",
+                                   [.text(thread), .text(user), .integer(Int(Timestamp.nowMicros()))])
+            return true
+        }
+    }
+
+    public nonisolated func removeMember(_ user: String, from thread: String) async throws(ApiError) -> Int64? {
+        try await write { db in
+            let before = try await db.query("SELECT 1 FROM thread_members WHERE thread_id = ? AND user_id = ?", [.text(thread), .text(user)])
+            guard !before.isEmpty else { return nil }
+            _ = try await db.query("DELETE FROM thread_members WHERE thread_id = ? AND user_id = ?", [.text(thread), .text(user)])
+            // The write lock is held: no message commits between this read and the removal's commit.
+            let head = try await db.query("SELECT last_seq FROM channels WHERE name = ?", [.text("thread:" + thread)])
+            return Int64(head.first?.column("last_seq")?.integer ?? 0)
+        }
+    }
+
+    public nonisolated func moveReadCursor(of user: String, in thread: String, to seq: Int64) async throws(ApiError) -> (seq: Int64, unread: Int64) {
+        try await write { db in
+            _ = try await db.query("""
+                INSERT INTO read_cursors (thread_id, user_id, seq) VALUES (?1, ?2, ?3)
+                ON CONFLICT (thread_id, user_id) DO UPDATE SET seq = max(seq, excluded.seq)
+                """, [.text(thread), .text(user), .integer(Int(seq))])
+            let rows = try await db.query("""
+                SELECT r.seq, (SELECT count(*) FROM messages m WHERE m.channel = 'thread:' || ?1 AND m.seq > r.seq AND m.sender <> ?2) AS unread
+                FROM read_cursors r WHERE r.thread_id = ?1 AND r.user_id = ?2
+                """, [.text(thread), .text(user)])
+            return (Int64(rows.first?.column("seq")?.integer ?? 0), Int64(rows.first?.column("unread")?.integer ?? 0))
+        }
+    }
+
+    public nonisolated func revoke(_ revocation: Revocation) async throws(ApiError) {
+        try await write { db in
+            _ = try await db.query("""
+                INSERT INTO revocations (kind, value, at, until) VALUES (?, ?, ?, ?)
+                ON CONFLICT (kind, value) DO UPDATE SET at = max(at, excluded.at), until = max(until, excluded.until)
+                """, [.text(revocation.kind.rawValue), .text(revocation.value), .integer(Int(revocation.at)), .integer(Int(revocation.until))])
+        }
+    }
+
+    public nonisolated func revocations(now: Int64) async throws(ApiError) -> [Revocation] {
+        try await query("SELECT kind, value, at, until FROM revocations WHERE until > ?", [.integer(Int(now))]).compactMap { row in
+            Self.revocation(kind: row.column("kind")?.string ?? "", value: row.column("value")?.string ?? "",
+                            at: Int64(row.column("at")?.integer ?? 0), until: Int64(row.column("until")?.integer ?? 0))
+        }
+    }
+}

@@ -1,0 +1,61 @@
+import Auth
+
+/// A chat thread: its channel is `thread:<id>`.
+public struct ChatThread: Sendable, Equatable {
+    public let id: String
+    public let title: String
+    public let creator: String
+    public let createdAtMicros: Int64
+    public var members: [String]
+
+    public init(id: String, title: String, creator: String, createdAtMicros: Int64, members: [String]) {
+        self.id = id
+        self.title = title
+        self.creator = creator
+        self.createdAtMicros = createdAtMicros
+        self.members = members
+    }
+
+    public var channel: ChannelName { ChannelName(thread: id) }
+
+    public var json: String {
+        "{\"id\":\(JSONText.quoted(id)),\"title\":\(JSONText.quoted(title)),\"creator\":\(JSONText.quoted(creator)),"
+            + "\"created_at\":\"\(Timestamp.iso8601(micros: createdAtMicros))\",\"members\":[\(members.sorted().map(JSONText.quoted).joined(separator: ","))]}"
+    }
+}
+
+/// One entry of `GET /v1/threads`: the thread, its last message, the caller's read position and unread count.
+public struct ThreadSummary: Sendable {
+    public let thread: ChatThread
+    public let lastMessage: Message?
+    public let readSeq: Int64
+    public let unread: Int64
+}
+
+/// Threads, memberships, read cursors and revocations: the rest of what the store keeps durably.
+public protocol ThreadStore: Sendable {
+    func createThread(_ thread: ChatThread) async throws(ApiError)
+    /// The thread with its members; nil when it does not exist.
+    func thread(_ id: String) async throws(ApiError) -> ChatThread?
+    func isMember(_ user: String, of thread: String) async throws(ApiError) -> Bool
+    /// Threads `user` is a member of, oldest first.
+    func threads(of user: String) async throws(ApiError) -> [ThreadSummary]
+    /// False when `user` was a member already.
+    func addMember(_ user: String, to thread: String) async throws(ApiError) -> Bool
+    /// Removes `user`; returns the thread channel's head at that moment (every message up to it was
+    /// committed before the removal, every later one after), or nil when `user` was not a member.
+    func removeMember(_ user: String, from thread: String) async throws(ApiError) -> Int64?
+    /// Moves `user`'s read cursor to `seq` if that is forward; returns the cursor and the unread count.
+    func moveReadCursor(of user: String, in thread: String, to seq: Int64) async throws(ApiError) -> (seq: Int64, unread: Int64)
+    /// Stores a revocation (keeping the later `at` and `until` of a repeated one).
+    func revoke(_ revocation: Revocation) async throws(ApiError)
+    /// Every revocation still in force at `now` (seconds).
+    func revocations(now: Int64) async throws(ApiError) -> [Revocation]
+}
+
+extension ThreadStore {
+    /// Rows of `revocations` to values (kind text as stored).
+    static func revocation(kind: String, value: String, at: Int64, until: Int64) -> Revocation? {
+        Revocation.Kind(rawValue: kind).map { Revocation(kind: $0, value: value, at: at, until: until) }
+    }
+}
