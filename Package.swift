@@ -69,6 +69,7 @@ let package = Package(
         ], path: "bench/Sources/bench"),
         .testTarget(name: "RealtimeTests", dependencies: [
             "Gateway", "Auth", "ChatDomain", "Fanout",
+            .product(name: "JWTKit", package: "jwt-kit"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),

@@ -75,7 +75,8 @@ public final class TokenVerifier: Sendable {
     public func verify(_ token: String, now: Date = Date()) async throws(AuthFailure) -> Actor {
         guard !token.isEmpty else { throw .missing }
         let keys: JWTKeyCollection
-        switch Self.algorithm(of: token) {
+        let header = Self.header(of: token)
+        switch header?.alg {
         case nil: throw .malformed
         case "HS256":
             guard let hmac else { throw .unsupportedAlgorithm }
@@ -88,7 +89,8 @@ public final class TokenVerifier: Sendable {
         }
         let claims: GatewayClaims
         do {
-            claims = try await keys.verify(token, as: GatewayClaims.self)
+            // Without a `kid`, every key of the set is tried (a JWKS may hold several).
+            claims = try await keys.verify(token, as: GatewayClaims.self, iteratingKeys: header?.kid == nil)
         } catch let error as JWTError {
             switch error.errorType {
             case .signatureVerificationFailed: throw .badSignature
@@ -112,11 +114,11 @@ public final class TokenVerifier: Sendable {
         return actor
     }
 
-    /// The `alg` of a token's header ("" when absent); nil when the header is not base64url JSON.
-    static func algorithm(of token: String) -> String? {
+    /// The `alg` ("" when absent) and `kid` of a token's header; nil when the header is not base64url JSON.
+    static func header(of token: String) -> (alg: String, kid: String?)? {
         guard let dot = token.firstIndex(of: "."), let data = Base64URL.decode(token[..<dot]),
               let header = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else { return nil }
-        return header["alg"] as? String ?? ""
+        return (header["alg"] as? String ?? "", header["kid"] as? String)
     }
 
     /// A signed HS256 token, for `gateway token`, `make run` and tests.

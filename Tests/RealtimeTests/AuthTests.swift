@@ -1,0 +1,140 @@
+import Foundation
+import Auth
+import JWTKit
+import Testing
+
+/// PROTOCOL.md §3: tokens, thread membership, topic roles, revocation, rate limits — over real sockets.
+@Suite(.serialized) struct AuthTests {
+    static let wsUpgradeHeaders = [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+                                   ("Sec-WebSocket-Version", "13")]
+
+    /// A token every transport accepts: REST history, long-poll, SSE and the WebSocket upgrade.
+    /// `expired`: the token's `exp` passed (within the leeway): accepted, but a live stream ends at once (4001).
+    static func expectAccepted(_ token: String, port: Int, channel: String, expired: Bool = false, _ what: String) async throws {
+        #expect(try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/messages", token: token).status == 200, "\(what): history")
+        #expect(try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/poll?timeout=0", token: token).status == 200, "\(what): poll")
+        let sse = try await SSETestClient.connect(port: port, channel: channel, token: token)
+        #expect(sse.status == 200, "\(what): SSE")
+        await sse.close()
+        let ws: WSTestClient
+        do { ws = try await WSTestClient.connect(port: port, token: token) } catch {
+            Issue.record("\(what): the WebSocket upgrade was refused (\(error))")
+            return
+        }
+        if expired {
+            #expect(try await ws.waitForClose() == 4001, "\(what): WebSocket")
+        } else {
+            try await ws.send(["type": "ping", "id": "p"])
+            #expect(try await ws.reply("pong")["id"] as? String == "p", "\(what): WebSocket")
+        }
+        await ws.close()
+    }
+
+    /// A token every transport refuses with 401 and the envelope (the WebSocket upgrade before upgrading).
+    static func expectRefused(_ token: String, port: Int, channel: String, code: String = "UNAUTHENTICATED", _ what: String) async throws {
+        let answers = [
+            try await HTTPTestClient.publish(port: port, channel: channel, body: ["a": 1], token: token),
+            try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/messages", token: token),
+            try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/poll?timeout=0", token: token),
+            try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/events", token: token),
+            try await HTTPTestClient.request(.GET, port: port, "/v1/ws", headers: wsUpgradeHeaders, token: token),
+        ]
+        for answer in answers {
+            #expect(answer.status == 401, "\(what): \(answer.body)")
+            #expect(answer.json["code"] as? String == code, "\(what): \(answer.body)")
+            #expect(answer.json["requestId"] as? String == answer.headers.first(name: "X-Request-Id"), "\(what)")
+        }
+        await #expect(throws: WSTestClient.WSRefused.self, "\(what)") { _ = try await WSTestClient.connect(port: port, token: token) }
+    }
+
+    @Test func hs256Rs256AndEs256AreAcceptedAndEveryBadTokenIsRefusedOnEveryTransport() async throws {
+        let keys = try await TestKeys.make()
+        try await withTestGateway(configure: { $0.jwksFile = keys.jwksFile; $0.jwtLeeway = 30 }) { gateway in
+            let port = gateway.port
+            let channel = "topic:tokens"
+            try await Self.expectAccepted(try await gateway.token(), port: port, channel: channel, "HS256")
+            try await Self.expectAccepted(try await keys.rsa.sign(TestClaims()), port: port, channel: channel, "RS256")
+            try await Self.expectAccepted(try await keys.ec.sign(TestClaims()), port: port, channel: channel, "ES256")
+            // Within the clock-skew leeway (30 s): expired 10 s ago, or valid from 10 s on, is still accepted.
+            try await Self.expectAccepted(try await keys.rsa.sign(TestClaims(ttl: -10)), port: port, channel: channel, expired: true, "expired within leeway")
+            try await Self.expectAccepted(try await keys.ec.sign(TestClaims(notBefore: Date().addingTimeInterval(10))), port: port, channel: channel, "nbf within leeway")
+
+            let bad: [(String, String)] = [
+                ("expired", try await keys.rsa.sign(TestClaims(ttl: -120))),
+                ("not yet valid", try await keys.ec.sign(TestClaims(notBefore: Date().addingTimeInterval(300)))),
+                ("wrong signature", try await keys.otherRSA.sign(TestClaims())),
+                ("alg none", try TestKeys.unsigned(TestClaims())),
+                ("HS256 signed with the RSA public key", try await keys.confused.sign(TestClaims())),
+                ("missing sub", try await keys.rsa.sign(TestClaims(sub: nil))),
+                ("malformed", "abc.def.ghi"),
+                ("not a JWT", "hello"),
+            ]
+            for (what, token) in bad { try await Self.expectRefused(token, port: port, channel: channel, what) }
+        }
+    }
+
+    @Test func jwksIsReloadedWithoutARestart() async throws {
+        let keys = try await TestKeys.make()
+        let other = try await TestKeys.make()
+        try await withTestGateway(configure: { $0.jwksFile = keys.jwksFile }) { gateway in
+            let token = try await other.rsa.sign(TestClaims())
+            try await Self.expectRefused(token, port: gateway.port, channel: "topic:rotate", "key not yet in the file")
+            try FileManager.default.removeItem(atPath: keys.jwksFile)
+            try FileManager.default.copyItem(atPath: other.jwksFile, toPath: keys.jwksFile)
+            try await gateway.server.app.verifier.reloadKeys()  // what SIGHUP does in `gateway serve`
+            try await Self.expectAccepted(token, port: gateway.port, channel: "topic:rotate", "rotated key")
+        }
+    }
+
+    @Test func topicRolesAreEnforcedForSubscribeAndPublish() async throws {
+        try await withTestGateway(configure: { $0.topics = try! TopicRule.parse("ops subscribe=oncall publish=pager") }) { gateway in
+            let port = gateway.port
+            let user = try await gateway.token("u", roles: [])
+            let oncall = try await gateway.token("o", roles: ["oncall"])
+            let pager = try await gateway.token("p", roles: ["pager"])
+            #expect(try await HTTPTestClient.request(.GET, port: port, "/v1/channels/topic:ops/messages", token: user).status == 403)
+            #expect(try await HTTPTestClient.request(.GET, port: port, "/v1/channels/topic:ops/events", token: user).status == 403)
+            let ws = try await WSTestClient.connect(port: port, token: user)
+            try await ws.send(["type": "subscribe", "id": "1", "channel": "topic:ops"])
+            #expect((try await ws.reply("error")["error"] as? [String: Any])?["code"] as? String == "FORBIDDEN")
+            await ws.close()
+            #expect(try await HTTPTestClient.publish(port: port, channel: "topic:ops", body: ["a": 1], token: oncall).status == 403)
+            #expect(try await HTTPTestClient.publish(port: port, channel: "topic:ops", body: ["a": 1], token: pager).status == 201)
+            #expect(try await HTTPTestClient.request(.GET, port: port, "/v1/channels/topic:ops/messages", token: oncall).status == 200)
+            // Defaults elsewhere: anyone subscribes, only service/admin publish.
+            #expect(try await HTTPTestClient.request(.GET, port: port, "/v1/channels/topic:news/messages", token: user).status == 200)
+            #expect(try await HTTPTestClient.publish(port: port, channel: "topic:news", body: ["a": 1], token: user).status == 403)
+        }
+    }
+
+    @Test func publishRateLimitRefusesTheExcessAndStoresNothingOverIt() async throws {
+        try await withTestGateway(configure: { $0.publishRate = 0.5; $0.publishBurst = 5; $0.rateLimitStrikes = 10 }) { gateway in
+            let port = gateway.port
+            let admin = try await gateway.token()
+            let created = try await HTTPTestClient.request(.POST, port: port, "/v1/threads", body: jsonText(["title": "t", "members": ["rl"]]), token: admin)
+            let channel = "thread:" + ((created.json["thread"] as? [String: Any])?["id"] as? String ?? "")
+            let user = try await gateway.token("rl", roles: [])
+            var statuses: [Int] = []
+            for i in 0..<8 {
+                let answer = try await HTTPTestClient.publish(port: port, channel: channel, body: ["i": i], token: user)
+                statuses.append(answer.status)
+                if answer.status == 429 {
+                    #expect(answer.json["code"] as? String == "RATE_LIMITED")
+                    #expect(Int(answer.headers.first(name: "Retry-After") ?? "") ?? 0 >= 1)
+                }
+            }
+            #expect(statuses.filter { $0 == 201 }.count == 5, "\(statuses)")
+            #expect(statuses.suffix(3) == [429, 429, 429], "\(statuses)")
+            // Over WebSocket: error replies, then 4029 for a client that keeps going.
+            let ws = try await WSTestClient.connect(port: port, token: user)
+            try await ws.send(["type": "publish", "id": "x", "channel": channel, "body": ["ws": true]])
+            #expect((try await ws.reply("error")["error"] as? [String: Any])?["code"] as? String == "RATE_LIMITED")
+            for i in 0..<20 { try? await ws.send(["type": "publish", "id": "\(i)", "channel": channel, "body": ["ws": i]]) }
+            #expect(try await ws.waitForClose() == 4029)
+            // Nothing over the limit was stored; an exempt role (admin) is not limited.
+            let history = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/messages", token: admin)
+            #expect((history.json["messages"] as? [Any])?.count == 5)
+            for i in 0..<10 { #expect(try await HTTPTestClient.publish(port: port, channel: channel, body: ["admin": i], token: admin).status == 201) }
+        }
+    }
+}
