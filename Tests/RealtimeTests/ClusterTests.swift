@@ -226,7 +226,9 @@ struct MigrationTests {
                 "-c", "SELECT count(*), count(DISTINCT version) FROM schema_migrations",
             ])
             #expect(status == 0)
-            #expect(output.trimmingCharacters(in: .whitespacesAndNewlines) == "1|1")
+            // Every migration applied exactly once: as many rows as distinct versions (and at least one).
+            let counts = output.trimmingCharacters(in: .whitespacesAndNewlines).split(separator: "|").compactMap { Int($0) }
+            #expect(counts.count == 2 && counts[0] == counts[1] && counts[0] >= 2, "\(output)")
             // And they work: a publish on one is read on another.
             let token = try await gateways[0].token()
             #expect(try await HTTPTestClient.publish(port: gateways[0].port, channel: "topic:boot", body: ["ok": true], token: token).status == 201)
