@@ -14,6 +14,11 @@ extension PostgresStore {
             PRIMARY KEY (kind, value))
         """
 
+    static let removalMigration = """
+        CREATE TABLE member_removals (id TEXT PRIMARY KEY, thread_id TEXT NOT NULL, user_id TEXT NOT NULL, head BIGINT NOT NULL, at BIGINT NOT NULL);
+        CREATE INDEX member_removals_at ON member_removals (at)
+        """
+
     /// Runs `body` (one statement or a transaction) within the read deadline; failures are 503.
     private func run<T: Sendable>(_ body: @escaping @Sendable (PostgresClient, Logger) async throws -> T) async throws(ApiError) -> T {
         let client = self.client
@@ -105,7 +110,7 @@ extension PostgresStore {
         }
     }
 
-    public func removeMember(_ user: String, from thread: String) async throws(ApiError) -> Int64? {
+    public func removeMember(_ user: String, from thread: String) async throws(ApiError) -> MemberRemoval? {
         try await run { client, logger in
             try await client.withTransaction(logger: logger) { db in
                 // Lock the channel's row as a publish does: every message is committed either before the
@@ -122,8 +127,25 @@ extension PostgresStore {
                 for try await _ in try await db.query("DELETE FROM thread_members WHERE thread_id = \(thread) AND user_id = \(user) RETURNING 1", logger: logger).decode(Int.self) {
                     removed = true
                 }
-                return removed ? head : nil
+                guard removed else { return nil }
+                let now = Timestamp.nowMicros()
+                let removal = MemberRemoval(id: UUIDv7.make(micros: now), thread: thread, user: user, head: head, atMicros: now)
+                try await db.query("INSERT INTO member_removals (id, thread_id, user_id, head, at) VALUES (\(removal.id), \(thread), \(user), \(head), \(now))", logger: logger)
+                return removal
             }
+        }
+    }
+
+    public func memberRemovals(since atMicros: Int64) async throws(ApiError) -> [MemberRemoval] {
+        try await run { client, logger in
+            try await client.query("DELETE FROM member_removals WHERE at < \(Timestamp.nowMicros() - 3_600_000_000)", logger: logger)
+            var out: [MemberRemoval] = []
+            for try await (id, thread, user, head, at) in try await client.query(
+                "SELECT id, thread_id, user_id, head, at FROM member_removals WHERE at >= \(atMicros) ORDER BY at", logger: logger
+            ).decode((String, String, String, Int64, Int64).self) {
+                out.append(MemberRemoval(id: id, thread: thread, user: user, head: head, atMicros: at))
+            }
+            return out
         }
     }
 

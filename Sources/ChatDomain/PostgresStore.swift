@@ -77,6 +77,7 @@ public final class PostgresStore: Store {
         CREATE INDEX idempotency_created_at ON idempotency (created_at)
         """,
         threadMigration,
+        removalMigration,
     ]
 
     /// Versioned migrations in `schema_migrations`, under an advisory lock so that instances starting at

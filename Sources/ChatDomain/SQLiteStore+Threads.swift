@@ -16,6 +16,12 @@ extension SQLiteStore {
             PRIMARY KEY (kind, value)) WITHOUT ROWID
         """
 
+    static let removalMigration = """
+        CREATE TABLE member_removals (id TEXT PRIMARY KEY, thread_id TEXT NOT NULL, user_id TEXT NOT NULL, head INTEGER NOT NULL,
+            at INTEGER NOT NULL) WITHOUT ROWID;
+        CREATE INDEX member_removals_at ON member_removals (at)
+        """
+
     /// Runs `body` in one write transaction on the directory connection.
     private nonisolated func write<T: Sendable>(_ body: @Sendable (SQLiteConnection) async throws -> T) async throws(ApiError) -> T {
         let db = directory
@@ -101,14 +107,29 @@ extension SQLiteStore {
         }
     }
 
-    public nonisolated func removeMember(_ user: String, from thread: String) async throws(ApiError) -> Int64? {
+    public nonisolated func removeMember(_ user: String, from thread: String) async throws(ApiError) -> MemberRemoval? {
         try await write { db in
             let before = try await db.query("SELECT 1 FROM thread_members WHERE thread_id = ? AND user_id = ?", [.text(thread), .text(user)])
             guard !before.isEmpty else { return nil }
             _ = try await db.query("DELETE FROM thread_members WHERE thread_id = ? AND user_id = ?", [.text(thread), .text(user)])
             // The write lock is held: no message commits between this read and the removal's commit.
-            let head = try await db.query("SELECT last_seq FROM channels WHERE name = ?", [.text("thread:" + thread)])
-            return Int64(head.first?.column("last_seq")?.integer ?? 0)
+            let rows = try await db.query("SELECT last_seq FROM channels WHERE name = ?", [.text("thread:" + thread)])
+            let now = Timestamp.nowMicros()
+            let removal = MemberRemoval(id: UUIDv7.make(micros: now), thread: thread, user: user,
+                                        head: Int64(rows.first?.column("last_seq")?.integer ?? 0), atMicros: now)
+            _ = try await db.query("INSERT INTO member_removals (id, thread_id, user_id, head, at) VALUES (?, ?, ?, ?, ?)",
+                                   [.text(removal.id), .text(thread), .text(user), .integer(Int(removal.head)), .integer(Int(now))])
+            return removal
+        }
+    }
+
+    public nonisolated func memberRemovals(since atMicros: Int64) async throws(ApiError) -> [MemberRemoval] {
+        try await write { db in
+            _ = try await db.query("DELETE FROM member_removals WHERE at < ?", [.integer(Int(Timestamp.nowMicros() - 3_600_000_000))])
+        }
+        return try await query("SELECT id, thread_id, user_id, head, at FROM member_removals WHERE at >= ? ORDER BY at", [.integer(Int(atMicros))]).map { row in
+            MemberRemoval(id: row.column("id")?.string ?? "", thread: row.column("thread_id")?.string ?? "", user: row.column("user_id")?.string ?? "",
+                          head: Int64(row.column("head")?.integer ?? 0), atMicros: Int64(row.column("at")?.integer ?? 0))
         }
     }
 

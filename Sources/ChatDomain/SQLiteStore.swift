@@ -68,6 +68,7 @@ public actor SQLiteStore: Store {
         CREATE INDEX idempotency_created_at ON idempotency (created_at);
         """,
         threadMigration,
+        removalMigration,
     ]
 
     /// Applies the migrations past `PRAGMA user_version`, each in its own transaction.

@@ -65,8 +65,8 @@ public final class ThreadService: Sendable {
         return thread
     }
 
-    /// Removes `user`; returns the channel head at the removal (nil when they were not a member).
-    public func removeMember(_ actor: Actor, thread id: String, user: String) async throws(ApiError) -> Int64? {
+    /// Removes `user`; returns the recorded removal (with the channel head at that moment).
+    public func removeMember(_ actor: Actor, thread id: String, user: String) async throws(ApiError) -> MemberRemoval {
         let id = id.lowercased()
         guard ChannelName.isUUID(id), let thread = try await store.thread(id) else {
             throw ApiError(.notFound, "no such thread", details: ["thread": id])
@@ -74,10 +74,10 @@ public final class ThreadService: Sendable {
         guard policy.can(actor, .removeMember, .threadMember(thread: id, user: user, creator: thread.creator)) else {
             throw ApiError(.forbidden, "only the member themself, the thread's creator or an admin may remove a member", details: ["thread": id])
         }
-        guard let head = try await store.removeMember(user, from: id) else {
+        guard let removal = try await store.removeMember(user, from: id) else {
             throw ApiError(.notFound, "not a member of this thread", details: ["thread": id, "user": user])
         }
-        return head
+        return removal
     }
 
     /// Moves the caller's read cursor forward (never back); returns the cursor in force and the unread count.

@@ -32,6 +32,24 @@ public struct ThreadSummary: Sendable {
     public let unread: Int64
 }
 
+/// A member's removal from a thread: the channel's head at that moment is the cut for their live streams.
+/// Kept for an hour, so that instances that missed the broadcast (Redis down) still act on it.
+public struct MemberRemoval: Sendable, Equatable {
+    public let id: String
+    public let thread: String
+    public let user: String
+    public let head: Int64
+    public let atMicros: Int64
+
+    public init(id: String, thread: String, user: String, head: Int64, atMicros: Int64) {
+        self.id = id
+        self.thread = thread
+        self.user = user
+        self.head = head
+        self.atMicros = atMicros
+    }
+}
+
 /// Threads, memberships, read cursors and revocations: the rest of what the store keeps durably.
 public protocol ThreadStore: Sendable {
     func createThread(_ thread: ChatThread) async throws(ApiError)
@@ -42,9 +60,11 @@ public protocol ThreadStore: Sendable {
     func threads(of user: String) async throws(ApiError) -> [ThreadSummary]
     /// False when `user` was a member already.
     func addMember(_ user: String, to thread: String) async throws(ApiError) -> Bool
-    /// Removes `user`; returns the thread channel's head at that moment (every message up to it was
-    /// committed before the removal, every later one after), or nil when `user` was not a member.
-    func removeMember(_ user: String, from thread: String) async throws(ApiError) -> Int64?
+    /// Removes `user` and records the removal with the thread channel's head at that moment (every message
+    /// up to it was committed before the removal, every later one after); nil when `user` was not a member.
+    func removeMember(_ user: String, from thread: String) async throws(ApiError) -> MemberRemoval?
+    /// Removals recorded at or after `atMicros` (and forgets those older than an hour).
+    func memberRemovals(since atMicros: Int64) async throws(ApiError) -> [MemberRemoval]
     /// Moves `user`'s read cursor to `seq` if that is forward; returns the cursor and the unread count.
     func moveReadCursor(of user: String, in thread: String, to seq: Int64) async throws(ApiError) -> (seq: Int64, unread: Int64)
     /// Stores a revocation (keeping the later `at` and `until` of a repeated one).

@@ -1,5 +1,6 @@
 import ChatDomain
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 
 /// How a subscriber wants messages on the wire. The Hub encodes each message once per format in use and
@@ -51,6 +52,18 @@ public final class Hub: Sendable {
     let bus: any Bus
     let encoder: MessageEncoder
     let logger: Logger
+    private let storeReadHook = NIOLockedValueBox<(@Sendable (ChannelName) async -> Void)?>(nil)
+
+    /// Runs after the Hub read messages from the store and before it delivers them. The gateway uses it to
+    /// learn of member removals first (through the store as well), so that a message read after a removal
+    /// committed never reaches the removed member, even when the bus lost the removal's broadcast.
+    public func setStoreReadHook(_ hook: @escaping @Sendable (ChannelName) async -> Void) {
+        storeReadHook.withLockedValue { $0 = hook }
+    }
+
+    func afterStoreRead(_ channel: ChannelName) async {
+        await storeReadHook.withLockedValue { $0 }?(channel)
+    }
 
     public init(loops: [any EventLoop], store: any Store, bus: any Bus, encoder: @escaping MessageEncoder, logger: Logger) {
         precondition(!loops.isEmpty)
@@ -260,6 +273,7 @@ final class HubShard: @unchecked Sendable {  // every member is only used on `lo
             let page: Page?
             do {
                 page = try await hub.store.messages(in: channel, after: after, limit: 1000)
+                if page?.messages.isEmpty == false { await hub.afterStoreRead(channel) }
             } catch {
                 page = nil
                 hub.logger.warning("hub gap repair read failed; retrying", metadata: ["channel": "\(channel)"])

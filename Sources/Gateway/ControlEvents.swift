@@ -5,14 +5,14 @@ import Foundation
 /// Revocations and member removals travel to every instance over the bus as small JSON objects.
 enum ControlEvent: Equatable {
     case revoked(Revocation)
-    case memberRemoved(thread: String, user: String, head: Int64)
+    case memberRemoved(MemberRemoval)
 
     var json: String {
         switch self {
         case .revoked(let r):
             return "{\"type\":\"revoked\",\"kind\":\"\(r.kind.rawValue)\",\"value\":\(JSONText.quoted(r.value)),\"at\":\(r.at),\"until\":\(r.until)}"
-        case .memberRemoved(let thread, let user, let head):
-            return "{\"type\":\"member_removed\",\"thread\":\(JSONText.quoted(thread)),\"user\":\(JSONText.quoted(user)),\"head\":\(head)}"
+        case .memberRemoved(let r):
+            return "{\"type\":\"member_removed\",\"id\":\(JSONText.quoted(r.id)),\"thread\":\(JSONText.quoted(r.thread)),\"user\":\(JSONText.quoted(r.user)),\"head\":\(r.head),\"at\":\(r.atMicros)}"
         }
     }
 
@@ -24,9 +24,10 @@ enum ControlEvent: Equatable {
                   let at = (object["at"] as? NSNumber)?.int64Value, let until = (object["until"] as? NSNumber)?.int64Value else { return nil }
             self = .revoked(Revocation(kind: kind, value: value, at: at, until: until))
         case "member_removed":
-            guard let thread = object["thread"] as? String, ChannelName.isUUID(thread), let user = object["user"] as? String,
-                  let head = (object["head"] as? NSNumber)?.int64Value else { return nil }
-            self = .memberRemoved(thread: thread, user: user, head: head)
+            guard let id = object["id"] as? String, let thread = object["thread"] as? String, ChannelName.isUUID(thread),
+                  let user = object["user"] as? String, let head = (object["head"] as? NSNumber)?.int64Value,
+                  let at = (object["at"] as? NSNumber)?.int64Value else { return nil }
+            self = .memberRemoved(MemberRemoval(id: id, thread: thread, user: user, head: head, atMicros: at))
         default:
             return nil
         }
@@ -43,10 +44,32 @@ extension GatewayApp {
         switch event {
         case .revoked(let revocation):
             apply([revocation])
-        case .memberRemoved(let thread, let user, let head):
-            let channel = ChannelName(thread: thread)
-            for stream in streams.all() { stream.memberRemoved(user, from: channel, at: head) }
+        case .memberRemoved(let removal):
+            apply([removal])
         }
+    }
+
+    /// Ends the live streams of removed members (each removal once, whether it came by bus or store).
+    func apply(_ removals: [MemberRemoval]) {
+        let now = Timestamp.nowMicros()
+        let fresh = appliedRemovals.withLockedValue { seen in
+            seen = seen.filter { now - $0.value < Self.removalMemory }
+            return removals.filter { seen.updateValue($0.atMicros, forKey: $0.id) == nil }
+        }
+        for removal in fresh {
+            let channel = ChannelName(thread: removal.thread)
+            for stream in streams.all() { stream.memberRemoved(removal.user, from: channel, at: removal.head) }
+        }
+    }
+
+    /// Removals are re-read this far back (covers clock skew between instances and the refresh period).
+    static let removalLookback: Int64 = 30_000_000
+    /// Applied removal ids are remembered longer than the look-back, so none is applied twice.
+    static let removalMemory: Int64 = 120_000_000
+
+    /// Reads recent member removals from the store (for those the bus lost).
+    func refreshRemovals() async throws(ApiError) {
+        apply(try await store.memberRemovals(since: Timestamp.nowMicros() - Self.removalLookback))
     }
 
     /// Records revocations and closes the live streams they cover.
@@ -92,7 +115,7 @@ extension GatewayApp {
 
     /// Removes a member and tells every instance, so that the user's live subscriptions to the thread end.
     func removeMember(_ actor: Actor, thread: String, user: String) async throws(ApiError) {
-        guard let head = try await threads.removeMember(actor, thread: thread, user: user) else { return }
-        bus.publishControl(ControlEvent.memberRemoved(thread: thread.lowercased(), user: user, head: head).json)
+        let removal = try await threads.removeMember(actor, thread: thread, user: user)
+        bus.publishControl(ControlEvent.memberRemoved(removal).json)
     }
 }

@@ -38,6 +38,8 @@ final class EventStream: SubscriptionSink, ConnectionBoundStream, LiveStream, @u
     private var expiry: Scheduled<Void>?
     private var waiters = WritabilityWaiters()
     private var ended = false
+    /// Only with a test fault (`swap`): a message delivered after the next one.
+    private var heldForFault: ByteBuffer?
 
     init(app: GatewayApp, start: Start, context: ChannelHandlerContext, requestId: String) {
         self.app = app
@@ -80,7 +82,18 @@ final class EventStream: SubscriptionSink, ConnectionBoundStream, LiveStream, @u
 
     func write(_ bytes: ByteBuffer, message: Message) {
         guard !ended else { return }
-        context.write(NIOAny(HTTPServerResponsePart.body(.byteBuffer(bytes))), promise: nil)
+        switch app.faults.next() {
+        case .drop?: return
+        case .swap?:
+            heldForFault = bytes
+            return
+        case nil:
+            context.write(NIOAny(HTTPServerResponsePart.body(.byteBuffer(bytes))), promise: nil)
+            if let held = heldForFault {
+                heldForFault = nil
+                context.write(NIOAny(HTTPServerResponsePart.body(.byteBuffer(held))), promise: nil)
+            }
+        }
     }
 
     func flush() -> EventLoopFuture<Void> {

@@ -17,11 +17,14 @@ public final class GatewayApp: Sendable {
     public let hub: Hub
     let bus: any Bus
     let rateLimiter: RateLimiter
+    let faults: FaultInjector
     public let store: any Store
     public let logger: Logger
     /// The Redis bus in cluster fan-out, for readiness.
     let redis: RedisBus?
     let streams = StreamRegistry()
+    /// Member removals already acted on (id → when), see `apply(_: [MemberRemoval])`.
+    let appliedRemovals = NIOLockedValueBox<[String: Int64]>([:])
     let counters = Counters()
 
     init(config: GatewayConfig, verifier: TokenVerifier, channels: ChannelService, threads: ThreadService, revocations: Revocations,
@@ -31,6 +34,8 @@ public final class GatewayApp: Sendable {
         self.revocations = revocations
         self.bus = bus
         self.rateLimiter = RateLimiter(rate: config.publishRate, burst: config.publishBurst)
+        self.faults = FaultInjector(config.testFault.flatMap(TestFault.init))
+        if let fault = config.testFault { logger.warning("TEST FAULT INJECTION ON: \(fault) — deliveries are broken on purpose") }
         self.config = config
         self.verifier = verifier
         self.channels = channels

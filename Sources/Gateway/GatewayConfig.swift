@@ -19,6 +19,8 @@ public struct GatewayConfig: Sendable {
     public var publishBurst: Double = 100
     /// Roles the publish rate limit does not apply to (backend services, operators).
     public var rateLimitExemptRoles: Set<String> = ["service", "admin"]
+    /// Test-only fault injection (`GATEWAY_TEST_FAULT=drop:1000` or `swap:1000`), see `TestFault`.
+    public var testFault: String?
     /// A WebSocket client refused this many publishes in a row is closed with 4029.
     public var rateLimitStrikes = 200
     /// How long a revocation is kept: longer than any token's lifetime.
@@ -64,6 +66,7 @@ public struct GatewayConfig: Sendable {
         if let v = env["GATEWAY_JWT_LEEWAY"], let n = Double(v) { c.jwtLeeway = n }
         if let v = env["GATEWAY_PUBLISH_RATE"], let n = Double(v) { c.publishRate = n }
         if let v = env["GATEWAY_PUBLISH_BURST"], let n = Double(v) { c.publishBurst = n }
+        if let v = env["GATEWAY_TEST_FAULT"], !v.isEmpty { c.testFault = v }
         if let v = env["GATEWAY_RATE_EXEMPT_ROLES"] { c.rateLimitExemptRoles = Set(v.split(separator: ",").map(String.init)) }
         if let v = env["GATEWAY_TOPICS"], let rules = try? TopicRule.parse(v) { c.topics.merge(rules) { $1 } }
         if let v = env["GATEWAY_TOPICS_FILE"], let text = try? String(contentsOfFile: v, encoding: .utf8), let rules = try? TopicRule.parse(text) {

@@ -73,6 +73,10 @@ public final class GatewayServer: Sendable {
         let app = GatewayApp(config: config, verifier: verifier, channels: channels, threads: ThreadService(store: store, policy: policy),
                              revocations: revocations, hub: hub, bus: bus, redis: redis, logger: logger)
         bus.setControlReceiver { [weak app] payload in app?.handleControl(payload) }
+        hub.setStoreReadHook { [weak app] channel in
+            guard case .thread = channel.kind else { return }
+            try? await app?.refreshRemovals()
+        }
         do {
             try await app.refreshRevocations()
         } catch {
@@ -118,6 +122,7 @@ public final class GatewayServer: Sendable {
             while !Task.isCancelled {
                 do { try await Task.sleep(for: config.revocationRefresh) } catch { return }
                 try? await app?.refreshRevocations()
+                try? await app?.refreshRemovals()
             }
         }
         let port = serverChannel.localAddress?.port ?? config.port

@@ -18,6 +18,8 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, LiveStream,
     private var ended = false
     /// Publishes refused by the rate limit in a row; far past the limit the connection is closed (4029).
     private var rateLimitStrikes = 0
+    /// Only with a test fault (`swap`): a message delivered after the next one.
+    private var heldForFault: ByteBuffer?
 
     private let eventLoop: any EventLoop
 
@@ -258,7 +260,18 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, LiveStream,
 
     func write(_ bytes: ByteBuffer, message: Message) {
         guard !closing else { return }
-        writeFrame(bytes)
+        switch app.faults.next() {
+        case .drop?: return
+        case .swap?:
+            heldForFault = bytes
+            return
+        case nil:
+            writeFrame(bytes)
+            if let held = heldForFault {
+                heldForFault = nil
+                writeFrame(held)
+            }
+        }
     }
 
     func flush() -> EventLoopFuture<Void> {

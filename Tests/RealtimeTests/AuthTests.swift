@@ -86,6 +86,28 @@ import Testing
         }
     }
 
+    @Test func sighupMakesAGatewayProcessReadItsJWKSFileAgain() async throws {
+        let keys = try await TestKeys.make()
+        let other = try await TestKeys.make()
+        try await withStarted({ try await GatewayProcess.start(environment: ["GATEWAY_JWKS_FILE": keys.jwksFile]) }, stop: { await $0.stop() }) { gateway in
+            let token = try await other.ec.sign(TestClaims())
+            let path = "/v1/channels/topic:hup/messages"
+            #expect(try await HTTPTestClient.request(.GET, port: gateway.port, path, token: token).status == 401)
+            try FileManager.default.removeItem(atPath: keys.jwksFile)
+            try FileManager.default.copyItem(atPath: other.jwksFile, toPath: keys.jwksFile)
+            kill(gateway.process.pid, SIGHUP)
+            try await eventually("the rotated key is accepted") {
+                try await HTTPTestClient.request(.GET, port: gateway.port, path, token: token).status == 200
+            }
+            // A broken file on the next SIGHUP keeps the keys in use.
+            try "not json".write(toFile: keys.jwksFile, atomically: true, encoding: .utf8)
+            kill(gateway.process.pid, SIGHUP)
+            try await Task.sleep(for: .milliseconds(300))
+            #expect(try await HTTPTestClient.request(.GET, port: gateway.port, path, token: token).status == 200)
+            #expect(gateway.process.isRunning)
+        }
+    }
+
     @Test func topicRolesAreEnforcedForSubscribeAndPublish() async throws {
         try await withTestGateway(configure: { $0.topics = try! TopicRule.parse("ops subscribe=oncall publish=pager") }) { gateway in
             let port = gateway.port

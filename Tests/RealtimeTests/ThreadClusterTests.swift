@@ -157,6 +157,32 @@ import Testing
         }
     }
 
+    @Test func aRemovalReachesOtherInstancesThroughTheStoreWhileRedisIsDown() async throws {
+        try await withCluster(instances: 2) { cluster in
+            let ports = cluster.ports
+            let alice = try await cluster.token("alice", roles: [])
+            let bob = try await cluster.token("bob", roles: [])
+            let thread = try await Self.createThread(port: ports[0], token: alice, members: ["bob"])
+            let channel = "thread:" + thread
+            let ws = try await WSTestClient.connect(port: ports[1], token: bob)
+            try await ws.send(["type": "subscribe", "id": "s", "channel": channel])
+            _ = try await ws.reply("subscribed")
+            for i in 0..<3 { #expect(try await HTTPTestClient.publish(port: ports[0], channel: channel, body: ["i": i], token: alice).status == 201) }
+            #expect(try await ws.messages(3).map(\.seq) == [1, 2, 3])
+            await cluster.redis.kill9()
+            #expect(try await HTTPTestClient.request(.DELETE, port: ports[0], "/v1/threads/\(thread)/members/bob", token: alice).status == 200)
+            #expect(try await HTTPTestClient.publish(port: ports[0], channel: channel, body: ["after": true], token: alice).status == 201)
+            // Instance 1 never heard the broadcast; it finds the removal in the store.
+            var reason: String?
+            while let object = try await ws.next(timeout: 20) {
+                #expect(object["type"] as? String != "message", "a message after the removal: \(object)")
+                if object["type"] as? String == "unsubscribed" { reason = object["reason"] as? String; break }
+            }
+            #expect(reason == "forbidden")
+            await ws.close()
+        }
+    }
+
     @Test func revokingASessionClosesItsStreamsEverywhereAndOnlyThem() async throws {
         try await withCluster(instances: 3) { cluster in
             let ports = cluster.ports

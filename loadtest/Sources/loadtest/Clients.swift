@@ -1,0 +1,198 @@
+import Foundation
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import NIOWebSocket
+
+/// `http://host:port` → where to connect.
+struct Endpoint: Sendable, CustomStringConvertible {
+    let host: String
+    let port: Int
+    var description: String { "\(host):\(port)" }
+
+    init?(url: String) {
+        guard let components = URLComponents(string: url), components.scheme == "http", let host = components.host else { return nil }
+        self.host = host
+        self.port = components.port ?? 80
+    }
+}
+
+struct ClientError: Error, CustomStringConvertible {
+    let description: String
+}
+
+/// A WebSocket client speaking the gateway's JSON commands (one connection per virtual client).
+final class WSClient: @unchecked Sendable {  // used by one task at a time
+    private enum Upgrade { case websocket(NIOAsyncChannel<WebSocketFrame, WebSocketFrame>), refused }
+    private let channel: NIOAsyncChannel<WebSocketFrame, WebSocketFrame>
+    private var iterator: NIOAsyncChannelInboundStream<WebSocketFrame>.AsyncIterator
+    private var fragments: ByteBuffer?
+    private(set) var closeCode: UInt16?
+
+    static func connect(_ endpoint: Endpoint, token: String, group: any EventLoopGroup) async throws -> WSClient {
+        let upgrade: EventLoopFuture<Upgrade> = try await ClientBootstrap(group: group)
+            .connect(host: endpoint.host, port: endpoint.port) { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let upgrader = NIOTypedWebSocketClientUpgrader<Upgrade>(maxFrameSize: 1 << 24, upgradePipelineHandler: { channel, _ in
+                        channel.eventLoop.makeCompletedFuture {
+                            .websocket(try NIOAsyncChannel<WebSocketFrame, WebSocketFrame>(wrappingChannelSynchronously: channel))
+                        }
+                    })
+                    var headers = HTTPHeaders()
+                    headers.add(name: "Host", value: endpoint.description)
+                    headers.add(name: "Authorization", value: "Bearer \(token)")
+                    let head = HTTPRequestHead(version: .http1_1, method: .GET, uri: "/v1/ws", headers: headers)
+                    let config = NIOTypedHTTPClientUpgradeConfiguration<Upgrade>(
+                        upgradeRequestHead: head, upgraders: [upgrader],
+                        notUpgradingCompletionHandler: { channel in channel.eventLoop.makeSucceededFuture(.refused) })
+                    return try channel.pipeline.syncOperations.configureUpgradableHTTPClientPipeline(configuration: .init(upgradeConfiguration: config))
+                }
+            }
+        switch try await upgrade.get() {
+        case .websocket(let channel): return WSClient(channel: channel)
+        case .refused: throw ClientError(description: "the WebSocket upgrade to \(endpoint) was refused")
+        }
+    }
+
+    private init(channel: NIOAsyncChannel<WebSocketFrame, WebSocketFrame>) {
+        self.channel = channel
+        self.iterator = channel.inbound.makeAsyncIterator()
+    }
+
+    func send(_ text: String) async throws {
+        try await channel.outbound.write(WebSocketFrame(fin: true, opcode: .text, maskKey: .random(), data: ByteBuffer(string: text)))
+    }
+
+    /// The next text message; nil once the connection closed.
+    func next() async throws -> ByteBuffer? {
+        while closeCode == nil {
+            guard let frame = try await iterator.next() else { return nil }
+            switch frame.opcode {
+            case .text, .continuation:
+                var data = frame.unmaskedData
+                if frame.fin && fragments == nil { return data }
+                var buffer = fragments ?? ByteBuffer()
+                buffer.writeBuffer(&data)
+                if frame.fin {
+                    fragments = nil
+                    return buffer
+                }
+                fragments = buffer
+            case .ping:
+                try await channel.outbound.write(WebSocketFrame(fin: true, opcode: .pong, maskKey: .random(), data: frame.unmaskedData))
+            case .connectionClose:
+                var data = frame.unmaskedData
+                closeCode = data.readInteger(as: UInt16.self) ?? 1005
+                return nil
+            default:
+                continue
+            }
+        }
+        return nil
+    }
+
+    func close() async {
+        channel.outbound.finish()
+        try? await channel.channel.close()
+    }
+
+    deinit {
+        channel.outbound.finish()
+        channel.channel.close(promise: nil)
+    }
+}
+
+/// A streaming HTTP response (SSE), or a whole one (long-poll, history).
+final class HTTPStream: @unchecked Sendable {  // used by one task at a time
+    let status: Int
+    private let channel: NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>
+    private var iterator: NIOAsyncChannelInboundStream<HTTPClientResponsePart>.AsyncIterator
+    private var pending = ""
+
+    static func open(_ endpoint: Endpoint, _ uri: String, token: String, headers extra: [(String, String)] = [],
+                     group: any EventLoopGroup) async throws -> HTTPStream {
+        let channel = try await ClientBootstrap(group: group)
+            .connect(host: endpoint.host, port: endpoint.port) { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHTTPClientHandlers()
+                    return try NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>(wrappingChannelSynchronously: channel)
+                }
+            }
+        var head = HTTPRequestHead(version: .http1_1, method: .GET, uri: uri)
+        head.headers.add(name: "Host", value: endpoint.description)
+        head.headers.add(name: "Authorization", value: "Bearer \(token)")
+        head.headers.add(name: "Connection", value: "close")
+        for (name, value) in extra { head.headers.add(name: name, value: value) }
+        try await channel.outbound.write(.head(head))
+        try await channel.outbound.write(.end(nil))
+        var iterator = channel.inbound.makeAsyncIterator()
+        guard case .head(let response)? = try await iterator.next() else { throw ClientError(description: "no response from \(endpoint)") }
+        return HTTPStream(channel: channel, iterator: iterator, status: Int(response.status.code))
+    }
+
+    private init(channel: NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>,
+                 iterator: NIOAsyncChannelInboundStream<HTTPClientResponsePart>.AsyncIterator, status: Int) {
+        self.channel = channel
+        self.iterator = iterator
+        self.status = status
+    }
+
+    /// The rest of the body; the connection is closed afterwards.
+    func body() async throws -> String {
+        var out = ByteBuffer()
+        defer { channel.outbound.finish() }
+        while let part = try await iterator.next() {
+            switch part {
+            case .body(var chunk): out.writeBuffer(&chunk)
+            case .end: return String(buffer: out)
+            case .head: continue
+            }
+        }
+        return String(buffer: out)
+    }
+
+    struct Event {
+        var id: String?
+        var event: String?
+        var data: String?
+    }
+
+    /// The next SSE event with a field (comments skipped); nil when the stream ended.
+    func nextEvent() async throws -> Event? {
+        while true {
+            if let range = pending.range(of: "\n\n") {
+                let block = pending[..<range.lowerBound]
+                pending.removeSubrange(..<range.upperBound)
+                var event = Event()
+                var hasField = false
+                for line in block.split(separator: "\n") where !line.hasPrefix(":") {
+                    let parts = line.split(separator: ":", maxSplits: 1, omittingEmptySubsequences: false)
+                    var value = parts.count > 1 ? String(parts[1]) : ""
+                    if value.hasPrefix(" ") { value.removeFirst() }
+                    switch parts[0] {
+                    case "id": event.id = value; hasField = true
+                    case "event": event.event = value; hasField = true
+                    case "data": event.data = value; hasField = true
+                    default: break
+                    }
+                }
+                if hasField { return event }
+                continue
+            }
+            switch try await iterator.next() {
+            case .body(let chunk)?: pending += String(buffer: chunk)
+            case .end?, nil: return nil
+            case .head?: continue
+            }
+        }
+    }
+
+    func close() async {
+        channel.outbound.finish()
+        try? await channel.channel.close()
+    }
+    deinit {
+        channel.outbound.finish()
+        channel.channel.close(promise: nil)
+    }
+}

@@ -1,0 +1,314 @@
+import Foundation
+import Histogram
+import NIOConcurrencyHelpers
+import NIOCore
+
+/// Runs one load test: subscribers first (ramped), then publishers for the duration, then a drain until
+/// every subscriber caught up with the last acked message of its channel (or the drain time is over).
+final class Runner: Sendable {
+    let plan: Plan
+    let tokens: TokenSource
+    let group: any EventLoopGroup
+    let ledger = Ledger()
+    private let stopping = NIOLockedValueBox(false)
+    private let publishingDone = NIOLockedValueBox(false)
+    /// Subscriber i's current position (for the drain), and a way to close its connection.
+    private let progress: NIOLockedValueBox<[Int64?]>
+    private let closers = NIOLockedValueBox<[Int: @Sendable () async -> Void]>([:])
+    private let ready = NIOLockedValueBox(0)
+
+    init(plan: Plan, tokens: TokenSource, group: any EventLoopGroup) {
+        self.plan = plan
+        self.tokens = tokens
+        self.group = group
+        self.progress = NIOLockedValueBox([Int64?](repeating: nil, count: plan.subscribers))
+    }
+
+    var isStopping: Bool { stopping.withLockedValue { $0 } }
+
+    func run() async -> Report {
+        let started = Date()
+        let printer = Task { await self.printProgress(started) }
+        let subscribers = (0..<plan.subscribers).map { i in Task { await self.subscriber(i) } }
+        // Publishing starts once every subscriber is subscribed (or gave up).
+        let readyBy = Date().addingTimeInterval(plan.ramp + 30)
+        while ready.withLockedValue({ $0 }) < plan.subscribers && Date() < readyBy { try? await Task.sleep(for: .milliseconds(50)) }
+        let publishStart = Date()
+        await withTaskGroup(of: Void.self) { group in
+            for p in 0..<plan.publishers { group.addTask { await self.publisher(p) } }
+        }
+        let publishSeconds = Date().timeIntervalSince(publishStart)
+        publishingDone.withLockedValue { $0 = true }
+        let drainBy = Date().addingTimeInterval(plan.drain)
+        while Date() < drainBy && !caughtUp() { try? await Task.sleep(for: .milliseconds(50)) }
+        stopping.withLockedValue { $0 = true }
+        for close in closers.withLockedValue({ Array($0.values) }) { await close() }
+        var tracks: [(Int, Track)] = []
+        for (i, task) in subscribers.enumerated() { if let track = await task.value { tracks.append((i, track)) } }
+        printer.cancel()
+        for (i, track) in tracks { track.checkComplete(ledger, who: "subscriber \(i) (\(plan.transport(i).rawValue))") }
+        return Report(snapshot: ledger.snapshot(), seconds: Date().timeIntervalSince(started), publishSeconds: publishSeconds,
+                      subscribed: tracks.count)
+    }
+
+    private func caughtUp() -> Bool {
+        let positions = progress.withLockedValue { $0 }
+        for (i, position) in positions.enumerated() {
+            guard let position else { continue }
+            if position < ledger.maxAcked(plan.channels[i % plan.channels.count]) { return false }
+        }
+        return true
+    }
+
+    // MARK: subscribers
+
+    private enum End { case closed, stopped }
+
+    private func subscriber(_ i: Int) async -> Track? {
+        if plan.ramp > 0 { try? await Task.sleep(for: .seconds(plan.ramp * Double(i) / Double(max(1, plan.subscribers)))) }
+        let channel = plan.channels[i % plan.channels.count]
+        let transport = plan.transport(i)
+        var endpoint = i % plan.endpoints.count
+        var track: Track?
+        var cursor: String?
+        var failures = 0
+        var counted = false
+        defer { if !counted { ready.withLockedValue { $0 += 1 } } }
+        let token: String
+        do { token = try await tokens.make("lt-sub-\(i)") } catch { ledger.error("token: \(error)"); return nil }
+        while !isStopping {
+            let who = "subscriber \(i) (\(transport.rawValue) via \(plan.endpoints[endpoint]))"
+            do {
+                let onReady: @Sendable () -> Void = { [ready] in ready.withLockedValue { $0 += 1 } }
+                let end: End
+                switch transport {
+                case .ws: end = try await webSocket(i, plan.endpoints[endpoint], token, channel, &track, &cursor, who, counted ? nil : onReady)
+                case .sse: end = try await serverSentEvents(i, plan.endpoints[endpoint], token, channel, &track, &cursor, who, counted ? nil : onReady)
+                case .poll: end = try await longPoll(i, plan.endpoints[endpoint], token, channel, &track, &cursor, who, counted ? nil : onReady)
+                }
+                counted = counted || track != nil
+                failures = 0
+                if end == .stopped || isStopping { break }
+            } catch {
+                counted = counted || track != nil
+                if isStopping { break }
+                ledger.error("\(who): \(error)")
+                failures += 1
+                if failures > 20 { ledger.error("\(who): giving up after 20 failures: \(error)"); break }
+                try? await Task.sleep(for: .milliseconds(100 * failures))
+            }
+            // Reconnect (churn, or the connection dropped) on another instance, from the cursor.
+            ledger.reconnected()
+            endpoint = (endpoint + 1) % plan.endpoints.count
+        }
+        closers.withLockedValue { _ = $0.removeValue(forKey: i) }
+        return track
+    }
+
+    /// Seconds until this connection is dropped on purpose (`--churn`), exponentially distributed.
+    private func churnDelay() -> Double? {
+        guard plan.churn else { return nil }
+        return -log(Double.random(in: 0.0001..<1)) * plan.churnEvery
+    }
+
+    private func register(_ i: Int, _ close: @escaping @Sendable () async -> Void) -> Task<Void, Never>? {
+        closers.withLockedValue { $0[i] = close }
+        guard let delay = churnDelay() else { return nil }
+        return Task {
+            try? await Task.sleep(for: .seconds(delay))
+            if !Task.isCancelled { await close() }
+        }
+    }
+
+    /// Handles one delivered message object; returns its cursor.
+    private func deliver(_ message: [String: Any], _ i: Int, _ track: inout Track?, who: String) -> String? {
+        guard var current = track, let seq = (message["seq"] as? NSNumber)?.int64Value, let id = message["id"] as? String else { return nil }
+        let latency = ((message["body"] as? [String: Any])?["t"] as? NSNumber).map { t in
+            (nowNanos() &- t.uint64Value) / 1000
+        }
+        if current.see(seq, ledger: ledger, who: who) {
+            ledger.delivered(channel: current.channel, seq: seq, id: id, latencyMicros: latency)
+        }
+        track = current
+        progress.withLockedValue { $0[i] = current.last }
+        return message["cursor"] as? String
+    }
+
+    private func begin(_ i: Int, _ track: inout Track?, channel: String, at cursor: String, who: String, _ onReady: (@Sendable () -> Void)?) {
+        guard let position = seq(ofCursor: cursor) else { return }
+        if let current = track {
+            if position != current.last { ledger.violation(.gap, "\(who): resumed at \(position), expected \(current.last)") }
+        } else {
+            track = Track(channel: channel, start: position)
+            progress.withLockedValue { $0[i] = position }
+        }
+        onReady?()
+    }
+
+    private func webSocket(_ i: Int, _ endpoint: Endpoint, _ token: String, _ channel: String, _ track: inout Track?, _ cursor: inout String?,
+                           _ who: String, _ onReady: (@Sendable () -> Void)?) async throws -> End {
+        let ws = try await WSClient.connect(endpoint, token: token, group: group)
+        ledger.connected(1)
+        defer { ledger.connected(-1) }
+        let churn = register(i) { await ws.close() }
+        defer { churn?.cancel() }
+        var subscribe: [String: Any] = ["type": "subscribe", "id": "s", "channel": channel]
+        if let cursor { subscribe["since"] = cursor }
+        try await ws.send(jsonText(subscribe))
+        while let frame = try await ws.next() {
+            guard let object = try? JSONSerialization.jsonObject(with: Data(frame.readableBytesView)) as? [String: Any] else { continue }
+            switch object["type"] as? String {
+            case "message":
+                if let message = object["message"] as? [String: Any], let next = deliver(message, i, &track, who: who) { cursor = next }
+            case "subscribed":
+                if let position = object["cursor"] as? String {
+                    begin(i, &track, channel: channel, at: position, who: who, onReady)
+                    if cursor == nil { cursor = position }
+                }
+            case "error", "unsubscribed":
+                ledger.error("\(who): \(String(buffer: frame).prefix(300))")
+                await ws.close()
+            default:
+                break
+            }
+        }
+        if let code = ws.closeCode, code != 1000, code != 1001, code != 1005 { ledger.error("\(who): closed with \(code)") }
+        return isStopping ? .stopped : .closed
+    }
+
+    private func serverSentEvents(_ i: Int, _ endpoint: Endpoint, _ token: String, _ channel: String, _ track: inout Track?,
+                                  _ cursor: inout String?, _ who: String, _ onReady: (@Sendable () -> Void)?) async throws -> End {
+        let stream = try await HTTPStream.open(endpoint, "/v1/channels/\(channel)/events", token: token,
+                                               headers: [("Accept", "text/event-stream")] + (cursor.map { [("Last-Event-ID", $0)] } ?? []), group: group)
+        guard stream.status == 200 else {
+            let body = try await stream.body()
+            throw ClientError(description: "\(who): SSE answered \(stream.status): \(body.prefix(200))")
+        }
+        ledger.connected(1)
+        defer { ledger.connected(-1) }
+        let churn = register(i) { await stream.close() }
+        defer { churn?.cancel() }
+        var opened = false
+        while let event = try await stream.nextEvent() {
+            if !opened, event.data == nil, let id = event.id {
+                opened = true
+                begin(i, &track, channel: channel, at: id, who: who, onReady)
+                if cursor == nil { cursor = id }
+                continue
+            }
+            guard event.event == "message", let data = event.data,
+                  let message = try? JSONSerialization.jsonObject(with: Data(data.utf8)) as? [String: Any] else { continue }
+            if let next = deliver(message, i, &track, who: who) { cursor = next }
+        }
+        return isStopping ? .stopped : .closed
+    }
+
+    private func longPoll(_ i: Int, _ endpoint: Endpoint, _ token: String, _ channel: String, _ track: inout Track?, _ cursor: inout String?,
+                          _ who: String, _ onReady: (@Sendable () -> Void)?) async throws -> End {
+        if cursor == nil {
+            let head = try await HTTPStream.open(endpoint, "/v1/channels/\(channel)/messages?limit=1", token: token, group: group)
+            let body = try await head.body()
+            guard head.status == 200, let object = try JSONSerialization.jsonObject(with: Data(body.utf8)) as? [String: Any],
+                  let position = object["cursor"] as? String else { throw ClientError(description: "\(who): history answered \(head.status)") }
+            begin(i, &track, channel: channel, at: position, who: who, onReady)
+            cursor = position
+        } else if track != nil {
+            onReady?()
+        }
+        let until = churnDelay().map { Date().addingTimeInterval($0) }
+        while !isStopping {
+            if let until, Date() > until { return .closed }
+            let stream = try await HTTPStream.open(endpoint, "/v1/channels/\(channel)/poll?since=\(cursor!)&timeout=2&limit=500", token: token, group: group)
+            let body = try await stream.body()
+            guard stream.status == 200, let object = try JSONSerialization.jsonObject(with: Data(body.utf8)) as? [String: Any] else {
+                throw ClientError(description: "\(who): poll answered \(stream.status): \(body.prefix(200))")
+            }
+            for case let message as [String: Any] in object["messages"] as? [Any] ?? [] {
+                if let next = deliver(message, i, &track, who: who) { cursor = next }
+            }
+            if let next = object["cursor"] as? String { cursor = next }
+        }
+        return .stopped
+    }
+
+    // MARK: publishers
+
+    private func publisher(_ p: Int) async {
+        let endpoint = plan.endpoints[p % plan.endpoints.count]
+        let who = "publisher \(p) via \(endpoint)"
+        let ws: WSClient
+        do {
+            ws = try await WSClient.connect(endpoint, token: try await tokens.make("lt-pub-\(p)"), group: group)
+        } catch {
+            ledger.error("\(who): \(error)")
+            return
+        }
+        let inFlight = NIOLockedValueBox<[Int: UInt64]>([:])
+        let reader = Task {
+            while let frame = try? await ws.next() {
+                guard let object = try? JSONSerialization.jsonObject(with: Data(frame.readableBytesView)) as? [String: Any],
+                      let n = (object["id"] as? String).flatMap(Int.init), let sentAt = inFlight.withLockedValue({ $0.removeValue(forKey: n) }) else { continue }
+                if object["type"] as? String == "ack", let message = object["message"] as? [String: Any], let channel = message["channel"] as? String,
+                   let seq = (message["seq"] as? NSNumber)?.int64Value, let id = message["id"] as? String {
+                    self.ledger.acked(channel: channel, seq: seq, id: id, latencyMicros: (nowNanos() &- sentAt) / 1000)
+                } else {
+                    self.ledger.error("\(who): \(String(buffer: frame).prefix(300))")
+                }
+            }
+        }
+        let pad = String(repeating: "x", count: max(0, plan.size - 60))
+        let interval = plan.rate > 0 ? Double(plan.publishers) / plan.rate : 0
+        let start = nowNanos()
+        let end = start + UInt64(plan.duration * 1e9)
+        let perPublisher = plan.count > 0 ? (plan.count + plan.publishers - 1 - p) / plan.publishers : Int.max
+        var n = 0
+        while nowNanos() < end && n < perPublisher {
+            if interval > 0 {
+                let due = start + UInt64(Double(n) * interval * 1e9)
+                let now = nowNanos()
+                if due > now { try? await Task.sleep(nanoseconds: due - now) }
+            }
+            while inFlight.withLockedValue({ $0.count }) >= 256 { try? await Task.sleep(for: .milliseconds(1)) }
+            let channel = plan.channels[(p + n * plan.publishers) % plan.channels.count]
+            let t = nowNanos()
+            inFlight.withLockedValue { $0[n] = t }
+            do {
+                try await ws.send("{\"type\":\"publish\",\"id\":\"\(n)\",\"channel\":\"\(channel)\",\"body\":{\"t\":\(t),\"p\":\(p),\"n\":\(n),\"pad\":\"\(pad)\"}}")
+            } catch {
+                ledger.error("\(who): \(error)")
+                break
+            }
+            ledger.sent()
+            n += 1
+        }
+        // Every publish answered (acked or refused) before the drain starts.
+        let answeredBy = Date().addingTimeInterval(30)
+        while inFlight.withLockedValue({ !$0.isEmpty }) && Date() < answeredBy { try? await Task.sleep(for: .milliseconds(10)) }
+        let unanswered = inFlight.withLockedValue { $0.count }
+        if unanswered > 0 { ledger.error("\(who): \(unanswered) publishes never answered") }
+        await ws.close()
+        reader.cancel()
+    }
+
+    // MARK: progress
+
+    private func printProgress(_ started: Date) async {
+        guard isatty(STDOUT_FILENO) == 1 else { return }
+        var last = ledger.snapshot()
+        while !Task.isCancelled {
+            try? await Task.sleep(for: .seconds(1))
+            let now = ledger.snapshot()
+            let p99 = Double(now.delivery.valueAtPercentile(99)) / 1000
+            let line = String(format: "\r[%5.1fs] connections %d  sent %d/s  received %d/s  violations %d  p99 %.1f ms   ",
+                              Date().timeIntervalSince(started), now.connections, now.sent - last.sent, now.received - last.received,
+                              now.totalViolations, p99)
+            FileHandle.standardOutput.write(Data(line.utf8))
+            last = now
+        }
+        FileHandle.standardOutput.write(Data("\n".utf8))
+    }
+}
+
+func jsonText(_ object: [String: Any]) -> String {
+    String(decoding: (try? JSONSerialization.data(withJSONObject: object)) ?? Data("{}".utf8), as: UTF8.self)
+}
