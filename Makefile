@@ -6,7 +6,7 @@ GATEWAY_HOST ?= 127.0.0.1
 GATEWAY_DATA_DIR ?= ./data
 export GATEWAY_PORT GATEWAY_HOST GATEWAY_DATA_DIR
 
-.PHONY: run build test unit check-run bench cluster conformance clean
+.PHONY: run build test unit check-run bench cluster loadtest conformance clean
 
 ## Build and start the embedded gateway (SQLite + in-process fan-out) on $(GATEWAY_HOST):$(GATEWAY_PORT).
 run:
@@ -45,6 +45,16 @@ cluster:
 	@scripts/ensure-packages.sh curl libhiredis-dev postgresql redis-server
 	swift build -c $(BUILD_CONFIG) --product gateway
 	@BIN=$$(swift build -c $(BUILD_CONFIG) --show-bin-path)/gateway scripts/cluster.sh
+
+## loadtest against `make cluster` (3 instances, Postgres, Redis): 1,000 subscribers over WS, SSE and
+## long-poll, 20 channels, 60 s; ARGS adds or overrides flags (e.g. ARGS="--churn --duration 20").
+loadtest:
+	@scripts/ensure-packages.sh curl libhiredis-dev postgresql redis-server
+	swift build -c $(BUILD_CONFIG) --product gateway
+	swift build -c $(BUILD_CONFIG) --product loadtest
+	@BIN=$$(swift build -c $(BUILD_CONFIG) --show-bin-path)/gateway; LT=$$(swift build -c $(BUILD_CONFIG) --show-bin-path)/loadtest; \
+	  BIN=$$BIN scripts/cluster.sh bash -c "\"$$LT\" \$$CLUSTER_URLS --subscribers 1000 --transports ws=2,sse=1,poll=1 \
+	    --publishers 8 --rate 500 --channels 20 --duration 60 --ramp 5 $(ARGS)"
 
 ## RFC 6455 conformance: Autobahn|Testsuite cases 1-10 against /v1/echo (ARGS=-z adds 12.*/13.*).
 conformance:
