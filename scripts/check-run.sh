@@ -27,7 +27,7 @@ TOKEN=$(sed -n 's/^ Dev token:  //p' "$LOG")
 curl -sN -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$PORT/v1/channels/topic:check/events" >"$WORK/sse.txt" &
 SSE_PID=$!
 for _ in $(seq 1 100); do grep -q '^id: ' "$WORK/sse.txt" 2>/dev/null && break; sleep 0.1; done
-STATUS=$(curl -s -o "$WORK/publish.json" -w '%{http_code}' -X POST -H "Authorization: Bearer $TOKEN" \
+STATUS=$(curl -s -o "$WORK/publish.json" -w '%{http_code}' -X POST -H "Authorization: Bearer $TOKEN" -H "Content-Type: application/json" \
   -d '{"body":{"text":"hello from check-run"}}' "http://127.0.0.1:$PORT/v1/channels/topic:check/messages")
 [ "$STATUS" = 201 ] || { cat "$WORK/publish.json"; echo "check-run: publish answered $STATUS" >&2; exit 1; }
 for _ in $(seq 1 100); do grep -q 'hello from check-run' "$WORK/sse.txt" && break; sleep 0.1; done

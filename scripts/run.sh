@@ -23,7 +23,7 @@ cat <<MSG
  More tokens: GATEWAY_JWT_SECRET=\$(cat $DATA/dev-secret) $BIN token --sub alice --roles service --ttl 1h
  Try:
    curl -N -H "Authorization: Bearer $TOKEN" $URL/v1/channels/topic:demo/events
-   curl -X POST -H "Authorization: Bearer $TOKEN" -d '{"body":{"text":"hello"}}' $URL/v1/channels/topic:demo/messages
+   curl -X POST -H "Authorization: Bearer $TOKEN" -H "Content-Type: application/json" -d '{"body":{"text":"hello"}}' $URL/v1/channels/topic:demo/messages
 ----------------------------------------------------------------------
 MSG
 exec "$BIN" serve

@@ -33,6 +33,9 @@ public struct ApiError: Error, Sendable, Equatable {
         case idempotencyConflict = "IDEMPOTENCY_CONFLICT"
         case payloadTooLarge = "PAYLOAD_TOO_LARGE"
         case upgradeRequired = "UPGRADE_REQUIRED"
+        case unsupportedMediaType = "UNSUPPORTED_MEDIA_TYPE"
+        case uriTooLong = "URI_TOO_LONG"
+        case headersTooLarge = "HEADERS_TOO_LARGE"
         case rateLimited = "RATE_LIMITED"
         case internalError = "INTERNAL"
         case storeUnavailable = "STORE_UNAVAILABLE"
@@ -50,6 +53,9 @@ public struct ApiError: Error, Sendable, Equatable {
             case .idempotencyConflict, .alreadySubscribed: 409
             case .payloadTooLarge: 413
             case .upgradeRequired: 426
+            case .unsupportedMediaType: 415
+            case .uriTooLong: 414
+            case .headersTooLarge: 431
             case .rateLimited: 429
             case .internalError: 500
             case .notImplemented: 501

@@ -44,8 +44,37 @@ public enum JSONText {
         if let value { appendString(value, to: &out) } else { out.append("null") }
     }
 
-    /// Parses a JSON object from bytes. Throws `BAD_REQUEST` when it is not JSON or not an object.
+    /// Deepest nesting of arrays and objects accepted (a parser that recurses must not be handed more).
+    public static let maxDepth = 64
+
+    /// Whether arrays and objects nest deeper than `limit` (strings skipped), before any parser sees it.
+    static func nestsDeeper(_ bytes: some Collection<UInt8>, than limit: Int) -> Bool {
+        var depth = 0
+        var inString = false
+        var escaped = false
+        for byte in bytes {
+            if inString {
+                if escaped { escaped = false } else if byte == UInt8(ascii: "\\") { escaped = true } else if byte == UInt8(ascii: "\"") { inString = false }
+                continue
+            }
+            switch byte {
+            case UInt8(ascii: "\""): inString = true
+            case UInt8(ascii: "["), UInt8(ascii: "{"):
+                depth += 1
+                if depth > limit { return true }
+            case UInt8(ascii: "]"), UInt8(ascii: "}"): depth -= 1
+            default: break
+            }
+        }
+        return false
+    }
+
+    /// Parses a JSON object from bytes. Throws `BAD_REQUEST` when it is not JSON, not an object, or nested
+    /// deeper than `maxDepth`.
     public static func parseObject(_ bytes: some Collection<UInt8>) throws(ApiError) -> [String: Any] {
+        if nestsDeeper(bytes, than: maxDepth) {
+            throw ApiError(.badRequest, "JSON nested deeper than \(maxDepth) levels", details: ["max_depth": String(maxDepth)])
+        }
         let data = Data(bytes)
         let value: Any
         do {

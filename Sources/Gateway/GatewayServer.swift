@@ -202,8 +202,12 @@ public final class GatewayServer: Sendable {
             withServerUpgrade: (upgraders: [upgrader], completionHandler: { context in
                 let sync = context.pipeline.syncOperations
                 if let handler = try? sync.handler(type: HTTPHandler.self) { _ = sync.removeHandler(handler) }
+                if let idle = try? sync.handler(type: IdleStateHandler.self) { _ = sync.removeHandler(idle) }
             }),
             withErrorHandling: true)
+        // Read-idle events reach HTTPHandler, which closes a connection that stalls mid-request or idles
+        // between requests (WebSockets have their own pings; the handler leaves with the upgrade).
+        try sync.addHandler(IdleStateHandler(readTimeout: .seconds(app.config.requestIdleSeconds)), position: .first)
         try sync.addHandler(HTTPHandler(app: app))
         channel.closeFuture.whenComplete { _ in _ = upgrades.take(channel) }
     }

@@ -16,6 +16,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         case idle
         case receiving(HTTPRequestHead, ByteBuffer)
         case tooLarge(HTTPRequestHead)
+        /// The head broke a limit: answered with this error once the request ends, then closed.
+        case rejected(HTTPRequestHead, ApiError)
         case responding
     }
     private var state = State.idle
@@ -29,7 +31,9 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
         case .head(let head):
-            if let length = head.headers.first(name: "content-length").flatMap(Int.init), length > app.config.maxMessageBytes {
+            if let error = limitError(head) {
+                state = .rejected(head, error)
+            } else if let length = head.headers.first(name: "content-length").flatMap(Int.init), length > app.config.maxMessageBytes {
                 state = .tooLarge(head)
             } else {
                 state = .receiving(head, context.channel.allocator.buffer(capacity: 0))
@@ -49,6 +53,10 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             case .receiving(let head, let body):
                 state = .responding
                 route(context: context, request: HTTPRequest(head: head, body: body))
+            case .rejected(let head, let error):
+                state = .responding
+                let request = HTTPRequest(head: head, body: ByteBuffer())
+                write(context: context, response: .error(error, requestId: request.requestId), request: request, forceClose: true)
             case .tooLarge(let head):
                 state = .responding
                 let request = HTTPRequest(head: head, body: ByteBuffer())
@@ -58,6 +66,37 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
                 break
             }
         }
+    }
+
+    /// URI length, header count and size limits (HTTP hardening); nil when the head is within them.
+    private func limitError(_ head: HTTPRequestHead) -> ApiError? {
+        let config = app.config
+        if head.uri.utf8.count > config.maxURILength {
+            return ApiError(.uriTooLong, "the request target is longer than \(config.maxURILength) bytes")
+        }
+        if head.headers.count > config.maxHeaderCount {
+            return ApiError(.headersTooLarge, "more than \(config.maxHeaderCount) header fields")
+        }
+        var bytes = 0
+        for (name, value) in head.headers { bytes += name.utf8.count + value.utf8.count + 4 }
+        if bytes > config.maxHeaderBytes {
+            return ApiError(.headersTooLarge, "the header fields are larger than \(config.maxHeaderBytes) bytes")
+        }
+        return nil
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let idle = event as? IdleStateHandler.IdleStateEvent, idle == .read, live == nil {
+            switch state {
+            case .idle, .receiving, .tooLarge, .rejected:
+                // Nothing pending for the client: a stalled request, a slow handshake, or an idle keep-alive.
+                context.close(promise: nil)
+                return
+            case .responding:
+                break
+            }
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
@@ -75,6 +114,12 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     private func route(context: ChannelHandlerContext, request: HTTPRequest) {
         let path = request.path
+        // A body is JSON: no Content-Type is taken as JSON, any other type is refused.
+        if request.body.readableBytes > 0, let type = request.headers.first(name: "content-type"),
+           type.split(separator: ";").first?.trimmingCharacters(in: .whitespaces).lowercased() != "application/json" {
+            let error = ApiError(.unsupportedMediaType, "request bodies are application/json", details: ["content_type": String(type.prefix(100))])
+            return write(context: context, response: .error(error, requestId: request.requestId), request: request)
+        }
         switch (request.method, path.count) {
         case (.GET, 1) where path[0] == "healthz":
             write(context: context, response: .json(.ok, "{\"status\":\"ok\"}"), request: request)

@@ -19,6 +19,8 @@ struct WebSocketFraming {
 
     let maxMessageBytes: Int
     private var fragments: (opcode: WebSocketOpcode, data: ByteBuffer)?
+    /// The text message being received, validated frame by frame (fail fast on the first bad byte).
+    private var utf8 = UTF8Validator()
 
     init(maxMessageBytes: Int) {
         self.maxMessageBytes = maxMessageBytes
@@ -32,6 +34,10 @@ struct WebSocketFraming {
         case .text, .binary:
             guard fragments == nil else { return .fail(code: 1002, reason: "new message inside a fragmented one") }
             guard data.readableBytes <= maxMessageBytes else { return .fail(code: 1009, reason: "message too big") }
+            if frame.opcode == .text {
+                utf8 = UTF8Validator()
+                guard utf8.feed(data.readableBytesView) else { return .fail(code: 1007, reason: "invalid UTF-8") }
+            }
             if frame.fin { return complete(frame.opcode, data) }
             fragments = (frame.opcode, data)
             return .none
@@ -42,6 +48,9 @@ struct WebSocketFraming {
                 return .fail(code: 1009, reason: "message too big")
             }
             fragments = nil
+            if current.opcode == .text {
+                guard utf8.feed(data.readableBytesView) else { return .fail(code: 1007, reason: "invalid UTF-8") }
+            }
             var chunk = data
             current.data.writeBuffer(&chunk)
             if frame.fin { return complete(current.opcode, current.data) }
@@ -63,10 +72,9 @@ struct WebSocketFraming {
 
     private func complete(_ opcode: WebSocketOpcode, _ data: ByteBuffer) -> Event {
         if opcode == .binary { return .binary(data) }
-        guard let text = String(validating: data.readableBytesView, as: UTF8.self) else {
-            return .fail(code: 1007, reason: "invalid UTF-8")
-        }
-        return .text(text)
+        // Every byte was validated as it arrived; only an open sequence at the end can still be wrong.
+        guard utf8.isComplete else { return .fail(code: 1007, reason: "invalid UTF-8") }
+        return .text(String(decoding: data.readableBytesView, as: UTF8.self))
     }
 
     private func closeEvent(_ data: ByteBuffer) -> Event {

@@ -105,6 +105,18 @@ struct WireTests {
         #expect(framing.receive(frame(.text, [0x61, 0xFF])) == .fail(code: 1007, reason: "invalid UTF-8"))
     }
 
+    @Test func invalidUTF8FailsAtTheFragmentThatHoldsIt() {
+        var framing = WebSocketFraming(maxMessageBytes: 100)
+        // A surrogate (ED A0 80) in the first fragment fails there, before the message ends.
+        #expect(framing.receive(frame(.text, [0xCE, 0xBA, 0xED, 0xA0, 0x80], fin: false)) == .fail(code: 1007, reason: "invalid UTF-8"))
+        framing = WebSocketFraming(maxMessageBytes: 100)
+        #expect(framing.receive(frame(.text, [0x61], fin: false)) == .none)
+        #expect(framing.receive(frame(.continuation, [0xF4, 0x90], fin: false)) == .fail(code: 1007, reason: "invalid UTF-8"))
+        // A sequence left open at the end of the message fails at the end.
+        framing = WebSocketFraming(maxMessageBytes: 100)
+        #expect(framing.receive(frame(.text, [0x61, 0xE2, 0x82])) == .fail(code: 1007, reason: "invalid UTF-8"))
+    }
+
     @Test func protocolErrors() {
         var framing = WebSocketFraming(maxMessageBytes: 10)
         #expect(framing.receive(frame(.text, [0x61], masked: false)) == .fail(code: 1002, reason: "client frames must be masked"))
@@ -139,5 +151,35 @@ struct WireTests {
         let message = Message(id: "i", channel: channel, seq: 3, createdAtMicros: 1, sender: "s", requestId: "r", body: "{}")
         let text = String(buffer: WireEncoding.serverSentEvent(message))
         #expect(text == "id: \(message.cursor)\nevent: message\ndata: \(message.json)\n\n")
+    }
+}
+
+/// Property: the incremental validator agrees with the standard library on any bytes, split anywhere.
+struct UTF8ValidatorTests {
+    struct SplitMix: RandomNumberGenerator {
+        var state: UInt64
+        mutating func next() -> UInt64 {
+            state &+= 0x9E37_79B9_7F4A_7C15
+            var z = state
+            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+            return z ^ (z >> 31)
+        }
+    }
+
+    @Test func agreesWithTheStandardLibraryOnRandomBytesSplitAnywhere() {
+        var random = SplitMix(state: 6455)
+        // Bytes drawn mostly from the interesting ranges (lead bytes, continuations, ASCII).
+        let pool: [UInt8] = Array(0x00...0x7F) + Array(0x80...0xBF) + Array(0xC0...0xFF) + Array(0x80...0xBF)
+        for _ in 0..<20_000 {
+            let length = Int.random(in: 0...12, using: &random)
+            let bytes = (0..<length).map { _ in pool.randomElement(using: &random)! }
+            let expected = String(validating: bytes, as: UTF8.self) != nil
+            let cut = Int.random(in: 0...length, using: &random)
+            var validator = UTF8Validator()
+            let ok = validator.feed(bytes[..<cut]) && validator.feed(bytes[cut...]) && validator.isComplete
+            #expect(ok == expected, "\(bytes.map { String($0, radix: 16) }) split at \(cut)")
+            if ok != expected { return }
+        }
     }
 }

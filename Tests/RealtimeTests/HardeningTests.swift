@@ -1,0 +1,108 @@
+import Foundation
+import NIOCore
+import NIOPosix
+import Testing
+
+/// Raw bytes over a real socket: what a hostile or broken client may send.
+enum RawClient {
+    /// Writes `bytes`, then reads until the server closes the connection; returns what it sent back.
+    static func exchange(port: Int, _ bytes: String, timeout: Double = 20) async throws -> String {
+        try await within(timeout, "raw exchange") {
+            let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                .connect(host: "127.0.0.1", port: port) { channel in
+                    channel.eventLoop.makeCompletedFuture { try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel) }
+                }
+            return try await channel.executeThenClose { inbound, outbound in
+                try await outbound.write(ByteBuffer(string: bytes))
+                var received = ""
+                for try await chunk in inbound { received += String(buffer: chunk) }
+                return received
+            }
+        }
+    }
+}
+
+@Suite(.serialized) struct HardeningTests {
+    static func status(_ raw: String) -> Int { Int(raw.split(separator: " ").dropFirst().first ?? "") ?? 0 }
+
+    static func expectServing(_ port: Int) async throws {
+        #expect(try await HTTPTestClient.request(.GET, port: port, "/healthz").status == 200)
+    }
+
+    @Test func oversizedTargetsAndHeadersGetTheEnvelopeAndTheGatewayKeepsServing() async throws {
+        try await withTestGateway { gateway in
+            let port = gateway.port
+            let token = try await gateway.token()
+            let long = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/topic:a/messages?x=" + String(repeating: "a", count: 9000), token: token)
+            #expect(long.status == 414)
+            #expect(long.json["code"] as? String == "URI_TOO_LONG")
+            let many = try await HTTPTestClient.request(.GET, port: port, "/healthz", headers: (0..<101).map { ("X-H\($0)", "v") })
+            #expect(many.status == 431)
+            #expect(many.json["code"] as? String == "HEADERS_TOO_LARGE")
+            let big = try await HTTPTestClient.request(.GET, port: port, "/healthz", headers: (0..<20).map { ("X-Big\($0)", String(repeating: "b", count: 1000)) })
+            #expect(big.status == 431)
+            try await Self.expectServing(port)
+        }
+    }
+
+    @Test func wrongContentTypeDeepNestingAndHugeNumbersAreRefusedAndNothingIsStored() async throws {
+        try await withTestGateway { gateway in
+            let port = gateway.port
+            let token = try await gateway.token()
+            let path = "/v1/channels/topic:hostile/messages"
+            let text = try await HTTPTestClient.request(.POST, port: port, path, headers: [("Content-Type", "text/plain")], body: "{\"body\":{}}", token: token)
+            #expect(text.status == 415)
+            #expect(text.json["code"] as? String == "UNSUPPORTED_MEDIA_TYPE")
+            let form = try await HTTPTestClient.request(.POST, port: port, path, headers: [("Content-Type", "application/x-www-form-urlencoded")], body: "{\"body\":{}}", token: token)
+            #expect(form.status == 415)
+            let deep = "{\"body\":{\"a\":" + String(repeating: "[", count: 50_000) + String(repeating: "]", count: 50_000) + "}}"
+            let nested = try await HTTPTestClient.request(.POST, port: port, path, headers: [("Content-Type", "application/json")], body: deep, token: token)
+            #expect(nested.status == 400)
+            #expect(nested.json["code"] as? String == "BAD_REQUEST")
+            for number in ["1e400", "-1e400", "123456789012345678901234567890123456789"] {
+                let answer = try await HTTPTestClient.request(.POST, port: port, path, headers: [("Content-Type", "application/json")],
+                                                              body: "{\"body\":{\"n\":\(number)}}", token: token)
+                #expect(answer.status == 400 || answer.status == 201, "\(number): \(answer.body)")
+                if answer.status == 201 { #expect(answer.json["message"] != nil) }
+            }
+            let bad = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/topic%ZZ/messages", token: token)
+            #expect(bad.status == 400)
+            // Over WebSocket: an error reply, the connection stays.
+            let ws = try await WSTestClient.connect(port: port, token: token)
+            try await ws.send("{\"type\":\"ping\",\"x\":" + String(repeating: "[", count: 10_000) + String(repeating: "]", count: 10_000) + "}")
+            #expect((try await ws.reply("error")["error"] as? [String: Any])?["code"] as? String == "BAD_REQUEST")
+            try await ws.send(["type": "ping", "id": "alive"])
+            #expect(try await ws.reply("pong")["id"] as? String == "alive")
+            await ws.close()
+            // Only the huge-number publishes that were accepted are stored; none of the refused ones.
+            let history = try await HTTPTestClient.request(.GET, port: port, path, token: token)
+            let stored = (history.json["messages"] as? [[String: Any]]) ?? []
+            #expect(stored.allSatisfy { ($0["body"] as? [String: Any])?["n"] != nil })
+            try await Self.expectServing(port)
+        }
+    }
+
+    @Test func stalledRequestsAndHandshakesAreClosedWhileOthersAreServed() async throws {
+        try await withTestGateway(configure: { $0.requestIdleSeconds = 1 }) { gateway in
+            let port = gateway.port
+            // Half a request head, then silence: closed without an answer.
+            async let stalled = RawClient.exchange(port: port, "GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            async let handshake = RawClient.exchange(port: port, "GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n")
+            async let silent = RawClient.exchange(port: port, "")
+            try await Self.expectServing(port)
+            #expect(try await stalled == "")
+            #expect(try await handshake == "")
+            #expect(try await silent == "")
+            try await Self.expectServing(port)
+        }
+    }
+
+    @Test func pipelinedRequestsAreAnsweredInOrder() async throws {
+        try await withTestGateway { gateway in
+            let raw = try await RawClient.exchange(port: gateway.port,
+                "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /nope HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            let statuses = raw.components(separatedBy: "HTTP/1.1 ").dropFirst().map { Int($0.prefix(3)) ?? 0 }
+            #expect(statuses == [200, 404, 200], "\(raw)")
+        }
+    }
+}
