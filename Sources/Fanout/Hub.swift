@@ -8,6 +8,8 @@ import NIOCore
 public enum WireFormat: Int, Sendable, CaseIterable {
     case webSocket = 0
     case serverSentEvents = 1
+    /// WebSocket frames for connections that negotiated permessage-deflate (compressed once, shared).
+    case webSocketDeflate = 2
 }
 
 /// Encodes one message for one wire format (supplied by the Gateway, which owns the transports).

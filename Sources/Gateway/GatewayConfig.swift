@@ -37,6 +37,8 @@ public struct GatewayConfig: Sendable {
     /// Kernel send buffer per connection, capped so that a slow consumer shows in NIO's queue.
     public var socketSendBuffer = 128 * 1024
     public var maxSubscriptionsPerConnection = 128
+    /// permessage-deflate for WebSocket clients that offer it (GATEWAY_WS_DEFLATE=0 turns it off).
+    public var permessageDeflate = true
     /// HTTP limits: request-target length, header count, and header bytes (name + value).
     public var maxURILength = 8 * 1024
     public var maxHeaderCount = 100
@@ -83,6 +85,7 @@ public struct GatewayConfig: Sendable {
         if let v = env["GATEWAY_INSTANCE_ID"], !v.isEmpty { c.instanceId = v }
         if let v = env["GATEWAY_LOG_LEVEL"], let level = Logger.Level(rawValue: v == "warning" ? "warning" : v) { c.logLevel = level }
         if let v = env["GATEWAY_BODY_LIMIT"], let n = Int(v) { c.bodyLimit = n }
+        if let v = env["GATEWAY_WS_DEFLATE"] { c.permessageDeflate = !(v == "0" || v == "false") }
         if let v = env["GATEWAY_REQUEST_IDLE_SECONDS"], let n = Int64(v), n > 0 { c.requestIdleSeconds = n }
         if let v = env["GATEWAY_SEND_BUDGET"], let n = Int(v) { c.sendBudget = n }
         if let v = env["DATABASE_URL"], !v.isEmpty { c.databaseURL = v }

@@ -173,14 +173,20 @@ public final class GatewayServer: Sendable {
             automaticErrorHandling: false,
             shouldUpgrade: { channel, head in
                 let request = HTTPRequest(head: head, body: ByteBuffer())
-                let headers: HTTPHeaders = ["X-Request-Id": request.requestId]
+                var headers: HTTPHeaders = ["X-Request-Id": request.requestId]
+                let deflate = app.config.permessageDeflate
+                    ? PermessageDeflate.negotiate(head.headers[canonicalForm: "sec-websocket-extensions"].map(String.init).joined(separator: ","))
+                    : nil
+                if let deflate { headers.add(name: "Sec-WebSocket-Extensions", value: deflate.responseHeader) }
                 switch request.path {
                 case ["v1", "echo"]:
-                    return channel.eventLoop.makeSucceededFuture(app.config.echo ? headers : nil)
+                    guard app.config.echo else { return channel.eventLoop.makeSucceededFuture(nil) }
+                    upgrades.put(channel, .init(actor: nil, requestId: request.requestId, deflate: deflate))
+                    return channel.eventLoop.makeSucceededFuture(headers)
                 case ["v1", "ws"]:
                     return channel.eventLoop.makeFutureWithTask {
                         guard let actor = try? await app.authenticate(request.bearerToken) else { return nil }
-                        upgrades.put(channel, actor: actor, requestId: request.requestId)
+                        upgrades.put(channel, .init(actor: actor, requestId: request.requestId, deflate: deflate))
                         return headers
                     }
                 default:
@@ -190,10 +196,13 @@ public final class GatewayServer: Sendable {
             upgradePipelineHandler: { channel, head in
                 channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
-                    if let (actor, requestId) = upgrades.take(channel) {
-                        try sync.addHandler(WebSocketSession(app: app, actor: actor, requestId: requestId, eventLoop: channel.eventLoop))
+                    let upgrade = upgrades.take(channel)
+                    if let upgrade, let actor = upgrade.actor {
+                        try sync.addHandler(WebSocketSession(app: app, actor: actor, requestId: upgrade.requestId, eventLoop: channel.eventLoop,
+                                                             deflate: upgrade.deflate))
                     } else {
-                        try sync.addHandler(EchoSession(maxMessageBytes: app.config.maxMessageBytes, pingInterval: .seconds(app.config.wsPingSeconds)))
+                        try sync.addHandler(EchoSession(maxMessageBytes: app.config.maxMessageBytes, pingInterval: .seconds(app.config.wsPingSeconds),
+                                                        deflate: upgrade?.deflate))
                     }
                 }
             })
@@ -231,13 +240,19 @@ public struct GatewayStartError: Error, CustomStringConvertible {
 
 /// Actors verified before a `101`, waiting for their session handler.
 final class PendingUpgrades: Sendable {
-    private let pending = NIOLockedValueBox<[ObjectIdentifier: (Actor, String)]>([:])
+    /// What the handshake decided, for the handler that takes over after the 101 (no actor: echo).
+    struct Upgrade: Sendable {
+        let actor: Actor?
+        let requestId: String
+        let deflate: PermessageDeflate.Agreement?
+    }
+    private let pending = NIOLockedValueBox<[ObjectIdentifier: Upgrade]>([:])
 
-    func put(_ channel: any Channel, actor: Actor, requestId: String) {
-        pending.withLockedValue { $0[ObjectIdentifier(channel)] = (actor, requestId) }
+    func put(_ channel: any Channel, _ upgrade: Upgrade) {
+        pending.withLockedValue { $0[ObjectIdentifier(channel)] = upgrade }
     }
 
-    func take(_ channel: any Channel) -> (Actor, String)? {
+    func take(_ channel: any Channel) -> Upgrade? {
         pending.withLockedValue { $0.removeValue(forKey: ObjectIdentifier(channel)) }
     }
 }

@@ -22,9 +22,13 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
     /// Where frame bytes are written: the frame encoder's context, whose writes go straight to the socket.
     private var output: ChannelHandlerContext?
 
-    init(maxMessageBytes: Int, pingInterval: TimeAmount) {
-        self.framing = WebSocketFraming(maxMessageBytes: maxMessageBytes)
+    /// permessage-deflate, when the handshake agreed it.
+    let deflate: PermessageDeflate.Agreement?
+
+    init(maxMessageBytes: Int, pingInterval: TimeAmount, deflate: PermessageDeflate.Agreement? = nil) {
+        self.framing = WebSocketFraming(maxMessageBytes: maxMessageBytes, inflater: deflate.map(DeflateInflater.init))
         self.pingInterval = pingInterval
+        self.deflate = deflate
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -149,11 +153,13 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
 /// `/v1/echo` (only with echo enabled): echoes every message, for the Autobahn conformance suite.
 final class EchoSession: WebSocketConnection {
     override func handleText(_ text: String) {
-        send(text)
+        guard deflate != nil else { return send(text) }
+        guard !closing else { return }
+        _ = writeAndFlushFrame(WireEncoding.deflateFrame(.text, payload: ByteBuffer(string: text)))
     }
 
     override func handleBinary(_ data: ByteBuffer) {
         guard !closing else { return }
-        _ = writeAndFlushFrame(WireEncoding.frame(.binary, payload: data))
+        _ = writeAndFlushFrame(deflate != nil ? WireEncoding.deflateFrame(.binary, payload: data) : WireEncoding.frame(.binary, payload: data))
     }
 }

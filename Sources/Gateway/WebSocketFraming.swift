@@ -18,23 +18,31 @@ struct WebSocketFraming {
     }
 
     let maxMessageBytes: Int
+    /// Set when permessage-deflate was agreed: RSV1 on a message's first frame means compressed.
+    private let inflater: DeflateInflater?
+    private var compressed = false
     private var fragments: (opcode: WebSocketOpcode, data: ByteBuffer)?
     /// The text message being received, validated frame by frame (fail fast on the first bad byte).
     private var utf8 = UTF8Validator()
 
-    init(maxMessageBytes: Int) {
+    init(maxMessageBytes: Int, inflater: DeflateInflater? = nil) {
         self.maxMessageBytes = maxMessageBytes
+        self.inflater = inflater
     }
 
     mutating func receive(_ frame: WebSocketFrame) -> Event {
-        if frame.rsv1 || frame.rsv2 || frame.rsv3 { return .fail(code: 1002, reason: "reserved bits set") }
+        let firstDataFrame = (frame.opcode == .text || frame.opcode == .binary) && fragments == nil
+        if frame.rsv2 || frame.rsv3 || (frame.rsv1 && !(inflater != nil && firstDataFrame)) {
+            return .fail(code: 1002, reason: "reserved bits set")
+        }
         guard frame.maskKey != nil else { return .fail(code: 1002, reason: "client frames must be masked") }
         let data = frame.unmaskedData
         switch frame.opcode {
         case .text, .binary:
             guard fragments == nil else { return .fail(code: 1002, reason: "new message inside a fragmented one") }
             guard data.readableBytes <= maxMessageBytes else { return .fail(code: 1009, reason: "message too big") }
-            if frame.opcode == .text {
+            compressed = frame.rsv1
+            if frame.opcode == .text && !compressed {
                 utf8 = UTF8Validator()
                 guard utf8.feed(data.readableBytesView) else { return .fail(code: 1007, reason: "invalid UTF-8") }
             }
@@ -48,7 +56,7 @@ struct WebSocketFraming {
                 return .fail(code: 1009, reason: "message too big")
             }
             fragments = nil
-            if current.opcode == .text {
+            if current.opcode == .text && !compressed {
                 guard utf8.feed(data.readableBytesView) else { return .fail(code: 1007, reason: "invalid UTF-8") }
             }
             var chunk = data
@@ -71,6 +79,20 @@ struct WebSocketFraming {
     }
 
     private func complete(_ opcode: WebSocketOpcode, _ data: ByteBuffer) -> Event {
+        if compressed, let inflater {
+            let payload: ByteBuffer
+            do {
+                payload = try inflater.inflate(data, limit: maxMessageBytes)
+            } catch .tooBig {
+                return .fail(code: 1009, reason: "message too big")
+            } catch {
+                return .fail(code: 1007, reason: "invalid compressed data")
+            }
+            guard payload.readableBytes <= maxMessageBytes else { return .fail(code: 1009, reason: "message too big") }
+            if opcode == .binary { return .binary(payload) }
+            guard let text = String(validating: payload.readableBytesView, as: UTF8.self) else { return .fail(code: 1007, reason: "invalid UTF-8") }
+            return .text(text)
+        }
         if opcode == .binary { return .binary(data) }
         // Every byte was validated as it arrived; only an open sequence at the end can still be wrong.
         guard utf8.isComplete else { return .fail(code: 1007, reason: "invalid UTF-8") }

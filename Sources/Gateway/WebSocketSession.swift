@@ -23,12 +23,12 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, LiveStream,
 
     private let eventLoop: any EventLoop
 
-    init(app: GatewayApp, actor: Actor, requestId: String, eventLoop: any EventLoop) {
+    init(app: GatewayApp, actor: Actor, requestId: String, eventLoop: any EventLoop, deflate: PermessageDeflate.Agreement? = nil) {
         self.app = app
         self.eventLoop = eventLoop
         self.actor = actor
         self.requestId = requestId
-        super.init(maxMessageBytes: app.config.maxMessageBytes, pingInterval: .seconds(app.config.wsPingSeconds))
+        super.init(maxMessageBytes: app.config.maxMessageBytes, pingInterval: .seconds(app.config.wsPingSeconds), deflate: deflate)
     }
 
     override func handlerAdded(context: ChannelHandlerContext) {
@@ -116,7 +116,8 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, LiveStream,
             history = Int64(n)
         }
         guard let context else { return }
-        let subscription = Subscription(channel: channel, eventLoop: context.eventLoop, format: .webSocket, hub: app.hub, sink: self)
+        let subscription = Subscription(channel: channel, eventLoop: context.eventLoop, format: deflate == nil ? .webSocket : .webSocketDeflate,
+                                        hub: app.hub, sink: self)
         subscriptions[channel] = subscription
         subscription.register()
         let store = app.store

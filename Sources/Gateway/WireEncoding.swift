@@ -27,8 +27,8 @@ enum WireEncoding {
         return out
     }
 
-    static func writeHeader(_ opcode: Opcode, length: Int, into out: inout ByteBuffer) {
-        out.writeInteger(0x80 | opcode.rawValue)
+    static func writeHeader(_ opcode: Opcode, length: Int, compressed: Bool = false, into out: inout ByteBuffer) {
+        out.writeInteger(0x80 | (compressed ? 0x40 : 0) | opcode.rawValue)
         if length < 126 {
             out.writeInteger(UInt8(length))
         } else if length <= 0xFFFF {
@@ -49,8 +49,24 @@ enum WireEncoding {
 
     /// `{"type":"message","channel":…,"message":…}` as a text frame.
     static func webSocketMessage(_ message: Message) -> ByteBuffer {
-        let text = "{\"type\":\"message\",\"channel\":\"" + message.channel.rawValue + "\",\"message\":" + message.json + "}"
-        return frame(.text, text: text)
+        frame(.text, text: webSocketMessageText(message))
+    }
+
+    static func webSocketMessageText(_ message: Message) -> String {
+        "{\"type\":\"message\",\"channel\":\"" + message.channel.rawValue + "\",\"message\":" + message.json + "}"
+    }
+
+    /// A text or binary frame for a permessage-deflate connection: compressed (RSV1) from the threshold up.
+    static func deflateFrame(_ opcode: Opcode, payload: ByteBuffer) -> ByteBuffer {
+        guard payload.readableBytes >= PermessageDeflate.threshold, let compressed = PermessageDeflate.compress(payload),
+              compressed.readableBytes < payload.readableBytes else {
+            return frame(opcode, payload: payload)
+        }
+        var out = allocator.buffer(capacity: compressed.readableBytes + 10)
+        writeHeader(opcode, length: compressed.readableBytes, compressed: true, into: &out)
+        var body = compressed
+        out.writeBuffer(&body)
+        return out
     }
 
     /// `id: <cursor>\nevent: message\ndata: <json>\n\n` (the JSON never holds a raw newline).
@@ -68,6 +84,7 @@ enum WireEncoding {
         switch format {
         case .webSocket: webSocketMessage(message)
         case .serverSentEvents: serverSentEvent(message)
+        case .webSocketDeflate: deflateFrame(.text, payload: ByteBuffer(string: webSocketMessageText(message)))
         }
     }
 }

@@ -1,4 +1,5 @@
 import Foundation
+@testable import Gateway
 import NIOCore
 import NIOHTTP1
 import NIOPosix
@@ -8,9 +9,15 @@ import NIOWebSocket
 /// unless a test says otherwise.
 final class WSTestClient: @unchecked Sendable {  // used from one test task at a time
     enum Upgrade: Sendable {
-        case websocket(NIOAsyncChannel<WebSocketFrame, WebSocketFrame>)
+        case websocket(NIOAsyncChannel<WebSocketFrame, WebSocketFrame>, extensions: String?)
         case refused
     }
+    /// The server's `Sec-WebSocket-Extensions` answer, and an inflater when it agreed permessage-deflate.
+    private(set) var extensions: String?
+    private var inflater: DeflateInflater?
+    /// Compressed (RSV1) frames received, and the raw payload of the last one.
+    private(set) var compressedFrames = 0
+    private(set) var lastCompressedPayload: ByteBuffer?
 
     private let channel: NIOAsyncChannel<WebSocketFrame, WebSocketFrame>
     private var iterator: NIOAsyncChannelInboundStream<WebSocketFrame>.AsyncIterator
@@ -18,18 +25,20 @@ final class WSTestClient: @unchecked Sendable {  // used from one test task at a
     private(set) var closeCode: UInt16?
     private var fragments: ByteBuffer?
 
-    static func connect(port: Int, token: String?, path: String = "/v1/ws") async throws -> WSTestClient {
+    static func connect(port: Int, token: String?, path: String = "/v1/ws", extensions offer: String? = nil) async throws -> WSTestClient {
         let upgrade: EventLoopFuture<Upgrade> = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .connect(host: "127.0.0.1", port: port) { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    let upgrader = NIOTypedWebSocketClientUpgrader<Upgrade>(maxFrameSize: 1 << 24, upgradePipelineHandler: { channel, _ in
+                    let upgrader = NIOTypedWebSocketClientUpgrader<Upgrade>(maxFrameSize: 1 << 24, upgradePipelineHandler: { channel, response in
                         channel.eventLoop.makeCompletedFuture {
-                            .websocket(try NIOAsyncChannel<WebSocketFrame, WebSocketFrame>(wrappingChannelSynchronously: channel))
+                            .websocket(try NIOAsyncChannel<WebSocketFrame, WebSocketFrame>(wrappingChannelSynchronously: channel),
+                                       extensions: response.headers.first(name: "sec-websocket-extensions"))
                         }
                     })
                     var headers = HTTPHeaders()
                     headers.add(name: "Host", value: "127.0.0.1:\(port)")
                     if let token { headers.add(name: "Authorization", value: "Bearer \(token)") }
+                    if let offer { headers.add(name: "Sec-WebSocket-Extensions", value: offer) }
                     let head = HTTPRequestHead(version: .http1_1, method: .GET, uri: path, headers: headers)
                     let config = NIOTypedHTTPClientUpgradeConfiguration<Upgrade>(
                         upgradeRequestHead: head, upgraders: [upgrader],
@@ -38,7 +47,11 @@ final class WSTestClient: @unchecked Sendable {  // used from one test task at a
                 }
             }
         switch try await upgrade.get() {
-        case .websocket(let channel): return WSTestClient(channel: channel)
+        case .websocket(let channel, let extensions):
+            let client = WSTestClient(channel: channel)
+            client.extensions = extensions
+            client.inflater = PermessageDeflate.negotiate(extensions).map(DeflateInflater.init)
+            return client
         case .refused: throw WSRefused()
         }
     }
@@ -58,6 +71,12 @@ final class WSTestClient: @unchecked Sendable {  // used from one test task at a
         try await sendFrame(WebSocketFrame(fin: true, opcode: .text, maskKey: .random(), data: ByteBuffer(string: text)))
     }
 
+    /// A text message compressed with permessage-deflate (RSV1 set).
+    func sendCompressed(_ text: String) async throws {
+        let payload = PermessageDeflate.compress(ByteBuffer(string: text))!
+        try await sendFrame(WebSocketFrame(fin: true, rsv1: true, opcode: .text, maskKey: .random(), data: payload))
+    }
+
     func send(_ object: [String: Any]) async throws {
         try await send(jsonText(object))
     }
@@ -67,6 +86,11 @@ final class WSTestClient: @unchecked Sendable {  // used from one test task at a
         while closeCode == nil {
             guard let frame = try await iterator.next() else { return nil }
             switch frame.opcode {
+            case .text where frame.rsv1:
+                guard let inflater else { throw WSRefused() }
+                compressedFrames += 1
+                lastCompressedPayload = frame.unmaskedData
+                return String(buffer: try inflater.inflate(frame.unmaskedData, limit: 1 << 24))
             case .text, .continuation:
                 var data = frame.unmaskedData
                 if frame.fin && fragments == nil { return String(buffer: data) }
