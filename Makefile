@@ -6,7 +6,7 @@ GATEWAY_HOST ?= 127.0.0.1
 GATEWAY_DATA_DIR ?= ./data
 export GATEWAY_PORT GATEWAY_HOST GATEWAY_DATA_DIR
 
-.PHONY: run build test unit check-run bench cluster loadtest conformance clean
+.PHONY: run build test unit fuzz check-run bench cluster loadtest conformance clean
 
 ## Build and start the embedded gateway (SQLite + in-process fan-out) on $(GATEWAY_HOST):$(GATEWAY_PORT).
 run:
@@ -28,6 +28,10 @@ test: build
 
 unit: build
 	swift test --skip-build --filter 'SequencerTests|CursorAndChannelTests|WireTests'
+
+## The property/fuzz tests with many more cases than `make test` runs (FUZZ_ITERATIONS, default 200,000).
+fuzz: build
+	FUZZ_ITERATIONS=$${FUZZ_ITERATIONS:-200000} swift test --skip-build --filter 'PropertyTests|UTF8ValidatorTests'
 
 ## Starts `make run` like a user would, publishes and streams one message, stops it.
 check-run:

@@ -23,7 +23,9 @@ public struct Cursor: Hashable, Sendable {
     /// Parses a cursor for `channel`. Malformed text or another channel's cursor is `INVALID_CURSOR`.
     public init(parsing text: String, for channel: ChannelName) throws(ApiError) {
         let parts = text.split(separator: ".", omittingEmptySubsequences: false)
+        // Canonical form only: no leading zero (so one position has one cursor text).
         guard parts.count == 2, (1...19).contains(parts[0].utf8.count), parts[0].utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }),
+              parts[0] == "0" || parts[0].utf8.first != 0x30,
               parts[1].utf8.count == 16, let seq = Int64(parts[0]), let hash = UInt64(parts[1], radix: 16),
               parts[1].utf8.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x66) })
         else {

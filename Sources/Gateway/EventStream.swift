@@ -20,13 +20,18 @@ final class EventStream: SubscriptionSink, ConnectionBoundStream, LiveStream, @u
         let actor = try await app.authenticate(request.bearerToken)
         let channel = try await app.channels.authorize(actor, .subscribe, name)
         let resume = request.headers.first(name: "last-event-id") ?? request.query["since"]
-        let cursor = try resume.map { (text) throws(ApiError) in try Cursor(parsing: text.trimmingCharacters(in: .whitespaces), for: channel) }
+        let cursor = try resume.map { (text) throws(ApiError) in try resumeCursor(text, for: channel) }
         let history = try request.intParameter("history", default: 0, range: 0...ChannelService.maxPageSize)
         let head = try await app.store.head(of: channel)
         var position = try app.channels.position(of: cursor, in: channel, head: head)
         if cursor == nil { position = max(0, head - Int64(history)) }
         let expiresIn = TimeAmount.milliseconds(max(0, Int64(actor.expiresAt.timeIntervalSinceNow * 1000)))
         return Start(channel: channel, position: position, expiresIn: expiresIn, actor: actor)
+    }
+
+    /// `Last-Event-ID` (or `since`) as a cursor of `channel`, surrounding spaces ignored.
+    static func resumeCursor(_ text: String, for channel: ChannelName) throws(ApiError) -> Cursor {
+        try Cursor(parsing: text.trimmingCharacters(in: .whitespaces), for: channel)
     }
 
     private let app: GatewayApp

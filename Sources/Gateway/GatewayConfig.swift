@@ -37,6 +37,12 @@ public struct GatewayConfig: Sendable {
     /// Kernel send buffer per connection, capped so that a slow consumer shows in NIO's queue.
     public var socketSendBuffer = 128 * 1024
     public var maxSubscriptionsPerConnection = 128
+    /// Browser origins allowed to open WebSockets and event streams (`GATEWAY_ALLOWED_ORIGINS`, comma-separated
+    /// `scheme://host[:port]`); empty: any. Requests without an `Origin` (non-browser clients) are not affected.
+    public var allowedOrigins: Set<String> = []
+    /// Requests per second one HTTP connection may make (keep-alive and pipelining), and its burst.
+    public var connectionRequestRate: Double = 100
+    public var connectionRequestBurst: Double = 200
     /// permessage-deflate for WebSocket clients that offer it (GATEWAY_WS_DEFLATE=0 turns it off).
     public var permessageDeflate = true
     /// HTTP limits: request-target length, header count, and header bytes (name + value).
@@ -64,6 +70,12 @@ public struct GatewayConfig: Sendable {
 
     public var instanceName: String { instanceId ?? "\(host):\(port)" }
 
+    /// Whether a request with this `Origin` header may proceed.
+    public func allows(origin: String?) -> Bool {
+        guard let origin, !allowedOrigins.isEmpty else { return true }
+        return allowedOrigins.contains(origin.lowercased())
+    }
+
     /// Reads the `GATEWAY_*` variables.
     public static func fromEnvironment(_ env: [String: String] = ProcessInfo.processInfo.environment) -> GatewayConfig {
         var c = GatewayConfig()
@@ -85,6 +97,10 @@ public struct GatewayConfig: Sendable {
         if let v = env["GATEWAY_INSTANCE_ID"], !v.isEmpty { c.instanceId = v }
         if let v = env["GATEWAY_LOG_LEVEL"], let level = Logger.Level(rawValue: v == "warning" ? "warning" : v) { c.logLevel = level }
         if let v = env["GATEWAY_BODY_LIMIT"], let n = Int(v) { c.bodyLimit = n }
+        if let v = env["GATEWAY_ALLOWED_ORIGINS"] {
+            c.allowedOrigins = Set(v.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces).lowercased() }.filter { !$0.isEmpty })
+        }
+        if let v = env["GATEWAY_CONNECTION_REQUEST_RATE"], let n = Double(v) { c.connectionRequestRate = n }
         if let v = env["GATEWAY_WS_DEFLATE"] { c.permessageDeflate = !(v == "0" || v == "false") }
         if let v = env["GATEWAY_REQUEST_IDLE_SECONDS"], let n = Int64(v), n > 0 { c.requestIdleSeconds = n }
         if let v = env["GATEWAY_SEND_BUDGET"], let n = Int(v) { c.sendBudget = n }

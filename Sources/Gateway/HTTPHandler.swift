@@ -21,17 +21,36 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         case responding
     }
     private var state = State.idle
+    /// Requests this connection may still make (token bucket: `connectionRequestRate` per second).
+    private var requestTokens: Double
+    private var tokensUpdated = NIODeadline.now()
     /// The SSE stream or long-poll wait in progress, ended when the connection goes.
     private var live: (any ConnectionBoundStream)?
 
     init(app: GatewayApp) {
         self.app = app
+        self.requestTokens = app.config.connectionRequestBurst
+    }
+
+    /// Takes one request from the connection's bucket; false when it is over its rate.
+    private func takeRequestToken() -> Bool {
+        let rate = app.config.connectionRequestRate
+        guard rate > 0 else { return true }
+        let now = NIODeadline.now()
+        let elapsed = Double((now - tokensUpdated).nanoseconds) / 1e9
+        tokensUpdated = now
+        requestTokens = min(app.config.connectionRequestBurst, requestTokens + elapsed * rate)
+        guard requestTokens >= 1 else { return false }
+        requestTokens -= 1
+        return true
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
         case .head(let head):
-            if let error = limitError(head) {
+            if !takeRequestToken() {
+                state = .rejected(head, ApiError(.rateLimited, "too many requests on this connection", retryAfter: 1))
+            } else if let error = limitError(head) {
                 state = .rejected(head, error)
             } else if let length = head.headers.first(name: "content-length").flatMap(Int.init), length > app.config.maxMessageBytes {
                 state = .tooLarge(head)
@@ -114,6 +133,10 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     private func route(context: ChannelHandlerContext, request: HTTPRequest) {
         let path = request.path
+        if !app.config.allows(origin: request.headers.first(name: "origin")) {
+            let error = ApiError(.forbidden, "this origin is not allowed", details: ["origin": String((request.headers.first(name: "origin") ?? "").prefix(100))])
+            return write(context: context, response: .error(error, requestId: request.requestId), request: request)
+        }
         // A body is JSON: no Content-Type is taken as JSON, any other type is refused.
         if request.body.readableBytes > 0, let type = request.headers.first(name: "content-type"),
            type.split(separator: ";").first?.trimmingCharacters(in: .whitespaces).lowercased() != "application/json" {

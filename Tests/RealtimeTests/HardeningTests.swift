@@ -97,6 +97,36 @@ enum RawClient {
         }
     }
 
+    @Test func originsOutsideTheAllowedListAreRefused() async throws {
+        try await withTestGateway(configure: { $0.allowedOrigins = ["https://chat.example"] }) { gateway in
+            let port = gateway.port
+            let token = try await gateway.token()
+            let upgrade = [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13")]
+            let evil = try await HTTPTestClient.request(.GET, port: port, "/v1/ws", headers: upgrade + [("Origin", "https://evil.example")], token: token)
+            #expect(evil.status == 403)
+            #expect(evil.json["code"] as? String == "FORBIDDEN")
+            let sse = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/topic:o/events", headers: [("Origin", "https://evil.example")], token: token)
+            #expect(sse.status == 403)
+            let good = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/topic:o/messages", headers: [("Origin", "https://chat.example")], token: token)
+            #expect(good.status == 200)
+            // Non-browser clients send no Origin and are not affected.
+            let ws = try await WSTestClient.connect(port: port, token: token)
+            await ws.close()
+        }
+    }
+
+    @Test func aConnectionMakingTooManyRequestsGets429AndIsClosed() async throws {
+        try await withTestGateway(configure: { $0.connectionRequestRate = 1; $0.connectionRequestBurst = 3 }) { gateway in
+            let requests = String(repeating: "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", count: 6)
+            let raw = try await RawClient.exchange(port: gateway.port, requests)
+            let statuses = raw.components(separatedBy: "HTTP/1.1 ").dropFirst().map { Int($0.prefix(3)) ?? 0 }
+            #expect(statuses == [200, 200, 200, 429], "\(raw)")
+            #expect(raw.contains("RATE_LIMITED"))
+            // Other connections are not affected.
+            try await Self.expectServing(gateway.port)
+        }
+    }
+
     @Test func pipelinedRequestsAreAnsweredInOrder() async throws {
         try await withTestGateway { gateway in
             let raw = try await RawClient.exchange(port: gateway.port,

@@ -1,0 +1,116 @@
+import ChatDomain
+import Foundation
+@testable import Gateway
+import NIOCore
+import NIOWebSocket
+import Testing
+
+/// Seeded random inputs for the parsers that face the network: the WebSocket frame state machine, the
+/// command decoder, the cursor parser and the SSE `Last-Event-ID` parser. None may crash, each answers only
+/// what it documents, and valid inputs round-trip. `make test` runs a bounded number of cases;
+/// `make fuzz` runs many more (FUZZ_ITERATIONS).
+struct PropertyTests {
+    static let iterations = Int(ProcessInfo.processInfo.environment["FUZZ_ITERATIONS"] ?? "") ?? 3_000
+    typealias Random = UTF8ValidatorTests.SplitMix
+
+    static func bytes(_ random: inout Random, max: Int) -> [UInt8] {
+        (0..<Int.random(in: 0...max, using: &random)).map { _ in UInt8.random(in: 0...255, using: &random) }
+    }
+
+    @Test func frameStateMachineAnswersEveryFrameSequenceWithADocumentedEvent() {
+        var random = Random(state: 1)
+        let opcodes: [WebSocketOpcode] = [.text, .binary, .continuation, .ping, .pong, .connectionClose, WebSocketOpcode(encodedWebSocketOpcode: 0x3)!,
+                                          WebSocketOpcode(encodedWebSocketOpcode: 0xB)!]
+        let allowedFailures: Set<UInt16> = [1002, 1007, 1009]
+        for _ in 0..<Self.iterations {
+            var framing = WebSocketFraming(maxMessageBytes: 64,
+                                           inflater: Bool.random(using: &random) ? DeflateInflater(.init(clientNoContextTakeover: Bool.random(using: &random))) : nil)
+            for _ in 0..<Int.random(in: 1...8, using: &random) {
+                let key: WebSocketMaskingKey? = Int.random(in: 0..<10, using: &random) == 0 ? nil : .random()
+                var data = ByteBuffer(bytes: Self.bytes(&random, max: 80))
+                if let key { data.webSocketMask(key) }
+                let frame = WebSocketFrame(fin: Bool.random(using: &random), rsv1: Int.random(in: 0..<6, using: &random) == 0,
+                                           opcode: opcodes.randomElement(using: &random)!, maskKey: key, data: data)
+                if case .fail(let code, _) = framing.receive(frame) {
+                    #expect(allowedFailures.contains(code))
+                    break
+                }
+            }
+        }
+    }
+
+    @Test func validTextSplitIntoRandomFragmentsIsReassembledExactly() {
+        var random = Random(state: 2)
+        let samples = ["", "hello", "κόσμε", "emoji 👍🏽 mix", String(repeating: "ab", count: 30)]
+        for _ in 0..<Self.iterations {
+            let text = samples.randomElement(using: &random)!
+            let bytes = Array(text.utf8)
+            var cuts = (0..<Int.random(in: 0...3, using: &random)).map { _ in Int.random(in: 0...bytes.count, using: &random) }.sorted()
+            cuts = [0] + cuts + [bytes.count]
+            var framing = WebSocketFraming(maxMessageBytes: 1000)
+            var event = WebSocketFraming.Event.none
+            for i in 0..<(cuts.count - 1) {
+                let key = WebSocketMaskingKey.random()
+                var data = ByteBuffer(bytes: bytes[cuts[i]..<cuts[i + 1]])
+                data.webSocketMask(key)
+                event = framing.receive(WebSocketFrame(fin: i == cuts.count - 2, opcode: i == 0 ? .text : .continuation, maskKey: key, data: data))
+            }
+            #expect(event == .text(text))
+        }
+    }
+
+    @Test func commandDecoderNeverCrashesAndAnswersObjectOrBadRequest() {
+        var random = Random(state: 3)
+        let pieces = ["{", "}", "[", "]", "\"", ":", ",", "\"type\"", "\"subscribe\"", "1e400", "-0", "null", "true", "\\u0000", "\\", " ", "é", "\u{0}"]
+        for _ in 0..<Self.iterations {
+            let text = (0..<Int.random(in: 0...40, using: &random)).map { _ in pieces.randomElement(using: &random)! }.joined()
+            let input = Bool.random(using: &random) ? Array(text.utf8) : Self.bytes(&random, max: 60)
+            do {
+                _ = try JSONText.parseObject(input)
+            } catch {
+                #expect(error.code == .badRequest)
+            }
+        }
+    }
+
+    @Test func cursorParserAcceptsExactlyWhatItPrintsForItsChannel() throws {
+        var random = Random(state: 4)
+        let channel = try ChannelName(parsing: "topic:fuzz")
+        let other = try ChannelName(parsing: "topic:other")
+        let alphabet = Array("0123456789abcdefABCDEF.-+ x")
+        for _ in 0..<Self.iterations {
+            let seq = Int64.random(in: 0...Int64.max, using: &random)
+            let valid = Cursor.text(channel: channel, seq: seq)
+            #expect((try? Cursor(parsing: valid, for: channel))?.seq == seq)
+            #expect((try? Cursor(parsing: valid, for: other)) == nil)
+            // Random text and single-character mutations of a valid cursor: parsed only when it is exactly valid.
+            var mutated = Array(valid)
+            mutated[Int.random(in: 0..<mutated.count, using: &random)] = alphabet.randomElement(using: &random)!
+            for candidate in [String(mutated), String((0..<Int.random(in: 0...24, using: &random)).map { _ in alphabet.randomElement(using: &random)! })] {
+                do {
+                    let cursor = try Cursor(parsing: candidate, for: channel)
+                    #expect(Cursor.text(channel: channel, seq: cursor.seq) == candidate)
+                } catch {
+                    #expect(error.code == .invalidCursor)
+                }
+            }
+        }
+    }
+
+    @Test func lastEventIDIsACursorAfterTrimmingSpaces() throws {
+        var random = Random(state: 5)
+        let channel = try ChannelName(parsing: "topic:sse")
+        for _ in 0..<Self.iterations {
+            let seq = Int64.random(in: 0...1_000_000, using: &random)
+            let header = String(repeating: " ", count: Int.random(in: 0...2, using: &random)) + Cursor.text(channel: channel, seq: seq)
+                + String(repeating: " ", count: Int.random(in: 0...2, using: &random))
+            #expect((try? EventStream.resumeCursor(header, for: channel))?.seq == seq)
+            let junk = String(decoding: Self.bytes(&random, max: 30), as: UTF8.self)
+            do {
+                _ = try EventStream.resumeCursor(junk, for: channel)
+            } catch {
+                #expect(error.code == .invalidCursor)
+            }
+        }
+    }
+}
