@@ -87,18 +87,7 @@ final class EventStream: SubscriptionSink, ConnectionBoundStream, LiveStream, @u
 
     func write(_ bytes: ByteBuffer, message: Message) {
         guard !ended else { return }
-        switch app.faults.next() {
-        case .drop?: return
-        case .swap?:
-            heldForFault = bytes
-            return
-        case nil:
-            context.write(NIOAny(HTTPServerResponsePart.body(.byteBuffer(bytes))), promise: nil)
-            if let held = heldForFault {
-                heldForFault = nil
-                context.write(NIOAny(HTTPServerResponsePart.body(.byteBuffer(held))), promise: nil)
-            }
-        }
+        app.faults.write(bytes, held: &heldForFault) { context.write(NIOAny(HTTPServerResponsePart.body(.byteBuffer($0))), promise: nil) }
     }
 
     func flush() -> EventLoopFuture<Void> {

@@ -1,4 +1,5 @@
 import NIOConcurrencyHelpers
+import NIOCore
 
 /// Test-only misbehaviour, off unless `GATEWAY_TEST_FAULT` is set: proves that `loadtest` catches what it
 /// must. `drop:N` loses one live message in N on WebSocket and SSE streams (no repair); `swap:N` delivers one
@@ -30,5 +31,22 @@ final class FaultInjector: Sendable {
         guard let fault else { return nil }
         let n = count.withLockedValue { $0 += 1; return $0 }
         return n % fault.every == 0 ? fault.kind : nil
+    }
+}
+
+extension FaultInjector {
+    /// Writes `bytes` through `write`, unless the fault says to drop it or to hold it until the next write
+    /// (`held` is the connection's own slot for that).
+    func write(_ bytes: ByteBuffer, held: inout ByteBuffer?, _ write: (ByteBuffer) -> Void) {
+        switch next() {
+        case .drop?: return
+        case .swap?: held = bytes
+        case nil:
+            write(bytes)
+            if let message = held {
+                held = nil
+                write(message)
+            }
+        }
     }
 }

@@ -261,18 +261,7 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, LiveStream,
 
     func write(_ bytes: ByteBuffer, message: Message) {
         guard !closing else { return }
-        switch app.faults.next() {
-        case .drop?: return
-        case .swap?:
-            heldForFault = bytes
-            return
-        case nil:
-            writeFrame(bytes)
-            if let held = heldForFault {
-                heldForFault = nil
-                writeFrame(held)
-            }
-        }
+        app.faults.write(bytes, held: &heldForFault) { writeFrame($0) }
     }
 
     func flush() -> EventLoopFuture<Void> {

@@ -78,7 +78,7 @@ struct DeflateTests {
         var plain = 0
         var deflated = 0
         let words = ["hey", "are", "you", "coming", "to", "the", "standup", "today", "I", "think", "we", "should", "ship", "it", "after", "lunch", "ok", "sounds", "good", "👍"]
-        var random = UTF8ValidatorTests.SplitMix(state: 7692)
+        var random = SplitMix(seed: 7692)
         let channel = try ChannelName(parsing: "thread:0193a6c4-5a1e-7c3b-9f00-2a6f4e1d9b10")
         for i in 0..<10_000 {
             let text = (0..<Int.random(in: 4...30, using: &random)).map { _ in words.randomElement(using: &random)! }.joined(separator: " ")

@@ -11,14 +11,14 @@ import Testing
 /// `make fuzz` runs many more (FUZZ_ITERATIONS).
 struct PropertyTests {
     static let iterations = Int(ProcessInfo.processInfo.environment["FUZZ_ITERATIONS"] ?? "") ?? 3_000
-    typealias Random = UTF8ValidatorTests.SplitMix
+    typealias Random = SplitMix
 
     static func bytes(_ random: inout Random, max: Int) -> [UInt8] {
         (0..<Int.random(in: 0...max, using: &random)).map { _ in UInt8.random(in: 0...255, using: &random) }
     }
 
     @Test func frameStateMachineAnswersEveryFrameSequenceWithADocumentedEvent() {
-        var random = Random(state: 1)
+        var random = Random(seed: 1)
         let opcodes: [WebSocketOpcode] = [.text, .binary, .continuation, .ping, .pong, .connectionClose, WebSocketOpcode(encodedWebSocketOpcode: 0x3)!,
                                           WebSocketOpcode(encodedWebSocketOpcode: 0xB)!]
         let allowedFailures: Set<UInt16> = [1002, 1007, 1009]
@@ -40,7 +40,7 @@ struct PropertyTests {
     }
 
     @Test func validTextSplitIntoRandomFragmentsIsReassembledExactly() {
-        var random = Random(state: 2)
+        var random = Random(seed: 2)
         let samples = ["", "hello", "κόσμε", "emoji 👍🏽 mix", String(repeating: "ab", count: 30)]
         for _ in 0..<Self.iterations {
             let text = samples.randomElement(using: &random)!
@@ -60,7 +60,7 @@ struct PropertyTests {
     }
 
     @Test func commandDecoderNeverCrashesAndAnswersObjectOrBadRequest() {
-        var random = Random(state: 3)
+        var random = Random(seed: 3)
         let pieces = ["{", "}", "[", "]", "\"", ":", ",", "\"type\"", "\"subscribe\"", "1e400", "-0", "null", "true", "\\u0000", "\\", " ", "é", "\u{0}"]
         for _ in 0..<Self.iterations {
             let text = (0..<Int.random(in: 0...40, using: &random)).map { _ in pieces.randomElement(using: &random)! }.joined()
@@ -74,7 +74,7 @@ struct PropertyTests {
     }
 
     @Test func cursorParserAcceptsExactlyWhatItPrintsForItsChannel() throws {
-        var random = Random(state: 4)
+        var random = Random(seed: 4)
         let channel = try ChannelName(parsing: "topic:fuzz")
         let other = try ChannelName(parsing: "topic:other")
         let alphabet = Array("0123456789abcdefABCDEF.-+ x")
@@ -98,7 +98,7 @@ struct PropertyTests {
     }
 
     @Test func lastEventIDIsACursorAfterTrimmingSpaces() throws {
-        var random = Random(state: 5)
+        var random = Random(seed: 5)
         let channel = try ChannelName(parsing: "topic:sse")
         for _ in 0..<Self.iterations {
             let seq = Int64.random(in: 0...1_000_000, using: &random)

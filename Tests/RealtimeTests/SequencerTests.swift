@@ -180,7 +180,7 @@ struct SequencerTests {
 }
 
 /// A small seeded generator, so random tests repeat.
-struct SplitMix {
+struct SplitMix: RandomNumberGenerator {
     var state: UInt64
     init(seed: UInt64) { state = seed }
     mutating func next() -> UInt64 {
