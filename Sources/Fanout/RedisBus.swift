@@ -165,7 +165,7 @@ public final class RedisBus: Bus {
             } catch {
                 logger.debug("redis connect failed", metadata: ["error": "\(error)"])
             }
-            let wasReady = state.withLockedValue { state -> Bool in
+            let (wasReady, stopped) = state.withLockedValue { state -> (Bool, Bool) in
                 let ready = state.subscriberReady
                 if isSubscriber {
                     state.subscriber = nil
@@ -173,8 +173,10 @@ public final class RedisBus: Bus {
                 } else {
                     state.publisher = nil
                 }
-                return ready && isSubscriber
+                return (ready && isSubscriber, state.stopped)
             }
+            // Stopped on purpose (shutdown): nobody is to poll, and the event loops may be gone.
+            if stopped { return }
             if wasReady {
                 logger.warning("redis subscriber connection lost; polling the store until it is back")
                 state.withLockedValue { $0.availability }?(false)
