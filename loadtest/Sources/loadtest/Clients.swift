@@ -102,15 +102,17 @@ final class WSClient: @unchecked Sendable {  // used by one task at a time
     }
 }
 
-/// A streaming HTTP response (SSE), or a whole one (long-poll, history).
+/// An HTTP/1.1 connection: a streaming response (SSE), or whole ones one after another (history,
+/// long-polls on a kept-alive connection, as a browser would).
 final class HTTPStream: @unchecked Sendable {  // used by one task at a time
-    let status: Int
+    private(set) var status = 0
     private let channel: NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>
     private var iterator: NIOAsyncChannelInboundStream<HTTPClientResponsePart>.AsyncIterator
+    private let endpoint: Endpoint
+    private var keepAlive = false
     private var pending = ""
 
-    static func open(_ endpoint: Endpoint, _ uri: String, token: String, headers extra: [(String, String)] = [],
-                     group: any EventLoopGroup) async throws -> HTTPStream {
+    static func connect(_ endpoint: Endpoint, group: any EventLoopGroup) async throws -> HTTPStream {
         let channel = try await ClientBootstrap(group: group)
             .connect(host: endpoint.host, port: endpoint.port) { channel in
                 channel.eventLoop.makeCompletedFuture {
@@ -118,29 +120,41 @@ final class HTTPStream: @unchecked Sendable {  // used by one task at a time
                     return try NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>(wrappingChannelSynchronously: channel)
                 }
             }
+        return HTTPStream(channel: channel, endpoint: endpoint)
+    }
+
+    /// One GET on a new connection, closed after its response.
+    static func open(_ endpoint: Endpoint, _ uri: String, token: String, headers extra: [(String, String)] = [],
+                     group: any EventLoopGroup) async throws -> HTTPStream {
+        let stream = try await connect(endpoint, group: group)
+        try await stream.get(uri, token: token, headers: extra, keepAlive: false)
+        return stream
+    }
+
+    private init(channel: NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>, endpoint: Endpoint) {
+        self.channel = channel
+        self.iterator = channel.inbound.makeAsyncIterator()
+        self.endpoint = endpoint
+    }
+
+    /// Sends a GET and reads the response head (`status`); read the body with `body()` before the next one.
+    func get(_ uri: String, token: String, headers extra: [(String, String)] = [], keepAlive: Bool) async throws {
         var head = HTTPRequestHead(version: .http1_1, method: .GET, uri: uri)
         head.headers.add(name: "Host", value: endpoint.description)
         head.headers.add(name: "Authorization", value: "Bearer \(token)")
-        head.headers.add(name: "Connection", value: "close")
+        if !keepAlive { head.headers.add(name: "Connection", value: "close") }
         for (name, value) in extra { head.headers.add(name: name, value: value) }
+        self.keepAlive = keepAlive
         try await channel.outbound.write(.head(head))
         try await channel.outbound.write(.end(nil))
-        var iterator = channel.inbound.makeAsyncIterator()
         guard case .head(let response)? = try await iterator.next() else { throw ClientError(description: "no response from \(endpoint)") }
-        return HTTPStream(channel: channel, iterator: iterator, status: Int(response.status.code))
+        status = Int(response.status.code)
     }
 
-    private init(channel: NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>,
-                 iterator: NIOAsyncChannelInboundStream<HTTPClientResponsePart>.AsyncIterator, status: Int) {
-        self.channel = channel
-        self.iterator = iterator
-        self.status = status
-    }
-
-    /// The rest of the body; the connection is closed afterwards.
+    /// The rest of the body (the connection is closed afterwards unless the request kept it alive).
     func body() async throws -> String {
         var out = ByteBuffer()
-        defer { channel.outbound.finish() }
+        defer { if !keepAlive { channel.outbound.finish() } }
         while let part = try await iterator.next() {
             switch part {
             case .body(var chunk): out.writeBuffer(&chunk)
@@ -148,7 +162,7 @@ final class HTTPStream: @unchecked Sendable {  // used by one task at a time
             case .head: continue
             }
         }
-        return String(buffer: out)
+        throw ClientError(description: "\(endpoint) closed the connection mid-response")
     }
 
     struct Event {

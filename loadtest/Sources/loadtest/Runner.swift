@@ -216,12 +216,40 @@ final class Runner: Sendable {
             onReady?()
         }
         let until = churnDelay().map { Date().addingTimeInterval($0) }
+        // One kept-alive connection for the polls, as a browser keeps one (a new one if the server closed it).
+        var connection: HTTPStream?
+        do {
+            let end = try await pollLoop(endpoint, token, channel, &track, &cursor, &connection, who, until: until, i)
+            await connection?.close()
+            return end
+        } catch {
+            await connection?.close()
+            throw error
+        }
+    }
+
+    private func pollLoop(_ endpoint: Endpoint, _ token: String, _ channel: String, _ track: inout Track?, _ cursor: inout String?,
+                          _ connection: inout HTTPStream?, _ who: String, until: Date?, _ i: Int) async throws -> End {
         while !isStopping {
             if let until, Date() > until { return .closed }
-            let stream = try await HTTPStream.open(endpoint, "/v1/channels/\(channel)/poll?since=\(cursor!)&timeout=2&limit=500", token: token, group: group)
-            let body = try await stream.body()
-            guard stream.status == 200, let object = try JSONSerialization.jsonObject(with: Data(body.utf8)) as? [String: Any] else {
-                throw ClientError(description: "\(who): poll answered \(stream.status): \(body.prefix(200))")
+            let uri = "/v1/channels/\(channel)/poll?since=\(cursor!)&timeout=2&limit=500"
+            func poll(on stream: HTTPStream) async throws -> (status: Int, body: String) {
+                try await stream.get(uri, token: token, keepAlive: true)
+                return (stream.status, try await stream.body())
+            }
+            let answer: (status: Int, body: String)
+            if let current = connection, let reused = try? await poll(on: current) {
+                answer = reused
+            } else {
+                // No connection yet, or the server closed the kept-alive one (idle timeout): a new one.
+                if let stale = connection { await stale.close() }
+                let fresh = try await HTTPStream.connect(endpoint, group: group)
+                connection = fresh
+                answer = try await poll(on: fresh)
+            }
+            let (status, body) = answer
+            guard status == 200, let object = try JSONSerialization.jsonObject(with: Data(body.utf8)) as? [String: Any] else {
+                throw ClientError(description: "\(who): poll answered \(status): \(body.prefix(200))")
             }
             for case let message as [String: Any] in object["messages"] as? [Any] ?? [] {
                 if let next = deliver(message, i, &track, who: who) { cursor = next }
