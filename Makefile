@@ -10,12 +10,12 @@ export GATEWAY_PORT GATEWAY_HOST GATEWAY_DATA_DIR
 
 ## Build and start the embedded gateway (SQLite + in-process fan-out) on $(GATEWAY_HOST):$(GATEWAY_PORT).
 run:
-	@scripts/ensure-packages.sh curl libhiredis-dev
+	@scripts/ensure-packages.sh curl libhiredis-dev zlib1g-dev
 	swift build -c $(BUILD_CONFIG) --product gateway
 	@BIN=$$(swift build -c $(BUILD_CONFIG) --show-bin-path)/gateway scripts/run.sh
 
 build:
-	@scripts/ensure-packages.sh curl libhiredis-dev postgresql redis-server
+	@scripts/ensure-packages.sh curl libhiredis-dev zlib1g-dev postgresql redis-server
 	swift build --build-tests
 
 ## The whole suite: unit, integration and end-to-end tests, then the `make run` check.
@@ -39,21 +39,21 @@ check-run:
 
 ## Benchmarks (release build): group commit appends/s at 1, 16 and 256 publishers on Postgres and SQLite.
 bench:
-	@scripts/ensure-packages.sh libhiredis-dev postgresql redis-server
+	@scripts/ensure-packages.sh libhiredis-dev zlib1g-dev postgresql redis-server
 	swift build -c release --product bench
 	@D=/tmp/gw-bench-$$$$; scripts/services.sh start $$D >/dev/null; set -a; . $$D/env; set +a; \
 	  $$(swift build -c release --show-bin-path)/bench; status=$$?; scripts/services.sh stop $$D; exit $$status
 
 ## Postgres, Redis and three gateway instances on 8081-8083 (foreground; Ctrl-C stops them).
 cluster:
-	@scripts/ensure-packages.sh curl libhiredis-dev postgresql redis-server
+	@scripts/ensure-packages.sh curl libhiredis-dev zlib1g-dev postgresql redis-server
 	swift build -c $(BUILD_CONFIG) --product gateway
 	@BIN=$$(swift build -c $(BUILD_CONFIG) --show-bin-path)/gateway scripts/cluster.sh
 
 ## loadtest against `make cluster` (3 instances, Postgres, Redis): 1,000 subscribers over WS, SSE and
 ## long-poll, 20 channels, 60 s; ARGS adds or overrides flags (e.g. ARGS="--churn --duration 20").
 loadtest:
-	@scripts/ensure-packages.sh curl libhiredis-dev postgresql redis-server
+	@scripts/ensure-packages.sh curl libhiredis-dev zlib1g-dev postgresql redis-server
 	swift build -c $(BUILD_CONFIG) --product gateway
 	swift build -c $(BUILD_CONFIG) --product loadtest
 	@BIN=$$(swift build -c $(BUILD_CONFIG) --show-bin-path)/gateway; LT=$$(swift build -c $(BUILD_CONFIG) --show-bin-path)/loadtest; \
@@ -62,7 +62,7 @@ loadtest:
 
 ## RFC 6455 conformance: Autobahn|Testsuite cases 1-10 against /v1/echo (ARGS=-z adds 12.*/13.*).
 conformance:
-	@scripts/ensure-packages.sh curl libhiredis-dev
+	@scripts/ensure-packages.sh curl libhiredis-dev zlib1g-dev
 	swift build -c $(BUILD_CONFIG) --product gateway
 	@BIN=$$(swift build -c $(BUILD_CONFIG) --show-bin-path)/gateway scripts/conformance.sh $(ARGS)
 
