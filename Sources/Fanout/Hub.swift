@@ -10,6 +10,8 @@ public enum WireFormat: Int, Sendable, CaseIterable {
     case serverSentEvents = 1
     /// WebSocket frames for connections that negotiated permessage-deflate (compressed once, shared).
     case webSocketDeflate = 2
+    /// The same for clients that limited the server's window (compressed with a 512-byte window).
+    case webSocketDeflateSmallWindow = 3
 }
 
 /// Encodes one message for one wire format (supplied by the Gateway, which owns the transports).

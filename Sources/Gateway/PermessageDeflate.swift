@@ -10,24 +10,35 @@ import NIOCore
 enum PermessageDeflate {
     static let threshold = 256
 
+    /// The window the server compresses with when a client limits it (`server_max_window_bits` 9…14): one
+    /// small window serves every such client, so their frames are shared too. zlib's raw deflate has no 8.
+    static let smallWindowBits: Int32 = 9
+
     /// What was agreed for one connection.
     struct Agreement: Sendable, Equatable {
         let clientNoContextTakeover: Bool
+        /// The client's `server_max_window_bits`, when it limited the server's window.
+        var serverMaxWindowBits: Int? = nil
 
         /// The `Sec-WebSocket-Extensions` value of the 101.
         var responseHeader: String {
             "permessage-deflate; server_no_context_takeover" + (clientNoContextTakeover ? "; client_no_context_takeover" : "")
+                + (serverMaxWindowBits.map { "; server_max_window_bits=\($0)" } ?? "")
         }
+
+        /// The window bits this connection's messages are compressed with.
+        var windowBits: Int32 { serverMaxWindowBits.map { $0 < 15 ? PermessageDeflate.smallWindowBits : 15 } ?? 15 }
     }
 
     /// Picks the first permessage-deflate offer this server can honour (nil: no compression).
-    /// An offer limiting the server's window below 15 bits is declined (the shared frames use 15).
+    /// `server_max_window_bits=8` is declined (zlib's raw deflate cannot use a 256-byte window).
     static func negotiate(_ header: String?) -> Agreement? {
         guard let header else { return nil }
         offers: for offer in header.split(separator: ",") {
             let parts = offer.split(separator: ";").map { $0.trimmingCharacters(in: .whitespaces) }
             guard parts.first?.lowercased() == "permessage-deflate" else { continue }
             var clientNoContext = false
+            var serverWindow: Int?
             var seen: Set<String> = []
             for parameter in parts.dropFirst() {
                 let kv = parameter.split(separator: "=", maxSplits: 1).map { $0.trimmingCharacters(in: .whitespaces).trimmingCharacters(in: CharacterSet(charactersIn: "\"")) }
@@ -40,22 +51,23 @@ enum PermessageDeflate {
                     guard kv.count == 1 else { continue offers }
                     clientNoContext = true
                 case "server_max_window_bits":
-                    guard kv.count == 2, let bits = Int(kv[1]), (8...15).contains(bits), bits == 15 else { continue offers }
+                    guard kv.count == 2, kv[1].allSatisfy(\.isNumber), let bits = Int(kv[1]), (9...15).contains(bits) else { continue offers }
+                    serverWindow = bits
                 case "client_max_window_bits":
-                    if kv.count == 2 { guard let bits = Int(kv[1]), (8...15).contains(bits) else { continue offers } }
+                    if kv.count == 2 { guard kv[1].allSatisfy(\.isNumber), let bits = Int(kv[1]), (8...15).contains(bits) else { continue offers } }
                 default:
                     continue offers
                 }
             }
-            return Agreement(clientNoContextTakeover: clientNoContext)
+            return Agreement(clientNoContextTakeover: clientNoContext, serverMaxWindowBits: serverWindow)
         }
         return nil
     }
 
     /// `payload` deflated with a fresh context and a sync flush, the 00 00 FF FF tail removed (RFC 7692 §7.2.1).
-    static func compress(_ payload: ByteBuffer) -> ByteBuffer? {
+    static func compress(_ payload: ByteBuffer, windowBits: Int32 = 15) -> ByteBuffer? {
         var input = payload
-        let compressor = CompressionAlgorithm.deflate().compressor
+        let compressor = CompressionAlgorithm.deflate(configuration: ZlibConfiguration(windowSize: windowBits)).compressor
         do {
             try compressor.startStream()
             defer { try? compressor.finishStream() }

@@ -155,11 +155,11 @@ final class EchoSession: WebSocketConnection {
     override func handleText(_ text: String) {
         guard deflate != nil else { return send(text) }
         guard !closing else { return }
-        _ = writeAndFlushFrame(WireEncoding.deflateFrame(.text, payload: ByteBuffer(string: text)))
+        _ = writeAndFlushFrame(WireEncoding.deflateFrame(.text, payload: ByteBuffer(string: text), windowBits: deflate!.windowBits))
     }
 
     override func handleBinary(_ data: ByteBuffer) {
         guard !closing else { return }
-        _ = writeAndFlushFrame(deflate != nil ? WireEncoding.deflateFrame(.binary, payload: data) : WireEncoding.frame(.binary, payload: data))
+        _ = writeAndFlushFrame(deflate.map { WireEncoding.deflateFrame(.binary, payload: data, windowBits: $0.windowBits) } ?? WireEncoding.frame(.binary, payload: data))
     }
 }

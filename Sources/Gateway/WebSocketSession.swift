@@ -116,7 +116,7 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, LiveStream,
             history = Int64(n)
         }
         guard let context else { return }
-        let subscription = Subscription(channel: channel, eventLoop: context.eventLoop, format: deflate == nil ? .webSocket : .webSocketDeflate,
+        let subscription = Subscription(channel: channel, eventLoop: context.eventLoop, format: deflate.map { $0.windowBits < 15 ? .webSocketDeflateSmallWindow : .webSocketDeflate } ?? .webSocket,
                                         hub: app.hub, sink: self)
         subscriptions[channel] = subscription
         subscription.register()

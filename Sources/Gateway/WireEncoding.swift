@@ -57,8 +57,8 @@ enum WireEncoding {
     }
 
     /// A text or binary frame for a permessage-deflate connection: compressed (RSV1) from the threshold up.
-    static func deflateFrame(_ opcode: Opcode, payload: ByteBuffer) -> ByteBuffer {
-        guard payload.readableBytes >= PermessageDeflate.threshold, let compressed = PermessageDeflate.compress(payload),
+    static func deflateFrame(_ opcode: Opcode, payload: ByteBuffer, windowBits: Int32 = 15) -> ByteBuffer {
+        guard payload.readableBytes >= PermessageDeflate.threshold, let compressed = PermessageDeflate.compress(payload, windowBits: windowBits),
               compressed.readableBytes < payload.readableBytes else {
             return frame(opcode, payload: payload)
         }
@@ -85,6 +85,8 @@ enum WireEncoding {
         case .webSocket: webSocketMessage(message)
         case .serverSentEvents: serverSentEvent(message)
         case .webSocketDeflate: deflateFrame(.text, payload: ByteBuffer(string: webSocketMessageText(message)))
+        case .webSocketDeflateSmallWindow:
+            deflateFrame(.text, payload: ByteBuffer(string: webSocketMessageText(message)), windowBits: PermessageDeflate.smallWindowBits)
         }
     }
 }

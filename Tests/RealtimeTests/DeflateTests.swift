@@ -15,10 +15,13 @@ struct DeflateTests {
         #expect(PermessageDeflate.negotiate("permessage-deflate; client_max_window_bits")?.clientNoContextTakeover == false)
         #expect(PermessageDeflate.negotiate("permessage-deflate; client_no_context_takeover")?.responseHeader
                 == "permessage-deflate; server_no_context_takeover; client_no_context_takeover")
-        // A server window under 15 bits is declined; the next offer is taken.
-        #expect(PermessageDeflate.negotiate("permessage-deflate; server_max_window_bits=10, permessage-deflate; client_no_context_takeover")?
+        // A limited server window is honoured (with the shared small window); 8 bits cannot be, the next offer is taken.
+        let limited = PermessageDeflate.negotiate("permessage-deflate; server_max_window_bits=10")
+        #expect(limited?.responseHeader == "permessage-deflate; server_no_context_takeover; server_max_window_bits=10")
+        #expect(limited?.windowBits == 9)
+        #expect(PermessageDeflate.negotiate("permessage-deflate; server_max_window_bits=8, permessage-deflate; client_no_context_takeover")?
                     .clientNoContextTakeover == true)
-        #expect(PermessageDeflate.negotiate("permessage-deflate; server_max_window_bits=10") == nil)
+        #expect(PermessageDeflate.negotiate("permessage-deflate; server_max_window_bits=8") == nil)
         // Unknown or repeated parameters make an offer invalid.
         #expect(PermessageDeflate.negotiate("permessage-deflate; foo=1") == nil)
         #expect(PermessageDeflate.negotiate("permessage-deflate; client_no_context_takeover; client_no_context_takeover") == nil)
@@ -52,9 +55,11 @@ struct DeflateTests {
             let a = try await WSTestClient.connect(port: port, token: token, extensions: "permessage-deflate; client_max_window_bits")
             let b = try await WSTestClient.connect(port: port, token: token, extensions: "permessage-deflate")
             let plain = try await WSTestClient.connect(port: port, token: token)
+            let small = try await WSTestClient.connect(port: port, token: token, extensions: "permessage-deflate; server_max_window_bits=10")
             #expect(a.extensions == "permessage-deflate; server_no_context_takeover")
+            #expect(small.extensions == "permessage-deflate; server_no_context_takeover; server_max_window_bits=10")
             #expect(plain.extensions == nil)
-            for client in [a, b, plain] {
+            for client in [a, b, plain, small] {
                 try await client.send(["type": "subscribe", "id": "s", "channel": channel])
                 _ = try await client.reply("subscribed")
             }
@@ -63,14 +68,14 @@ struct DeflateTests {
             try await a.sendCompressed(jsonText(["type": "publish", "id": "p", "channel": channel, "body": ["text": text]]))
             #expect(try await a.reply("ack")["id"] as? String == "p")
             #expect(a.compressedFrames == 0, "a short reply goes uncompressed")
-            for client in [a, b, plain] {
+            for client in [a, b, plain, small] {
                 let received = try await client.messages(1)
                 #expect((received.first?.object["body"] as? [String: Any])?["text"] as? String == text)
             }
-            #expect(a.compressedFrames == 1 && b.compressedFrames == 1 && plain.compressedFrames == 0)
+            #expect(a.compressedFrames == 1 && b.compressedFrames == 1 && small.compressedFrames == 1 && plain.compressedFrames == 0)
             // The same bytes for both: compressed once, shared.
             #expect(a.lastCompressedPayload == b.lastCompressedPayload)
-            for client in [a, b, plain] { await client.close() }
+            for client in [a, b, plain, small] { await client.close() }
         }
     }
 
