@@ -65,9 +65,11 @@ struct DeflateTests {
             }
             // A compressed publish command is understood and acked.
             let text = String(repeating: "the quick brown fox jumps over the lazy dog. ", count: 20)
-            try await a.sendCompressed(jsonText(["type": "publish", "id": "p", "channel": channel, "body": ["text": text]]))
-            #expect(try await a.reply("ack")["id"] as? String == "p")
-            #expect(a.compressedFrames == 0, "a short reply goes uncompressed")
+            let publisher = try await WSTestClient.connect(port: port, token: token, extensions: "permessage-deflate")
+            try await publisher.sendCompressed(jsonText(["type": "publish", "id": "p", "channel": channel, "body": ["text": text]]))
+            #expect(try await publisher.reply("ack")["id"] as? String == "p")
+            #expect(publisher.compressedFrames == 0, "a short reply goes uncompressed")
+            await publisher.close()
             for client in [a, b, plain, small] {
                 let received = try await client.messages(1)
                 #expect((received.first?.object["body"] as? [String: Any])?["text"] as? String == text)
