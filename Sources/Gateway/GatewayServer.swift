@@ -173,8 +173,11 @@ public final class GatewayServer: Sendable {
             automaticErrorHandling: false,
             shouldUpgrade: { channel, head in
                 let request = HTTPRequest(head: head, body: ByteBuffer())
-                // A browser page from an origin not allowed is refused (HTTPHandler answers 403).
-                guard app.config.allows(origin: head.headers.first(name: "origin")) else { return channel.eventLoop.makeSucceededFuture(nil) }
+                // A browser page from an origin not allowed, or a malformed handshake, is refused (HTTPHandler answers
+                // 403, 400 or 426 with the envelope).
+                guard app.config.allows(origin: head.headers.first(name: "origin")), HTTPHandler.handshakeError(head.headers) == nil else {
+                    return channel.eventLoop.makeSucceededFuture(nil)
+                }
                 var headers: HTTPHeaders = ["X-Request-Id": request.requestId]
                 let deflate = app.config.permessageDeflate
                     ? PermessageDeflate.negotiate(head.headers[canonicalForm: "sec-websocket-extensions"].map(String.init).joined(separator: ","))

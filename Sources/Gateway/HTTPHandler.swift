@@ -229,8 +229,35 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         respond(context: context, request: request) { () async throws(ApiError) -> HTTPResponse in
             if echo && !app.config.echo { throw ApiError(.notFound, "echo is not enabled") }
             if !echo { _ = try await app.authenticate(request.bearerToken) }
-            throw ApiError(.upgradeRequired, "a WebSocket upgrade (version 13) is required here")
+            throw Self.upgradeProblem(request.headers)
         }
+    }
+
+    /// Why a WebSocket handshake was not accepted (RFC 6455 §4.2.1–4.2.2): a version other than 13 is 426 with
+    /// `Sec-WebSocket-Version: 13`; a WebSocket request with a missing or malformed key, or without
+    /// `Connection: Upgrade`, is 400; anything else (no upgrade asked for) is 426.
+    static func upgradeProblem(_ headers: HTTPHeaders) -> ApiError {
+        handshakeError(headers) ?? ApiError(.upgradeRequired, "a WebSocket upgrade (version 13) is required here")
+    }
+
+    /// What is wrong with a WebSocket handshake's headers, if anything (nil: a valid one).
+    static func handshakeError(_ headers: HTTPHeaders) -> ApiError? {
+        if let version = headers.first(name: "sec-websocket-version"), version != "13" {
+            return ApiError(.upgradeRequired, "WebSocket version 13 is required", details: ["version": String(version.prefix(20))])
+        }
+        guard headers[canonicalForm: "upgrade"].contains(where: { $0.lowercased() == "websocket" }) else {
+            return ApiError(.upgradeRequired, "a WebSocket upgrade (version 13) is required here")
+        }
+        guard let decoded = Data(base64Encoded: headers.first(name: "sec-websocket-key") ?? ""), decoded.count == 16 else {
+            return ApiError(.badRequest, "Sec-WebSocket-Key must be 16 bytes in base64")
+        }
+        guard headers[canonicalForm: "connection"].contains(where: { $0.lowercased() == "upgrade" }) else {
+            return ApiError(.badRequest, "a WebSocket handshake needs Connection: Upgrade")
+        }
+        guard headers.first(name: "sec-websocket-version") != nil else {
+            return ApiError(.upgradeRequired, "WebSocket version 13 is required")
+        }
+        return nil
     }
 
     // MARK: writing

@@ -127,6 +127,31 @@ enum RawClient {
         }
     }
 
+    @Test func badHandshakesGetTheRightStatus() async throws {
+        try await withTestGateway(configure: { $0.echo = true }) { gateway in
+            let port = gateway.port
+            let token = try await gateway.token()
+            let base = [("Upgrade", "websocket"), ("Connection", "Upgrade")]
+            let key = ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+            let cases: [([(String, String)], Int, String)] = [
+                (base + [key, ("Sec-WebSocket-Version", "8")], 426, "UPGRADE_REQUIRED"),
+                (base + [("Sec-WebSocket-Version", "13")], 400, "BAD_REQUEST"),
+                (base + [("Sec-WebSocket-Key", "c2hvcnQ="), ("Sec-WebSocket-Version", "13")], 400, "BAD_REQUEST"),
+                ([("Upgrade", "websocket"), ("Connection", "keep-alive"), key, ("Sec-WebSocket-Version", "13")], 400, "BAD_REQUEST"),
+                ([], 426, "UPGRADE_REQUIRED"),
+            ]
+            for path in ["/v1/ws", "/v1/echo"] {
+                for (headers, status, code) in cases {
+                    let answer = try await HTTPTestClient.request(.GET, port: port, path, headers: headers, token: token)
+                    #expect(answer.status == status, "\(path) \(headers): \(answer.body)")
+                    #expect(answer.json["code"] as? String == code)
+                    if status == 426 { #expect(answer.headers.first(name: "Sec-WebSocket-Version") == "13") }
+                }
+            }
+            try await Self.expectServing(port)
+        }
+    }
+
     @Test func pipelinedRequestsAreAnsweredInOrder() async throws {
         try await withTestGateway { gateway in
             let raw = try await RawClient.exchange(port: gateway.port,
