@@ -5,8 +5,9 @@ import Testing
 
 /// Raw bytes over a real socket: what a hostile or broken client may send.
 enum RawClient {
-    /// Writes `bytes`, then reads until the answer contains `marker` (or the server closes); returns the bytes.
-    static func read(port: Int, _ bytes: String, until marker: [UInt8], timeout: Double = 20) async throws -> [UInt8] {
+    /// Writes `bytes`, then reads until the answer contains `marker` (or, without one, until the server
+    /// closes the connection); returns the bytes.
+    static func read(port: Int, _ bytes: String, until marker: [UInt8]? = nil, timeout: Double = 20) async throws -> [UInt8] {
         try await within(timeout, "raw read") {
             let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
                 .connect(host: "127.0.0.1", port: port) { channel in
@@ -17,7 +18,7 @@ enum RawClient {
                 var received: [UInt8] = []
                 for try await chunk in inbound {
                     received += chunk.readableBytesView
-                    if received.firstRange(of: marker) != nil { break }
+                    if let marker, received.firstRange(of: marker) != nil { break }
                 }
                 return received
             }
@@ -26,23 +27,11 @@ enum RawClient {
 
     /// Writes `bytes`, then reads until the server closes the connection; returns what it sent back.
     static func exchange(port: Int, _ bytes: String, timeout: Double = 20) async throws -> String {
-        try await within(timeout, "raw exchange") {
-            let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-                .connect(host: "127.0.0.1", port: port) { channel in
-                    channel.eventLoop.makeCompletedFuture { try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel) }
-                }
-            return try await channel.executeThenClose { inbound, outbound in
-                try await outbound.write(ByteBuffer(string: bytes))
-                var received = ""
-                for try await chunk in inbound { received += String(buffer: chunk) }
-                return received
-            }
-        }
+        String(decoding: try await read(port: port, bytes, timeout: timeout), as: UTF8.self)
     }
 }
 
 @Suite(.serialized) struct HardeningTests {
-    static func status(_ raw: String) -> Int { Int(raw.split(separator: " ").dropFirst().first ?? "") ?? 0 }
 
     static func expectServing(_ port: Int) async throws {
         #expect(try await HTTPTestClient.request(.GET, port: port, "/healthz").status == 200)

@@ -31,14 +31,19 @@ final class Ledger: Sendable {
         }
     }
 
+    /// Records `id` as `seq` of `channel`; returns the id seen before for that seq when it differs.
+    private static func conflict(_ s: inout State, _ channel: String, _ seq: Int64, _ id: String) -> String? {
+        if let known = s.idBySeq[channel]?[seq] { return known == id ? nil : known }
+        s.idBySeq[channel, default: [:]][seq] = id
+        return nil
+    }
+
     /// A message a subscriber received: checks the id against every other subscriber's, records latency.
     func delivered(channel: String, seq: Int64, id: String, latencyMicros: UInt64?) {
         let conflict: String? = state.withLockedValue { s in
             s.received += 1
             if let latencyMicros { _ = s.delivery.record(min(latencyMicros, 60_000_000)) }
-            if let known = s.idBySeq[channel]?[seq] { return known == id ? nil : known }
-            s.idBySeq[channel, default: [:]][seq] = id
-            return nil
+            return Self.conflict(&s, channel, seq, id)
         }
         if let conflict { violation(.mismatch, "\(channel) seq \(seq) is \(id) here and \(conflict) elsewhere") }
     }
@@ -47,9 +52,7 @@ final class Ledger: Sendable {
         let conflict: String? = state.withLockedValue { s in
             _ = s.ack.record(min(latencyMicros, 60_000_000))
             s.acked[channel, default: []].insert(seq)
-            if let known = s.idBySeq[channel]?[seq] { return known == id ? nil : known }
-            s.idBySeq[channel, default: [:]][seq] = id
-            return nil
+            return Self.conflict(&s, channel, seq, id)
         }
         if let conflict { violation(.mismatch, "\(channel) seq \(seq) was acked as \(id) but delivered as \(conflict)") }
     }
