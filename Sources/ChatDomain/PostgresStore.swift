@@ -308,6 +308,25 @@ public final class PostgresStore: Store {
         return Page(messages: rows.prefix(limit).reversed(), hasMore: rows.count > limit)
     }
 
+    public func heads(of channels: [ChannelName]) async throws(ApiError) -> [String: Int64] {
+        guard !channels.isEmpty else { return [:] }
+        let client = self.client
+        let logger = self.logger
+        let names = channels.map(\.rawValue)
+        do {
+            return try await Self.bounded(Self.readDeadline) {
+                var heads: [String: Int64] = [:]
+                for try await (name, seq) in try await client.query("SELECT name, last_seq FROM channels WHERE name = ANY(\(names))", logger: logger).decode((String, Int64).self) {
+                    heads[name] = seq
+                }
+                return heads
+            }
+        } catch {
+            logger.error("store read failed", metadata: ["error": "\(String(reflecting: error))"])
+            throw ApiError(.storeUnavailable, "the store did not answer")
+        }
+    }
+
     public func head(of channel: ChannelName) async throws(ApiError) -> Int64 {
         let client = self.client
         let logger = self.logger

@@ -213,6 +213,22 @@ public actor SQLiteStore: Store {
         return Int64(rows.first?.column("last_seq")?.integer ?? 0)
     }
 
+    public nonisolated func heads(of channels: [ChannelName]) async throws(ApiError) -> [String: Int64] {
+        var heads: [String: Int64] = [:]
+        // SQLite's default limit on bound parameters is 999 (32,766 since 3.32): stay well under it.
+        var start = 0
+        while start < channels.count {
+            let chunk = channels[start..<min(start + 500, channels.count)]
+            start += chunk.count
+            let marks = Array(repeating: "?", count: chunk.count).joined(separator: ",")
+            let rows = try await read("SELECT name, last_seq FROM channels WHERE name IN (\(marks))", chunk.map { .text($0.rawValue) })
+            for row in rows {
+                if let name = row.column("name")?.string { heads[name] = Int64(row.column("last_seq")?.integer ?? 0) }
+            }
+        }
+        return heads
+    }
+
     public nonisolated func ping() async -> Bool {
         (try? await reader.query("SELECT 1")) != nil
     }

@@ -40,6 +40,9 @@ public protocol Store: ThreadStore {
     func messages(in channel: ChannelName, before: Int64, limit: Int) async throws(ApiError) -> Page
     /// The seq of the last message of the channel; 0 when empty.
     func head(of channel: ChannelName) async throws(ApiError) -> Int64
+    /// The heads of many channels in one query (the Hub's store polling and reconcile); channels without a
+    /// message are absent or 0.
+    func heads(of channels: [ChannelName]) async throws(ApiError) -> [String: Int64]
     /// The queue of appends in front of the store (group commit).
     var appends: GroupCommit { get }
     /// Where committed batches go (the bus), in commit order.

@@ -1,39 +1,71 @@
 import ChatDomain
 import NIOConcurrencyHelpers
 
+/// What a bus tells the Hub. Every event of one bus arrives in the order the bus saw it.
+public struct BusEvents: Sendable {
+    /// Committed messages, in any order, possibly duplicated.
+    public var received: @Sendable ([Message]) -> Void
+    /// A `subscribe` request for the channel was confirmed: messages published from now on will arrive.
+    public var subscribed: @Sendable (ChannelName) -> Void
+    /// An `unsubscribe` request for the channel was confirmed.
+    public var unsubscribed: @Sendable (ChannelName) -> Void
+    /// The bus went down (`false`: every outstanding request is void) or is back (`true`).
+    public var availability: @Sendable (Bool) -> Void
+    /// Another instance may have lost publishes: every channel reads the store once.
+    public var syncRequested: @Sendable () -> Void
+
+    public init(received: @escaping @Sendable ([Message]) -> Void, subscribed: @escaping @Sendable (ChannelName) -> Void,
+                unsubscribed: @escaping @Sendable (ChannelName) -> Void, availability: @escaping @Sendable (Bool) -> Void,
+                syncRequested: @escaping @Sendable () -> Void) {
+        self.received = received
+        self.subscribed = subscribed
+        self.unsubscribed = unsubscribed
+        self.availability = availability
+        self.syncRequested = syncRequested
+    }
+}
+
 /// Carries committed messages to every instance's Hub. The in-process bus is the embedded mode's; Redis
-/// pub/sub is the cluster's.
+/// pub/sub is the cluster's. A bus starts down until it says otherwise (`availability(true)`).
 public protocol Bus: Sendable {
     /// Hands committed messages (in commit order) to every instance, this one included.
     func publish(_ messages: [Message])
-    /// The Hub starts caring about a channel (its first local subscriber). `active` runs once messages
-    /// published from now on will arrive (at once when the bus is down: the Hub polls the store then).
-    func subscribe(_ channel: ChannelName, active: @escaping @Sendable () -> Void)
-    /// The last local subscriber is gone.
-    func unsubscribe(_ channel: ChannelName)
-    /// Where received messages go, and whom to tell when the bus goes down (`false`) or is back (`true`).
-    func setReceiver(_ receiver: @escaping @Sendable ([Message]) -> Void, availability: @escaping @Sendable (Bool) -> Void)
+    /// Asks for the channels' messages; each is confirmed by `subscribed` (or void by `availability(false)`).
+    /// The Hub has at most one request outstanding per channel.
+    func subscribe(_ channels: [ChannelName])
+    /// The channels' last local subscribers are gone; each is confirmed by `unsubscribed`.
+    func unsubscribe(_ channels: [ChannelName])
+    /// Where the bus's events go.
+    func setEvents(_ events: BusEvents)
     /// Hands a control event (revocation, member removal: JSON text) to every instance, this one included.
     func publishControl(_ payload: String)
     func setControlReceiver(_ receiver: @escaping @Sendable (String) -> Void)
 }
 
-/// Fan-out inside one process: a publish is a direct call to the receiver.
+/// Fan-out inside one process: a publish is a direct call to the receiver; requests are confirmed at once.
 public final class InProcessBus: Bus {
-    private let receiver = NIOLockedValueBox<(@Sendable ([Message]) -> Void)?>(nil)
+    private let events = NIOLockedValueBox<BusEvents?>(nil)
     private let controlReceiver = NIOLockedValueBox<(@Sendable (String) -> Void)?>(nil)
 
     public init() {}
 
     public func publish(_ messages: [Message]) {
-        receiver.withLockedValue { $0 }?(messages)
+        events.withLockedValue { $0 }?.received(messages)
     }
 
-    public func subscribe(_ channel: ChannelName, active: @escaping @Sendable () -> Void) { active() }
-    public func unsubscribe(_ channel: ChannelName) {}
+    public func subscribe(_ channels: [ChannelName]) {
+        guard let events = events.withLockedValue({ $0 }) else { return }
+        for channel in channels { events.subscribed(channel) }
+    }
 
-    public func setReceiver(_ receiver: @escaping @Sendable ([Message]) -> Void, availability: @escaping @Sendable (Bool) -> Void) {
-        self.receiver.withLockedValue { $0 = receiver }
+    public func unsubscribe(_ channels: [ChannelName]) {
+        guard let events = events.withLockedValue({ $0 }) else { return }
+        for channel in channels { events.unsubscribed(channel) }
+    }
+
+    public func setEvents(_ events: BusEvents) {
+        self.events.withLockedValue { $0 = events }
+        events.availability(true)
     }
 
     public func publishControl(_ payload: String) {

@@ -47,16 +47,41 @@ public protocol HubSubscriber: AnyObject, Sendable {
 }
 
 /// The local subscribers of every channel on this instance. Each channel lives on one home event loop
-/// (by hash), where its state is touched without locks: the Hub orders the channel's live messages with a
-/// `GaplessSequencer` (repairing gaps from the store, once per instance rather than once per subscriber),
-/// encodes each message once per format, and hops once per event loop that has subscribers.
+/// (by hash), where its state is touched without locks: a `BusSubscriptionStateMachine` decides when to
+/// subscribe, unsubscribe and poll the store; a `GaplessSequencer` orders the channel's live messages
+/// (repairing gaps from the store, once per instance rather than once per subscriber); each message is
+/// encoded once per format and handed over with one hop per event loop that has subscribers.
+///
+/// One ticker checks channel heads against the store in one batched query: every `pollInterval` for
+/// channels the bus cannot serve (down, or refused), every `reconcileInterval` for live ones, so a quiet
+/// channel whose last message the bus lost still gets it.
 public final class Hub: Sendable {
+    public struct Configuration: Sendable {
+        public var pollInterval: TimeAmount = .milliseconds(200)
+        public var reconcileInterval: TimeAmount = .seconds(5)
+        public init() {}
+    }
+
     private let shards: [HubShard]
     let store: any Store
     let bus: any Bus
     let encoder: MessageEncoder
     let logger: Logger
+    let configuration: Configuration
     private let storeReadHook = NIOLockedValueBox<(@Sendable (ChannelName) async -> Void)?>(nil)
+    private let ticker = NIOLockedValueBox<RepeatedTask?>(nil)
+    /// Set by `stop()`: nothing is scheduled on the event loops afterwards.
+    let stopped = NIOLockedValueBox(false)
+    private let counters = NIOLockedValueBox(Counters())
+
+    public struct Counters: Sendable {
+        /// Store reads for gaps, polls and reconciles that found messages the bus had not delivered.
+        public var storeReadsWithMessages = 0
+        /// Batched head checks (polling while the bus is down, and reconciles).
+        public var headChecks = 0
+        /// Channels a reconcile found behind the store while the bus was up.
+        public var reconcileRepairs = 0
+    }
 
     /// Runs after the Hub read messages from the store and before it delivers them. The gateway uses it to
     /// learn of member removals first (through the store as well), so that a message read after a removal
@@ -69,22 +94,56 @@ public final class Hub: Sendable {
         await storeReadHook.withLockedValue { $0 }?(channel)
     }
 
-    public init(loops: [any EventLoop], store: any Store, bus: any Bus, encoder: @escaping MessageEncoder, logger: Logger) {
+    public init(loops: [any EventLoop], store: any Store, bus: any Bus, encoder: @escaping MessageEncoder,
+                configuration: Configuration = .init(), logger: Logger) {
         precondition(!loops.isEmpty)
         self.store = store
         self.bus = bus
         self.encoder = encoder
         self.logger = logger
+        self.configuration = configuration
         self.shards = loops.map { HubShard(loop: $0) }
-        bus.setReceiver({ [weak self] messages in self?.receive(messages) },
-                        availability: { [weak self] up in self?.busAvailability(up) })
+        bus.setEvents(BusEvents(
+            received: { [weak self] messages in self?.receive(messages) },
+            subscribed: { [weak self] channel in self?.onShard(of: channel) { $0.busConfirmed(channel, subscribed: true, hub: $1) } },
+            unsubscribed: { [weak self] channel in self?.onShard(of: channel) { $0.busConfirmed(channel, subscribed: false, hub: $1) } },
+            availability: { [weak self] up in self?.onEveryShard { $0.setBus(up: up, hub: $1) } },
+            syncRequested: { [weak self] in self?.onEveryShard { $0.syncAll(hub: $1) } }))
+        let ticks = max(1, Int(configuration.reconcileInterval.nanoseconds / max(1, configuration.pollInterval.nanoseconds)))
+        let state = NIOLockedValueBox((tick: 0, inFlight: false))
+        ticker.withLockedValue {
+            $0 = loops[0].scheduleRepeatedTask(initialDelay: configuration.pollInterval, delay: configuration.pollInterval) { [weak self] _ in
+                let (tick, busy) = state.withLockedValue { s -> (Int, Bool) in
+                    if s.inFlight { return (s.tick, true) }
+                    s.tick += 1
+                    s.inFlight = true
+                    return (s.tick, false)
+                }
+                guard !busy, let self else { return }
+                self.checkHeads(reconcile: tick % ticks == 0) { state.withLockedValue { $0.inFlight = false } }
+            }
+        }
     }
 
-    /// While the bus is down every channel polls the store; when it is back, each reads once more.
-    private func busAvailability(_ up: Bool) {
-        for shard in shards {
-            shard.loop.execute { shard.setPolling(!up, hub: self) }
-        }
+    /// Stops the ticker; events that still arrive are ignored.
+    public func stop() {
+        stopped.withLockedValue { $0 = true }
+        ticker.withLockedValue { $0?.cancel() }
+    }
+
+    public var counterValues: Counters { counters.withLockedValue { $0 } }
+
+    func count(_ update: (inout Counters) -> Void) { counters.withLockedValue(update) }
+
+    private func onShard(of channel: ChannelName, _ body: @escaping @Sendable (HubShard, Hub) -> Void) {
+        guard !stopped.withLockedValue({ $0 }) else { return }
+        let shard = shard(for: channel)
+        shard.loop.execute { body(shard, self) }
+    }
+
+    private func onEveryShard(_ body: @escaping @Sendable (HubShard, Hub) -> Void) {
+        guard !stopped.withLockedValue({ $0 }) else { return }
+        for shard in shards { shard.loop.execute { body(shard, self) } }
     }
 
     private func shard(for channel: ChannelName) -> HubShard {
@@ -92,17 +151,16 @@ public final class Hub: Sendable {
     }
 
     public func subscribe(_ channel: ChannelName, _ subscriber: any HubSubscriber) {
-        let shard = shard(for: channel)
-        shard.loop.execute { shard.add(subscriber, to: channel, hub: self) }
+        onShard(of: channel) { $0.add(subscriber, to: channel, hub: $1) }
     }
 
     public func unsubscribe(_ channel: ChannelName, _ subscriber: any HubSubscriber) {
-        let shard = shard(for: channel)
-        shard.loop.execute { shard.remove(subscriber, from: channel, hub: self) }
+        onShard(of: channel) { $0.remove(subscriber, from: channel, hub: $1) }
     }
 
     /// Messages from the bus, in any order, possibly duplicated.
     public func receive(_ messages: [Message]) {
+        guard !stopped.withLockedValue({ $0 }) else { return }
         if shards.count == 1 {
             let shard = shards[0]
             shard.loop.execute { shard.receive(messages, hub: self) }
@@ -118,13 +176,47 @@ public final class Hub: Sendable {
         }
     }
 
+    /// One tick: ask every shard which channels need their head checked, read those heads in one query,
+    /// and hand each shard its answers.
+    private func checkHeads(reconcile: Bool, done: @escaping @Sendable () -> Void) {
+        let futures: [EventLoopFuture<[ChannelName]>] = shards.map { shard in
+            shard.loop.submit { () -> [ChannelName] in shard.channelsToCheck(reconcile: reconcile) }
+        }
+        EventLoopFuture<[ChannelName]>.whenAllSucceed(futures, on: shards[0].loop).whenComplete { result in
+            let channels: [ChannelName] = (try? result.get())?.flatMap { $0 } ?? []
+            guard !channels.isEmpty else { return done() }
+            Task {
+                defer { done() }
+                let heads: [String: Int64]
+                do {
+                    heads = try await self.store.heads(of: channels)
+                } catch {
+                    self.logger.warning("hub could not read channel heads", metadata: ["error": "\(error)"])
+                    return
+                }
+                self.count { $0.headChecks += 1 }
+                self.onEveryShard { $0.headsRead(heads, hub: $1) }
+            }
+        }
+    }
+
     /// How many channels have local subscribers (for metrics and tests).
     public func channelCount() async -> Int {
         var total = 0
         for shard in shards {
-            total += (try? await shard.loop.submit { shard.channels.count }.get()) ?? 0
+            total += (try? await shard.loop.submit { shard.channels.values.filter { $0.bus.subscribers > 0 }.count }.get()) ?? 0
         }
         return total
+    }
+
+    /// Each channel's bus-subscription state (for tests and diagnostics).
+    public func busStates() async -> [String: BusSubscriptionStateMachine.State] {
+        var out: [String: BusSubscriptionStateMachine.State] = [:]
+        for shard in shards {
+            let states = (try? await shard.loop.submit { shard.channels.map { ($0.key.rawValue, $0.value.bus.state) } }.get()) ?? []
+            for (name, state) in states { out[name] = state }
+        }
+        return out
     }
 }
 
@@ -132,28 +224,10 @@ public final class Hub: Sendable {
 final class HubShard: @unchecked Sendable {  // every member is only used on `loop` (asserted)
     let loop: any EventLoop
     var channels: [ChannelName: ChannelEntry] = [:]
-    private var pollTask: RepeatedTask?
-    static let pollInterval = TimeAmount.milliseconds(200)
+    /// What the bus last said of itself (a bus starts down).
+    private var busUp = false
 
     init(loop: any EventLoop) { self.loop = loop }
-
-    func setPolling(_ on: Bool, hub: Hub) {
-        loop.preconditionInEventLoop()
-        pollTask?.cancel()
-        pollTask = nil
-        if on {
-            pollTask = loop.scheduleRepeatedTask(initialDelay: Self.pollInterval, delay: Self.pollInterval) { [weak self] _ in
-                self?.pollAll(hub: hub)
-            }
-        }
-        pollAll(hub: hub)
-    }
-
-    private func pollAll(hub: Hub) {
-        for (channel, entry) in channels where entry.begun {
-            perform(entry.sequencer.poll(), channel, entry, hub: hub)
-        }
-    }
 
     final class LoopGroup {
         let loop: any EventLoop
@@ -162,19 +236,24 @@ final class HubShard: @unchecked Sendable {  // every member is only used on `lo
     }
 
     final class ChannelEntry: @unchecked Sendable {  // only touched on the shard's loop
+        var bus = BusSubscriptionStateMachine()
         var sequencer = GaplessSequencer<Message>(capacity: 4096)
         var groups: [ObjectIdentifier: LoopGroup] = [:]
         var formatCounts = [Int](repeating: 0, count: WireFormat.allCases.count)
-        var count = 0
         var readInFlight = false
+        /// A store read was asked for while one was in flight (which may have read too early): read again after it.
+        var rereadRequested = false
+        /// Forgotten by the shard: reads still in flight are ignored.
         var closed = false
-        /// The channel's position is known (the Hub read its head once the bus subscription was active).
+        /// The channel's position is known (the Hub read its head once).
         var begun = false
 
         var formats: Set<WireFormat> {
             Set(WireFormat.allCases.filter { formatCounts[$0.rawValue] > 0 })
         }
     }
+
+    // MARK: events
 
     func add(_ subscriber: any HubSubscriber, to channel: ChannelName, hub: Hub) {
         loop.preconditionInEventLoop()
@@ -184,21 +263,13 @@ final class HubShard: @unchecked Sendable {  // every member is only used on `lo
         } else {
             entry = ChannelEntry()
             channels[channel] = entry
-            let loop = self.loop
-            hub.bus.subscribe(channel) {
-                loop.execute {
-                    guard !entry.closed else { return }
-                    self.startFromHead(channel, entry, hub: hub)
-                }
-            }
         }
         let loopID = ObjectIdentifier(subscriber.eventLoop)
         let group = entry.groups[loopID] ?? LoopGroup(loop: subscriber.eventLoop)
         entry.groups[loopID] = group
-        if group.subscribers.updateValue(subscriber, forKey: ObjectIdentifier(subscriber)) == nil {
-            entry.count += 1
-            if let format = subscriber.format { entry.formatCounts[format.rawValue] += 1 }
-        }
+        guard group.subscribers.updateValue(subscriber, forKey: ObjectIdentifier(subscriber)) == nil else { return }
+        if let format = subscriber.format { entry.formatCounts[format.rawValue] += 1 }
+        perform(entry.bus.subscriberAdded(busUp: busUp), channel, entry, hub: hub)
         if entry.begun {
             // The subscriber may have read the store before it was registered here.
             let last = entry.sequencer.last
@@ -211,40 +282,57 @@ final class HubShard: @unchecked Sendable {  // every member is only used on `lo
         guard let entry = channels[channel] else { return }
         let loopID = ObjectIdentifier(subscriber.eventLoop)
         guard let group = entry.groups[loopID], group.subscribers.removeValue(forKey: ObjectIdentifier(subscriber)) != nil else { return }
-        entry.count -= 1
         if let format = subscriber.format { entry.formatCounts[format.rawValue] -= 1 }
         if group.subscribers.isEmpty { entry.groups[loopID] = nil }
-        if entry.count == 0 {
-            entry.closed = true
-            channels[channel] = nil
-            hub.bus.unsubscribe(channel)
+        perform(entry.bus.subscriberRemoved(), channel, entry, hub: hub)
+    }
+
+    func busConfirmed(_ channel: ChannelName, subscribed: Bool, hub: Hub) {
+        loop.preconditionInEventLoop()
+        guard let entry = channels[channel] else { return }
+        perform(subscribed ? entry.bus.subscribeConfirmed() : entry.bus.unsubscribeConfirmed(busUp: busUp), channel, entry, hub: hub)
+    }
+
+    /// The bus went down or came back: every channel moves at once; the SUBSCRIBEs go out in one request.
+    func setBus(up: Bool, hub: Hub) {
+        loop.preconditionInEventLoop()
+        busUp = up
+        var subscribe: [ChannelName] = []
+        for (channel, entry) in channels {
+            let action = up ? entry.bus.busRestored() : entry.bus.busLost()
+            if action == .subscribe { subscribe.append(channel) } else { perform(action, channel, entry, hub: hub) }
+        }
+        if !subscribe.isEmpty { hub.bus.subscribe(subscribe) }
+    }
+
+    /// Another instance may have lost publishes: every channel with subscribers reads the store once.
+    func syncAll(hub: Hub) {
+        loop.preconditionInEventLoop()
+        for (channel, entry) in channels where entry.bus.subscribers > 0 && entry.begun {
+            perform(entry.sequencer.poll(), channel, entry, hub: hub)
         }
     }
 
-    /// A channel's first subscriber: learn where the channel is, then go live after it.
-    private func startFromHead(_ channel: ChannelName, _ entry: ChannelEntry, hub: Hub) {
-        entry.readInFlight = true
-        let loop = self.loop
-        Task {
-            let head: Int64
-            do {
-                head = try await hub.store.head(of: channel)
-            } catch {
-                hub.logger.warning("hub could not read channel head; retrying", metadata: ["channel": "\(channel)"])
-                try? await Task.sleep(for: .milliseconds(200))
-                loop.execute {
-                    guard !entry.closed else { return }
-                    self.startFromHead(channel, entry, hub: hub)
+    /// The channels whose head the ticker should read now.
+    func channelsToCheck(reconcile: Bool) -> [ChannelName] {
+        loop.preconditionInEventLoop()
+        var out: [ChannelName] = []
+        for (channel, entry) in channels where entry.begun && !entry.readInFlight {
+            if entry.bus.pollTick() == .checkHead || (reconcile && entry.bus.reconcileTick() == .checkHead) { out.append(channel) }
+        }
+        return out
+    }
+
+    func headsRead(_ heads: [String: Int64], hub: Hub) {
+        loop.preconditionInEventLoop()
+        for (channel, entry) in channels where entry.begun {
+            guard let head = heads[channel.rawValue] else { continue }
+            if entry.bus.headRead(head, delivered: entry.sequencer.last) == .readStore {
+                if case .live = entry.bus.state {
+                    hub.count { $0.reconcileRepairs += 1 }
+                    hub.logger.info("reconcile found a channel behind the store", metadata: ["channel": "\(channel)", "delivered": "\(entry.sequencer.last)", "head": "\(head)"])
                 }
-                return
-            }
-            loop.execute {
-                entry.readInFlight = false
-                guard !entry.closed else { return }
-                entry.begun = true
-                let step = entry.sequencer.begin(after: head)
-                self.sync(entry, upTo: head)
-                self.perform(step, channel, entry, hub: hub)
+                readStore(channel, entry, hub: hub)
             }
         }
     }
@@ -253,6 +341,7 @@ final class HubShard: @unchecked Sendable {  // every member is only used on `lo
         loop.preconditionInEventLoop()
         var deliveries: [ChannelName: [Message]] = [:]
         for message in messages {
+            // Before the position is known, the sequencer holds what arrives.
             guard let entry = channels[message.channel] else { continue }
             let step = entry.sequencer.receive(message)
             if !step.deliver.isEmpty { deliveries[message.channel, default: []].append(contentsOf: step.deliver) }
@@ -263,12 +352,64 @@ final class HubShard: @unchecked Sendable {  // every member is only used on `lo
         }
     }
 
+    // MARK: actions
+
+    private func perform(_ action: BusSubscriptionStateMachine.Action, _ channel: ChannelName, _ entry: ChannelEntry, hub: Hub) {
+        switch action {
+        case .none, .checkHead: break
+        case .subscribe: hub.bus.subscribe([channel])
+        case .unsubscribe: hub.bus.unsubscribe([channel])
+        case .readStore: readStore(channel, entry, hub: hub)
+        case .release:
+            entry.closed = true
+            channels[channel] = nil
+        }
+    }
+
+    /// Reads the store after what was delivered: the channel's head first if its position is not known yet.
+    private func readStore(_ channel: ChannelName, _ entry: ChannelEntry, hub: Hub) {
+        if entry.begun {
+            if entry.readInFlight { entry.rereadRequested = true }
+            perform(entry.sequencer.poll(), channel, entry, hub: hub)
+        } else if !entry.readInFlight {
+            startFromHead(channel, entry, hub: hub)
+        }
+    }
+
+    /// A channel's first read: learn where the channel is, then go on after it.
+    private func startFromHead(_ channel: ChannelName, _ entry: ChannelEntry, hub: Hub) {
+        entry.readInFlight = true
+        let loop = self.loop
+        Task {
+            let head: Int64?
+            do {
+                head = try await hub.store.head(of: channel)
+            } catch {
+                hub.logger.warning("hub could not read channel head; retrying", metadata: ["channel": "\(channel)"])
+                head = nil
+            }
+            guard !hub.stopped.withLockedValue({ $0 }) else { return }
+            loop.execute {
+                entry.readInFlight = false
+                guard !entry.closed else { return }
+                guard let head else {
+                    loop.scheduleTask(in: hub.configuration.pollInterval) { if !entry.closed && !entry.begun { self.startFromHead(channel, entry, hub: hub) } }
+                    return
+                }
+                entry.begun = true
+                let step = entry.sequencer.begin(after: head)
+                self.sync(entry, upTo: head)
+                self.perform(step, channel, entry, hub: hub)
+            }
+        }
+    }
+
     private func perform(_ step: GaplessSequencer<Message>.Step, _ channel: ChannelName, _ entry: ChannelEntry, hub: Hub) {
         if !step.deliver.isEmpty { dispatch(step.deliver, entry, hub: hub) }
         if let after = step.readAfter { read(channel, entry, after: after, hub: hub) }
     }
 
-    /// Gap repair (and the first read after the head): read the store after `after`, once at a time.
+    /// Gap repair, polls and reconciles: read the store after `after`, once at a time.
     private func read(_ channel: ChannelName, _ entry: ChannelEntry, after: Int64, hub: Hub) {
         guard !entry.readInFlight else { return }
         entry.readInFlight = true
@@ -277,25 +418,34 @@ final class HubShard: @unchecked Sendable {  // every member is only used on `lo
             let page: Page?
             do {
                 page = try await hub.store.messages(in: channel, after: after, limit: 1000)
-                if page?.messages.isEmpty == false { await hub.afterStoreRead(channel) }
+                if page?.messages.isEmpty == false {
+                    hub.count { $0.storeReadsWithMessages += 1 }
+                    await hub.afterStoreRead(channel)
+                }
             } catch {
                 page = nil
-                hub.logger.warning("hub gap repair read failed; retrying", metadata: ["channel": "\(channel)"])
-                try? await Task.sleep(for: .milliseconds(200))
+                hub.logger.warning("hub store read failed; retrying", metadata: ["channel": "\(channel)"])
             }
+            guard !hub.stopped.withLockedValue({ $0 }) else { return }
             loop.execute {
                 entry.readInFlight = false
                 guard !entry.closed else { return }
                 guard let page else {
-                    self.read(channel, entry, after: entry.sequencer.last, hub: hub)
+                    loop.scheduleTask(in: hub.configuration.pollInterval) {
+                        if !entry.closed { self.read(channel, entry, after: entry.sequencer.last, hub: hub) }
+                    }
                     return
                 }
                 let step = entry.sequencer.readCompleted(page.messages, hasMore: page.hasMore)
                 if page.messages.isEmpty && step.readAfter != nil {
                     // The store has not caught up with what was received: try again shortly.
-                    loop.scheduleTask(in: .milliseconds(20)) { self.perform(step, channel, entry, hub: hub) }
+                    loop.scheduleTask(in: .milliseconds(20)) { if !entry.closed { self.perform(step, channel, entry, hub: hub) } }
                 } else {
                     self.perform(step, channel, entry, hub: hub)
+                    if entry.rereadRequested && !entry.readInFlight {
+                        entry.rereadRequested = false
+                        self.perform(entry.sequencer.poll(), channel, entry, hub: hub)
+                    }
                 }
             }
         }

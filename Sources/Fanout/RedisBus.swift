@@ -5,42 +5,51 @@ import NIOCore
 import NIOPosix
 
 /// Fan-out across instances through Redis pub/sub. RESP is encoded and parsed by hiredis; SwiftNIO does the
-/// non-blocking socket I/O. Two connections: one publishes every committed message (`PUBLISH gw:<channel>`),
-/// one holds the SUBSCRIBEs of the channels this instance has local subscribers for. Both reconnect with
-/// backoff; after a reconnect the channels are subscribed again and the Hub reads each from the store.
-/// Local subscribers get a publish at once (not through Redis); the copy that comes back is a duplicate the
-/// Hub drops.
+/// non-blocking socket I/O. Two connections, each driven by a `RedisConnectionStateMachine`: one publishes
+/// every committed message (`PUBLISH gw:<channel>`), one holds the SUBSCRIBEs the Hub asks for. Local
+/// subscribers get a publish at once (not through Redis); the copy that comes back is a duplicate the Hub
+/// drops. The bus counts as down until the subscriber connection answered its first PING, and again as soon
+/// as it is lost or stalls.
 public final class RedisBus: Bus {
     public static let prefix = "gw:"
     /// A message here tells every instance to read all its channels from the store once: an instance whose
-    /// publishing connection dropped may have lost PUBLISHes in it, so it sends this after reconnecting.
+    /// publishing connection dropped (or that dropped PUBLISHes) may have lost messages, so it sends this
+    /// once it is ready again.
     static let syncChannel = "gw:_sync"
     /// Revocations and member removals (JSON text), for every instance.
     static let controlChannel = "gw:_control"
-    private let host: String
-    private let port: Int
-    private let group: any EventLoopGroup
-    private let logger: Logger
-    private let state = NIOLockedValueBox(State())
 
-    struct State {
-        var receiver: (@Sendable ([Message]) -> Void)?
-        var controlReceiver: (@Sendable (String) -> Void)?
-        var availability: (@Sendable (Bool) -> Void)?
-        var channels: Set<String> = []
-        /// Waiting for Redis to confirm a SUBSCRIBE.
-        var pendingActive: [String: [@Sendable () -> Void]] = [:]
-        var publisher: (any Channel)?
-        var subscriber: (any Channel)?
-        var subscriberReady = false
-        var stopped = false
+    private let logger: Logger
+    private let events = NIOLockedValueBox<BusEvents?>(nil)
+    private let controlReceiver = NIOLockedValueBox<(@Sendable (String) -> Void)?>(nil)
+    private let available = NIOLockedValueBox(false)
+    private let counters = NIOLockedValueBox(Counters())
+    private let subscriber: RedisConnectionDriver
+    private let publisher: RedisConnectionDriver
+
+    public struct Counters: Sendable {
+        /// Times the subscriber connection was lost (closed, refused, or stalled).
+        public var subscriberLost = 0
+        /// Heartbeats that went unanswered (a stalled server or path).
+        public var stalls = 0
+        /// PUBLISHes not sent (connection not ready, not writable, or too much unanswered).
+        public var droppedPublishes = 0
     }
 
-    public init(host: String, port: Int, group: any EventLoopGroup, logger: Logger) {
-        self.host = host
-        self.port = port
-        self.group = group
+    public init(host: String, port: Int, group: any EventLoopGroup, configuration: RedisConnectionStateMachine.Configuration = .init(),
+                logger: Logger) {
         self.logger = logger
+        let loop = group.next()
+        subscriber = RedisConnectionDriver(
+            host: host, port: port, loop: loop, logger: logger,
+            machine: RedisConnectionStateMachine(role: .subscriber(internalChannels: [Self.syncChannel, Self.controlChannel]), configuration: configuration))
+        publisher = RedisConnectionDriver(
+            host: host, port: port, loop: group.next(), logger: logger,
+            machine: RedisConnectionStateMachine(role: .publisher(syncChannel: Self.syncChannel), configuration: configuration))
+        subscriber.onAction = { [weak self] action in self?.subscriberAction(action) }
+        subscriber.onMessage = { [weak self] name, payload in self?.subscriberMessage(name, payload) }
+        subscriber.onStall = { [weak self] in self?.counters.withLockedValue { $0.stalls += 1 } }
+        publisher.onStall = { [weak self] in self?.counters.withLockedValue { $0.stalls += 1 } }
     }
 
     /// Parses `redis://host:port`.
@@ -57,187 +66,284 @@ public final class RedisBus: Bus {
     }
 
     public func start() {
-        Task { await self.maintain(subscriber: false) }
-        Task { await self.maintain(subscriber: true) }
+        subscriber.start()
+        publisher.start()
     }
 
+    /// Closes both connections; nothing is reported afterwards (the event loops may be shutting down).
     public func stop() {
-        let channels = state.withLockedValue { state -> [any Channel] in
-            state.stopped = true
-            return [state.publisher, state.subscriber].compactMap { $0 }
-        }
-        for channel in channels { channel.close(promise: nil) }
+        events.withLockedValue { $0 = nil }
+        subscriber.stop()
+        publisher.stop()
     }
 
-    public var isAvailable: Bool { state.withLockedValue { $0.subscriberReady } }
+    /// The subscriber connection answered its handshake and its last heartbeat is not overdue.
+    public var isAvailable: Bool { available.withLockedValue { $0 } }
+
+    public var counterValues: Counters {
+        var values = counters.withLockedValue { $0 }
+        values.droppedPublishes = publisher.droppedPublishes
+        return values
+    }
 
     // MARK: Bus
 
     public func publish(_ messages: [Message]) {
-        let (receiver, publisher) = state.withLockedValue { ($0.receiver, $0.publisher) }
-        receiver?(messages)
-        guard let publisher else { return }
-        publisher.eventLoop.execute {
-            for message in messages {
-                var command = ByteBuffer()
-                RESPCommand.encode([Array("PUBLISH".utf8), Array((Self.prefix + message.channel.rawValue).utf8),
-                                    Array(MessageWire.encode(message).readableBytesView)], into: &command)
-                publisher.write(command, promise: nil)
-            }
-            publisher.flush()
+        events.withLockedValue { $0 }?.received(messages)
+        var command = ByteBuffer()
+        for message in messages {
+            RESPCommand.encode([Array("PUBLISH".utf8), Array((Self.prefix + message.channel.rawValue).utf8),
+                                Array(MessageWire.encode(message).readableBytesView)], into: &command)
         }
+        publisher.publish(command, count: messages.count)
     }
 
-    public func subscribe(_ channel: ChannelName, active: @escaping @Sendable () -> Void) {
-        let name = Self.prefix + channel.rawValue
-        let subscriber = state.withLockedValue { state -> (any Channel)? in
-            state.channels.insert(name)
-            guard state.subscriberReady, let subscriber = state.subscriber else { return nil }
-            state.pendingActive[name, default: []].append(active)
-            return subscriber
-        }
-        guard let subscriber else {
-            active()  // The bus is down: the Hub polls the store until it is back.
-            return
-        }
-        subscriber.writeAndFlush(RESPCommand.encode(["SUBSCRIBE", name]), promise: nil)
+    /// Test only: the next `count` messages are not PUBLISHed, and nothing notices (as if Redis lost them
+    /// after accepting them) — what the reconcile is for.
+    public func testLoseNextPublishes(_ count: Int) {
+        publisher.loseSilently.withLockedValue { $0 += count }
     }
 
-    public func unsubscribe(_ channel: ChannelName) {
-        let name = Self.prefix + channel.rawValue
-        let subscriber = state.withLockedValue { state -> (any Channel)? in
-            state.channels.remove(name)
-            return state.subscriberReady ? state.subscriber : nil
-        }
-        subscriber?.writeAndFlush(RESPCommand.encode(["UNSUBSCRIBE", name]), promise: nil)
+    public func subscribe(_ channels: [ChannelName]) {
+        subscriber.subscribe(channels.map { Self.prefix + $0.rawValue })
     }
 
-    public func setReceiver(_ receiver: @escaping @Sendable ([Message]) -> Void, availability: @escaping @Sendable (Bool) -> Void) {
-        state.withLockedValue {
-            $0.receiver = receiver
-            $0.availability = availability
-        }
+    public func unsubscribe(_ channels: [ChannelName]) {
+        subscriber.unsubscribe(channels.map { Self.prefix + $0.rawValue })
+    }
+
+    public func setEvents(_ events: BusEvents) {
+        self.events.withLockedValue { $0 = events }
+        // Down until the subscriber connection is ready (also when Redis never answers).
+        events.availability(isAvailable)
     }
 
     public func publishControl(_ payload: String) {
-        let (receiver, publisher) = state.withLockedValue { ($0.controlReceiver, $0.publisher) }
-        receiver?(payload)
-        guard let publisher else { return }
-        publisher.writeAndFlush(RESPCommand.encode(["PUBLISH", Self.controlChannel, payload]), promise: nil)
+        controlReceiver.withLockedValue { $0 }?(payload)
+        publisher.publish(RESPCommand.encode(["PUBLISH", Self.controlChannel, payload]), count: 1)
     }
 
     public func setControlReceiver(_ receiver: @escaping @Sendable (String) -> Void) {
-        state.withLockedValue { $0.controlReceiver = receiver }
+        controlReceiver.withLockedValue { $0 = receiver }
     }
 
-    // MARK: connections
+    // MARK: subscriber events
 
-    private func maintain(subscriber isSubscriber: Bool) async {
-        var delay = Duration.milliseconds(100)
-        var connectedBefore = false
-        while !state.withLockedValue({ $0.stopped }) {
-            do {
-                let channel = try await ClientBootstrap(group: group)
-                    .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
-                    .connectTimeout(.seconds(2))
-                    .channelInitializer { channel in
-                        channel.eventLoop.makeCompletedFuture {
-                            try channel.pipeline.syncOperations.addHandler(RESPHandler { [weak self] reply in
-                                if isSubscriber { self?.subscriberReply(reply) }
-                            })
-                        }
-                    }
-                    .connect(host: host, port: port).get()
-                let stopped = state.withLockedValue { state -> Bool in
-                    if isSubscriber { state.subscriber = channel } else { state.publisher = channel }
-                    return state.stopped
-                }
-                if stopped { channel.close(promise: nil) }
-                if isSubscriber {
-                    resubscribe(channel)
-                } else if connectedBefore {
-                    channel.writeAndFlush(RESPCommand.encode(["PUBLISH", Self.syncChannel, "1"]), promise: nil)
-                }
-                connectedBefore = true
-                logger.info("redis connected", metadata: ["role": "\(isSubscriber ? "subscriber" : "publisher")"])
-                delay = .milliseconds(100)
-                try? await channel.closeFuture.get()
-            } catch {
-                logger.debug("redis connect failed", metadata: ["error": "\(error)"])
-            }
-            let (wasReady, stopped) = state.withLockedValue { state -> (Bool, Bool) in
-                let ready = state.subscriberReady
-                if isSubscriber {
-                    state.subscriber = nil
-                    state.subscriberReady = false
-                } else {
-                    state.publisher = nil
-                }
-                return (ready && isSubscriber, state.stopped)
-            }
-            // Stopped on purpose (shutdown): nobody is to poll, and the event loops may be gone.
-            if stopped { return }
-            if wasReady {
-                logger.warning("redis subscriber connection lost; polling the store until it is back")
-                state.withLockedValue { $0.availability }?(false)
-            }
-            try? await Task.sleep(for: delay)
-            delay = min(delay * 2, .seconds(2))
-        }
+    private func channel(_ name: String) -> ChannelName? {
+        guard name.hasPrefix(Self.prefix) else { return nil }
+        return try? ChannelName(parsing: String(name.dropFirst(Self.prefix.count)))
     }
 
-    /// After a (re)connect: subscribe to every channel, then PING; the PONG means every SUBSCRIBE is active.
-    private func resubscribe(_ channel: any Channel) {
-        let names = state.withLockedValue { Array($0.channels) } + [Self.syncChannel, Self.controlChannel]
-        var command = ByteBuffer()
-        RESPCommand.encode([Array("SUBSCRIBE".utf8)] + names.map { Array($0.utf8) }, into: &command)
-        RESPCommand.encode([Array("PING".utf8)], into: &command)
-        channel.writeAndFlush(command, promise: nil)
-    }
-
-    private func subscriberReply(_ reply: RESPValue) {
-        guard case .array(let parts) = reply, case .string(let kindBytes)? = parts.first else {
-            if case .status("PONG") = reply { becameReady() }
-            return
-        }
-        switch String(buffer: kindBytes) {
-        case "message":
-            guard parts.count == 3, case .string(let nameBytes) = parts[1], case .string(let payload) = parts[2] else { return }
-            if String(buffer: nameBytes) == Self.syncChannel {
-                // Another instance may have lost publishes: every channel reads the store once.
-                state.withLockedValue { $0.availability }?(true)
-                return
-            }
-            if String(buffer: nameBytes) == Self.controlChannel {
-                state.withLockedValue { $0.controlReceiver }?(String(buffer: payload))
-                return
-            }
-            guard let message = MessageWire.decode(payload) else { return }
-            state.withLockedValue { $0.receiver }?([message])
-        case "subscribe":
-            guard parts.count >= 2, case .string(let nameBytes) = parts[1] else { return }
-            let callbacks = state.withLockedValue { $0.pendingActive.removeValue(forKey: String(buffer: nameBytes)) } ?? []
-            for callback in callbacks { callback() }
-        case "pong":
-            becameReady()
+    private func subscriberAction(_ action: RedisConnectionStateMachine.Action) {
+        let events = self.events.withLockedValue { $0 }
+        switch action {
+        case .reportUp:
+            available.withLockedValue { $0 = true }
+            logger.info("redis subscriptions active")
+            events?.availability(true)
+        case .reportDown:
+            available.withLockedValue { $0 = false }
+            counters.withLockedValue { $0.subscriberLost += 1 }
+            logger.warning("redis subscriber connection down; polling the store until it is back")
+            events?.availability(false)
+        case .subscribeConfirmed(let name):
+            if let channel = channel(name) { events?.subscribed(channel) }
+        case .unsubscribeConfirmed(let name):
+            if let channel = channel(name) { events?.unsubscribed(channel) }
         default:
             break
         }
     }
 
-    private func becameReady() {
-        let (wasReady, availability, pending) = state.withLockedValue { state in
-            let was = state.subscriberReady
-            state.subscriberReady = true
-            let pending = state.pendingActive
-            state.pendingActive = [:]
-            return (was, state.availability, pending)
+    private func subscriberMessage(_ name: ByteBuffer, _ payload: ByteBuffer) {
+        let events = self.events.withLockedValue { $0 }
+        if name.readableBytesView.elementsEqual(Self.syncChannel.utf8) {
+            events?.syncRequested()
+        } else if name.readableBytesView.elementsEqual(Self.controlChannel.utf8) {
+            controlReceiver.withLockedValue { $0 }?(String(buffer: payload))
+        } else if let message = MessageWire.decode(payload) {
+            events?.received([message])
         }
-        for callbacks in pending.values { callbacks.forEach { $0() } }
-        if !wasReady {
-            logger.info("redis subscriptions active")
-            availability?(true)
+    }
+}
+
+/// Carries out one connection's `RedisConnectionStateMachine` on one event loop: connects, writes the
+/// commands, classifies replies, runs the heartbeat tick and the reconnect timer.
+final class RedisConnectionDriver: @unchecked Sendable {  // mutable state is only touched on `loop`
+    static let tickInterval = TimeAmount.milliseconds(250)
+
+    let loop: any EventLoop
+    private let host: String
+    private let port: Int
+    private let logger: Logger
+    private var machine: RedisConnectionStateMachine
+    private var channel: (any Channel)?
+    private var ticker: RepeatedTask?
+    private var reconnect: Scheduled<Void>?
+    private let dropped = NIOLockedValueBox(0)
+    /// Test only, see `RedisBus.testLoseNextPublishes`.
+    let loseSilently = NIOLockedValueBox(0)
+    /// Set before `start`, then only read.
+    var onAction: (@Sendable (RedisConnectionStateMachine.Action) -> Void)?
+    var onMessage: (@Sendable (ByteBuffer, ByteBuffer) -> Void)?
+    var onStall: (@Sendable () -> Void)?
+
+    init(host: String, port: Int, loop: any EventLoop, logger: Logger, machine: RedisConnectionStateMachine) {
+        self.host = host
+        self.port = port
+        self.loop = loop
+        self.logger = logger
+        self.machine = machine
+    }
+
+    var droppedPublishes: Int { dropped.withLockedValue { $0 } }
+
+    private var role: String {
+        if case .subscriber = machine.role { return "subscriber" }
+        return "publisher"
+    }
+
+    func start() {
+        loop.execute {
+            self.ticker = self.loop.scheduleRepeatedTask(initialDelay: Self.tickInterval, delay: Self.tickInterval) { [weak self] _ in
+                guard let self else { return }
+                let actions = self.machine.tick(now: .now())
+                if actions.contains(.close) {
+                    self.logger.warning("redis heartbeat unanswered; closing the connection", metadata: ["role": "\(self.role)"])
+                    self.onStall?()
+                }
+                self.perform(actions)
+            }
+            self.perform(self.machine.start())
         }
+    }
+
+    func stop() {
+        loop.execute {
+            self.ticker?.cancel()
+            self.reconnect?.cancel()
+            self.perform(self.machine.stop())
+        }
+    }
+
+    func subscribe(_ names: [String]) {
+        loop.execute { self.perform(self.machine.subscribe(names)) }
+    }
+
+    func unsubscribe(_ names: [String]) {
+        loop.execute { self.perform(self.machine.unsubscribe(names)) }
+    }
+
+    /// Writes pre-encoded PUBLISH commands if the machine allows it; otherwise they are dropped (and the loss
+    /// announced later).
+    func publish(_ commands: ByteBuffer, count: Int) {
+        if loseSilently.withLockedValue({ lose in lose > 0 ? { lose -= count; return true }() : false }) { return }
+        loop.execute {
+            let writable = self.channel?.isWritable ?? false
+            guard self.machine.publish(count: count, bytes: commands.readableBytes, writable: writable), let channel = self.channel else {
+                self.dropped.withLockedValue { $0 += count }
+                return
+            }
+            channel.writeAndFlush(commands, promise: nil)
+        }
+    }
+
+    private func perform(_ actions: [RedisConnectionStateMachine.Action]) {
+        for action in actions {
+            switch action {
+            case .connect: connect()
+            case .scheduleReconnect(let delay):
+                reconnect = loop.scheduleTask(in: delay) { self.perform(self.machine.reconnectTimerFired()) }
+            case .send(let commands):
+                guard let channel else { break }
+                var buffer = channel.allocator.buffer(capacity: 64)
+                for command in commands { Self.encode(command, into: &buffer) }
+                channel.writeAndFlush(buffer, promise: nil)
+            case .close:
+                channel?.close(promise: nil)
+            default:
+                onAction?(action)
+            }
+        }
+    }
+
+    static func encode(_ command: RedisConnectionStateMachine.Command, into buffer: inout ByteBuffer) {
+        switch command {
+        case .ping: RESPCommand.encode([Array("PING".utf8)], into: &buffer)
+        case .subscribe(let names): RESPCommand.encode([Array("SUBSCRIBE".utf8)] + names.map { Array($0.utf8) }, into: &buffer)
+        case .unsubscribe(let names): RESPCommand.encode([Array("UNSUBSCRIBE".utf8)] + names.map { Array($0.utf8) }, into: &buffer)
+        case .publish(let channel, let payload): RESPCommand.encode([Array("PUBLISH".utf8), Array(channel.utf8), Array(payload.utf8)], into: &buffer)
+        }
+    }
+
+    private func connect() {
+        let isSubscriber = role == "subscriber"
+        ClientBootstrap(group: loop)
+            .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(ChannelOptions.socketOption(.so_keepalive), value: 1)
+            .channelOption(ChannelOptions.writeBufferWaterMark, value: .init(low: 512 * 1024, high: 4 * 1024 * 1024))
+            .connectTimeout(.seconds(2))
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(RESPHandler { [weak self] reply in
+                        self?.received(reply, subscriber: isSubscriber)
+                    })
+                }
+            }
+            .connect(host: host, port: port)
+            .whenComplete { result in
+                self.loop.preconditionInEventLoop()
+                switch result {
+                case .success(let channel):
+                    if self.machine.state == .stopped {
+                        channel.close(promise: nil)
+                        return
+                    }
+                    self.channel = channel
+                    channel.closeFuture.whenComplete { _ in
+                        guard self.channel === channel else { return }
+                        self.channel = nil
+                        self.logger.info("redis connection closed", metadata: ["role": "\(self.role)"])
+                        self.perform(self.machine.connectionClosed(random: .random(in: 0..<1)))
+                    }
+                    self.logger.info("redis connected", metadata: ["role": "\(self.role)"])
+                    self.perform(self.machine.connected(now: .now()))
+                case .failure(let error):
+                    self.logger.debug("redis connect failed", metadata: ["role": "\(self.role)", "error": "\(error)"])
+                    self.perform(self.machine.connectFailed(random: .random(in: 0..<1)))
+                }
+            }
+    }
+
+    private func received(_ reply: RESPValue, subscriber: Bool) {
+        let classified: RedisConnectionStateMachine.Reply
+        switch reply {
+        case .array(let parts):
+            guard case .string(let kind)? = parts.first else {
+                classified = .other
+                break
+            }
+            if subscriber, parts.count == 3, kind.readableBytesView.elementsEqual("message".utf8),
+               case .string(let name) = parts[1], case .string(let payload) = parts[2] {
+                onMessage?(name, payload)  // the hot path: not a reply to a request
+                return
+            }
+            switch String(buffer: kind) {
+            case "subscribe" where parts.count >= 2:
+                if case .string(let name) = parts[1] { classified = .subscribed(String(buffer: name)) } else { classified = .other }
+            case "unsubscribe" where parts.count >= 2:
+                if case .string(let name) = parts[1] { classified = .unsubscribed(String(buffer: name)) } else { classified = .other }
+            case "pong": classified = .pong
+            default: classified = .other
+            }
+        case .status(let status): classified = status == "PONG" ? .pong : .other
+        case .integer: classified = .integer
+        case .error(let message):
+            logger.warning("redis answered an error", metadata: ["role": "\(role)", "error": "\(message)"])
+            classified = .error(message)
+        default: classified = .other
+        }
+        perform(machine.received(classified))
     }
 }
 

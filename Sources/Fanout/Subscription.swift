@@ -6,11 +6,13 @@ import NIOCore
 public protocol SubscriptionSink: AnyObject {
     /// Queues one encoded message (not flushed).
     func write(_ bytes: ByteBuffer, message: Message)
-    /// Flushes what was queued; the future completes when it reached the socket.
+    /// Flushes what was queued; the future completes when the connection can take more.
     func flush() -> EventLoopFuture<Void>
-    /// Whether the connection's send buffer is under its budget.
+    /// Whether the connection's queue is under its send budget.
     var isWritable: Bool { get }
-    /// The client fell further behind than its budget while live.
+    /// Bytes the connection has queued but not yet handed to the socket.
+    var queuedBytes: Int { get }
+    /// The client fell further behind than its budget (live, or while catching up).
     func slowConsumer()
     /// The store could not be read for the catch-up.
     func subscriptionFailed(_ channel: ChannelName, _ error: ApiError)
@@ -20,33 +22,37 @@ public protocol SubscriptionSink: AnyObject {
 
 /// One client's subscription to one channel: registers with the Hub first (live messages are held), reads
 /// the store after the start position (page by page, each page written before the next is read), then
-/// hands over to live delivery with no gap and no duplicate — the `GaplessSequencer` decides.
+/// hands over to live delivery with no gap and no duplicate. The decisions are the
+/// `SubscriptionStateMachine`'s; this class only carries them out.
 public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutable state is only touched on `eventLoop`
     public static let catchUpPage = 100
+    /// The first catch-up page, before the channel's message size is known.
+    public static let firstPage = 16
 
     public let channel: ChannelName
     public let eventLoop: any EventLoop
     public let format: WireFormat?
     private let hub: Hub
     private weak var sink: (any SubscriptionSink)?
-    private var sequencer: GaplessSequencer<EncodedMessage>
-    private var reading = false
-    private var begun = false
-    /// Set by `end(after:)`: nothing after this seq is delivered, and the subscription ends once it is reached.
-    private var limit: Int64?
-    public private(set) var isCancelled = false
+    private var machine: SubscriptionStateMachine<EncodedMessage>
+    private var failure: ApiError?
+    /// Catch-up pages hold about one send budget: sized from the last page's messages.
+    private var pageLimit = Subscription.firstPage
 
-    public init(channel: ChannelName, eventLoop: any EventLoop, format: WireFormat, hub: Hub, sink: any SubscriptionSink, heldLimit: Int = 1024) {
+    public init(channel: ChannelName, eventLoop: any EventLoop, format: WireFormat, hub: Hub, sink: any SubscriptionSink,
+                budget: Int, heldLimit: Int = 1024) {
         self.channel = channel
         self.eventLoop = eventLoop
         self.format = format
         self.hub = hub
         self.sink = sink
-        self.sequencer = GaplessSequencer(capacity: heldLimit)
+        self.machine = SubscriptionStateMachine(heldLimit: heldLimit, budget: budget)
     }
 
     /// The last seq handed to the sink.
-    public var lastDelivered: Int64 { sequencer.last }
+    public var lastDelivered: Int64 { machine.lastDelivered }
+    public var isCancelled: Bool { machine.isEnded }
+    public var phase: SubscriptionStateMachine<EncodedMessage>.Phase { machine.phase }
 
     /// Step 1: register with the Hub; live messages are held from now on.
     public func register() {
@@ -56,121 +62,108 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
     /// Step 2, once the start position is known (and the client told): catch up after it, then go live.
     public func begin(after position: Int64) {
         eventLoop.preconditionInEventLoop()
-        begun = true
-        perform(sequencer.begin(after: position))
-        checkLimit()
+        perform(machine.begin(after: position))
     }
 
     /// Delivers every message up to `seq` (reading the store for any the bus lost), none after it, then
     /// ends and tells the sink. For a member removed from a thread: `seq` is the head at the removal.
     public func end(after seq: Int64) {
         eventLoop.preconditionInEventLoop()
-        guard !isCancelled else { return }
-        limit = min(limit ?? seq, seq)
-        guard begun else { return }
-        if !checkLimit() { hubSynced(upTo: seq) }
-    }
-
-    /// Ends the subscription when its limit is reached; true when it ended.
-    @discardableResult
-    private func checkLimit() -> Bool {
-        guard let limit, begun, !isCancelled, sequencer.last >= limit else { return false }
-        cancel()
-        sink?.subscriptionEnded(channel)
-        return true
+        perform(machine.end(after: seq))
     }
 
     public func cancel() {
-        guard !isCancelled else { return }
-        isCancelled = true
-        hub.unsubscribe(channel, self)
+        if machine.cancel() { hub.unsubscribe(channel, self) }
     }
 
     public func hubDelivered(_ messages: [EncodedMessage]) {
-        guard !isCancelled, let sink else { return }
-        if !sequencer.isReading && !sink.isWritable {
-            sink.slowConsumer()
-            return
-        }
+        guard !machine.isEnded, let sink else { return }
+        let writable = sink.isWritable
         var wrote = false
-        for message in messages {
-            // Past the end: never written (`end(after:)` already asked the store for anything missing before it).
-            if let limit, message.message.seq > limit { continue }
-            if sequencer.acceptNext(message) {
-                // The per-message, per-subscriber path: the shared bytes, no allocation.
-                if let format, let bytes = message.bytes(format) {
-                    sink.write(bytes, message: message.message)
-                    wrote = true
-                    continue
-                }
-                wrote = write([message], to: sink) || wrote
+        for index in messages.indices {
+            let message = messages[index]
+            // The per-message, per-subscriber path: the shared bytes, no allocation.
+            if let format, let bytes = message.bytes(format), machine.acceptLive(message, writable: writable) {
+                sink.write(bytes, message: message.message)
+                wrote = true
                 continue
             }
-            let step = sequencer.receive(message)
-            wrote = write(step.deliver, to: sink) || wrote
-            if let after = step.readAfter { read(after: after) }
+            let format = self.format
+            let actions = machine.liveReceived(Array(messages[index...]), writable: writable,
+                                               bytes: { format.flatMap($0.bytes)?.readableBytes ?? $0.message.body.utf8.count },
+                                               queuedBytes: { sink.queuedBytes })
+            perform(actions, flushing: wrote)
+            return
         }
         if wrote { _ = sink.flush() }
-        checkLimit()
     }
 
     public func hubSynced(upTo seq: Int64) {
-        guard !isCancelled, sequencer.last < seq else { return }
-        let step = sequencer.poll()
-        if let after = step.readAfter { read(after: after) }
+        perform(machine.synced(upTo: seq))
     }
 
-    private func write(_ messages: [EncodedMessage], to sink: any SubscriptionSink) -> Bool {
-        guard let format else { return false }
-        var wrote = false
-        for message in messages where limit.map({ message.message.seq <= $0 }) ?? true {
-            wrote = true
-            let bytes = message.bytes(format) ?? hub.encoder(message.message, format)
-            sink.write(bytes, message: message.message)
+    private func perform(_ actions: SubscriptionStateMachine<EncodedMessage>.Actions, flushing: Bool = false) {
+        guard let sink else { return }
+        var flushed: EventLoopFuture<Void>?
+        if let format, !actions.write.isEmpty || flushing {
+            for message in actions.write {
+                sink.write(message.bytes(format) ?? hub.encoder(message.message, format), message: message.message)
+            }
+            flushed = sink.flush()
         }
-        return wrote
-    }
-
-    private func perform(_ step: GaplessSequencer<EncodedMessage>.Step) {
-        guard !isCancelled, let sink else { return }
-        let wrote = write(step.deliver, to: sink)
-        let flushed = wrote ? sink.flush() : eventLoop.makeSucceededVoidFuture()
-        if checkLimit() { return }
-        if let after = step.readAfter {
+        if let after = actions.read { read(after: after) }
+        if let after = actions.readWhenFlushed {
             // Pace the catch-up: read the next page only once this one reached the socket.
-            flushed.whenComplete { [weak self] _ in self?.read(after: after) }
+            let next: @Sendable () -> Void = { [weak self] in
+                guard let self, self.machine.startDeferredRead() else { return }
+                self.read(after: after)
+            }
+            if let flushed {
+                flushed.whenComplete { _ in next() }
+            } else if actions.write.isEmpty {
+                // Nothing new came back although more was expected (the store lagging what was received).
+                eventLoop.scheduleTask(in: .milliseconds(20)) { next() }
+            } else {
+                next()
+            }
+        }
+        guard let end = actions.end else { return }
+        hub.unsubscribe(channel, self)
+        switch end {
+        case .limitReached: sink.subscriptionEnded(channel)
+        case .slowConsumer: sink.slowConsumer()
+        case .storeFailed: sink.subscriptionFailed(channel, failure ?? ApiError(.storeUnavailable, "the store did not answer"))
+        case .cancelled: break
         }
     }
 
     private func read(after: Int64) {
-        guard !reading, !isCancelled else { return }
-        reading = true
         let store = hub.store
         let channel = self.channel
         let loop = eventLoop
         let format = self.format.map { Set([$0]) } ?? []
         let encoder = hub.encoder
+        let limit = pageLimit
         Task {
             let result: Result<Page, ApiError>
             do throws(ApiError) {
-                result = .success(try await store.messages(in: channel, after: after, limit: Self.catchUpPage))
+                result = .success(try await store.messages(in: channel, after: after, limit: limit))
             } catch {
                 result = .failure(error)
             }
             let encoded = (try? result.get())?.messages.map { EncodedMessage($0, formats: format, encoder: encoder) }
             loop.execute {
-                self.reading = false
-                guard !self.isCancelled else { return }
                 switch result {
                 case .failure(let error):
-                    self.sink?.subscriptionFailed(self.channel, error)
+                    self.failure = error
+                    self.perform(self.machine.readFailed())
                 case .success(let page):
-                    let step = self.sequencer.readCompleted(encoded ?? [], hasMore: page.hasMore)
-                    if page.messages.isEmpty && step.readAfter != nil {
-                        loop.scheduleTask(in: .milliseconds(20)) { self.perform(step) }
-                    } else {
-                        self.perform(step)
+                    if let encoded, !encoded.isEmpty, let format = self.format {
+                        let bytes = encoded.reduce(0) { $0 + ($1.bytes(format)?.readableBytes ?? 0) }
+                        self.pageLimit = SubscriptionStateMachine<EncodedMessage>.pageLimit(budget: self.machine.budget, averageBytes: bytes / encoded.count,
+                                                                                            maximum: Self.catchUpPage)
                     }
+                    self.perform(self.machine.readCompleted(encoded ?? [], hasMore: page.hasMore))
                 }
             }
         }

@@ -64,7 +64,8 @@ final class EventStream: SubscriptionSink, ConnectionBoundStream, LiveStream, @u
         context.flush()
         app.streams.add(self)
         app.counters.add("sse_streams")
-        let subscription = Subscription(channel: start.channel, eventLoop: context.eventLoop, format: .serverSentEvents, hub: app.hub, sink: self)
+        let subscription = Subscription(channel: start.channel, eventLoop: context.eventLoop, format: .serverSentEvents, hub: app.hub, sink: self,
+                                        budget: app.config.sendBudget)
         self.subscription = subscription
         subscription.register()
         subscription.begin(after: start.position)
@@ -96,6 +97,8 @@ final class EventStream: SubscriptionSink, ConnectionBoundStream, LiveStream, @u
     }
 
     var isWritable: Bool { context.channel.isWritable }
+
+    var queuedBytes: Int { (try? context.channel.syncOptions?.getOption(ChannelOptions.bufferedWritableBytes)) ?? 0 }
 
     func slowConsumer() {
         guard !ended else { return }

@@ -21,7 +21,7 @@ public final class GatewayApp: Sendable {
     public let store: any Store
     public let logger: Logger
     /// The Redis bus in cluster fan-out, for readiness.
-    let redis: RedisBus?
+    public let redis: RedisBus?
     let streams = StreamRegistry()
     /// Member removals already acted on (id → when), see `apply(_: [MemberRemoval])`.
     let appliedRemovals = NIOLockedValueBox<[String: Int64]>([:])

@@ -55,6 +55,15 @@ public struct GatewayConfig: Sendable {
     public var keepaliveSeconds: Int64 = 15
     public var wsPingSeconds: Int64 = 20
     public var eventLoops = System.coreCount
+    /// How often a channel with live subscribers compares its delivered head with the store's while the bus
+    /// is up (one batched query per instance), so a last message the bus lost arrives within this bound.
+    public var reconcileInterval: TimeAmount = .seconds(5)
+    /// How often channels are read from the store while the bus is down.
+    public var storePollInterval: TimeAmount = .milliseconds(200)
+    /// Redis heartbeat: a PING every interval; unanswered for the timeout, the connection counts as stalled
+    /// and the bus as down (noticed within interval + timeout + 0.5 s: 3 s by default).
+    public var redisPingInterval: TimeAmount = .seconds(1)
+    public var redisPingTimeout: TimeAmount = .milliseconds(1500)
     public var topics: [String: TopicRule] = [:]
     /// How long a publish's request id is remembered (PROTOCOL.md §2: 24 hours).
     public var idempotencyWindow: Duration = .seconds(24 * 3600)
@@ -104,6 +113,10 @@ public struct GatewayConfig: Sendable {
         if let v = env["GATEWAY_WS_DEFLATE"] { c.permessageDeflate = !(v == "0" || v == "false") }
         if let v = env["GATEWAY_REQUEST_IDLE_SECONDS"], let n = Int64(v), n > 0 { c.requestIdleSeconds = n }
         if let v = env["GATEWAY_SEND_BUDGET"], let n = Int(v) { c.sendBudget = n }
+        if let v = env["GATEWAY_RECONCILE_MS"], let n = Int64(v), n > 0 { c.reconcileInterval = .milliseconds(n) }
+        if let v = env["GATEWAY_STORE_POLL_MS"], let n = Int64(v), n > 0 { c.storePollInterval = .milliseconds(n) }
+        if let v = env["GATEWAY_REDIS_PING_MS"], let n = Int64(v), n > 0 { c.redisPingInterval = .milliseconds(n) }
+        if let v = env["GATEWAY_REDIS_PING_TIMEOUT_MS"], let n = Int64(v), n > 0 { c.redisPingTimeout = .milliseconds(n) }
         if let v = env["DATABASE_URL"], !v.isEmpty { c.databaseURL = v }
         if let v = env["REDIS_URL"], !v.isEmpty { c.redisURL = v }
         return c

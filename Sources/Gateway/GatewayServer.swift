@@ -60,14 +60,20 @@ public final class GatewayServer: Sendable {
         var redis: RedisBus?
         if let url = config.redisURL {
             guard let endpoint = RedisBus.endpoint(from: url) else { throw GatewayStartError("REDIS_URL must be redis://host:port") }
-            let redisBus = RedisBus(host: endpoint.host, port: endpoint.port, group: group, logger: logger)
+            var redisConfig = RedisConnectionStateMachine.Configuration()
+            redisConfig.pingInterval = config.redisPingInterval
+            redisConfig.pingTimeout = config.redisPingTimeout
+            let redisBus = RedisBus(host: endpoint.host, port: endpoint.port, group: group, configuration: redisConfig, logger: logger)
             redis = redisBus
             bus = redisBus
         } else {
             bus = InProcessBus()
         }
         await store.setCommitObserver { bus.publish($0) }
-        let hub = Hub(loops: loops, store: store, bus: bus, encoder: WireEncoding.encoder, logger: logger)
+        var hubConfig = Hub.Configuration()
+        hubConfig.pollInterval = config.storePollInterval
+        hubConfig.reconcileInterval = config.reconcileInterval
+        let hub = Hub(loops: loops, store: store, bus: bus, encoder: WireEncoding.encoder, configuration: hubConfig, logger: logger)
         let policy = Policy(topics: config.topics)
         let channels = ChannelService(store: store, policy: policy, bodyLimit: config.bodyLimit)
         let app = GatewayApp(config: config, verifier: verifier, channels: channels, threads: ThreadService(store: store, policy: policy),
@@ -103,6 +109,7 @@ public final class GatewayServer: Sendable {
             serverChannel = try await bootstrap.bind(host: config.host, port: config.port).get()
         } catch {
             redis?.stop()
+            hub.stop()
             try? await group.shutdownGracefully()
             await store.close()
             await stopServices()
@@ -158,6 +165,7 @@ public final class GatewayServer: Sendable {
         for _ in 0..<100 where await app.store.appends.waiting > 0 { try? await Task.sleep(for: .milliseconds(50)) }
         try? await Task.sleep(for: .milliseconds(200))
         app.redis?.stop()
+        app.hub.stop()
         try? await group.shutdownGracefully()
         await app.store.close()
         await stopServices()

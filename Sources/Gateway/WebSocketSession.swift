@@ -117,7 +117,7 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, LiveStream,
         }
         guard let context else { return }
         let subscription = Subscription(channel: channel, eventLoop: context.eventLoop, format: deflate.map { $0.windowBits < 15 ? .webSocketDeflateSmallWindow : .webSocketDeflate } ?? .webSocket,
-                                        hub: app.hub, sink: self)
+                                        hub: app.hub, sink: self, budget: app.config.sendBudget)
         subscriptions[channel] = subscription
         subscription.register()
         let store = app.store
@@ -271,6 +271,8 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, LiveStream,
     }
 
     var isWritable: Bool { context?.channel.isWritable ?? false }
+
+    var queuedBytes: Int { (try? context?.channel.syncOptions?.getOption(ChannelOptions.bufferedWritableBytes)) ?? 0 }
 
     func slowConsumer() {
         guard !closing else { return }

@@ -9,10 +9,10 @@ final class Cluster: @unchecked Sendable {  // set up once per test, then read-o
     let redis: RedisServer
     var gateways: [TestGateway] = []
 
-    static func start(instances: Int, configure: @escaping @Sendable (inout GatewayConfig) -> Void = { _ in }) async throws -> Cluster {
+    static func start(instances: Int, redisRunning: Bool = true, configure: @escaping @Sendable (inout GatewayConfig) -> Void = { _ in }) async throws -> Cluster {
         let postgres = try await PostgresServer.start()
         let redis: RedisServer
-        do { redis = try await RedisServer.start() } catch { await postgres.stop(); throw error }
+        do { redis = redisRunning ? try await RedisServer.start() : try RedisServer.reserve() } catch { await postgres.stop(); throw error }
         let cluster = Cluster(postgres: postgres, redis: redis, configure: configure)
         do {
             for i in 0..<instances { cluster.gateways.append(try await cluster.startInstance(i)) }
@@ -54,8 +54,9 @@ final class Cluster: @unchecked Sendable {  // set up once per test, then read-o
 }
 
 /// Runs `body` with a fresh cluster and stops every server of it afterwards, whether `body` succeeded or threw.
-func withCluster<T>(instances: Int, configure: @escaping @Sendable (inout GatewayConfig) -> Void = { _ in }, _ body: (Cluster) async throws -> T) async throws -> T {
-    try await withStarted({ try await Cluster.start(instances: instances, configure: configure) }, stop: { await $0.stop() }, body)
+func withCluster<T>(instances: Int, redisRunning: Bool = true, configure: @escaping @Sendable (inout GatewayConfig) -> Void = { _ in },
+                   _ body: (Cluster) async throws -> T) async throws -> T {
+    try await withStarted({ try await Cluster.start(instances: instances, redisRunning: redisRunning, configure: configure) }, stop: { await $0.stop() }, body)
 }
 
 @Suite(.serialized) struct ClusterTests {

@@ -1,4 +1,5 @@
 import Foundation
+import Gateway
 import Testing
 
 /// A client that stops reading is closed with 4008 once its send buffer passes the budget; the gateway's
@@ -42,6 +43,79 @@ struct SlowConsumerTests {
         #expect(growth < count * payload.utf8.count / 2, "the gateway's resident memory grew by \(growth) bytes")
         print("slow consumer: gateway RSS before \(before / 1024) KiB, peak \(peak / 1024) KiB, growth \(growth / 1024) KiB for \(count * payload.utf8.count / 1024) KiB published")
         await fast.close()
+        }
+    }
+}
+
+/// The send budget holds during catch-up too: a client that stops reading while it catches up, in a
+/// channel that moves on, is ended like a live slow consumer (WebSocket 4008, SSE stream closed).
+@Suite(.serialized) struct CatchUpSlowConsumerTests {
+    static let pad = String(repeating: "c", count: 200 * 1024)
+
+    static func configure(_ config: inout GatewayConfig) {
+        config.bodyLimit = 256 * 1024
+        config.sendBudget = 256 * 1024
+        config.socketSendBuffer = 64 * 1024
+    }
+
+    /// 100 stored messages of 200 KiB (20 MiB: far more than the client's socket buffers take).
+    static func backlog(port: Int, channel: String, token: String) async throws {
+        for i in 0..<100 {
+            let response = try await HTTPTestClient.publish(port: port, channel: channel, body: ["i": i, "pad": pad], token: token)
+            #expect(response.status == 201)
+        }
+    }
+
+    /// Publishes live messages until the gateway has closed a slow consumer (bounded).
+    static func publishUntilClosed(_ gateway: TestGateway, channel: String, token: String) async throws -> Int {
+        var published = 0
+        while try await gateway.metric("gateway_slow_consumer_closes_total") == 0 && published < 60 {
+            _ = try await HTTPTestClient.publish(port: gateway.port, channel: channel, body: ["live": published, "pad": pad], token: token)
+            published += 1
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        return published
+    }
+
+    @Test func webSocketThatStopsReadingMidCatchUpIsClosed4008() async throws {
+        try await withTestGateway(configure: Self.configure) { gateway in
+            let token = try await gateway.token()
+            let channel = "topic:catchup-stall-ws"
+            try await Self.backlog(port: gateway.port, channel: channel, token: token)
+            let zero = try await HTTPTestClient.zeroCursor(port: gateway.port, channel: channel, token: token)
+            let slow = try await WSTestClient.connect(port: gateway.port, token: token)
+            try await slow.send(["type": "subscribe", "id": "s", "channel": channel, "since": zero])
+            _ = try await slow.reply("subscribed")
+            // The client reads nothing more; the channel moves on.
+            let published = try await Self.publishUntilClosed(gateway, channel: channel, token: token)
+            #expect(try await gateway.metric("gateway_slow_consumer_closes_total") == 1, "not closed after \(published) live messages")
+            #expect(try await slow.waitForClose(timeout: 60) == 4008)
+            print("catch-up stall (WebSocket): closed 4008 after \(published) live messages of 200 KiB (budget 256 KiB)")
+            // Nothing was lost: the history is whole, and a resume from the cursor would get it all.
+            let history = try await HTTPTestClient.request(.GET, port: gateway.port, "/v1/channels/\(channel)/messages?since=\(zero)&limit=1000", token: token)
+            #expect((history.json["messages"] as? [Any])?.count == 100 + published)
+        }
+    }
+
+    @Test func eventStreamThatStopsReadingMidCatchUpIsEnded() async throws {
+        try await withTestGateway(configure: Self.configure) { gateway in
+            let token = try await gateway.token()
+            let channel = "topic:catchup-stall-sse"
+            try await Self.backlog(port: gateway.port, channel: channel, token: token)
+            let zero = try await HTTPTestClient.zeroCursor(port: gateway.port, channel: channel, token: token)
+            let slow = try await SSETestClient.connect(port: gateway.port, channel: channel, token: token, lastEventID: zero)
+            #expect(slow.status == 200)
+            let published = try await Self.publishUntilClosed(gateway, channel: channel, token: token)
+            #expect(try await gateway.metric("gateway_slow_consumer_closes_total") == 1, "not closed after \(published) live messages")
+            // Reading now finds what fitted in the buffers, then the end of the stream.
+            nonisolated(unsafe) let client = slow
+            let received = try await within(60, "SSE stream end") { () -> Int in
+                var n = 0
+                while let event = try? await client.nextEvent() { if event.event == "message" { n += 1 } }
+                return n
+            }
+            #expect(received < 100 + published)
+            print("catch-up stall (SSE): ended after \(published) live messages; the client had \(received) messages in its buffers")
         }
     }
 }

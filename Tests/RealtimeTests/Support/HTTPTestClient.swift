@@ -74,6 +74,15 @@ enum HTTPTestClient {
     }
 
     /// The position before the first message (`0.<hash>`), from an empty-page history answer.
+    /// One sample of `/metrics` (first sample of the metric's name).
+    static func metric(_ name: String, port: Int) async throws -> Int {
+        let text = try await request(.GET, port: port, "/metrics").body
+        for line in text.split(separator: "\n") where line.hasPrefix(name + "{") || line.hasPrefix(name + " ") {
+            return Int(line.split(separator: " ").last ?? "") ?? 0
+        }
+        return 0
+    }
+
     static func zeroCursor(port: Int, channel: String, token: String) async throws -> String {
         let latest = try await request(.GET, port: port, "/v1/channels/\(channel)/messages?limit=1", token: token)
         let cursor = latest.json["cursor"] as! String

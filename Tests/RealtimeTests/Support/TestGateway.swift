@@ -43,6 +43,11 @@ final class TestGateway: Sendable {
         try await TokenVerifier(hs256Secret: secret).mint(sub: sub, roles: roles, ttl: ttl)
     }
 
+    /// One sample of `/metrics` (first sample of the metric's name).
+    func metric(_ name: String) async throws -> Int {
+        try await HTTPTestClient.metric(name, port: port)
+    }
+
     /// Stops the instance; a shutdown that does not finish fails the test instead of holding the run.
     func stop() async {
         let server = self.server

@@ -145,10 +145,21 @@ final class RedisServer: @unchecked Sendable {  // used from one test task; stop
     var url: String { "redis://127.0.0.1:\(port)" }
 
     static func start() async throws -> RedisServer {
-        try TestServices.prepareRoot()
-        let server = RedisServer(port: TestServices.freePort())
+        let server = try reserve()
         try await server.startProcess()
         return server
+    }
+
+    /// A free port for a server that is not started yet (`startProcess` starts it): Redis down at start.
+    static func reserve() throws -> RedisServer {
+        try TestServices.prepareRoot()
+        return RedisServer(port: TestServices.freePort())
+    }
+
+    /// Stops (SIGSTOP) or resumes (SIGCONT) the server: a stalled Redis keeps its connections open and
+    /// answers nothing.
+    func signal(_ signal: Int32) {
+        if let process { kill(process.pid, signal) }
     }
 
     private init(port: Int) {
@@ -228,11 +239,7 @@ final class GatewayProcess: @unchecked Sendable {  // used from one test task
 
     /// One sample of `/metrics` (first sample of the metric's name).
     func metric(_ name: String) async throws -> Int {
-        let text = try await HTTPTestClient.request(.GET, port: port, "/metrics").body
-        for line in text.split(separator: "\n") where line.hasPrefix(name + "{") || line.hasPrefix(name + " ") {
-            return Int(line.split(separator: " ").last ?? "") ?? 0
-        }
-        return 0
+        try await HTTPTestClient.metric(name, port: port)
     }
 
     func kill9() async {

@@ -1,0 +1,212 @@
+/// One client's subscription to one channel as a value type: registered (live messages held, position
+/// unknown) → catching up (store pages, then the held messages) → live → ended. `Subscription` feeds it
+/// events and carries out its actions; the ordering itself is the `GaplessSequencer`'s.
+///
+/// The send budget applies in every phase. Live, a message that arrives while the connection's queue is
+/// over the budget (not writable) ends the subscription as a slow consumer. Catching up (or repairing a
+/// gap), live messages are held; their bytes and the connection's queue together count against the budget,
+/// so a client that stops reading mid catch-up while its channel moves on is ended the same way. Pages are
+/// paced: the next one is read only when the previous one reached the socket.
+public struct SubscriptionStateMachine<Element: Sequenced> {
+    public enum Phase: Sendable, Equatable {
+        case registered
+        case catchingUp
+        case live
+        case ended(End)
+    }
+
+    public enum End: Sendable, Equatable {
+        /// The end set by `end(after:)` was reached (a member removed from a thread).
+        case limitReached
+        /// The connection passed its send budget.
+        case slowConsumer
+        /// The store could not be read.
+        case storeFailed
+        case cancelled
+    }
+
+    /// What the driver does, in this order: write `write` and flush; read the store after `read` at once, or
+    /// after `readWhenFlushed` once the writes reached the socket; then end if `end` is set.
+    public struct Actions {
+        public var write: [Element] = []
+        public var read: Int64?
+        public var readWhenFlushed: Int64?
+        public var end: End?
+
+        public init(write: [Element] = [], read: Int64? = nil, readWhenFlushed: Int64? = nil, end: End? = nil) {
+            self.write = write
+            self.read = read
+            self.readWhenFlushed = readWhenFlushed
+            self.end = end
+        }
+
+        public var isEmpty: Bool { write.isEmpty && read == nil && readWhenFlushed == nil && end == nil }
+    }
+
+    private var sequencer: GaplessSequencer<Element>
+    public private(set) var isEnded = false
+    private var endReason: End?
+    private var begun = false
+    private var readInFlight = false
+    /// The highest seq the channel is known to have reached (Hub hints): read on until it is delivered.
+    private var syncedTo: Int64 = 0
+    /// Nothing after this seq is delivered; the subscription ends once it is reached.
+    private var limit: Int64?
+    /// Bytes of live messages held while a read is outstanding.
+    public private(set) var heldBytes = 0
+    public let budget: Int
+
+    public init(heldLimit: Int = 1024, budget: Int) {
+        self.sequencer = GaplessSequencer(capacity: heldLimit)
+        self.budget = budget
+    }
+
+    public var phase: Phase {
+        if let endReason { return .ended(endReason) }
+        if !begun { return .registered }
+        return sequencer.isReading ? .catchingUp : .live
+    }
+
+    /// The last seq handed to the driver for writing.
+    public var lastDelivered: Int64 { sequencer.last }
+
+    /// The start position is known (the client's cursor, or the head): catch up after it.
+    public mutating func begin(after position: Int64) -> Actions {
+        guard !isEnded, !begun else { return Actions() }
+        begun = true
+        var actions = from(sequencer.begin(after: position))
+        if actions.read != nil && !startRead() { actions.read = nil }
+        if reachedLimit() { actions.end = finish(.limitReached) }
+        return actions
+    }
+
+    /// The common case without allocating: live, in order, within the limit and the budget. Then the
+    /// driver writes `element` itself; otherwise it calls `liveReceived`.
+    public mutating func acceptLive(_ element: Element, writable: Bool) -> Bool {
+        guard !isEnded, writable, limit.map({ element.seq <= $0 }) ?? true else { return false }
+        return sequencer.acceptNext(element)
+    }
+
+    /// Live messages from the Hub. `bytes` is what one would cost queued; `queuedBytes` what the
+    /// connection has queued now (asked only while catching up).
+    public mutating func liveReceived(_ elements: [Element], writable: Bool, bytes: (Element) -> Int, queuedBytes: () -> Int) -> Actions {
+        guard !isEnded else { return Actions() }
+        if begun && !sequencer.isReading && !writable {
+            return Actions(end: finish(.slowConsumer))
+        }
+        var actions = Actions()
+        for element in elements {
+            if let limit, element.seq > limit { continue }
+            let wasReading = !begun || sequencer.isReading
+            let step = from(sequencer.receive(element))
+            actions.write += step.write
+            if let after = step.read { actions.read = after }
+            if wasReading || sequencer.isReading, step.write.isEmpty, element.seq > sequencer.last {
+                heldBytes += bytes(element)
+            }
+        }
+        if actions.read != nil {
+            guard startRead() else {
+                actions.read = nil
+                return checkHeld(actions, queuedBytes: queuedBytes)
+            }
+        }
+        if reachedLimit() { actions.end = finish(.limitReached) }
+        return checkHeld(actions, queuedBytes: queuedBytes)
+    }
+
+    private mutating func checkHeld(_ actions: Actions, queuedBytes: () -> Int) -> Actions {
+        var actions = actions
+        if heldBytes > 0 && !isEnded && heldBytes + queuedBytes() > budget {
+            actions.end = finish(.slowConsumer)
+        }
+        return actions
+    }
+
+    /// The channel has reached at least `seq` (the Hub read its head, or the bus was down).
+    public mutating func synced(upTo seq: Int64) -> Actions {
+        guard !isEnded else { return Actions() }
+        syncedTo = max(syncedTo, seq)
+        guard begun, sequencer.last < seq else { return Actions() }
+        var actions = from(sequencer.poll())
+        if actions.read != nil && !startRead() { actions.read = nil }
+        return actions
+    }
+
+    /// A store read (asked for by `read` or `readWhenFlushed`) returned.
+    public mutating func readCompleted(_ rows: [Element], hasMore: Bool) -> Actions {
+        readInFlight = false
+        guard !isEnded else { return Actions() }
+        var actions = from(sequencer.readCompleted(rows, hasMore: hasMore))
+        if !sequencer.isReading {
+            heldBytes = 0
+            if sequencer.last < syncedTo {
+                // The channel is known to be further on than the store showed this read.
+                actions = merge(actions, from(sequencer.poll()))
+            }
+        }
+        if let after = actions.read {
+            // Catch-up pages are paced by the socket.
+            actions.read = nil
+            actions.readWhenFlushed = after
+        }
+        if reachedLimit() { actions.end = finish(.limitReached) }
+        return actions
+    }
+
+    /// The driver is about to start the read of a `readWhenFlushed`; false when it must not (ended).
+    public mutating func startDeferredRead() -> Bool { startRead() }
+
+    public mutating func readFailed() -> Actions {
+        readInFlight = false
+        guard !isEnded else { return Actions() }
+        return Actions(end: finish(.storeFailed))
+    }
+
+    /// Delivers every message up to `seq` (reading the store for any the bus lost), none after it, then ends.
+    public mutating func end(after seq: Int64) -> Actions {
+        guard !isEnded else { return Actions() }
+        limit = min(limit ?? seq, seq)
+        guard begun else { return Actions() }
+        if reachedLimit() { return Actions(end: finish(.limitReached)) }
+        return synced(upTo: seq)
+    }
+
+    public mutating func cancel() -> Bool {
+        guard !isEnded else { return false }
+        _ = finish(.cancelled)
+        return true
+    }
+
+    /// How many messages the next catch-up page may hold so that it is about one send budget.
+    public static func pageLimit(budget: Int, averageBytes: Int, maximum: Int) -> Int {
+        max(1, min(maximum, budget / max(1, averageBytes)))
+    }
+
+    // MARK: helpers
+
+    private mutating func startRead() -> Bool {
+        guard !isEnded, !readInFlight else { return false }
+        readInFlight = true
+        return true
+    }
+
+    private func from(_ step: GaplessSequencer<Element>.Step) -> Actions {
+        Actions(write: limit.map { limit in step.deliver.filter { $0.seq <= limit } } ?? step.deliver, read: step.readAfter)
+    }
+
+    private func merge(_ a: Actions, _ b: Actions) -> Actions {
+        Actions(write: a.write + b.write, read: b.read ?? a.read, readWhenFlushed: a.readWhenFlushed ?? b.readWhenFlushed, end: a.end ?? b.end)
+    }
+
+    private func reachedLimit() -> Bool {
+        guard let limit, begun, !isEnded else { return false }
+        return sequencer.last >= limit
+    }
+
+    private mutating func finish(_ reason: End) -> End {
+        isEnded = true
+        endReason = reason
+        return reason
+    }
+}

@@ -1,0 +1,155 @@
+import Fanout
+import Foundation
+import Gateway
+import Testing
+
+/// The edges of Redis's life with real Postgres and Redis: down when the instances start, stalled with its
+/// connections open (SIGSTOP), and a message the bus loses silently in a quiet channel. In each, every acked
+/// message reaches a subscriber on another instance, and the delivery lag is printed (not asserted).
+@Suite(.serialized) struct BusEdgeTests {
+    /// Publishes `count` messages on `port`, `pause` apart; returns each ack with the time it came.
+    static func publishTimed(port: Int, channel: String, from first: Int, count: Int, token: String,
+                             pause: Duration = .milliseconds(20)) async throws -> [Int64: Date] {
+        var acked: [Int64: Date] = [:]
+        for i in first..<(first + count) {
+            let response = try await HTTPTestClient.publish(port: port, channel: channel, body: ["i": i], token: token)
+            guard response.status == 201, let message = response.json["message"] as? [String: Any] else {
+                throw ServiceError(description: "publish \(i) answered \(response.status): \(response.body)")
+            }
+            acked[Received(message).seq] = Date()
+            try await Task.sleep(for: pause)
+        }
+        return acked
+    }
+
+    /// Reads `count` messages one at a time, with the time each arrived.
+    static func receiveTimed(_ ws: WSTestClient, count: Int, timeout: Double = 30) async throws -> [(seq: Int64, at: Date)] {
+        var out: [(Int64, Date)] = []
+        for _ in 0..<count {
+            let message = try await ws.messages(1, timeout: timeout)
+            guard let seq = message.first?.seq else { throw TimedOut(what: "message \(out.count + 1) of \(count)") }
+            out.append((seq, Date()))
+        }
+        return out
+    }
+
+    /// Worst and median of arrival − ack, in milliseconds (an arrival before its ack counts as 0).
+    static func lag(_ received: [(seq: Int64, at: Date)], acked: [Int64: Date]) -> (median: Int, max: Int) {
+        let lags = received.compactMap { r in acked[r.seq].map { max(0, Int(r.at.timeIntervalSince($0) * 1000)) } }.sorted()
+        guard !lags.isEmpty else { return (0, 0) }
+        return (lags[lags.count / 2], lags.last!)
+    }
+
+    static func subscribe(port: Int, channel: String, token: String) async throws -> WSTestClient {
+        let ws = try await WSTestClient.connect(port: port, token: token)
+        try await ws.send(["type": "subscribe", "id": "s", "channel": channel])
+        _ = try await ws.reply("subscribed")
+        return ws
+    }
+
+    static func busState(_ gateway: TestGateway, _ channel: String) async -> BusSubscriptionStateMachine.State? {
+        await gateway.server.app.hub.busStates()[channel]
+    }
+
+    @Test func redisDownWhenInstancesStartDeliversThroughTheStoreThenThroughRedis() async throws {
+        try await withCluster(instances: 2, redisRunning: false) { cluster in
+            let token = try await cluster.token()
+            let channel = "topic:redis-down-at-start"
+            let (a, b) = (cluster.ports[0], cluster.ports[1])
+            // The instance serves, and says what is down.
+            let ready = try await HTTPTestClient.request(.GET, port: b, "/readyz")
+            #expect(ready.status == 503)
+            #expect(ready.json["redis"] as? String == "failed")
+            #expect(ready.json["store"] as? String == "ok")
+
+            let ws = try await Self.subscribe(port: b, channel: channel, token: token)
+            #expect(await Self.busState(cluster.gateways[1], channel) == .storePolling(subscribers: 1))
+            async let receiving = Self.receiveTimed(ws, count: 20)
+            let acked = try await Self.publishTimed(port: a, channel: channel, from: 0, count: 20, token: token)
+            let received = try await receiving
+            #expect(received.map(\.seq) == Array(1...20))
+            let down = Self.lag(received, acked: acked)
+            print("redis down at start: 20 messages from A to B through the store, lag median \(down.median) ms, max \(down.max) ms")
+
+            try await cluster.redis.startProcess()
+            try await eventually("both instances ready once Redis answers") {
+                for port in [a, b] where try await HTTPTestClient.request(.GET, port: port, "/readyz").status != 200 { return false }
+                return true
+            }
+            try await eventually("B's channel live on the bus") { await Self.busState(cluster.gateways[1], channel) == .live(subscribers: 1) }
+            async let receivingLive = Self.receiveTimed(ws, count: 20)
+            let ackedLive = try await Self.publishTimed(port: a, channel: channel, from: 20, count: 20, token: token)
+            let live = try await receivingLive
+            #expect(live.map(\.seq) == Array(21...40))
+            let up = Self.lag(live, acked: ackedLive)
+            print("redis down at start, then up: 20 more through Redis, lag median \(up.median) ms, max \(up.max) ms")
+            await ws.close()
+        }
+    }
+
+    @Test func redisStalledMidStreamIsNoticedAndTheStoreServesUntilItAnswers() async throws {
+        try await withCluster(instances: 2) { cluster in
+            let token = try await cluster.token()
+            let channel = "topic:redis-stalled"
+            let (a, b) = (cluster.ports[0], cluster.ports[1])
+            let ws = try await Self.subscribe(port: b, channel: channel, token: token)
+            let local = try await Self.subscribe(port: a, channel: channel, token: token)
+            try await eventually("B's channel live on the bus") { await Self.busState(cluster.gateways[1], channel) == .live(subscribers: 1) }
+
+            async let receiving = Self.receiveTimed(ws, count: 120)
+            async let receivingLocal = local.messages(120, timeout: 60)
+            var acked = try await Self.publishTimed(port: a, channel: channel, from: 0, count: 20, token: token)
+            cluster.redis.signal(SIGSTOP)
+            let stalledAt = Date()
+            let during = try await Self.publishTimed(port: a, channel: channel, from: 20, count: 80, token: token)
+            acked.merge(during) { $1 }
+            cluster.redis.signal(SIGCONT)
+            let resumedAt = Date()
+            try await eventually("B ready again after SIGCONT", timeout: 30) {
+                try await HTTPTestClient.request(.GET, port: b, "/readyz").status == 200
+            }
+            try await eventually("B's channel live on the bus again", timeout: 30) {
+                await Self.busState(cluster.gateways[1], channel) == .live(subscribers: 1)
+            }
+            let after = try await Self.publishTimed(port: a, channel: channel, from: 100, count: 20, token: token)
+            acked.merge(after) { $1 }
+            let received = try await receiving
+            #expect(received.map(\.seq) == Array(1...120))
+            #expect(try await receivingLocal.map(\.seq) == Array(1...120))
+            let stalled = received.filter { $0.seq > 20 && $0.seq <= 100 }
+            let lag = Self.lag(stalled, acked: acked)
+            let firstDuring = stalled.first.map { Int($0.at.timeIntervalSince(stalledAt) * 1000) } ?? -1
+            print("redis stalled (SIGSTOP for \(Int(resumedAt.timeIntervalSince(stalledAt) * 1000)) ms): 80 messages acked meanwhile reached B, lag median \(lag.median) ms, max \(lag.max) ms; first one \(firstDuring) ms after the stall began")
+            let afterLag = Self.lag(received.filter { $0.seq > 100 }, acked: acked)
+            print("redis resumed (SIGCONT): 20 more through Redis, lag median \(afterLag.median) ms, max \(afterLag.max) ms")
+            let counters = cluster.gateways[1].server.app.redis?.counterValues
+            #expect((counters?.stalls ?? 0) >= 1)
+            await ws.close()
+            await local.close()
+        }
+    }
+
+    @Test func lastMessageLostByTheBusInAQuietChannelArrivesByTheReconcile() async throws {
+        try await withCluster(instances: 2, configure: { $0.reconcileInterval = .seconds(1) }) { cluster in
+            let token = try await cluster.token()
+            let channel = "topic:lost-last"
+            let (a, b) = (cluster.ports[0], cluster.ports[1])
+            let ws = try await Self.subscribe(port: b, channel: channel, token: token)
+            try await eventually("B's channel live on the bus") { await Self.busState(cluster.gateways[1], channel) == .live(subscribers: 1) }
+            async let first = ws.messages(3, timeout: 30)
+            _ = try await Self.publishTimed(port: a, channel: channel, from: 0, count: 3, token: token)
+            #expect(try await first.map(\.seq) == [1, 2, 3])
+
+            // Redis loses the next PUBLISH and nobody notices; nothing is published after it.
+            cluster.gateways[0].server.app.redis?.testLoseNextPublishes(1)
+            let repairsBefore = cluster.gateways[1].server.app.hub.counterValues.reconcileRepairs
+            async let last = Self.receiveTimed(ws, count: 1, timeout: 20)
+            let acked = try await Self.publishTimed(port: a, channel: channel, from: 3, count: 1, token: token, pause: .zero)
+            let received = try await last
+            #expect(received.map(\.seq) == [4])
+            #expect(cluster.gateways[1].server.app.hub.counterValues.reconcileRepairs > repairsBefore)
+            print("lost last message: reached B \(Self.lag(received, acked: acked).max) ms after its ack (reconcile every 1 s)")
+            await ws.close()
+        }
+    }
+}
