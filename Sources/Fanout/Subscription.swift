@@ -10,8 +10,6 @@ public protocol SubscriptionSink: AnyObject {
     func flush() -> EventLoopFuture<Void>
     /// Whether the connection's queue is under its send budget.
     var isWritable: Bool { get }
-    /// Bytes the connection has queued but not yet handed to the socket.
-    var queuedBytes: Int { get }
     /// The client fell further behind than its budget (live, or while catching up).
     func slowConsumer()
     /// The store could not be read for the catch-up.
@@ -26,8 +24,6 @@ public protocol SubscriptionSink: AnyObject {
 /// `SubscriptionStateMachine`'s; this class only carries them out.
 public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutable state is only touched on `eventLoop`
     public static let catchUpPage = 100
-    /// The first catch-up page, before the channel's message size is known.
-    public static let firstPage = 16
 
     public let channel: ChannelName
     public let eventLoop: any EventLoop
@@ -37,10 +33,13 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
     private var machine: SubscriptionStateMachine<EncodedMessage>
     private var failure: ApiError?
     /// Catch-up pages hold about one send budget: sized from the last page's messages.
-    private var pageLimit = Subscription.firstPage
+    private var pageLimit: Int
 
+    /// `largestMessage`: the most one message may take, which sizes the first page (before the channel's
+    /// message size is known) so that it holds no more than one budget.
     public init(channel: ChannelName, eventLoop: any EventLoop, format: WireFormat, hub: Hub, sink: any SubscriptionSink,
-                budget: Int, heldLimit: Int = 1024) {
+                budget: Int, largestMessage: Int, heldLimit: Int = 1024) {
+        self.pageLimit = SubscriptionStateMachine<EncodedMessage>.pageLimit(budget: budget, averageBytes: largestMessage, maximum: Self.catchUpPage)
         self.channel = channel
         self.eventLoop = eventLoop
         self.format = format
@@ -90,8 +89,7 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
             }
             let format = self.format
             let actions = machine.liveReceived(Array(messages[index...]), writable: writable,
-                                               bytes: { format.flatMap($0.bytes)?.readableBytes ?? $0.message.body.utf8.count },
-                                               queuedBytes: { sink.queuedBytes })
+                                               bytes: { format.flatMap($0.bytes)?.readableBytes ?? $0.message.body.utf8.count })
             perform(actions, flushing: wrote)
             return
         }

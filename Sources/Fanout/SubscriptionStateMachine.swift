@@ -4,9 +4,11 @@
 ///
 /// The send budget applies in every phase. Live, a message that arrives while the connection's queue is
 /// over the budget (not writable) ends the subscription as a slow consumer. Catching up (or repairing a
-/// gap), live messages are held; their bytes and the connection's queue together count against the budget,
-/// so a client that stops reading mid catch-up while its channel moves on is ended the same way. Pages are
-/// paced: the next one is read only when the previous one reached the socket.
+/// gap), live messages are held for the client; once what is held passes the budget the subscription ends
+/// the same way, so a client that stops reading mid catch-up while its channel moves on is not kept. The
+/// catch-up itself is paced (the next page is read only once the previous one reached the socket, and a
+/// page holds about one budget), so what a connection holds stays within about three budgets: the queue,
+/// one page, the held messages.
 public struct SubscriptionStateMachine<Element: Sequenced> {
     public enum Phase: Sendable, Equatable {
         case registered
@@ -87,9 +89,8 @@ public struct SubscriptionStateMachine<Element: Sequenced> {
         return sequencer.acceptNext(element)
     }
 
-    /// Live messages from the Hub. `bytes` is what one would cost queued; `queuedBytes` what the
-    /// connection has queued now (asked only while catching up).
-    public mutating func liveReceived(_ elements: [Element], writable: Bool, bytes: (Element) -> Int, queuedBytes: () -> Int) -> Actions {
+    /// Live messages from the Hub. `bytes` is what one costs held.
+    public mutating func liveReceived(_ elements: [Element], writable: Bool, bytes: (Element) -> Int) -> Actions {
         guard !isEnded else { return Actions() }
         if begun && !sequencer.isReading && !writable {
             return Actions(end: finish(.slowConsumer))
@@ -105,19 +106,10 @@ public struct SubscriptionStateMachine<Element: Sequenced> {
                 heldBytes += bytes(element)
             }
         }
-        if actions.read != nil {
-            guard startRead() else {
-                actions.read = nil
-                return checkHeld(actions, queuedBytes: queuedBytes)
-            }
-        }
-        if reachedLimit() { actions.end = finish(.limitReached) }
-        return checkHeld(actions, queuedBytes: queuedBytes)
-    }
-
-    private mutating func checkHeld(_ actions: Actions, queuedBytes: () -> Int) -> Actions {
-        var actions = actions
-        if heldBytes > 0 && !isEnded && heldBytes + queuedBytes() > budget {
+        if actions.read != nil && !startRead() { actions.read = nil }
+        if reachedLimit() {
+            actions.end = finish(.limitReached)
+        } else if heldBytes > budget {
             actions.end = finish(.slowConsumer)
         }
         return actions

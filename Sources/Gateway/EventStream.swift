@@ -65,7 +65,7 @@ final class EventStream: SubscriptionSink, ConnectionBoundStream, LiveStream, @u
         app.streams.add(self)
         app.counters.add("sse_streams")
         let subscription = Subscription(channel: start.channel, eventLoop: context.eventLoop, format: .serverSentEvents, hub: app.hub, sink: self,
-                                        budget: app.config.sendBudget)
+                                        budget: app.config.sendBudget, largestMessage: app.config.bodyLimit)
         self.subscription = subscription
         subscription.register()
         subscription.begin(after: start.position)
@@ -98,7 +98,6 @@ final class EventStream: SubscriptionSink, ConnectionBoundStream, LiveStream, @u
 
     var isWritable: Bool { context.channel.isWritable }
 
-    var queuedBytes: Int { (try? context.channel.syncOptions?.getOption(ChannelOptions.bufferedWritableBytes)) ?? 0 }
 
     func slowConsumer() {
         guard !ended else { return }

@@ -117,7 +117,7 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, LiveStream,
         }
         guard let context else { return }
         let subscription = Subscription(channel: channel, eventLoop: context.eventLoop, format: deflate.map { $0.windowBits < 15 ? .webSocketDeflateSmallWindow : .webSocketDeflate } ?? .webSocket,
-                                        hub: app.hub, sink: self, budget: app.config.sendBudget)
+                                        hub: app.hub, sink: self, budget: app.config.sendBudget, largestMessage: app.config.bodyLimit)
         subscriptions[channel] = subscription
         subscription.register()
         let store = app.store
@@ -272,7 +272,6 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, LiveStream,
 
     var isWritable: Bool { context?.channel.isWritable ?? false }
 
-    var queuedBytes: Int { (try? context?.channel.syncOptions?.getOption(ChannelOptions.bufferedWritableBytes)) ?? 0 }
 
     func slowConsumer() {
         guard !closing else { return }

@@ -96,12 +96,12 @@ import Testing
             let local = try await Self.subscribe(port: a, channel: channel, token: token)
             try await eventually("B's channel live on the bus") { await Self.busState(cluster.gateways[1], channel) == .live(subscribers: 1) }
 
-            async let receiving = Self.receiveTimed(ws, count: 120)
-            async let receivingLocal = local.messages(120, timeout: 60)
+            async let receiving = Self.receiveTimed(ws, count: 190)
+            async let receivingLocal = local.messages(190, timeout: 60)
             var acked = try await Self.publishTimed(port: a, channel: channel, from: 0, count: 20, token: token)
             cluster.redis.signal(SIGSTOP)
             let stalledAt = Date()
-            let during = try await Self.publishTimed(port: a, channel: channel, from: 20, count: 80, token: token)
+            let during = try await Self.publishTimed(port: a, channel: channel, from: 20, count: 150, token: token)
             acked.merge(during) { $1 }
             cluster.redis.signal(SIGCONT)
             let resumedAt = Date()
@@ -111,16 +111,16 @@ import Testing
             try await eventually("B's channel live on the bus again", timeout: 30) {
                 await Self.busState(cluster.gateways[1], channel) == .live(subscribers: 1)
             }
-            let after = try await Self.publishTimed(port: a, channel: channel, from: 100, count: 20, token: token)
+            let after = try await Self.publishTimed(port: a, channel: channel, from: 170, count: 20, token: token)
             acked.merge(after) { $1 }
             let received = try await receiving
-            #expect(received.map(\.seq) == Array(1...120))
-            #expect(try await receivingLocal.map(\.seq) == Array(1...120))
-            let stalled = received.filter { $0.seq > 20 && $0.seq <= 100 }
+            #expect(received.map(\.seq) == Array(1...190))
+            #expect(try await receivingLocal.map(\.seq) == Array(1...190))
+            let stalled = received.filter { $0.seq > 20 && $0.seq <= 170 }
             let lag = Self.lag(stalled, acked: acked)
             let firstDuring = stalled.first.map { Int($0.at.timeIntervalSince(stalledAt) * 1000) } ?? -1
-            print("redis stalled (SIGSTOP for \(Int(resumedAt.timeIntervalSince(stalledAt) * 1000)) ms): 80 messages acked meanwhile reached B, lag median \(lag.median) ms, max \(lag.max) ms; first one \(firstDuring) ms after the stall began")
-            let afterLag = Self.lag(received.filter { $0.seq > 100 }, acked: acked)
+            print("redis stalled (SIGSTOP for \(Int(resumedAt.timeIntervalSince(stalledAt) * 1000)) ms): 150 messages acked meanwhile reached B, lag median \(lag.median) ms, max \(lag.max) ms; first one \(firstDuring) ms after the stall began")
+            let afterLag = Self.lag(received.filter { $0.seq > 170 }, acked: acked)
             print("redis resumed (SIGCONT): 20 more through Redis, lag median \(afterLag.median) ms, max \(afterLag.max) ms")
             let counters = cluster.gateways[1].server.app.redis?.counterValues
             #expect((counters?.stalls ?? 0) >= 1)
