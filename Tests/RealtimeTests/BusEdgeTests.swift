@@ -87,6 +87,21 @@ import Testing
         }
     }
 
+    /// What a reader task has received so far, readable from the test while it runs.
+    final class Collected: @unchecked Sendable {  // guarded by `lock`
+        private let lock = NSLock()
+        private var items: [(seq: Int64, at: Date)] = []
+        func append(_ seq: Int64) { lock.lock(); items.append((seq, Date())); lock.unlock() }
+        var all: [(seq: Int64, at: Date)] { lock.lock(); defer { lock.unlock() }; return items }
+    }
+
+    static func collect(_ ws: WSTestClient, count: Int, into collected: Collected) async throws {
+        for _ in 0..<count {
+            guard let seq = try await ws.messages(1, timeout: 60).first?.seq else { throw TimedOut(what: "message") }
+            collected.append(seq)
+        }
+    }
+
     @Test func redisStalledMidStreamIsNoticedAndTheStoreServesUntilItAnswers() async throws {
         try await withCluster(instances: 2) { cluster in
             let token = try await cluster.token()
@@ -96,15 +111,29 @@ import Testing
             let local = try await Self.subscribe(port: a, channel: channel, token: token)
             try await eventually("B's channel live on the bus") { await Self.busState(cluster.gateways[1], channel) == .live(subscribers: 1) }
 
-            async let receiving = Self.receiveTimed(ws, count: 190)
-            async let receivingLocal = local.messages(190, timeout: 60)
+            let onB = Collected()
+            let reader = Task { try await Self.collect(ws, count: 190, into: onB) }
+            async let receivingLocal = local.messages(190, timeout: 90)
             var acked = try await Self.publishTimed(port: a, channel: channel, from: 0, count: 20, token: token)
             cluster.redis.signal(SIGSTOP)
             let stalledAt = Date()
-            let during = try await Self.publishTimed(port: a, channel: channel, from: 20, count: 150, token: token)
-            acked.merge(during) { $1 }
+            do {
+                let during = try await Self.publishTimed(port: a, channel: channel, from: 20, count: 150, token: token)
+                acked.merge(during) { $1 }
+                // While Redis is still stopped: B noticed (readiness names Redis, the channel polls the store) and
+                // everything acked has reached B.
+                try await eventually("B's readiness names the stalled Redis", timeout: 30) {
+                    let ready = try await HTTPTestClient.request(.GET, port: b, "/readyz")
+                    return ready.status == 503 && ready.json["redis"] as? String == "failed"
+                }
+                #expect(await Self.busState(cluster.gateways[1], channel) == .storePolling(subscribers: 1))
+                try await eventually("B got every message acked during the stall, Redis still stopped", timeout: 30) { onB.all.count >= 170 }
+            } catch {
+                cluster.redis.signal(SIGCONT)
+                throw error
+            }
+            let stallEnd = Date()
             cluster.redis.signal(SIGCONT)
-            let resumedAt = Date()
             try await eventually("B ready again after SIGCONT", timeout: 30) {
                 try await HTTPTestClient.request(.GET, port: b, "/readyz").status == 200
             }
@@ -113,13 +142,14 @@ import Testing
             }
             let after = try await Self.publishTimed(port: a, channel: channel, from: 170, count: 20, token: token)
             acked.merge(after) { $1 }
-            let received = try await receiving
+            try await reader.value
+            let received = onB.all
             #expect(received.map(\.seq) == Array(1...190))
             #expect(try await receivingLocal.map(\.seq) == Array(1...190))
             let stalled = received.filter { $0.seq > 20 && $0.seq <= 170 }
             let lag = Self.lag(stalled, acked: acked)
             let firstDuring = stalled.first.map { Int($0.at.timeIntervalSince(stalledAt) * 1000) } ?? -1
-            print("redis stalled (SIGSTOP for \(Int(resumedAt.timeIntervalSince(stalledAt) * 1000)) ms): 150 messages acked meanwhile reached B, lag median \(lag.median) ms, max \(lag.max) ms; first one \(firstDuring) ms after the stall began")
+            print("redis stalled (SIGSTOP for \(Int(stallEnd.timeIntervalSince(stalledAt) * 1000)) ms): 150 messages acked meanwhile reached B before SIGCONT, lag median \(lag.median) ms, max \(lag.max) ms; first one \(firstDuring) ms after the stall began")
             let afterLag = Self.lag(received.filter { $0.seq > 170 }, acked: acked)
             print("redis resumed (SIGCONT): 20 more through Redis, lag median \(afterLag.median) ms, max \(afterLag.max) ms")
             let counters = cluster.gateways[1].server.app.redis?.counterValues
