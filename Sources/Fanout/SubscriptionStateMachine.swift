@@ -127,6 +127,7 @@ public struct SubscriptionStateMachine<Element: Sequenced> {
 
     /// A store read (asked for by `read` or `readWhenFlushed`) returned.
     public mutating func readCompleted(_ rows: [Element], hasMore: Bool) -> Actions {
+        guard readInFlight else { return Actions() }  // no read was asked for: nothing to complete
         readInFlight = false
         guard !isEnded else { return Actions() }
         var actions = from(sequencer.readCompleted(rows, hasMore: hasMore))
@@ -150,6 +151,7 @@ public struct SubscriptionStateMachine<Element: Sequenced> {
     public mutating func startDeferredRead() -> Bool { startRead() }
 
     public mutating func readFailed() -> Actions {
+        guard readInFlight else { return Actions() }
         readInFlight = false
         guard !isEnded else { return Actions() }
         return Actions(end: finish(.storeFailed))

@@ -330,6 +330,68 @@ struct RedisConnectionStateMachineTests {
         do { let r = machine.connectFailed(random: 0); #expect(r == []) }
     }
 
+    enum Event: CaseIterable { case start, connected, connectFailed, closed, timer, pong, subscribeReply, subscribe, publish, tickQuiet, tickLate, stop }
+
+    /// A subscriber machine brought to `state` by the events that lead there.
+    static func machine(in state: R.State) -> R {
+        var m = R(role: .subscriber(internalChannels: []))
+        switch state {
+        case .idle: break
+        case .connecting: _ = m.start()
+        case .handshaking: _ = m.start(); _ = m.connected(now: t0)
+        case .ready: _ = m.start(); _ = m.connected(now: t0); _ = m.received(.pong)
+        case .waitingToReconnect: _ = m.start(); _ = m.connectFailed(random: 0)
+        case .stopped: _ = m.stop()
+        }
+        return m
+    }
+
+    /// Every event in every state: the next state, and whether the bus is reported down, and the
+    /// connection closed.
+    @Test func everyEventInEveryState() {
+        let states: [R.State] = [.idle, .connecting(attempt: 0), .handshaking, .ready, .waitingToReconnect(attempt: 1), .stopped]
+        for state in states {
+            for event in Event.allCases {
+                var m = Self.machine(in: state)
+                let actions: [R.Action]
+                switch event {
+                case .start: actions = m.start()
+                case .connected: actions = m.connected(now: Self.t0)
+                case .connectFailed: actions = m.connectFailed(random: 0)
+                case .closed: actions = m.connectionClosed(random: 0)
+                case .timer: actions = m.reconnectTimerFired()
+                case .pong: actions = m.received(.pong)
+                case .subscribeReply: actions = m.received(.subscribed("gw:x"))
+                case .subscribe: actions = m.subscribe(["gw:x"])
+                case .publish: actions = m.publish(count: 1, bytes: 10, writable: true) ? [.send([])] : []
+                case .tickQuiet: actions = m.tick(now: Self.t0 + .milliseconds(250))
+                case .tickLate: actions = m.tick(now: Self.t0 + .seconds(2))
+                case .stop: actions = m.stop()
+                }
+                let expected: (R.State, [R.Action])
+                switch (state, event) {
+                case (.idle, .start): expected = (.connecting(attempt: 0), [.connect])
+                case (.connecting, .connected): expected = (.handshaking, [.send([.ping])])
+                case (.connecting, .connectFailed): expected = (.waitingToReconnect(attempt: 1), [.reportDown, .scheduleReconnect(.milliseconds(100))])
+                case (.waitingToReconnect(let n), .timer): expected = (.connecting(attempt: n), [.connect])
+                case (.handshaking, .closed): expected = (.waitingToReconnect(attempt: 0), [.reportDown, .scheduleReconnect(.milliseconds(50))])
+                case (.ready, .closed): expected = (.waitingToReconnect(attempt: 0), [.reportDown, .scheduleReconnect(.milliseconds(50))])
+                case (.handshaking, .pong): expected = (.ready, [.reportUp])
+                case (.handshaking, .subscribeReply), (.ready, .subscribeReply), (.ready, .pong): expected = (state, [.close])
+                case (.ready, .subscribe): expected = (.ready, [.send([.subscribe(["gw:x"])])])
+                case (.ready, .publish): expected = (.ready, [.send([])])
+                case (.handshaking, .tickLate): expected = (.handshaking, [.close])
+                case (.ready, .tickLate): expected = (.ready, [.send([.ping])])
+                case (.handshaking, .stop), (.ready, .stop): expected = (.stopped, [.close])
+                case (_, .stop): expected = (.stopped, [])
+                default: expected = (state, [])
+                }
+                #expect(m.state == expected.0, "\(state) + \(event)")
+                #expect(actions == expected.1, "\(state) + \(event)")
+            }
+        }
+    }
+
     /// The first race of the issue, end to end between the two machines: the bus reconnects, a channel's
     /// first subscriber arrives between the connect and the PONG; it must be SUBSCRIBEd once the bus is up.
     @Test func channelFirstSubscribedBeforeThePongIsSubscribedAfterIt() {

@@ -142,6 +142,64 @@ struct SubscriptionStateMachineTests {
         #expect(!started)
     }
 
+    enum Event: CaseIterable { case begin, liveNext, liveGap, liveUnwritable, synced, readDone, readFailed, endAfter, cancel }
+
+    /// A machine brought to `phase` (a read is outstanding while catching up).
+    static func machine(in phase: M.Phase) -> M {
+        var m = M(budget: 10_000)
+        switch phase {
+        case .registered: break
+        case .catchingUp: _ = m.begin(after: 2)
+        case .live: _ = m.begin(after: 2); _ = m.readCompleted([], hasMore: false)
+        case .ended: _ = m.cancel()
+        }
+        return m
+    }
+
+    /// Every event in every phase: the phase after it and what the driver is told.
+    @Test func everyEventInEveryPhase() {
+        for phase in [M.Phase.registered, .catchingUp, .live, .ended(.cancelled)] {
+            for event in Event.allCases {
+                var m = Self.machine(in: phase)
+                let a: M.Actions
+                switch event {
+                case .begin: a = m.begin(after: 2)
+                case .liveNext: a = m.liveReceived([Item(seq: 3)], writable: true, bytes: Self.size)
+                case .liveGap: a = m.liveReceived([Item(seq: 5)], writable: true, bytes: Self.size)
+                case .liveUnwritable: a = m.liveReceived([Item(seq: 3)], writable: false, bytes: Self.size)
+                case .synced: a = m.synced(upTo: 4)
+                case .readDone: a = m.readCompleted(Self.items(3...4), hasMore: false)
+                case .readFailed: a = m.readFailed()
+                case .endAfter: a = m.end(after: 2)
+                case .cancel: a = M.Actions(end: m.cancel() ? .cancelled : nil)
+                }
+                let summary = (m.phase, a.write.map(\.seq), a.read, a.readWhenFlushed, a.end)
+                let expected: (M.Phase, [Int64], Int64?, Int64?, M.End?)
+                switch (phase, event) {
+                case (.ended, _): expected = (phase, [], nil, nil, nil)
+                case (_, .cancel): expected = (.ended(.cancelled), [], nil, nil, .cancelled)
+                case (.catchingUp, .readFailed): expected = (.ended(.storeFailed), [], nil, nil, .storeFailed)
+                case (_, .readFailed): expected = (phase, [], nil, nil, nil)  // no read was asked for
+                case (.registered, .begin): expected = (.catchingUp, [], 2, nil, nil)
+                case (.registered, .liveNext), (.registered, .liveGap), (.registered, .liveUnwritable): expected = (.registered, [], nil, nil, nil)
+                case (.registered, .readDone): expected = (.registered, [], nil, nil, nil)
+                case (.registered, _): expected = (.registered, [], nil, nil, nil)
+                case (.catchingUp, .readDone): expected = (.live, [3, 4], nil, nil, nil)
+                case (.catchingUp, .endAfter): expected = (.ended(.limitReached), [], nil, nil, .limitReached)
+                case (.catchingUp, _): expected = (.catchingUp, [], nil, nil, nil)
+                case (.live, .liveNext): expected = (.live, [3], nil, nil, nil)
+                case (.live, .liveGap): expected = (.catchingUp, [], 2, nil, nil)
+                case (.live, .liveUnwritable): expected = (.ended(.slowConsumer), [], nil, nil, .slowConsumer)
+                case (.live, .synced): expected = (.catchingUp, [], 2, nil, nil)
+                case (.live, .endAfter): expected = (.ended(.limitReached), [], nil, nil, .limitReached)
+                case (.live, _): expected = (.live, [], nil, nil, nil)
+                }
+                #expect(summary.0 == expected.0 && summary.1 == expected.1 && summary.2 == expected.2 && summary.3 == expected.3 && summary.4 == expected.4,
+                        "\(phase) + \(event): \(summary)")
+            }
+        }
+    }
+
     @Test func pagesHoldAboutOneBudget() {
         #expect(M.pageLimit(budget: 1 << 20, averageBytes: 200 * 1024, maximum: 100) == 5)
         #expect(M.pageLimit(budget: 1 << 20, averageBytes: 300, maximum: 100) == 100)
