@@ -113,8 +113,18 @@ extension GatewayApp {
         metric("gateway_store_errors_total", "counter", "Requests answered 503 because the store failed.", [("{\(instance)}", counters["store_errors"] ?? 0)])
         metric("gateway_rate_limited_total", "counter", "Publishes refused by the per-user rate limit.", [("{\(instance)}", counters["rate_limited"] ?? 0)])
         metric("gateway_revocations_total", "counter", "Revocations applied on this instance.", [("{\(instance)}", counters["revocations"] ?? 0)])
+        let hubCounters = hub.counterValues
+        metric("gateway_store_head_checks_total", "counter", "Batched reads of channel heads (store polling while the bus is down, and reconciles).",
+               [("{\(instance)}", hubCounters.headChecks)])
+        metric("gateway_reconcile_repairs_total", "counter", "Channels a reconcile found behind the store while the bus was up.",
+               [("{\(instance)}", hubCounters.reconcileRepairs)])
         if let redis {
+            let values = redis.counterValues
             metric("gateway_redis_up", "gauge", "1 when the Redis subscriber connection is active.", [("{\(instance)}", redis.isAvailable ? 1 : 0)])
+            metric("gateway_redis_disconnects_total", "counter", "Times the Redis bus went down (refused, closed, or stalled).", [("{\(instance)}", values.subscriberLost)])
+            metric("gateway_redis_stalls_total", "counter", "Redis heartbeats that went unanswered.", [("{\(instance)}", values.stalls)])
+            metric("gateway_redis_dropped_publishes_total", "counter", "PUBLISHes not sent to Redis (left to the store fallback).",
+                   [("{\(instance)}", values.droppedPublishes)])
         }
         return out
     }
