@@ -4,10 +4,11 @@ import NIOCore
 /// Where a subscription's messages go: one client connection. Every call is made on the connection's
 /// event loop.
 public protocol SubscriptionSink: AnyObject {
-    /// Queues one encoded message (not flushed).
-    func write(_ bytes: ByteBuffer, message: Message)
-    /// Flushes what was queued; the future completes when the connection can take more.
-    func flush() -> EventLoopFuture<Void>
+    /// Queues one encoded message (not flushed); `promise`, when given, completes once the bytes reached the
+    /// socket (how catch-up pages are paced).
+    func write(_ bytes: ByteBuffer, message: Message, promise: EventLoopPromise<Void>?)
+    /// Flushes what was queued.
+    func flush()
     /// Whether the connection's queue is under its send budget.
     var isWritable: Bool { get }
     /// The client fell further behind than its budget (live, or while catching up).
@@ -34,12 +35,14 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
     private var failure: ApiError?
     /// Catch-up pages hold about one send budget: sized from the last page's messages.
     private var pageLimit: Int
+    private let budget: Int
 
     /// `largestMessage`: the most one message may take, which sizes the first page (before the channel's
     /// message size is known) so that it holds no more than one budget.
     public init(channel: ChannelName, eventLoop: any EventLoop, format: WireFormat, hub: Hub, sink: any SubscriptionSink,
                 budget: Int, largestMessage: Int, heldLimit: Int = 1024) {
         self.pageLimit = SubscriptionStateMachine<EncodedMessage>.pageLimit(budget: budget, averageBytes: largestMessage, maximum: Self.catchUpPage)
+        self.budget = budget
         self.channel = channel
         self.eventLoop = eventLoop
         self.format = format
@@ -83,7 +86,7 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
             let message = messages[index]
             // The per-message, per-subscriber path: the shared bytes, no allocation.
             if let format, let bytes = message.bytes(format), machine.acceptLive(message, writable: writable) {
-                sink.write(bytes, message: message.message)
+                sink.write(bytes, message: message.message, promise: nil)
                 wrote = true
                 continue
             }
@@ -93,7 +96,7 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
             perform(actions, flushing: wrote)
             return
         }
-        if wrote { _ = sink.flush() }
+        if wrote { sink.flush() }
     }
 
     public func hubSynced(upTo seq: Int64) {
@@ -102,12 +105,17 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
 
     private func perform(_ actions: SubscriptionStateMachine<EncodedMessage>.Actions, flushing: Bool = false) {
         guard let sink else { return }
-        var flushed: EventLoopFuture<Void>?
+        var written: EventLoopFuture<Void>?
         if let format, !actions.write.isEmpty || flushing {
-            for message in actions.write {
-                sink.write(message.bytes(format) ?? hub.encoder(message.message, format), message: message.message)
+            // Pacing: the next page is read once this one reached the socket (not merely the queue), so a client
+            // that reads keeps the queue short, and one that stops reading stops the catch-up.
+            let promise = actions.readWhenFlushed != nil && !actions.write.isEmpty ? eventLoop.makePromise(of: Void.self) : nil
+            for (index, message) in actions.write.enumerated() {
+                sink.write(message.bytes(format) ?? hub.encoder(message.message, format), message: message.message,
+                           promise: index == actions.write.count - 1 ? promise : nil)
             }
-            flushed = sink.flush()
+            sink.flush()
+            written = promise?.futureResult
         }
         if let after = actions.read { read(after: after) }
         if let after = actions.readWhenFlushed {
@@ -116,13 +124,11 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
                 guard let self, self.machine.startDeferredRead() else { return }
                 self.read(after: after)
             }
-            if let flushed {
-                flushed.whenComplete { _ in next() }
-            } else if actions.write.isEmpty {
+            if let written {
+                written.whenComplete { _ in next() }
+            } else {
                 // Nothing new came back although more was expected (the store lagging what was received).
                 eventLoop.scheduleTask(in: .milliseconds(20)) { next() }
-            } else {
-                next()
             }
         }
         guard let end = actions.end else { return }
@@ -158,7 +164,7 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
                 case .success(let page):
                     if let encoded, !encoded.isEmpty, let format = self.format {
                         let bytes = encoded.reduce(0) { $0 + ($1.bytes(format)?.readableBytes ?? 0) }
-                        self.pageLimit = SubscriptionStateMachine<EncodedMessage>.pageLimit(budget: self.machine.budget, averageBytes: bytes / encoded.count,
+                        self.pageLimit = SubscriptionStateMachine<EncodedMessage>.pageLimit(budget: self.budget, averageBytes: bytes / encoded.count,
                                                                                             maximum: Self.catchUpPage)
                     }
                     self.perform(self.machine.readCompleted(encoded ?? [], hasMore: page.hasMore))

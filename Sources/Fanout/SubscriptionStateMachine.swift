@@ -7,8 +7,8 @@
 /// gap), live messages are held for the client; once what is held passes the budget the subscription ends
 /// the same way, so a client that stops reading mid catch-up while its channel moves on is not kept. The
 /// catch-up itself is paced (the next page is read only once the previous one reached the socket, and a
-/// page holds about one budget), so what a connection holds stays within about three budgets: the queue,
-/// one page, the held messages.
+/// page holds about a quarter of the budget), so what a connection holds stays within about two budgets:
+/// the queue and the held messages.
 public struct SubscriptionStateMachine<Element: Sequenced> {
     public enum Phase: Sendable, Equatable {
         case registered
@@ -172,9 +172,10 @@ public struct SubscriptionStateMachine<Element: Sequenced> {
         return true
     }
 
-    /// How many messages the next catch-up page may hold so that it is about one send budget.
+    /// How many messages the next catch-up page may hold: about a quarter of the send budget, so that a
+    /// page and the replies around it fit in the budget of a client that reads.
     public static func pageLimit(budget: Int, averageBytes: Int, maximum: Int) -> Int {
-        max(1, min(maximum, budget / max(1, averageBytes)))
+        max(1, min(maximum, budget / 4 / max(1, averageBytes)))
     }
 
     // MARK: helpers

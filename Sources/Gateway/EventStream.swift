@@ -41,7 +41,6 @@ final class EventStream: SubscriptionSink, ConnectionBoundStream, LiveStream, @u
     private var subscription: Subscription?
     private var keepalive: RepeatedTask?
     private var expiry: Scheduled<Void>?
-    private var waiters = WritabilityWaiters()
     private var ended = false
     /// Only with a test fault (`swap`): a message delivered after the next one.
     private var heldForFault: ByteBuffer?
@@ -86,14 +85,21 @@ final class EventStream: SubscriptionSink, ConnectionBoundStream, LiveStream, @u
 
     // MARK: SubscriptionSink
 
-    func write(_ bytes: ByteBuffer, message: Message) {
-        guard !ended else { return }
-        app.faults.write(bytes, held: &heldForFault) { context.write(NIOAny(HTTPServerResponsePart.body(.byteBuffer($0))), promise: nil) }
+    func write(_ bytes: ByteBuffer, message: Message, promise: EventLoopPromise<Void>?) {
+        guard !ended else {
+            promise?.fail(ChannelError.ioOnClosedChannel)
+            return
+        }
+        var promise = promise
+        app.faults.write(bytes, held: &heldForFault) {
+            context.write(NIOAny(HTTPServerResponsePart.body(.byteBuffer($0))), promise: promise)
+            promise = nil
+        }
+        promise?.succeed()
     }
 
-    func flush() -> EventLoopFuture<Void> {
+    func flush() {
         context.flush()
-        return waiters.whenWritable(context.channel)
     }
 
     var isWritable: Bool { context.channel.isWritable }
@@ -128,9 +134,7 @@ final class EventStream: SubscriptionSink, ConnectionBoundStream, LiveStream, @u
 
     // MARK: lifecycle
 
-    func writabilityChanged(isWritable: Bool) {
-        if isWritable { waiters.writable() }
-    }
+    func writabilityChanged(isWritable: Bool) {}
 
     /// Ends the response cleanly (token expiry, shutdown, store failure) and closes the connection.
     private func end() {
@@ -145,7 +149,6 @@ final class EventStream: SubscriptionSink, ConnectionBoundStream, LiveStream, @u
         keepalive?.cancel()
         expiry?.cancel()
         subscription?.cancel()
-        waiters.fail(ChannelError.ioOnClosedChannel)
         app.streams.remove(self)
     }
 

@@ -43,6 +43,10 @@ public struct GatewayConfig: Sendable {
     /// Requests per second one HTTP connection may make (keep-alive and pipelining), and its burst.
     public var connectionRequestRate: Double = 100
     public var connectionRequestBurst: Double = 200
+    /// Commands per second one WebSocket may send (any type), and its burst; 0 is unlimited. Over it a command
+    /// gets a `429 RATE_LIMITED` error reply; `rateLimitStrikes` refusals in a row close with 4029.
+    public var wsCommandRate: Double = 100
+    public var wsCommandBurst: Double = 200
     /// permessage-deflate for WebSocket clients that offer it (GATEWAY_WS_DEFLATE=0 turns it off).
     public var permessageDeflate = true
     /// HTTP limits: request-target length, header count, and header bytes (name + value).
@@ -110,6 +114,8 @@ public struct GatewayConfig: Sendable {
             c.allowedOrigins = Set(v.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces).lowercased() }.filter { !$0.isEmpty })
         }
         if let v = env["GATEWAY_CONNECTION_REQUEST_RATE"], let n = Double(v) { c.connectionRequestRate = n }
+        if let v = env["GATEWAY_WS_COMMAND_RATE"], let n = Double(v), n >= 0 { c.wsCommandRate = n }
+        if let v = env["GATEWAY_WS_COMMAND_BURST"], let n = Double(v), n >= 1 { c.wsCommandBurst = n }
         if let v = env["GATEWAY_WS_DEFLATE"] { c.permessageDeflate = !(v == "0" || v == "false") }
         if let v = env["GATEWAY_REQUEST_IDLE_SECONDS"], let n = Int64(v), n > 0 { c.requestIdleSeconds = n }
         if let v = env["GATEWAY_SEND_BUDGET"], let n = Int(v) { c.sendBudget = n }

@@ -21,34 +21,20 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         case responding
     }
     private var state = State.idle
-    /// Requests this connection may still make (token bucket: `connectionRequestRate` per second).
-    private var requestTokens: Double
-    private var tokensUpdated = NIODeadline.now()
+    /// Requests this connection may still make (`connectionRequestRate` per second).
+    private var requests: TokenBucket
     /// The SSE stream or long-poll wait in progress, ended when the connection goes.
     private var live: (any ConnectionBoundStream)?
 
     init(app: GatewayApp) {
         self.app = app
-        self.requestTokens = app.config.connectionRequestBurst
-    }
-
-    /// Takes one request from the connection's bucket; false when it is over its rate.
-    private func takeRequestToken() -> Bool {
-        let rate = app.config.connectionRequestRate
-        guard rate > 0 else { return true }
-        let now = NIODeadline.now()
-        let elapsed = Double((now - tokensUpdated).nanoseconds) / 1e9
-        tokensUpdated = now
-        requestTokens = min(app.config.connectionRequestBurst, requestTokens + elapsed * rate)
-        guard requestTokens >= 1 else { return false }
-        requestTokens -= 1
-        return true
+        self.requests = TokenBucket(rate: app.config.connectionRequestRate, burst: app.config.connectionRequestBurst)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
         case .head(let head):
-            if !takeRequestToken() {
+            if !requests.take() {
                 state = .rejected(head, ApiError(.rateLimited, "too many requests on this connection", retryAfter: 1))
             } else if let error = limitError(head) {
                 state = .rejected(head, error)

@@ -1,5 +1,31 @@
 import Foundation
 import NIOConcurrencyHelpers
+import NIOCore
+
+/// One connection's rate (requests, WebSocket commands): `rate` tokens a second up to `burst`; rate 0 is
+/// unlimited. Touched on the connection's event loop only.
+struct TokenBucket {
+    let rate: Double
+    let burst: Double
+    private var tokens: Double
+    private var updated = NIODeadline.now()
+
+    init(rate: Double, burst: Double) {
+        self.rate = rate
+        self.burst = max(1, burst)
+        self.tokens = max(1, burst)
+    }
+
+    /// Takes one token; false when over the rate.
+    mutating func take(now: NIODeadline = .now()) -> Bool {
+        guard rate > 0 else { return true }
+        tokens = min(burst, tokens + Double((now - updated).nanoseconds) / 1e9 * rate)
+        updated = now
+        guard tokens >= 1 else { return false }
+        tokens -= 1
+        return true
+    }
+}
 
 /// Per-user publish rate limit: a token bucket per `sub` (per instance), `rate` tokens a second up to
 /// `burst`. Buckets that are full again are dropped, so memory follows the users publishing right now.

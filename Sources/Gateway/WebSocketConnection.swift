@@ -22,6 +22,12 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
     /// Where frame bytes are written: the frame encoder's context, whose writes go straight to the socket.
     private var output: ChannelHandlerContext?
 
+    /// Replies made while a read batch is processed (pongs, errors, answers that need no I/O), written as one
+    /// buffer when the batch ends: a flood of small commands costs one write per batch, not one per reply.
+    private var outbox: ByteBuffer?
+    private var inReadBatch = false
+    static let outboxChunk = 16 * 1024
+
     /// permessage-deflate, when the handshake agreed it.
     let deflate: PermessageDeflate.Agreement?
 
@@ -45,9 +51,13 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
         self.output = nil
     }
 
-    /// Queues frame bytes.
-    func writeFrame(_ bytes: ByteBuffer) {
-        output?.write(NIOAny(bytes), promise: nil)
+    /// Queues frame bytes; `promise` completes once they reached the socket.
+    func writeFrame(_ bytes: ByteBuffer, promise: EventLoopPromise<Void>? = nil) {
+        guard let output else {
+            promise?.fail(ChannelError.ioOnClosedChannel)
+            return
+        }
+        output.write(NIOAny(bytes), promise: promise)
     }
 
     func flushFrames() {
@@ -73,7 +83,38 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
         forcedClose?.cancel()
     }
 
+    func channelReadComplete(context: ChannelHandlerContext) {
+        inReadBatch = false
+        flushOutbox()
+        context.fireChannelReadComplete()
+    }
+
+    private func flushOutbox() {
+        guard let bytes = outbox else { return }
+        outbox = nil
+        writeFrame(bytes)
+        flushFrames()
+    }
+
+    /// Appends a frame to the batch's outbox, or writes it at once outside a read batch.
+    private func reply(_ opcode: WireEncoding.Opcode, _ write: (inout ByteBuffer) -> Void, length: Int) {
+        if inReadBatch {
+            var out = outbox ?? WireEncoding.allocator.buffer(capacity: max(512, length + 10))
+            WireEncoding.writeHeader(opcode, length: length, into: &out)
+            write(&out)
+            outbox = out
+            // In chunks, so that the connection's queue (and its writability) sees them within a batch too.
+            if out.readableBytes >= Self.outboxChunk { flushOutbox() }
+            return
+        }
+        var out = WireEncoding.allocator.buffer(capacity: length + 10)
+        WireEncoding.writeHeader(opcode, length: length, into: &out)
+        write(&out)
+        writeFrame(out)
+    }
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        inReadBatch = true
         let event = framing.receive(unwrapInboundIn(data))
         if closing {
             if case .close = event { context.close(promise: nil) }
@@ -82,16 +123,19 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
         switch event {
         case .text(let text): handleText(text)
         case .binary(let data): handleBinary(data)
-        case .ping(let payload):
-            _ = writeAndFlushFrame(WireEncoding.frame(.pong, payload: payload))
+        case .ping(var payload):
+            guard admitReply() else { return }
+            reply(.pong, { $0.writeBuffer(&payload) }, length: payload.readableBytes)
+            if !inReadBatch { flushFrames() }
         case .pong:
             unansweredPings = 0
         case .close(let code):
             closing = true
             connectionEnded()
-            let reply = code.map { WireEncoding.closeFrame(code: $0) } ?? WireEncoding.frame(.close, payload: ByteBuffer())
+            flushOutbox()
+            let closeReply = code.map { WireEncoding.closeFrame(code: $0) } ?? WireEncoding.frame(.close, payload: ByteBuffer())
             let channel = context.channel
-            writeAndFlushFrame(reply)?.whenComplete { _ in channel.close(promise: nil) }
+            writeAndFlushFrame(closeReply)?.whenComplete { _ in channel.close(promise: nil) }
         case .fail(let code, let reason):
             close(code: code, reason: reason)
         case .none:
@@ -116,9 +160,9 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
 
     /// Sends a text frame (not flushed when `flush` is false).
     func send(_ text: String, flush: Bool = true) {
-        guard context != nil, !closing else { return }
-        writeFrame(WireEncoding.frame(.text, text: text))
-        if flush { flushFrames() }
+        guard context != nil, !closing, admitReply() else { return }
+        reply(.text, { $0.writeString(text) }, length: text.utf8.count)
+        if flush && !inReadBatch { flushFrames() }
     }
 
     /// Starts the close handshake with `code`; the connection is dropped if the peer does not answer within
@@ -127,6 +171,7 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
         guard let context, !closing else { return }
         closing = true
         connectionEnded()
+        flushOutbox()  // what was answered before the close goes before it
         _ = writeAndFlushFrame(WireEncoding.closeFrame(code: code, reason: reason))
         forcedClose = context.eventLoop.scheduleTask(in: .seconds(10)) { [channel = context.channel] in channel.close(promise: nil) }
     }
@@ -144,6 +189,8 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
     // MARK: for subclasses
 
     func handleText(_ text: String) {}
+    /// Whether a reply (a command's answer, a pong) may be queued now; false when the connection is closed for it.
+    func admitReply() -> Bool { true }
     func writabilityChanged(isWritable: Bool) {}
     func handleBinary(_ data: ByteBuffer) {}
     /// The connection is closing or closed: release subscriptions and timers. Called at most twice.

@@ -14,10 +14,12 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, LiveStream,
     private var subscriptions: [ChannelName: Subscription] = [:]
     private var publishesInFlight = 0
     private var expiry: Scheduled<Void>?
-    private var waiters = WritabilityWaiters()
     private var ended = false
     /// Publishes refused by the rate limit in a row; far past the limit the connection is closed (4029).
     private var rateLimitStrikes = 0
+    /// Commands of any type this connection may still send, and how many were refused in a row.
+    private var commands: TokenBucket
+    private var commandStrikes = 0
     /// Only with a test fault (`swap`): a message delivered after the next one.
     private var heldForFault: ByteBuffer?
 
@@ -28,6 +30,7 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, LiveStream,
         self.eventLoop = eventLoop
         self.actor = actor
         self.requestId = requestId
+        self.commands = TokenBucket(rate: app.config.wsCommandRate, burst: app.config.wsCommandBurst)
         super.init(maxMessageBytes: app.config.maxMessageBytes, pingInterval: .seconds(app.config.wsPingSeconds), deflate: deflate)
     }
 
@@ -44,17 +47,12 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, LiveStream,
         expiry = context?.eventLoop.scheduleTask(in: .milliseconds(ms)) { [weak self] in self?.close(code: 4001, reason: "token expired") }
     }
 
-    override func writabilityChanged(isWritable: Bool) {
-        if isWritable { waiters.writable() }
-    }
-
     override func connectionEnded() {
         guard !ended else { return }
         ended = true
         expiry?.cancel()
         for subscription in subscriptions.values { subscription.cancel() }
         subscriptions.removeAll()
-        waiters.fail(ChannelError.ioOnClosedChannel)
         app.streams.remove(self)
     }
 
@@ -64,11 +62,38 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, LiveStream,
 
     // MARK: commands
 
+    /// Every byte a connection queues counts against its send budget, replies too: a reply (or pong) that
+    /// finds the queue over the budget means the client is not reading what it asks for.
+    override func admitReply() -> Bool {
+        guard let channel = context?.channel, !channel.isWritable else { return true }
+        slowConsumer()
+        return false
+    }
+
+    /// The per-connection command rate (roles exempt from the publish rate are exempt here too): false (and an
+    /// error reply, or 4029 far past it) when over it.
+    private func admitCommand() -> Bool {
+        if !actor.roles.isDisjoint(with: app.config.rateLimitExemptRoles) || commands.take() {
+            commandStrikes = 0
+            return true
+        }
+        commandStrikes += 1
+        app.counters.add("rate_limited")
+        if commandStrikes >= app.config.rateLimitStrikes {
+            close(code: 4029, reason: "rate limited")
+        } else {
+            sendError(ApiError(.rateLimited, "too many commands on this connection", retryAfter: 1), id: nil)
+        }
+        return false
+    }
+
     override func handleBinary(_ data: ByteBuffer) {
+        guard admitCommand() else { return }
         sendError(ApiError(.badRequest, "commands are JSON text frames"), id: nil)
     }
 
     override func handleText(_ text: String) {
+        guard admitCommand() else { return }
         let command: [String: Any]
         do {
             command = try JSONText.parseObject(text.utf8)
@@ -259,15 +284,19 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, LiveStream,
 
     // MARK: SubscriptionSink
 
-    func write(_ bytes: ByteBuffer, message: Message) {
-        guard !closing else { return }
-        app.faults.write(bytes, held: &heldForFault) { writeFrame($0) }
+    func write(_ bytes: ByteBuffer, message: Message, promise: EventLoopPromise<Void>?) {
+        guard !closing else {
+            promise?.fail(ChannelError.ioOnClosedChannel)
+            return
+        }
+        guard app.faults.fault != nil else { return writeFrame(bytes, promise: promise) }
+        var promise = promise
+        app.faults.write(bytes, held: &heldForFault) { writeFrame($0, promise: promise); promise = nil }
+        promise?.succeed()
     }
 
-    func flush() -> EventLoopFuture<Void> {
-        guard let context else { return eventLoop.makeFailedFuture(ChannelError.ioOnClosedChannel) }
+    func flush() {
         flushFrames()
-        return waiters.whenWritable(context.channel)
     }
 
     var isWritable: Bool { context?.channel.isWritable ?? false }

@@ -1,5 +1,8 @@
 import Foundation
 import Gateway
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
 import Testing
 
 /// A client that stops reading is closed with 4008 once its send buffer passes the budget; the gateway's
@@ -116,6 +119,157 @@ struct SlowConsumerTests {
             }
             #expect(received < 100 + published)
             print("catch-up stall (SSE): ended after \(published) live messages; the client had \(received) messages in its buffers")
+        }
+    }
+}
+
+/// Replies count against the send budget too (PROTOCOL.md §6, DESIGN.md "every byte a connection queues"),
+/// and a WebSocket has a command rate.
+@Suite(.serialized) struct ReplyBudgetTests {
+    /// A WebSocket client that writes frames but never reads: a tiny receive buffer, reading off.
+    final class NonReadingClient: @unchecked Sendable {  // used from one test task
+        let channel: any Channel
+        private let collected = NIOLockedValueBox<[UInt8]>([])
+        private let closed: EventLoopPromise<Void>
+
+        init(port: Int, token: String) async throws {
+            let loop = MultiThreadedEventLoopGroup.singleton.next()
+            let closed = loop.makePromise(of: Void.self)
+            let collected = self.collected
+            channel = try await ClientBootstrap(group: loop)
+                .channelOption(ChannelOptions.socketOption(.so_rcvbuf), value: 4096)
+                .channelOption(ChannelOptions.autoRead, value: false)
+                .channelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(Collector(collected)) }
+                }
+                .connect(host: "127.0.0.1", port: port).get()
+            self.closed = closed
+            channel.closeFuture.cascade(to: closed)
+            let request = "GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                + "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer \(token)\r\n\r\n"
+            try await channel.writeAndFlush(ByteBuffer(string: request))
+        }
+
+        final class Collector: ChannelInboundHandler, @unchecked Sendable {  // on the channel's loop
+            typealias InboundIn = ByteBuffer
+            let collected: NIOLockedValueBox<[UInt8]>
+            init(_ collected: NIOLockedValueBox<[UInt8]>) { self.collected = collected }
+            func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+                let bytes = Array(unwrapInboundIn(data).readableBytesView)
+                collected.withLockedValue { $0 += bytes }
+            }
+            func errorCaught(context: ChannelHandlerContext, error: any Error) { context.close(promise: nil) }
+        }
+
+        /// A masked text frame.
+        static func frame(_ text: String) -> ByteBuffer {
+            let payload = Array(text.utf8)
+            precondition(payload.count < 126)
+            let mask: [UInt8] = [1, 2, 3, 4]
+            var buffer = ByteBuffer()
+            buffer.writeBytes([0x81, 0x80 | UInt8(payload.count)] + mask)
+            buffer.writeBytes(payload.enumerated().map { $0.element ^ mask[$0.offset % 4] })
+            return buffer
+        }
+
+        /// Writes `count` ping commands, `batch` per write; stops early if the server closed.
+        func sendPings(_ count: Int, batch: Int = 1000) async {
+            var sent = 0
+            while sent < count {
+                var buffer = ByteBuffer()
+                for i in sent..<min(count, sent + batch) { var f = Self.frame("{\"type\":\"ping\",\"id\":\"\(i)\"}"); buffer.writeBuffer(&f) }
+                sent += batch
+                do { try await channel.writeAndFlush(buffer) } catch { return }
+            }
+        }
+
+        /// Starts reading; returns everything the server sent once it closed the connection.
+        func readToEnd(timeout: Double = 60) async throws -> [UInt8] {
+            _ = try await channel.setOption(ChannelOptions.autoRead, value: true).get()
+            channel.read()
+            let closed = self.closed
+            try await within(timeout, "server closes") { try? await closed.futureResult.get() }
+            return collected.withLockedValue { $0 }
+        }
+
+        /// Server frames after the 101: (opcode, payload).
+        static func frames(_ bytes: [UInt8]) -> [(UInt8, [UInt8])] {
+            guard let end = bytes.firstRange(of: Array("\r\n\r\n".utf8))?.upperBound else { return [] }
+            var out: [(UInt8, [UInt8])] = []
+            var i = end
+            while i + 2 <= bytes.count {
+                let opcode = bytes[i] & 0x0F
+                var length = Int(bytes[i + 1] & 0x7F)
+                var start = i + 2
+                if length == 126 { guard start + 2 <= bytes.count else { break }; length = Int(bytes[start]) << 8 | Int(bytes[start + 1]); start += 2 }
+                if length == 127 { break }
+                guard start + length <= bytes.count else { break }
+                out.append((opcode, Array(bytes[start..<start + length])))
+                i = start + length
+            }
+            return out
+        }
+
+        static func closeCode(_ frames: [(UInt8, [UInt8])]) -> UInt16? {
+            guard let close = frames.first(where: { $0.0 == 0x8 }), close.1.count >= 2 else { return nil }
+            return UInt16(close.1[0]) << 8 | UInt16(close.1[1])
+        }
+    }
+
+    @Test func clientThatSendsPingsAndNeverReadsIsClosed4008WithinItsBudget() async throws {
+        let budget = 1024 * 1024
+        try await withStarted({ try await GatewayProcess.start(environment: ["GATEWAY_SEND_BUDGET": String(budget)]) }, stop: { await $0.stop() }) { gateway in
+            let token = try await TestGateway.token("flooder", roles: ["admin"])  // exempt from the command rate
+            let client = try await NonReadingClient(port: gateway.port, token: token)
+            try await Task.sleep(for: .milliseconds(300))
+            let before = gateway.residentBytes
+            let peak = NIOLockedValueBox(before)
+            let sampler = Task {
+                while !Task.isCancelled {
+                    let now = gateway.residentBytes
+                    peak.withLockedValue { $0 = max($0, now) }
+                    try? await Task.sleep(for: .milliseconds(20))
+                }
+            }
+            await client.sendPings(100_000)
+            try await eventually("the flooder closed", timeout: 60) { try await gateway.metric("gateway_slow_consumer_closes_total") >= 1 }
+            let bytes = try await client.readToEnd()
+            sampler.cancel()
+            let frames = NonReadingClient.frames(bytes)
+            let pongs = frames.filter { $0.0 == 0x1 }.count
+            let growth = peak.withLockedValue { $0 } - before
+            print("ping flood: 100,000 pings never read; \(pongs) pongs queued before the close; gateway RSS before \(before / 1024) KiB, growth \(growth / 1024) KiB (budget \(budget / 1024) KiB)")
+            #expect(NonReadingClient.closeCode(frames) == 4008)
+            #expect(pongs < 100_000)
+            #expect(growth < budget + 1024 * 1024, "RSS grew \(growth / 1024) KiB: more than the budget plus 1 MiB")
+        }
+    }
+
+    @Test func webSocketCommandRateGivesErrorsThen4029AndExemptRolesAreNotLimited() async throws {
+        try await withTestGateway(configure: { $0.wsCommandRate = 10; $0.wsCommandBurst = 20; $0.rateLimitStrikes = 30 }) { gateway in
+            let user = try await WSTestClient.connect(port: gateway.port, token: try await gateway.token("chatty", roles: []))
+            for i in 0..<200 { try? await user.send(["type": "ping", "id": "\(i)"]) }
+            nonisolated(unsafe) let client = user
+            let (closeCode, pongs, limited) = try await within(30, "rate-limited close") { () -> (UInt16?, Int, Int) in
+                var pongs = 0
+                var limited = 0
+                while let text = try await client.nextText() {
+                    let object = json(text)
+                    if object["type"] as? String == "pong" { pongs += 1 }
+                    if (object["error"] as? [String: Any])?["code"] as? String == "RATE_LIMITED" { limited += 1 }
+                }
+                return (client.closeCode, pongs, limited)
+            }
+            #expect(closeCode == 4029)
+            #expect(pongs >= 20 && pongs < 200, "\(pongs) pongs")
+            #expect(limited == 29, "every refusal but the last is an error reply")
+            // A service (exempt, like the publish rate) is not limited.
+            let service = try await WSTestClient.connect(port: gateway.port, token: try await gateway.token("svc", roles: ["service"]))
+            for i in 0..<200 { try await service.send(["type": "ping", "id": "\(i)"]) }
+            var servicePongs = 0
+            while servicePongs < 200, let object = try await service.next() { if object["type"] as? String == "pong" { servicePongs += 1 } }
+            #expect(servicePongs == 200)
+            await service.close()
         }
     }
 }

@@ -200,8 +200,8 @@ struct SubscriptionStateMachineTests {
         }
     }
 
-    @Test func pagesHoldAboutOneBudget() {
-        #expect(M.pageLimit(budget: 1 << 20, averageBytes: 200 * 1024, maximum: 100) == 5)
+    @Test func pagesHoldAQuarterOfTheBudget() {
+        #expect(M.pageLimit(budget: 1 << 20, averageBytes: 64 * 1024, maximum: 100) == 4)
         #expect(M.pageLimit(budget: 1 << 20, averageBytes: 300, maximum: 100) == 100)
         #expect(M.pageLimit(budget: 1000, averageBytes: 5000, maximum: 100) == 1)
         #expect(M.pageLimit(budget: 1000, averageBytes: 0, maximum: 100) == 100)
