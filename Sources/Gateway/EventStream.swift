@@ -14,9 +14,12 @@ final class EventStream: SubscriptionSink, ConnectionBoundStream, LiveStream, @u
         let position: Int64
         let expiresIn: TimeAmount
         let actor: Actor
+        /// When the permission checks began (µs, this instance's clock).
+        let checkedAt: Int64
     }
 
     static func prepare(_ app: GatewayApp, _ request: HTTPRequest, channel name: String) async throws(ApiError) -> Start {
+        let checkedAt = Timestamp.nowMicros()
         let actor = try await app.authenticate(request.bearerToken)
         let channel = try await app.channels.authorize(actor, .subscribe, name)
         let resume = request.headers.first(name: "last-event-id") ?? request.query["since"]
@@ -26,7 +29,7 @@ final class EventStream: SubscriptionSink, ConnectionBoundStream, LiveStream, @u
         var position = try app.channels.position(of: cursor, in: channel, head: head)
         if cursor == nil { position = max(0, head - Int64(history)) }
         let expiresIn = TimeAmount.milliseconds(max(0, Int64(actor.expiresAt.timeIntervalSinceNow * 1000)))
-        return Start(channel: channel, position: position, expiresIn: expiresIn, actor: actor)
+        return Start(channel: channel, position: position, expiresIn: expiresIn, actor: actor, checkedAt: checkedAt)
     }
 
     /// `Last-Event-ID` (or `since`) as a cursor of `channel`, surrounding spaces ignored.
@@ -68,6 +71,10 @@ final class EventStream: SubscriptionSink, ConnectionBoundStream, LiveStream, @u
         self.subscription = subscription
         subscription.register()
         subscription.begin(after: start.position)
+        // Registered now: a revocation or removal from here on finds this stream. One that came between the
+        // checks and here did not, so look for it.
+        if app.revocations.isRevoked(start.actor) { return end() }
+        if let head = app.removal(of: start.actor.sub, from: start.channel, appliedSince: start.checkedAt) { subscription.end(after: head) }
         let interval = TimeAmount.seconds(app.config.keepaliveSeconds)
         keepalive = context.eventLoop.scheduleRepeatedTask(initialDelay: interval, delay: interval) { [weak self] _ in
             guard let self, !self.ended else { return }

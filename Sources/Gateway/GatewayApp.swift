@@ -23,8 +23,8 @@ public final class GatewayApp: Sendable {
     /// The Redis bus in cluster fan-out, for readiness.
     public let redis: RedisBus?
     let streams = StreamRegistry()
-    /// Member removals already acted on (id → when), see `apply(_: [MemberRemoval])`.
-    let appliedRemovals = NIOLockedValueBox<[String: Int64]>([:])
+    /// Member removals already acted on (by id), see `apply(_: [MemberRemoval])`.
+    let appliedRemovals = NIOLockedValueBox<[String: AppliedRemoval]>([:])
     let counters = Counters()
 
     init(config: GatewayConfig, verifier: TokenVerifier, channels: ChannelService, threads: ThreadService, revocations: Revocations,
@@ -63,6 +63,12 @@ public final class GatewayApp: Sendable {
         }
         return newRequestId()
     }
+}
+
+/// A member removal this instance acted on, and when (its own clock, microseconds).
+struct AppliedRemoval: Sendable {
+    let removal: MemberRemoval
+    let appliedAt: Int64
 }
 
 /// Live streams that must be told when the instance shuts down, a token is revoked, or a member removed.

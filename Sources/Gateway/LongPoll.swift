@@ -49,6 +49,10 @@ final class LongPoll: HubSubscriber, ConnectionBoundStream, LiveStream, @uncheck
     func run() {
         app.hub.subscribe(start.channel, self)
         app.streams.add(self)
+        // A revocation between the token check and the registration did not find this poll.
+        if app.revocations.isRevoked(start.actor) {
+            return finish(.error(ApiError(.tokenRevoked, AuthFailure.revoked.reason), requestId: start.requestId))
+        }
         timer = eventLoop.scheduleTask(in: start.timeout) { [weak self] in self?.answerEmpty() }
         read()
     }

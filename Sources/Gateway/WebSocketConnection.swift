@@ -1,5 +1,6 @@
 import ChatDomain
 import NIOCore
+import NIOHTTP1
 import NIOWebSocket
 
 /// The transport half of a server WebSocket: applies `WebSocketFraming`, answers pings, pings the client
@@ -69,6 +70,13 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
         let promise = output.eventLoop.makePromise(of: Void.self)
         output.writeAndFlush(NIOAny(bytes), promise: promise)
         return promise.futureResult
+    }
+
+    /// NIO's upgrade handler fires this once the 101 is out and the HTTP handlers are gone: only from now
+    /// on do frames reach the client.
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let upgrade = event as? HTTPServerUpgradeEvents, case .upgradeComplete = upgrade { upgradeCompleted() }
+        context.fireUserInboundEventTriggered(event)
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -189,6 +197,8 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
     // MARK: for subclasses
 
     func handleText(_ text: String) {}
+    /// The upgrade finished: the connection may write.
+    func upgradeCompleted() {}
     /// Whether a reply (a command's answer, a pong) may be queued now; false when the connection is closed for it.
     func admitReply() -> Bool { true }
     func writabilityChanged(isWritable: Bool) {}

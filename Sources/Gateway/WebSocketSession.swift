@@ -38,6 +38,12 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, LiveStream,
         super.handlerAdded(context: context)
         app.streams.add(self)
         app.counters.add("ws_connections")
+    }
+
+    /// The 101 is out: the token's expiry, and a revocation that came between the handshake's check and the
+    /// registration above (it did not find this session among the live streams), can be acted on now.
+    override func upgradeCompleted() {
+        if app.revocations.isRevoked(actor) { return close(code: 4003, reason: "session revoked") }
         scheduleExpiry()
     }
 
