@@ -28,6 +28,9 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
     private var outbox: ByteBuffer?
     private var inReadBatch = false
     static let outboxChunk = 16 * 1024
+    /// Frames written before NIO finished the upgrade would be lost: a close asked for then waits for it.
+    private var upgraded = false
+    private var closeAfterUpgrade: (UInt16, String)?
 
     /// permessage-deflate, when the handshake agreed it.
     let deflate: PermessageDeflate.Agreement?
@@ -75,7 +78,15 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
     /// NIO's upgrade handler fires this once the 101 is out and the HTTP handlers are gone: only from now
     /// on do frames reach the client.
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if let upgrade = event as? HTTPServerUpgradeEvents, case .upgradeComplete = upgrade { upgradeCompleted() }
+        if let upgrade = event as? HTTPServerUpgradeEvents, case .upgradeComplete = upgrade {
+            upgraded = true
+            if let (code, reason) = closeAfterUpgrade {
+                closeAfterUpgrade = nil
+                close(code: code, reason: reason)
+            } else {
+                upgradeCompleted()
+            }
+        }
         context.fireUserInboundEventTriggered(event)
     }
 
@@ -177,6 +188,10 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
     /// 10 seconds (a peer that stopped reading never will).
     func close(code: UInt16, reason: String = "") {
         guard let context, !closing else { return }
+        guard upgraded else {
+            if closeAfterUpgrade == nil { closeAfterUpgrade = (code, reason) }
+            return
+        }
         closing = true
         connectionEnded()
         flushOutbox()  // what was answered before the close goes before it
