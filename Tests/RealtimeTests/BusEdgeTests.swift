@@ -40,6 +40,15 @@ import Testing
         return (lags[lags.count / 2], lags.last!)
     }
 
+    /// Publishes `count` messages on `port` while `ws` receives them; expects seqs from+1…from+count, returns the lag.
+    static func publishAndReceive(_ ws: WSTestClient, port: Int, channel: String, from: Int, count: Int, token: String) async throws -> (median: Int, max: Int) {
+        async let receiving = receiveTimed(ws, count: count)
+        let acked = try await publishTimed(port: port, channel: channel, from: from, count: count, token: token)
+        let received = try await receiving
+        #expect(received.map(\.seq) == Array(Int64(from + 1)...Int64(from + count)))
+        return lag(received, acked: acked)
+    }
+
     static func subscribe(port: Int, channel: String, token: String) async throws -> WSTestClient {
         let ws = try await WSTestClient.connect(port: port, token: token)
         try await ws.send(["type": "subscribe", "id": "s", "channel": channel])
@@ -64,11 +73,7 @@ import Testing
 
             let ws = try await Self.subscribe(port: b, channel: channel, token: token)
             #expect(await Self.busState(cluster.gateways[1], channel) == .storePolling(subscribers: 1))
-            async let receiving = Self.receiveTimed(ws, count: 20)
-            let acked = try await Self.publishTimed(port: a, channel: channel, from: 0, count: 20, token: token)
-            let received = try await receiving
-            #expect(received.map(\.seq) == Array(1...20))
-            let down = Self.lag(received, acked: acked)
+            let down = try await Self.publishAndReceive(ws, port: a, channel: channel, from: 0, count: 20, token: token)
             print("redis down at start: 20 messages from A to B through the store, lag median \(down.median) ms, max \(down.max) ms")
 
             try await cluster.redis.startProcess()
@@ -77,11 +82,7 @@ import Testing
                 return true
             }
             try await eventually("B's channel live on the bus") { await Self.busState(cluster.gateways[1], channel) == .live(subscribers: 1) }
-            async let receivingLive = Self.receiveTimed(ws, count: 20)
-            let ackedLive = try await Self.publishTimed(port: a, channel: channel, from: 20, count: 20, token: token)
-            let live = try await receivingLive
-            #expect(live.map(\.seq) == Array(21...40))
-            let up = Self.lag(live, acked: ackedLive)
+            let up = try await Self.publishAndReceive(ws, port: a, channel: channel, from: 20, count: 20, token: token)
             print("redis down at start, then up: 20 more through Redis, lag median \(up.median) ms, max \(up.max) ms")
             await ws.close()
         }
