@@ -119,6 +119,9 @@ extension GatewayApp {
         metric("gateway_store_errors_total", "counter", "Requests answered 503 because the store failed.", [("{\(instance)}", counters["store_errors"] ?? 0)])
         metric("gateway_rate_limited_total", "counter", "Publishes refused by the per-user rate limit.", [("{\(instance)}", counters["rate_limited"] ?? 0)])
         metric("gateway_revocations_total", "counter", "Revocations applied on this instance.", [("{\(instance)}", counters["revocations"] ?? 0)])
+        metric("gateway_jwks_reloads_total", "counter", "JWKS file reloads (SIGHUP) by result.", [
+            ("{\(instance),result=\"ok\"}", counters["jwks_reloads_ok"] ?? 0), ("{\(instance),result=\"failed\"}", counters["jwks_reloads_failed"] ?? 0),
+        ])
         let hubCounters = hub.counterValues
         metric("gateway_store_head_checks_total", "counter", "Batched reads of channel heads (store polling while the bus is down, and reconciles).",
                [("{\(instance)}", hubCounters.headChecks)])

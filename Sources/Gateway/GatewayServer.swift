@@ -154,6 +154,19 @@ public final class GatewayServer: Sendable {
         self.stopServices = stopServices
     }
 
+    /// Reads the JWKS file again (SIGHUP); a file that cannot be read or parsed keeps the keys in use. Counted
+    /// in `/metrics` (`gateway_jwks_reloads_total{result="ok"|"failed"}`).
+    public func reloadKeys() async {
+        do {
+            try await app.verifier.reloadKeys()
+            app.counters.add("jwks_reloads_ok")
+            app.logger.info("reloaded the JWKS file")
+        } catch {
+            app.counters.add("jwks_reloads_failed")
+            app.logger.error("could not reload the JWKS file; the keys in use stay", metadata: ["error": "\(error)"])
+        }
+    }
+
     /// Stops accepting, closes WebSockets with 1001, ends SSE streams and long-polls, lets publishes in flight
     /// finish, then releases the store.
     public func shutdown() async {

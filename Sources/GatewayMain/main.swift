@@ -92,14 +92,7 @@ struct GatewayService: Service {
         signal(SIGHUP, SIG_IGN)
         let hangup = DispatchSource.makeSignalSource(signal: SIGHUP)
         hangup.setEventHandler {
-            Task {
-                do {
-                    try await server.app.verifier.reloadKeys()
-                    logger.info("reloaded the JWKS file")
-                } catch {
-                    logger.error("could not reload the JWKS file; the keys in use stay", metadata: ["error": "\(error)"])
-                }
-            }
+            Task { await server.reloadKeys() }
         }
         hangup.resume()
         defer { hangup.cancel() }

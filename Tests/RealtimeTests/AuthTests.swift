@@ -94,6 +94,12 @@ import Testing
         }
     }
 
+    static func reloads(_ gateway: GatewayProcess, _ result: String) async throws -> Int {
+        let text = try await HTTPTestClient.request(.GET, port: gateway.port, "/metrics").body
+        let line = text.split(separator: "\n").first { $0.hasPrefix("gateway_jwks_reloads_total{") && $0.contains("result=\"\(result)\"") }
+        return line.flatMap { Int($0.split(separator: " ").last ?? "") } ?? -1
+    }
+
     @Test func sighupMakesAGatewayProcessReadItsJWKSFileAgain() async throws {
         let keys = try await TestKeys.make()
         let other = try await TestKeys.make()
@@ -107,10 +113,12 @@ import Testing
             try await eventually("the rotated key is accepted") {
                 try await HTTPTestClient.request(.GET, port: gateway.port, path, token: token).status == 200
             }
-            // A broken file on the next SIGHUP keeps the keys in use.
+            #expect(try await Self.reloads(gateway, "ok") >= 1)
+            // A broken file on the next SIGHUP keeps the keys in use (and the failed reload is counted: the
+            // SIGHUP was acted on, not ignored).
             try "not json".write(toFile: keys.jwksFile, atomically: true, encoding: .utf8)
             kill(gateway.process.pid, SIGHUP)
-            try await Task.sleep(for: .milliseconds(300))
+            try await eventually("the failed reload counted") { try await Self.reloads(gateway, "failed") == 1 }
             #expect(try await HTTPTestClient.request(.GET, port: gateway.port, path, token: token).status == 200)
             #expect(gateway.process.isRunning)
         }

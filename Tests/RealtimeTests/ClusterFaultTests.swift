@@ -3,8 +3,20 @@ import Testing
 
 /// Redis and Postgres going away, and an instance killed, while messages flow.
 @Suite(.serialized) struct ClusterFaultTests {
+    /// When acks came, readable while the publisher runs (to check that a fault overlapped the traffic).
+    final class AckTimes: @unchecked Sendable {  // guarded by `lock`
+        private let lock = NSLock()
+        private var times: [Date] = []
+        func add() { lock.lock(); times.append(Date()); lock.unlock() }
+        func count(between start: Date, and end: Date) -> Int {
+            lock.lock(); defer { lock.unlock() }
+            return times.filter { $0 >= start && $0 <= end }.count
+        }
+    }
+
     /// Publishes `count` messages one after another (alternating instances), `pause` between them; returns acks.
-    static func steadyPublish(ports: [Int], channel: String, count: Int, token: String, pause: Duration = .milliseconds(10)) async throws -> [Received] {
+    static func steadyPublish(ports: [Int], channel: String, count: Int, token: String, pause: Duration = .milliseconds(10),
+                              times: AckTimes? = nil) async throws -> [Received] {
         var acked: [Received] = []
         for i in 0..<count {
             let response = try await HTTPTestClient.publish(port: ports[i % ports.count], channel: channel, body: ["i": i], token: token)
@@ -12,9 +24,20 @@ import Testing
                 throw ServiceError(description: "publish \(i) answered \(response.status): \(response.body)")
             }
             acked.append(Received(message))
+            times?.add()
             try await Task.sleep(for: pause)
         }
         return acked
+    }
+
+    /// A fault's start and end, set by the task that causes it.
+    final class FaultWindow: @unchecked Sendable {  // guarded by `lock`
+        private let lock = NSLock()
+        private var start: Date?
+        private var end: Date?
+        func began() { lock.lock(); start = Date(); lock.unlock() }
+        func ended() { lock.lock(); end = Date(); lock.unlock() }
+        var interval: (Date, Date)? { lock.lock(); defer { lock.unlock() }; return start.flatMap { s in end.map { (s, $0) } } }
     }
 
     static func subscribers(_ cluster: Cluster, channel: String, token: String) async throws -> [WSTestClient] {
@@ -36,20 +59,27 @@ import Testing
             let sockets = try await Self.subscribers(cluster, channel: channel, token: token)
             let ports = cluster.ports
             let redis = cluster.redis
+            let times = AckTimes()
+            let window = FaultWindow()
             try await withThrowingTaskGroup(of: [Received].self) { group in
                 for ws in sockets { group.addTask { try await ws.messages(count, timeout: 120) } }
-                group.addTask { try await Self.steadyPublish(ports: ports, channel: channel, count: count, token: token) }
+                group.addTask { try await Self.steadyPublish(ports: ports, channel: channel, count: count, token: token, times: times) }
                 group.addTask {
                     try await Task.sleep(for: .milliseconds(700))
                     await redis.kill9()
+                    window.began()
                     try await Task.sleep(for: .milliseconds(300))
                     try await redis.startProcess()
+                    window.ended()
                     return []
                 }
                 for try await received in group where !received.isEmpty {
                     #expect(received.map(\.seq) == Array(1...Int64(count)))
                 }
             }
+            // The fault overlapped the traffic: messages were acked while Redis was gone.
+            let during = window.interval.map { times.count(between: $0.0, and: $0.1) } ?? 0
+            #expect(during > 0, "no publish was acked while Redis was down")
             // Live delivery through Redis is back without any client action.
             try await eventually("redis subscriptions back") {
                 try await HTTPTestClient.request(.GET, port: ports[1], "/readyz").status == 200
@@ -73,14 +103,20 @@ import Testing
             _ = try await ws.reply("subscribed")
             let redisPort = cluster.redis.port
             let count = 60
-            let killer = Task {
+            let killer = Task { () -> Int in
+                var killed = 0
                 for _ in 0..<20 {
-                    try? await TestServices.run("/usr/bin/redis-cli", ["-p", String(redisPort), "CLIENT", "KILL", "TYPE", "normal"])
+                    // CLIENT KILL TYPE normal answers how many connections it closed.
+                    if let (_, output) = try? await TestServices.run("/usr/bin/redis-cli", ["-p", String(redisPort), "CLIENT", "KILL", "TYPE", "normal"]) {
+                        killed += Int(output.trimmingCharacters(in: .whitespacesAndNewlines).split(separator: " ").last ?? "") ?? 0
+                    }
                     try await Task.sleep(for: .milliseconds(15))
                 }
+                return killed
             }
             let acked = try await Self.steadyPublish(ports: [a], channel: channel, count: count, token: token, pause: .milliseconds(5))
-            try await killer.value
+            let killed = try await killer.value
+            #expect(killed > 0, "CLIENT KILL never closed a publishing connection")
             #expect(acked.map(\.seq) == Array(1...Int64(count)))
             #expect(try await ws.messages(count, timeout: 60).map(\.seq) == Array(1...Int64(count)))
             await ws.close()
@@ -97,18 +133,22 @@ import Testing
             _ = try await sse.guardedNextEvent()
             let ports = cluster.ports
             let redis = cluster.redis
+            let times = AckTimes()
+            let window = FaultWindow()
             try await withThrowingTaskGroup(of: [Received].self) { group in
                 for ws in sockets { group.addTask { try await ws.messages(count, timeout: 120) } }
                 group.addTask { try await sse.messages(count, timeout: 120) }
-                group.addTask { try await Self.steadyPublish(ports: ports, channel: channel, count: count, token: token, pause: .milliseconds(20)) }
+                group.addTask { try await Self.steadyPublish(ports: ports, channel: channel, count: count, token: token, pause: .milliseconds(20), times: times) }
                 group.addTask {
                     try await Task.sleep(for: .milliseconds(500))
                     await redis.kill9()
+                    window.began()
                     try await eventually("readyz names redis") {
                         let ready = try await HTTPTestClient.request(.GET, port: ports[0], "/readyz")
                         return ready.status == 503 && ready.json["redis"] as? String == "failed" && ready.json["store"] as? String == "ok"
                     }
                     try await Task.sleep(for: .seconds(5))
+                    window.ended()
                     try await redis.startProcess()
                     return []
                 }
@@ -119,6 +159,8 @@ import Testing
                 }
                 #expect(receivers == 4)  // three subscribers and the publisher's acks
             }
+            let during = window.interval.map { times.count(between: $0.0, and: $0.1) } ?? 0
+            #expect(during > 50, "only \(during) publishes were acked while Redis was down")
             for ws in sockets { await ws.close() }
             await sse.close()
         }

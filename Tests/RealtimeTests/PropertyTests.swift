@@ -1,4 +1,4 @@
-import ChatDomain
+@testable import ChatDomain
 import Foundation
 @testable import Gateway
 import NIOCore
@@ -59,18 +59,38 @@ struct PropertyTests {
         }
     }
 
-    @Test func commandDecoderNeverCrashesAndAnswersObjectOrBadRequest() {
+    /// Accepts exactly the JSON objects (by Foundation's reading) nested at most 64 deep, and returns that
+    /// object; everything else is `BAD_REQUEST`. Inputs mix random pieces, random bytes, valid objects and
+    /// objects nested around the limit.
+    @Test func commandDecoderAcceptsExactlyObjectsWithinTheDepthLimit() {
         var random = Random(seed: 3)
         let pieces = ["{", "}", "[", "]", "\"", ":", ",", "\"type\"", "\"subscribe\"", "1e400", "-0", "null", "true", "\\u0000", "\\", " ", "é", "\u{0}"]
+        var accepted = 0, deepRefused = 0
         for _ in 0..<Self.iterations {
-            let text = (0..<Int.random(in: 0...40, using: &random)).map { _ in pieces.randomElement(using: &random)! }.joined()
-            let input = Bool.random(using: &random) ? Array(text.utf8) : Self.bytes(&random, max: 60)
+            let input: [UInt8]
+            switch Int.random(in: 0..<4, using: &random) {
+            case 0: input = Array((0..<Int.random(in: 0...40, using: &random)).map { _ in pieces.randomElement(using: &random)! }.joined().utf8)
+            case 1: input = Self.bytes(&random, max: 60)
+            case 2: input = Array("{\"type\":\"ping\",\"id\":\(Int.random(in: 0...1000, using: &random)),\"x\":[true,null,\"é\"]}".utf8)
+            default:
+                let depth = Int.random(in: 60...68, using: &random)
+                input = Array(("{\"a\":" + String(repeating: "[", count: depth - 1) + String(repeating: "]", count: depth - 1) + "}").utf8)
+            }
+            let oracle = (try? JSONSerialization.jsonObject(with: Data(input))) as? [String: Any]
+            let tooDeep = JSONText.nestsDeeper(input, than: JSONText.maxDepth)
             do {
-                _ = try JSONText.parseObject(input)
+                let object = try JSONText.parseObject(input)
+                accepted += 1
+                #expect(oracle != nil && !tooDeep, "accepted \(String(decoding: input, as: UTF8.self))")
+                if let oracle { #expect(NSDictionary(dictionary: object).isEqual(to: oracle)) }
             } catch {
                 #expect(error.code == .badRequest)
+                #expect(oracle == nil || tooDeep, "refused a valid object: \(String(decoding: input, as: UTF8.self))")
+                if oracle != nil && tooDeep { deepRefused += 1 }
             }
         }
+        // Both sides of the property were exercised.
+        #expect(accepted > Self.iterations / 10 && deepRefused > 0)
     }
 
     @Test func cursorParserAcceptsExactlyWhatItPrintsForItsChannel() throws {
@@ -105,11 +125,16 @@ struct PropertyTests {
             let header = String(repeating: " ", count: Int.random(in: 0...2, using: &random)) + Cursor.text(channel: channel, seq: seq)
                 + String(repeating: " ", count: Int.random(in: 0...2, using: &random))
             #expect((try? EventStream.resumeCursor(header, for: channel))?.seq == seq)
-            let junk = String(decoding: Self.bytes(&random, max: 30), as: UTF8.self)
-            do {
-                _ = try EventStream.resumeCursor(junk, for: channel)
-            } catch {
-                #expect(error.code == .invalidCursor)
+            // Junk, or a valid cursor with a byte changed: accepted only when it is a cursor of the channel.
+            var near = Array(header.utf8)
+            near[Int.random(in: 0..<near.count, using: &random)] = UInt8.random(in: 0x20...0x7E, using: &random)
+            for candidate in [String(decoding: Self.bytes(&random, max: 30), as: UTF8.self), String(decoding: near, as: UTF8.self)] {
+                do {
+                    let cursor = try EventStream.resumeCursor(candidate, for: channel)
+                    #expect(Cursor.text(channel: channel, seq: cursor.seq) == candidate.trimmingCharacters(in: .whitespaces))
+                } catch {
+                    #expect(error.code == .invalidCursor)
+                }
             }
         }
     }
