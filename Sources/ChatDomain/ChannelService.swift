@@ -6,13 +6,74 @@ public final class ChannelService: Sendable {
     public let store: any Store
     public let policy: Policy
     public let bodyLimit: Int
+    /// The most message bytes one history or long-poll page holds (at least one message): a page cut by
+    /// size says `has_more`, and the client reads on from its cursor.
+    public let pageBytes: Int
     public static let maxRequestIdLength = 200
     public static let maxPageSize = 1000
 
-    public init(store: any Store, policy: Policy, bodyLimit: Int) {
+    public init(store: any Store, policy: Policy, bodyLimit: Int, pageBytes: Int = 4 * 1024 * 1024) {
         self.store = store
         self.policy = policy
         self.bodyLimit = bodyLimit
+        self.pageBytes = max(1, pageBytes)
+    }
+
+    /// How many rows to ask the store for next: about the bytes left, by the average size so far (or the
+    /// body limit before any is known).
+    private func chunk(left: Int, bytesLeft: Int, average: Int?) -> Int {
+        max(1, min(left, 100, bytesLeft / max(1, average ?? bodyLimit)))
+    }
+
+    /// Messages after `after`, ascending: at most `limit` and about `pageBytes` (read from the store in
+    /// pieces, so the read itself stays within the byte cap too).
+    public func page(in channel: ChannelName, after: Int64, limit: Int) async throws(ApiError) -> Page {
+        var out: [Message] = []
+        var bytes = 0
+        var position = after
+        while out.count < limit {
+            let page = try await store.messages(in: channel, after: position,
+                                                limit: chunk(left: limit - out.count, bytesLeft: pageBytes - bytes, average: out.isEmpty ? nil : bytes / out.count))
+            for message in page.messages {
+                let size = message.json.utf8.count
+                if !out.isEmpty && (bytes + size > pageBytes || out.count == limit) { return Page(messages: out, hasMore: true) }
+                out.append(message)
+                bytes += size
+            }
+            guard page.hasMore, let last = page.messages.last else { return Page(messages: out, hasMore: false) }
+            position = last.seq
+        }
+        return Page(messages: out, hasMore: true)
+    }
+
+    /// The messages just before `before`, ascending: at most `limit` and about `pageBytes`, the nearest kept.
+    public func page(in channel: ChannelName, before: Int64, limit: Int) async throws(ApiError) -> Page {
+        var pieces: [[Message]] = []
+        var count = 0
+        var bytes = 0
+        var position = before
+        var more = false
+        reading: while count < limit {
+            let page = try await store.messages(in: channel, before: position,
+                                                limit: chunk(left: limit - count, bytesLeft: pageBytes - bytes, average: count == 0 ? nil : bytes / count))
+            var taken: [Message] = []
+            for message in page.messages.reversed() {
+                let size = message.json.utf8.count
+                if count > 0 && (bytes + size > pageBytes || count == limit) {
+                    more = true
+                    pieces.append(taken.reversed())
+                    break reading
+                }
+                taken.append(message)
+                count += 1
+                bytes += size
+            }
+            pieces.append(taken.reversed())
+            more = page.hasMore
+            guard page.hasMore, let first = page.messages.first else { break }
+            position = first.seq
+        }
+        return Page(messages: pieces.reversed().flatMap { $0 }, hasMore: more)
     }
 
     /// Parses a channel name and checks that `actor` may do `action` on it (a thread's membership is read
@@ -66,17 +127,17 @@ public final class ChannelService: Sendable {
     public func history(_ channel: ChannelName, _ query: HistoryQuery, limit: Int) async throws(ApiError) -> History {
         switch query {
         case .since(let cursor):
-            let page = try await store.messages(in: channel, after: cursor.seq, limit: limit)
+            let page = try await page(in: channel, after: cursor.seq, limit: limit)
             if page.messages.isEmpty { _ = try position(of: cursor, in: channel, head: try await store.head(of: channel)) }
             return History(messages: page.messages, cursor: page.messages.last?.cursor ?? Cursor.text(channel: channel, seq: cursor.seq), hasMore: page.hasMore)
         case .before(let cursor):
             let head = try await store.head(of: channel)
             _ = try position(of: cursor, in: channel, head: head)
-            let page = try await store.messages(in: channel, before: cursor.seq, limit: limit)
+            let page = try await page(in: channel, before: cursor.seq, limit: limit)
             return History(messages: page.messages, cursor: page.messages.last?.cursor ?? Cursor.text(channel: channel, seq: cursor.seq), hasMore: page.hasMore)
         case .latest:
             let head = try await store.head(of: channel)
-            let page = try await store.messages(in: channel, before: head + 1, limit: limit)
+            let page = try await page(in: channel, before: head + 1, limit: limit)
             return History(messages: page.messages, cursor: Cursor.text(channel: channel, seq: head), hasMore: page.hasMore)
         }
     }

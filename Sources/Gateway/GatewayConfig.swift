@@ -32,6 +32,9 @@ public struct GatewayConfig: Sendable {
     public var logLevel: Logger.Level = .info
     /// Largest canonical `body` of a message, in bytes.
     public var bodyLimit = 64 * 1024
+    /// The most message bytes in one history or long-poll page (`GATEWAY_PAGE_BYTES`); a page cut by size
+    /// says `has_more`.
+    public var pageBytes = 4 * 1024 * 1024
     /// Bytes queued for one connection before it counts as a slow consumer.
     public var sendBudget = 1024 * 1024
     /// Kernel send buffer per connection, capped so that a slow consumer shows in NIO's queue.
@@ -118,6 +121,7 @@ public struct GatewayConfig: Sendable {
         if let v = env["GATEWAY_WS_COMMAND_BURST"], let n = Double(v), n >= 1 { c.wsCommandBurst = n }
         if let v = env["GATEWAY_WS_DEFLATE"] { c.permessageDeflate = !(v == "0" || v == "false") }
         if let v = env["GATEWAY_REQUEST_IDLE_SECONDS"], let n = Int64(v), n > 0 { c.requestIdleSeconds = n }
+        if let v = env["GATEWAY_PAGE_BYTES"], let n = Int(v), n > 0 { c.pageBytes = n }
         if let v = env["GATEWAY_SEND_BUDGET"], let n = Int(v) { c.sendBudget = n }
         if let v = env["GATEWAY_RECONCILE_MS"], let n = Int64(v), n > 0 { c.reconcileInterval = .milliseconds(n) }
         if let v = env["GATEWAY_STORE_POLL_MS"], let n = Int64(v), n > 0 { c.storePollInterval = .milliseconds(n) }

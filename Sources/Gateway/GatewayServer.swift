@@ -75,7 +75,7 @@ public final class GatewayServer: Sendable {
         hubConfig.reconcileInterval = config.reconcileInterval
         let hub = Hub(loops: loops, store: store, bus: bus, encoder: WireEncoding.encoder, configuration: hubConfig, logger: logger)
         let policy = Policy(topics: config.topics)
-        let channels = ChannelService(store: store, policy: policy, bodyLimit: config.bodyLimit)
+        let channels = ChannelService(store: store, policy: policy, bodyLimit: config.bodyLimit, pageBytes: config.pageBytes)
         let app = GatewayApp(config: config, verifier: verifier, channels: channels, threads: ThreadService(store: store, policy: policy),
                              revocations: revocations, hub: hub, bus: bus, redis: redis, logger: logger)
         bus.setControlReceiver { [weak app] payload in app?.handleControl(payload) }

@@ -37,6 +37,8 @@ final class LongPoll: HubSubscriber, ConnectionBoundStream, LiveStream, @uncheck
     private var finished = false
     private var reading = false
     private var arrivedWhileReading = false
+    /// The timeout passed while a read was in flight: that read still answers (with what it found).
+    private var timedOut = false
     private var timer: Scheduled<Void>?
 
     init(app: GatewayApp, start: Start, eventLoop: any EventLoop, complete: @escaping (HTTPResponse) -> Void) {
@@ -69,11 +71,12 @@ final class LongPoll: HubSubscriber, ConnectionBoundStream, LiveStream, @uncheck
     private func read() {
         reading = true
         let store = app.store
+        let channels = app.channels
         let start = self.start
         Task {
             let result: Result<Page, ApiError>
             do throws(ApiError) {
-                let page = try await store.messages(in: start.channel, after: start.after, limit: start.limit)
+                let page = try await channels.page(in: start.channel, after: start.after, limit: start.limit)
                 // A member removed while the poll waited gets nothing published after the removal.
                 if case .thread(let id) = start.channel.kind, !page.messages.isEmpty, !start.actor.isAdmin,
                    try await !store.isMember(start.actor.sub, of: id) {
@@ -92,7 +95,9 @@ final class LongPoll: HubSubscriber, ConnectionBoundStream, LiveStream, @uncheck
                 case .success(let page) where !page.messages.isEmpty:
                     self.finish(.json(.ok, Routes.pageJSON(page.messages, cursor: page.messages.last!.cursor, hasMore: page.hasMore)))
                 case .success:
-                    if self.arrivedWhileReading {
+                    if self.timedOut {
+                        self.answerEmpty()
+                    } else if self.arrivedWhileReading {
                         self.arrivedWhileReading = false
                         self.read()
                     }
@@ -103,6 +108,11 @@ final class LongPoll: HubSubscriber, ConnectionBoundStream, LiveStream, @uncheck
 
     private func answerEmpty() {
         guard !finished else { return }
+        // Messages after `since` may be on their way from the store (a timeout of 0 included): let the read answer.
+        if reading && !timedOut {
+            timedOut = true
+            return
+        }
         finish(.json(.ok, Routes.pageJSON([], cursor: Cursor.text(channel: start.channel, seq: start.after), hasMore: false)))
     }
 

@@ -1,4 +1,5 @@
 import Foundation
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import Testing
@@ -166,6 +167,69 @@ enum RawClient {
                 "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /nope HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             let statuses = raw.components(separatedBy: "HTTP/1.1 ").dropFirst().map { Int($0.prefix(3)) ?? 0 }
             #expect(statuses == [200, 404, 200], "\(raw)")
+        }
+    }
+}
+
+/// History and long-poll pages are capped in bytes as well as in messages, so serving a huge page costs a
+/// bounded amount of memory; the client pages on with the cursor and loses nothing.
+@Suite(.serialized) struct PageBytesTests {
+    @Test func aThousandMessagesOf64KiBComeInCappedPagesAndTheGatewayStaysSmall() async throws {
+        let cap = 4 * 1024 * 1024
+        try await withStarted({ try await GatewayProcess.start(environment: ["GATEWAY_PAGE_BYTES": String(cap)]) }, stop: { await $0.stop() }) { gateway in
+            let port = gateway.port
+            let token = try await TestGateway.token()
+            let channel = "topic:big-pages"
+            let pad = String(repeating: "p", count: 63 * 1024)
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for w in 0..<4 {
+                    group.addTask {
+                        for i in stride(from: w, to: 1000, by: 4) {
+                            let answer = try await HTTPTestClient.publish(port: port, channel: channel, body: ["i": i, "pad": pad], token: token)
+                            guard answer.status == 201 else { throw ServiceError(description: "publish answered \(answer.status)") }
+                        }
+                    }
+                }
+                try await group.waitForAll()
+            }
+            let zero = try await HTTPTestClient.zeroCursor(port: port, channel: channel, token: token)
+            let before = gateway.residentBytes
+            let peak = NIOLockedValueBox(before)
+            let sampler = Task {
+                while !Task.isCancelled {
+                    let now = gateway.residentBytes
+                    peak.withLockedValue { $0 = max($0, now) }
+                    try? await Task.sleep(for: .milliseconds(5))
+                }
+            }
+            let first = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/messages?since=\(zero)&limit=1000", token: token)
+            sampler.cancel()
+            let growth = peak.withLockedValue { $0 } - before
+            let firstPage = first.json["messages"] as? [[String: Any]] ?? []
+            print("1,000 × 64 KiB history: first page \(firstPage.count) messages, \(first.body.utf8.count / 1024) KiB (cap \(cap / 1024) KiB); gateway RSS growth while serving it \(growth / 1024) KiB")
+            #expect(first.status == 200)
+            #expect(first.json["has_more"] as? Bool == true)
+            #expect(firstPage.count > 0 && firstPage.count < 1000)
+            #expect(first.body.utf8.count <= cap + 64 * 1024 + 1024)
+            #expect(growth < 4 * cap, "RSS grew \(growth / 1024) KiB serving one page")
+            // Paging on with the cursor gets every message once, in order; a long-poll is capped the same way.
+            var seqs = firstPage.map { Received($0).seq }
+            var cursor = first.json["cursor"] as? String ?? ""
+            var hasMore = true
+            while hasMore {
+                let page = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/messages?since=\(cursor)&limit=1000", token: token)
+                seqs += (page.json["messages"] as? [[String: Any]] ?? []).map { Received($0).seq }
+                cursor = page.json["cursor"] as? String ?? ""
+                hasMore = page.json["has_more"] as? Bool ?? false
+            }
+            #expect(seqs == Array(1...1000))
+            let poll = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/poll?since=\(zero)&limit=1000&timeout=0", token: token)
+            #expect((poll.json["messages"] as? [Any])?.count == firstPage.count && poll.json["has_more"] as? Bool == true,
+                    "poll answered \(poll.status) with \((poll.json["messages"] as? [Any])?.count ?? -1) messages")
+            // The latest page keeps the newest messages.
+            let latest = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/messages?limit=1000", token: token)
+            let latestSeqs = (latest.json["messages"] as? [[String: Any]] ?? []).map { Received($0).seq }
+            #expect(latestSeqs.last == 1000 && latestSeqs == Array((1001 - Int64(latestSeqs.count))...1000) && latest.json["has_more"] as? Bool == true)
         }
     }
 }
