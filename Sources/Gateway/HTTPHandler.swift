@@ -15,7 +15,9 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     private enum State {
         case idle
         case receiving(HTTPRequestHead, ByteBuffer)
-        case tooLarge(HTTPRequestHead)
+        /// A body over the limit was answered 413 at once; the rest of it is read and dropped (up to a bound) so
+        /// that the client gets the answer rather than a reset, then the connection closes.
+        case draining(Int)
         /// The head broke a limit: answered with this error once the request ends, then closed.
         case rejected(HTTPRequestHead, ApiError)
         case responding
@@ -39,14 +41,18 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             } else if let error = limitError(head) {
                 state = .rejected(head, error)
             } else if let length = head.headers.first(name: "content-length").flatMap(Int.init), length > app.config.maxMessageBytes {
-                state = .tooLarge(head)
+                refuseTooLarge(context: context, head: head)
             } else {
                 state = .receiving(head, context.channel.allocator.buffer(capacity: 0))
             }
         case .body(var chunk):
+            if case .draining(let dropped) = state {
+                state = .draining(dropped + chunk.readableBytes)
+                if dropped + chunk.readableBytes > app.config.maxMessageBytes { context.close(promise: nil) }
+            }
             if case .receiving(let head, var body) = state {
                 if body.readableBytes + chunk.readableBytes > app.config.maxMessageBytes {
-                    state = .tooLarge(head)
+                    refuseTooLarge(context: context, head: head)
                 } else {
                     state = .idle
                     body.writeBuffer(&chunk)
@@ -62,15 +68,21 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
                 state = .responding
                 let request = HTTPRequest(head: head, body: ByteBuffer())
                 write(context: context, response: .error(error, requestId: request.requestId), request: request, forceClose: true)
-            case .tooLarge(let head):
-                state = .responding
-                let request = HTTPRequest(head: head, body: ByteBuffer())
-                let error = ApiError(.payloadTooLarge, "request body is larger than \(app.config.maxMessageBytes) bytes")
-                write(context: context, response: .error(error, requestId: request.requestId), request: request, forceClose: true)
+            case .draining:
+                context.close(promise: nil)
             case .idle, .responding:
                 break
             }
         }
+    }
+
+    /// `413` as soon as the body is known to be too large (from `Content-Length`, or once the bytes read pass
+    /// the limit), without reading the rest first; the connection closes after the rest is dropped.
+    private func refuseTooLarge(context: ChannelHandlerContext, head: HTTPRequestHead) {
+        let request = HTTPRequest(head: head, body: ByteBuffer())
+        let error = ApiError(.payloadTooLarge, "request body is larger than \(app.config.maxMessageBytes) bytes")
+        write(context: context, response: .error(error, requestId: request.requestId), request: request, forceClose: true, closeAfter: false)
+        state = .draining(0)
     }
 
     /// URI length, header count and size limits (HTTP hardening); nil when the head is within them.
@@ -93,7 +105,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let idle = event as? IdleStateHandler.IdleStateEvent, idle == .read, live == nil {
             switch state {
-            case .idle, .receiving, .tooLarge, .rejected:
+            case .idle, .receiving, .draining, .rejected:
                 // Nothing pending for the client: a stalled request, a slow handshake, or an idle keep-alive.
                 context.close(promise: nil)
                 return
@@ -259,7 +271,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
     }
 
-    func write(context: ChannelHandlerContext, response: HTTPResponse, request: HTTPRequest, forceClose: Bool = false) {
+    func write(context: ChannelHandlerContext, response: HTTPResponse, request: HTTPRequest, forceClose: Bool = false, closeAfter: Bool = true) {
         guard context.channel.isActive else { return }
         let close = forceClose || !request.keepAlive
         var headers = HTTPHeaders()
@@ -274,7 +286,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
         let done = context.writeAndFlushWithFuture(wrapOutboundOut(.end(nil)))
         state = .idle
-        if close {
+        if close && closeAfter {
             done.assumeIsolated().whenComplete { _ in context.close(promise: nil) }
         }
     }

@@ -171,6 +171,24 @@ enum RawClient {
     }
 }
 
+/// A body announced larger than the limit is refused from its `Content-Length`, before it is sent.
+@Suite struct EarlyPayloadTooLargeTests {
+    @Test func oversizedContentLengthIsAnswered413BeforeTheBodyIsSent() async throws {
+        try await withTestGateway { gateway in
+            let token = try await gateway.token()
+            // Only the head: a server that waited for 100 MB of body would never answer (the idle timer would
+            // close the connection without a response).
+            let answer = try await RawClient.exchange(port: gateway.port, """
+                POST /v1/channels/topic:big/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                Content-Length: 100000000\r\nAuthorization: Bearer \(token)\r\n\r\n
+                """)
+            #expect(answer.hasPrefix("HTTP/1.1 413"), "\(answer.prefix(200))")
+            #expect(answer.contains("PAYLOAD_TOO_LARGE") && answer.lowercased().contains("connection: close"))
+            #expect(try await HTTPTestClient.request(.GET, port: gateway.port, "/healthz").status == 200)
+        }
+    }
+}
+
 /// History and long-poll pages are capped in bytes as well as in messages, so serving a huge page costs a
 /// bounded amount of memory; the client pages on with the cursor and loses nothing.
 @Suite(.serialized) struct PageBytesTests {

@@ -74,6 +74,19 @@ enum HTTPTestClient {
     }
 
     /// The position before the first message (`0.<hash>`), from an empty-page history answer.
+    /// Every message after `since`, page by page (pages are capped in bytes as well as in count).
+    static func allMessages(port: Int, channel: String, since: String, token: String) async throws -> [Received] {
+        var out: [Received] = []
+        var cursor = since
+        while true {
+            let page = try await request(.GET, port: port, "/v1/channels/\(channel)/messages?since=\(cursor)&limit=1000", token: token)
+            guard page.status == 200 else { throw ServiceError(description: "history answered \(page.status)") }
+            out += (page.json["messages"] as? [[String: Any]] ?? []).map(Received.init)
+            cursor = page.json["cursor"] as? String ?? cursor
+            if page.json["has_more"] as? Bool != true { return out }
+        }
+    }
+
     /// One sample of `/metrics` (first sample of the metric's name).
     static func metric(_ name: String, port: Int) async throws -> Int {
         let text = try await request(.GET, port: port, "/metrics").body
