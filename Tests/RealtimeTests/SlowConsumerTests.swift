@@ -133,21 +133,13 @@ struct SlowConsumerTests {
             let client = try await RawWebSocketClient(port: gateway.port, token: token, reading: false)
             try await Task.sleep(for: .milliseconds(300))
             let before = gateway.residentBytes
-            let peak = NIOLockedValueBox(before)
-            let sampler = Task {
-                while !Task.isCancelled {
-                    let now = gateway.residentBytes
-                    peak.withLockedValue { $0 = max($0, now) }
-                    try? await Task.sleep(for: .milliseconds(20))
-                }
+            let (bytes, growth) = try await gateway.residentGrowth { () -> [UInt8] in
+                await client.sendPings(100_000)
+                try await eventually("the flooder closed", timeout: 60) { try await gateway.metric("gateway_slow_consumer_closes_total") >= 1 }
+                return try await client.readToEnd()
             }
-            await client.sendPings(100_000)
-            try await eventually("the flooder closed", timeout: 60) { try await gateway.metric("gateway_slow_consumer_closes_total") >= 1 }
-            let bytes = try await client.readToEnd()
-            sampler.cancel()
             let frames = RawWebSocketClient.frames(bytes)
             let pongs = frames.filter { $0.0 == 0x1 }.count
-            let growth = peak.withLockedValue { $0 } - before
             print("ping flood: 100,000 pings never read; \(pongs) pongs queued before the close; gateway RSS before \(before / 1024) KiB, growth \(growth / 1024) KiB (budget \(budget / 1024) KiB)")
             #expect(RawWebSocketClient.closeCode(frames) == 4008)
             #expect(pongs < 100_000)

@@ -1,4 +1,5 @@
 import Foundation
+import NIOConcurrencyHelpers
 
 /// Real Postgres and Redis servers for one test: on loopback, on free ports, in temporary folders, stopped
 /// by the test that started them (by PID). Postgres refuses to run as root, so as root it runs as the
@@ -240,6 +241,22 @@ final class GatewayProcess: @unchecked Sendable {  // used from one test task
     /// One sample of `/metrics` (first sample of the metric's name).
     func metric(_ name: String) async throws -> Int {
         try await HTTPTestClient.metric(name, port: port)
+    }
+
+    /// Runs `body` while sampling the process's resident memory; returns its result and the peak growth.
+    func residentGrowth<T: Sendable>(during body: () async throws -> T) async throws -> (T, Int) {
+        let before = residentBytes
+        let peak = NIOLockedValueBox(before)
+        let sampler = Task {
+            while !Task.isCancelled {
+                let now = self.residentBytes
+                peak.withLockedValue { $0 = max($0, now) }
+                try? await Task.sleep(for: .milliseconds(5))
+            }
+        }
+        defer { sampler.cancel() }
+        let result = try await body()
+        return (result, peak.withLockedValue { $0 } - before)
     }
 
     func kill9() async {
