@@ -101,7 +101,7 @@ public final class RedisBus: Bus {
     /// Test only: the next `count` messages are not PUBLISHed, and nothing notices (as if Redis lost them
     /// after accepting them) — what the reconcile is for.
     public func testLoseNextPublishes(_ count: Int) {
-        publisher.loseSilently.withLockedValue { $0 += count }
+        publisher.loseSilently(count)
     }
 
     public func subscribe(_ channels: [ChannelName]) {
@@ -181,8 +181,8 @@ final class RedisConnectionDriver: @unchecked Sendable {  // mutable state is on
     private var ticker: RepeatedTask?
     private var reconnect: Scheduled<Void>?
     private let dropped = NIOLockedValueBox(0)
-    /// Test only, see `RedisBus.testLoseNextPublishes`.
-    let loseSilently = NIOLockedValueBox(0)
+    /// Test only, see `RedisBus.testLoseNextPublishes` (on `loop`, like the rest).
+    private var toLoseSilently = 0
     /// Set before `start`, then only read.
     var onAction: (@Sendable (RedisConnectionStateMachine.Action) -> Void)?
     var onMessage: (@Sendable (ByteBuffer, ByteBuffer) -> Void)?
@@ -237,8 +237,11 @@ final class RedisConnectionDriver: @unchecked Sendable {  // mutable state is on
     /// Writes pre-encoded PUBLISH commands if the machine allows it; otherwise they are dropped (and the loss
     /// announced later).
     func publish(_ commands: ByteBuffer, count: Int) {
-        if loseSilently.withLockedValue({ lose in lose > 0 ? { lose -= count; return true }() : false }) { return }
         loop.execute {
+            if self.toLoseSilently > 0 {
+                self.toLoseSilently -= count
+                return
+            }
             let writable = self.channel?.isWritable ?? false
             guard self.machine.publish(count: count, bytes: commands.readableBytes, writable: writable), let channel = self.channel else {
                 self.dropped.withLockedValue { $0 += count }
@@ -246,6 +249,10 @@ final class RedisConnectionDriver: @unchecked Sendable {  // mutable state is on
             }
             channel.writeAndFlush(commands, promise: nil)
         }
+    }
+
+    func loseSilently(_ count: Int) {
+        loop.execute { self.toLoseSilently += count }
     }
 
     private func perform(_ actions: [RedisConnectionStateMachine.Action]) {

@@ -35,14 +35,12 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
     private var failure: ApiError?
     /// Catch-up pages hold about one send budget: sized from the last page's messages.
     private var pageLimit: Int
-    private let budget: Int
 
     /// `largestMessage`: the most one message may take, which sizes the first page (before the channel's
     /// message size is known) so that it holds no more than one budget.
     public init(channel: ChannelName, eventLoop: any EventLoop, format: WireFormat, hub: Hub, sink: any SubscriptionSink,
                 budget: Int, largestMessage: Int, heldLimit: Int = 1024) {
         self.pageLimit = SubscriptionStateMachine<EncodedMessage>.pageLimit(budget: budget, averageBytes: largestMessage, maximum: Self.catchUpPage)
-        self.budget = budget
         self.channel = channel
         self.eventLoop = eventLoop
         self.format = format
@@ -164,7 +162,7 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
                 case .success(let page):
                     if let encoded, !encoded.isEmpty, let format = self.format {
                         let bytes = encoded.reduce(0) { $0 + ($1.bytes(format)?.readableBytes ?? 0) }
-                        self.pageLimit = SubscriptionStateMachine<EncodedMessage>.pageLimit(budget: self.budget, averageBytes: bytes / encoded.count,
+                        self.pageLimit = SubscriptionStateMachine<EncodedMessage>.pageLimit(budget: self.machine.budget, averageBytes: bytes / encoded.count,
                                                                                             maximum: Self.catchUpPage)
                     }
                     self.perform(self.machine.readCompleted(encoded ?? [], hasMore: page.hasMore))

@@ -141,7 +141,6 @@ final class EventStream: SubscriptionSink, ConnectionBoundStream, LiveStream, @u
 
     // MARK: lifecycle
 
-    func writabilityChanged(isWritable: Bool) {}
 
     /// Ends the response cleanly (token expiry, shutdown, store failure) and closes the connection.
     private func end() {

@@ -116,11 +116,6 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         context.fireUserInboundEventTriggered(event)
     }
 
-    func channelWritabilityChanged(context: ChannelHandlerContext) {
-        live?.writabilityChanged(isWritable: context.channel.isWritable)
-        context.fireChannelWritabilityChanged()
-    }
-
     func channelInactive(context: ChannelHandlerContext) {
         live?.connectionClosed()
         live = nil
@@ -341,11 +336,6 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 /// A response that outlives the request handling and must stop when the client goes.
 protocol ConnectionBoundStream: AnyObject {
     func connectionClosed()
-    func writabilityChanged(isWritable: Bool)
-}
-
-extension ConnectionBoundStream {
-    func writabilityChanged(isWritable: Bool) {}
 }
 
 extension ChannelHandlerContext {

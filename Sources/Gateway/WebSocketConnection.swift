@@ -162,13 +162,6 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
         }
     }
 
-    // Declared here, not in a subclass: the protocol witness is this class's, so a subclass's method of the
-    // same name would never be called. Subclasses override `writabilityChanged(isWritable:)`.
-    func channelWritabilityChanged(context: ChannelHandlerContext) {
-        writabilityChanged(isWritable: context.channel.isWritable)
-        context.fireChannelWritabilityChanged()
-    }
-
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         if let error = error as? NIOWebSocketError {
             close(code: error == .invalidFrameLength ? 1009 : 1002, reason: "protocol error")
@@ -216,7 +209,6 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
     func upgradeCompleted() {}
     /// Whether a reply (a command's answer, a pong) may be queued now; false when the connection is closed for it.
     func admitReply() -> Bool { true }
-    func writabilityChanged(isWritable: Bool) {}
     func handleBinary(_ data: ByteBuffer) {}
     /// The connection is closing or closed: release subscriptions and timers. Called at most twice.
     func connectionEnded() {}
