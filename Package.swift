@@ -21,12 +21,13 @@ let package = Package(
         .package(url: "https://github.com/adam-fowler/compress-nio", from: "1.5.0"),
     ],
     targets: [
+        .target(name: "Wire"),
         .target(name: "Auth", dependencies: [
             .product(name: "JWTKit", package: "jwt-kit"),
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
         ]),
         .target(name: "ChatDomain", dependencies: [
-            "Auth",
+            "Auth", "Wire",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "SQLiteNIO", package: "sqlite-nio"),
@@ -42,7 +43,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "Gateway", dependencies: [
-            "Auth", "ChatDomain", "Fanout",
+            "Auth", "ChatDomain", "Fanout", "Wire",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -61,7 +62,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "loadtest", dependencies: [
-            "Auth",
+            "Auth", "Wire",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Histogram", package: "hdrhistogram-swift"),
             .product(name: "NIOCore", package: "swift-nio"),
@@ -78,7 +79,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ], path: "bench/Sources/bench"),
         .testTarget(name: "RealtimeTests", dependencies: [
-            "Gateway", "Auth", "ChatDomain", "Fanout",
+            "Gateway", "Auth", "ChatDomain", "Fanout", "Wire",
             .product(name: "JWTKit", package: "jwt-kit"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),

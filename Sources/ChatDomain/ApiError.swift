@@ -1,3 +1,5 @@
+import Wire
+
 /// The one registry of error codes. Every HTTP error body and every WebSocket `error` reply is built from
 /// an `ApiError`, so a code always travels with the same status.
 public struct ApiError: Error, Sendable, Equatable {
@@ -64,24 +66,13 @@ public struct ApiError: Error, Sendable, Equatable {
         }
     }
 
+    /// The envelope of PROTOCOL.md §4.
+    public func envelope(requestId: String) -> ErrorEnvelope {
+        ErrorEnvelope(code: code.rawValue, message: message, details: details, requestId: requestId)
+    }
+
     /// The envelope of PROTOCOL.md §4 as compact JSON.
     public func envelopeJSON(requestId: String) -> String {
-        var out = "{\"code\":"
-        JSONText.appendString(code.rawValue, to: &out)
-        out += ",\"message\":"
-        JSONText.appendString(message, to: &out)
-        out += ",\"details\":{"
-        var first = true
-        for (key, value) in details.sorted(by: { $0.key < $1.key }) {
-            if !first { out += "," }
-            first = false
-            JSONText.appendString(key, to: &out)
-            out += ":"
-            JSONText.appendString(value, to: &out)
-        }
-        out += "},\"requestId\":"
-        JSONText.appendString(requestId, to: &out)
-        out += "}"
-        return out
+        envelope(requestId: requestId).json
     }
 }

@@ -1,4 +1,5 @@
 import Auth
+import Wire
 
 /// The domain's entry for channels: names, permissions (through `Policy.can`), publishing and reading.
 /// Every transport goes through it, so a check cannot be skipped by picking another transport.
@@ -91,8 +92,36 @@ public final class ChannelService: Sendable {
         return channel
     }
 
+    /// Where a stream (a subscription, an SSE stream, a long-poll) starts.
+    public enum StreamStart: Sendable, Equatable {
+        /// At the channel's head: live messages only.
+        case live
+        /// The last N messages first.
+        case history(Int)
+        /// Strictly after this cursor.
+        case since(String)
+    }
+
+    /// The one way a stream opens, on every transport: the name parsed, `action` allowed through the policy, and
+    /// the position the stream continues after (a cursor checked against the channel and its head).
+    public func open(_ actor: Actor, _ action: Action, _ name: String, from start: StreamStart) async throws(ApiError) -> (channel: ChannelName, after: Int64) {
+        let channel = try ChannelName(parsing: name)
+        var cursor: Cursor?
+        if case .since(let text) = start { cursor = try Cursor(parsing: text, for: channel) }
+        if case .history(let n) = start, !(0...Self.maxPageSize).contains(n) {
+            throw ApiError(.badRequest, "history must be an integer in 0...\(Self.maxPageSize)")
+        }
+        _ = try await authorize(actor, action, name)
+        let head = try await store.head(of: channel)
+        switch start {
+        case .live: return (channel, head)
+        case .history(let n): return (channel, max(0, head - Int64(n)))
+        case .since: return (channel, try position(of: cursor, in: channel, head: head))
+        }
+    }
+
     /// Validates and commits a publish. `body` is the parsed JSON value of the request's `body`.
-    public func publish(_ actor: Actor, to channelName: String, body: Any?, requestId: String?) async throws(ApiError) -> AppendResult {
+    public func publish(_ actor: Actor, to channelName: String, body: JSONValue?, requestId: String?) async throws(ApiError) -> AppendResult {
         let channel = try await authorize(actor, .publish, channelName)
         if let requestId, requestId.isEmpty || requestId.utf8.count > Self.maxRequestIdLength {
             throw ApiError(.badRequest, "request id must be 1 to \(Self.maxRequestIdLength) bytes")

@@ -3,33 +3,22 @@ import ChatDomain
 import Fanout
 import NIOCore
 import NIOHTTP1
+import Wire
 
-/// `GET /v1/channels/{channel}/events`: Server-Sent Events (PROTOCOL.md §5). Resumes after
-/// `Last-Event-ID`, else `since`; `history=N` starts N messages back; neither is live only. The stream opens
-/// with a comment, `retry:` and an `id:` naming the position it continues after, then sends a comment every
-/// keepalive interval, and ends at the token's expiry.
-final class EventStream: SubscriptionSink, ConnectionBoundStream, LiveStream, @unchecked Sendable {  // state only touched on the connection's event loop
-    struct Start: Sendable {
-        let channel: ChannelName
-        let position: Int64
-        let expiresIn: TimeAmount
-        let actor: Actor
-        /// When the permission checks began (µs, this instance's clock).
-        let checkedAt: Int64
-    }
-
-    static func prepare(_ app: GatewayApp, _ request: HTTPRequest, channel name: String) async throws(ApiError) -> Start {
-        let checkedAt = Timestamp.nowMicros()
-        let actor = try await app.authenticate(request.bearerToken)
-        let channel = try await app.channels.authorize(actor, .subscribe, name)
-        let resume = request.headers.first(name: "last-event-id") ?? request.query["since"]
-        let cursor = try resume.map { (text) throws(ApiError) in try resumeCursor(text, for: channel) }
+/// `GET /v1/channels/{channel}/events`: Server-Sent Events (PROTOCOL.md §5), a thin transport of a
+/// `ClientSession` with one subscription. Resumes after `Last-Event-ID`, else `since`; `history=N` starts N
+/// messages back; neither is live only. Until the session has opened the subscription nothing is written,
+/// so a refusal is an ordinary error response; then the stream opens with a comment, `retry:` and an `id:`
+/// naming the position it continues after, sends a comment every keepalive interval, and ends at the
+/// token's expiry, a revocation or a removal.
+final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStream, @unchecked Sendable {  // state only touched on the connection's event loop
+    /// Where the stream starts, from the request (checked by the session when it opens).
+    static func start(_ request: HTTPRequest) throws(ApiError) -> ChannelService.StreamStart {
+        if let resume = request.headers.first(name: "last-event-id") ?? request.query["since"] {
+            return .since(resume.trimmingCharacters(in: .whitespaces))
+        }
         let history = try request.intParameter("history", default: 0, range: 0...ChannelService.maxPageSize)
-        let head = try await app.store.head(of: channel)
-        var position = try app.channels.position(of: cursor, in: channel, head: head)
-        if cursor == nil { position = max(0, head - Int64(history)) }
-        let expiresIn = TimeAmount.milliseconds(max(0, Int64(actor.expiresAt.timeIntervalSinceNow * 1000)))
-        return Start(channel: channel, position: position, expiresIn: expiresIn, actor: actor, checkedAt: checkedAt)
+        return history > 0 ? .history(history) : .live
     }
 
     /// `Last-Event-ID` (or `since`) as a cursor of `channel`, surrounding spaces ignored.
@@ -38,51 +27,93 @@ final class EventStream: SubscriptionSink, ConnectionBoundStream, LiveStream, @u
     }
 
     private let app: GatewayApp
-    private let start: Start
     private let context: ChannelHandlerContext
     private let requestId: String
+    private var driver: SessionDriver!
+    /// Answers the request when the stream is refused before it opened.
+    private let refuse: (ApiError) -> Void
     private var subscription: Subscription?
+    private var opened = false
     private var keepalive: RepeatedTask?
-    private var expiry: Scheduled<Void>?
     private var ended = false
     /// Only with a test fault (`swap`): a message delivered after the next one.
     private var heldForFault: ByteBuffer?
 
-    init(app: GatewayApp, start: Start, context: ChannelHandlerContext, requestId: String) {
+    init(app: GatewayApp, actor: Actor, context: ChannelHandlerContext, requestId: String, refuse: @escaping (ApiError) -> Void) {
         self.app = app
-        self.start = start
         self.context = context
         self.requestId = requestId
+        self.refuse = refuse
+        self.driver = SessionDriver(app: app, actor: actor, kind: .serverSentEvents, eventLoop: context.eventLoop, requestId: requestId, transport: self)
     }
 
-    func open() {
+    func run(channel name: String, from start: ChannelService.StreamStart) {
+        driver.start()
+        driver.open(name, from: start, permission: .subscribe)
+    }
+
+    // MARK: SessionTransport
+
+    func deliver(_ reply: ServerReply) {
+        if case .unsubscribed = reply { return end() }
+        guard case .subscribed(_, _, let cursor) = reply, !opened, !ended else { return }
+        opened = true
         var headers = HTTPHeaders()
         headers.add(name: "Content-Type", value: "text/event-stream")
         headers.add(name: "Cache-Control", value: "no-cache")
         headers.add(name: "X-Accel-Buffering", value: "no")
         headers.add(name: "X-Request-Id", value: requestId)
         context.write(NIOAny(HTTPServerResponsePart.head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers))), promise: nil)
-        writeText(": stream open\nretry: 2000\nid: \(Cursor.text(channel: start.channel, seq: start.position))\n\n")
+        writeText(": stream open\nretry: 2000\nid: \(cursor)\n\n")
         context.flush()
-        app.streams.add(self)
-        app.counters.add("sse_streams")
-        let subscription = Subscription(channel: start.channel, eventLoop: context.eventLoop, format: .serverSentEvents, hub: app.hub, sink: self,
-                                        budget: app.config.sendBudget, largestMessage: app.config.bodyLimit)
-        self.subscription = subscription
-        subscription.register()
-        subscription.begin(after: start.position)
-        // Registered now: a revocation or removal from here on finds this stream. One that came between the
-        // checks and here did not, so look for it.
-        if app.revocations.isRevoked(start.actor) { return end() }
-        if let head = app.removal(of: start.actor.sub, from: start.channel, appliedSince: start.checkedAt) { subscription.end(after: head) }
         let interval = TimeAmount.seconds(app.config.keepaliveSeconds)
         keepalive = context.eventLoop.scheduleRepeatedTask(initialDelay: interval, delay: interval) { [weak self] _ in
             guard let self, !self.ended else { return }
             self.writeText(": keepalive\n\n")
             self.context.flush()
         }
-        expiry = context.eventLoop.scheduleTask(in: start.expiresIn) { [weak self] in self?.end() }
     }
+
+    func fail(_ id: CommandID?, _ error: ApiError) {
+        guard !ended else { return }
+        if opened {
+            app.logger.warning("SSE stream failed", metadata: ["request-id": "\(requestId)", "error": "\(error.message)"])
+            return end()
+        }
+        stop()
+        refuse(error)
+    }
+
+    func register(_ channel: ChannelName) {
+        let subscription = Subscription(channel: channel, eventLoop: context.eventLoop, format: .serverSentEvents, hub: app.hub, sink: self,
+                                        budget: app.config.sendBudget, largestMessage: app.config.bodyLimit)
+        self.subscription = subscription
+        subscription.register()
+    }
+
+    func begin(_ channel: ChannelName, after: Int64) { subscription?.begin(after: after) }
+    func cancel(_ channel: ChannelName) {
+        subscription?.cancel()
+        subscription = nil
+    }
+    func end(_ channel: ChannelName, after: Int64) { subscription?.end(after: after) }
+
+    func close(_ reason: ClientSession.Close) {
+        guard !ended else { return }
+        switch reason {
+        case .slowConsumer:
+            stop()
+            context.close(promise: nil)
+        case .revoked where !opened:
+            fail(nil, ApiError(.tokenRevoked, AuthFailure.revoked.reason))
+        case .tokenExpired where !opened:
+            fail(nil, ApiError(.unauthenticated, AuthFailure.expired.reason))
+        default:
+            end()
+        }
+    }
+
+    func setReading(_ on: Bool) {}
 
     private func writeText(_ text: String) {
         var buffer = context.channel.allocator.buffer(capacity: text.utf8.count)
@@ -105,44 +136,19 @@ final class EventStream: SubscriptionSink, ConnectionBoundStream, LiveStream, @u
         promise?.succeed()
     }
 
-    func flush() {
-        context.flush()
-    }
+    func flush() { context.flush() }
 
     var isWritable: Bool { context.channel.isWritable }
 
+    func slowConsumer() { driver.sendRefused() }
 
-    func slowConsumer() {
-        guard !ended else { return }
-        app.counters.add("slow_consumer_closes")
-        app.logger.info("closing slow SSE consumer", metadata: ["request-id": "\(requestId)", "channel": "\(start.channel)"])
-        stop()
-        context.close(promise: nil)
-    }
+    func subscriptionEnded(_ channel: ChannelName) { driver.subscriptionEnded(channel, reason: "forbidden") }
 
-    func subscriptionEnded(_ channel: ChannelName) {
-        end()
-    }
-
-    func revoke(_ revocation: Revocation) {
-        guard revocation.covers(start.actor) else { return }
-        context.eventLoop.execute { self.end() }
-    }
-
-    func memberRemoved(_ user: String, from channel: ChannelName, at head: Int64) {
-        guard user == start.actor.sub, channel == start.channel else { return }
-        context.eventLoop.execute { self.subscription?.end(after: head) }
-    }
-
-    func subscriptionFailed(_ channel: ChannelName, _ error: ApiError) {
-        app.logger.warning("SSE catch-up failed", metadata: ["request-id": "\(requestId)", "error": "\(error.message)"])
-        end()
-    }
+    func subscriptionFailed(_ channel: ChannelName, _ error: ApiError) { driver.subscriptionEnded(channel, reason: "store_unavailable") }
 
     // MARK: lifecycle
 
-
-    /// Ends the response cleanly (token expiry, shutdown, store failure) and closes the connection.
+    /// Ends the response cleanly (token expiry, shutdown, revocation, removal, store failure) and closes the connection.
     private func end() {
         guard !ended else { return }
         stop()
@@ -153,17 +159,11 @@ final class EventStream: SubscriptionSink, ConnectionBoundStream, LiveStream, @u
     private func stop() {
         ended = true
         keepalive?.cancel()
-        expiry?.cancel()
-        subscription?.cancel()
-        app.streams.remove(self)
+        driver.connectionClosed()
     }
 
     func connectionClosed() {
         guard !ended else { return }
         stop()
-    }
-
-    func shutdown() {
-        context.eventLoop.execute { self.end() }
     }
 }

@@ -5,6 +5,7 @@ import Foundation
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
+import Wire
 
 /// What every connection of an instance shares: config, token verification, the channel service, the Hub,
 /// and the registry of live streams (for shutdown).
@@ -26,6 +27,8 @@ public final class GatewayApp: Sendable {
     /// Member removals already acted on (by id), see `apply(_: [MemberRemoval])`.
     let appliedRemovals = NIOLockedValueBox<[String: AppliedRemoval]>([:])
     let counters = Counters()
+    /// The store reads of waiting long-polls, shared per position.
+    let pageReads: SharedPageReads
 
     init(config: GatewayConfig, verifier: TokenVerifier, channels: ChannelService, threads: ThreadService, revocations: Revocations,
          hub: Hub, bus: any Bus, redis: RedisBus?, logger: Logger) {
@@ -42,6 +45,7 @@ public final class GatewayApp: Sendable {
         self.hub = hub
         self.store = channels.store
         self.logger = logger
+        self.pageReads = SharedPageReads(channels: channels)
     }
 
     /// Verifies a bearer token; every failure is `401 UNAUTHENTICATED` with its reason.
@@ -110,9 +114,9 @@ extension GatewayApp {
         }
         let instance = "instance=\"\(config.instanceName)\""
         metric("gateway_connections", "gauge", "Live streams by transport.", [
-            ("{\(instance),transport=\"ws\"}", streams.count { $0 is WebSocketSession }),
-            ("{\(instance),transport=\"sse\"}", streams.count { $0 is EventStream }),
-            ("{\(instance),transport=\"poll\"}", streams.count { $0 is LongPoll }),
+            ("{\(instance),transport=\"ws\"}", streams.count { ($0 as? SessionDriver)?.kind == .webSocket }),
+            ("{\(instance),transport=\"sse\"}", streams.count { ($0 as? SessionDriver)?.kind == .serverSentEvents }),
+            ("{\(instance),transport=\"poll\"}", streams.count { ($0 as? SessionDriver)?.kind == .longPoll }),
         ])
         metric("gateway_messages_published_total", "counter", "Messages committed through this instance.", [("{\(instance)}", counters["messages_published"] ?? 0)])
         metric("gateway_slow_consumer_closes_total", "counter", "Connections closed for passing their send budget.", [("{\(instance)}", counters["slow_consumer_closes"] ?? 0)])
@@ -121,6 +125,10 @@ extension GatewayApp {
         metric("gateway_revocations_total", "counter", "Revocations applied on this instance.", [("{\(instance)}", counters["revocations"] ?? 0)])
         metric("gateway_jwks_reloads_total", "counter", "JWKS file reloads (SIGHUP) by result.", [
             ("{\(instance),result=\"ok\"}", counters["jwks_reloads_ok"] ?? 0), ("{\(instance),result=\"failed\"}", counters["jwks_reloads_failed"] ?? 0),
+        ])
+        let polls = pageReads.counts
+        metric("gateway_poll_store_reads_total", "counter", "Store reads of waiting long-polls, by whether the read was started or joined (shared).", [
+            ("{\(instance),read=\"started\"}", polls.reads), ("{\(instance),read=\"joined\"}", polls.joined),
         ])
         let hubCounters = hub.counterValues
         metric("gateway_store_head_checks_total", "counter", "Batched reads of channel heads (store polling while the bus is down, and reconciles).",
@@ -140,7 +148,7 @@ extension GatewayApp {
 
     /// A publish from any transport: the rate limit first (nothing over it is stored), then the channel
     /// service; the outcome is counted.
-    func publish(_ actor: Actor, to channel: String, body: Any?, requestId: String?) async -> Result<AppendResult, ApiError> {
+    func publish(_ actor: Actor, to channel: String, body: JSONValue?, requestId: String?) async -> Result<AppendResult, ApiError> {
         if actor.roles.isDisjoint(with: config.rateLimitExemptRoles), let wait = rateLimiter.take(actor.sub) {
             counters.add("rate_limited")
             return .failure(ApiError(.rateLimited, "publish rate limit exceeded", retryAfter: wait))

@@ -286,49 +286,46 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
     }
 
-    // MARK: long-poll
+    // MARK: long-poll and Server-Sent Events
 
-    private func startLongPoll(context: ChannelHandlerContext, request: HTTPRequest, channel name: String) {
+    /// Authenticates, then hands the request to a session transport (`start`), which answers it, now or later.
+    private func startStream(context: ChannelHandlerContext, request: HTTPRequest,
+                             _ start: @escaping (Actor, _ finish: @escaping (HTTPResponse) -> Void) throws(ApiError) -> any ConnectionBoundStream) {
         let app = self.app
-        let setup = context.eventLoop.makePromise(of: LongPoll.Start.self)
-        setup.completeWithTask { () async throws -> LongPoll.Start in
-            try await LongPoll.prepare(app, request, channel: name)
-        }
+        let setup = context.eventLoop.makePromise(of: Actor.self)
+        setup.completeWithTask { () async throws -> Actor in try await app.authenticate(request.bearerToken) }
         setup.futureResult.assumeIsolated().whenComplete { result in
-            switch result {
-            case .failure(let error as ApiError):
-                self.write(context: context, response: .error(error, requestId: request.requestId), request: request)
-            case .failure:
-                self.write(context: context, response: .error(ApiError(.internalError, "internal error"), requestId: request.requestId), request: request)
-            case .success(let start):
-                let poll = LongPoll(app: app, start: start, eventLoop: context.eventLoop) { [weak self] response in
-                    self?.live = nil
-                    self?.write(context: context, response: response, request: request)
-                }
-                self.live = poll
-                poll.run()
+            let finish: (HTTPResponse) -> Void = { [weak self] response in
+                self?.live = nil
+                self?.write(context: context, response: response, request: request)
+            }
+            do {
+                self.live = try start(try result.get(), finish)
+            } catch {
+                finish(.error(error as? ApiError ?? ApiError(.internalError, "internal error"), requestId: request.requestId))
             }
         }
     }
 
-    // MARK: Server-Sent Events
+    private func startLongPoll(context: ChannelHandlerContext, request: HTTPRequest, channel name: String) {
+        let app = self.app
+        startStream(context: context, request: request) { (actor, finish) throws(ApiError) in
+            let poll = LongPoll(app: app, actor: actor, parameters: try LongPoll.Parameters(request), requestId: request.requestId,
+                                eventLoop: context.eventLoop, complete: finish)
+            poll.run(channel: name)
+            return poll
+        }
+    }
 
     private func startEventStream(context: ChannelHandlerContext, request: HTTPRequest, channel name: String) {
         let app = self.app
-        let setup = context.eventLoop.makePromise(of: EventStream.Start.self)
-        setup.completeWithTask { () async throws -> EventStream.Start in
-            try await EventStream.prepare(app, request, channel: name)
-        }
-        setup.futureResult.assumeIsolated().whenComplete { result in
-            switch result {
-            case .failure(let error):
-                let apiError = error as? ApiError ?? ApiError(.internalError, "internal error")
-                self.write(context: context, response: .error(apiError, requestId: request.requestId), request: request)
-            case .success(let start):
-                let stream = EventStream(app: app, start: start, context: context, requestId: request.requestId)
-                self.live = stream
-                stream.open()
+        startStream(context: context, request: request) { (actor, finish) throws(ApiError) in
+            let start = try EventStream.start(request)
+            let stream = EventStream(app: app, actor: actor, context: context, requestId: request.requestId) {
+                finish(.error($0, requestId: request.requestId))
             }
+            stream.run(channel: name, from: start)
+            return stream
         }
     }
 }

@@ -1,39 +1,37 @@
 import Auth
 import ChatDomain
 import Fanout
+import NIOConcurrencyHelpers
 import NIOCore
+import Wire
 
-/// `GET /v1/channels/{channel}/poll`: answers at once when messages after `since` exist, otherwise waits
-/// (registered with the Hub) until one is committed, the timeout passes, or the token expires. The answer
-/// is always read from the store, so it is the same on every instance.
-final class LongPoll: HubSubscriber, ConnectionBoundStream, LiveStream, @unchecked Sendable {  // state only touched on `eventLoop`
-    struct Start: Sendable {
-        let channel: ChannelName
-        let after: Int64
+/// `GET /v1/channels/{channel}/poll`, a thin transport of a `ClientSession` with one read: answers at once
+/// when messages after `since` exist, otherwise waits (registered with the Hub) until one is committed, the
+/// timeout passes, or the token expires. The answer is always read from the store, so it is the same on
+/// every instance; polls waiting at the same position share one read (`SharedPageReads`).
+final class LongPoll: HubSubscriber, SessionTransport, ConnectionBoundStream, @unchecked Sendable {  // state only touched on `eventLoop`
+    struct Parameters: Sendable {
+        let start: ChannelService.StreamStart
         let limit: Int
         let timeout: TimeAmount
-        let requestId: String
-        let actor: Actor
-    }
 
-    static func prepare(_ app: GatewayApp, _ request: HTTPRequest, channel name: String) async throws(ApiError) -> Start {
-        let actor = try await app.authenticate(request.bearerToken)
-        let channel = try await app.channels.authorize(actor, .read, name)
-        let limit = try request.intParameter("limit", default: 100, range: 1...ChannelService.maxPageSize)
-        let timeout = try request.intParameter("timeout", default: 25, range: 0...60)
-        let cursor = try request.query["since"].map { (text) throws(ApiError) in try Cursor(parsing: text, for: channel) }
-        let head = try await app.store.head(of: channel)
-        let after = try app.channels.position(of: cursor, in: channel, head: head)
-        let untilExpiry = Int64(actor.expiresAt.timeIntervalSinceNow * 1000)
-        return Start(channel: channel, after: after, limit: limit, timeout: .milliseconds(max(0, min(Int64(timeout) * 1000, untilExpiry))),
-                     requestId: request.requestId, actor: actor)
+        init(_ request: HTTPRequest) throws(ApiError) {
+            limit = try request.intParameter("limit", default: 100, range: 1...ChannelService.maxPageSize)
+            timeout = .seconds(Int64(try request.intParameter("timeout", default: 25, range: 0...60)))
+            start = request.query["since"].map { .since($0) } ?? .live
+        }
     }
 
     let eventLoop: any EventLoop
     let format: WireFormat? = nil
     private let app: GatewayApp
-    private let start: Start
+    private let parameters: Parameters
+    private let requestId: String
+    private var driver: SessionDriver!
     private let complete: (HTTPResponse) -> Void
+    private var channel: ChannelName?
+    private var after: Int64 = 0
+    private var waiting = false
     private var finished = false
     private var reading = false
     private var arrivedWhileReading = false
@@ -41,115 +39,185 @@ final class LongPoll: HubSubscriber, ConnectionBoundStream, LiveStream, @uncheck
     private var timedOut = false
     private var timer: Scheduled<Void>?
 
-    init(app: GatewayApp, start: Start, eventLoop: any EventLoop, complete: @escaping (HTTPResponse) -> Void) {
+    init(app: GatewayApp, actor: Actor, parameters: Parameters, requestId: String, eventLoop: any EventLoop, complete: @escaping (HTTPResponse) -> Void) {
         self.app = app
-        self.start = start
+        self.parameters = parameters
+        self.requestId = requestId
         self.eventLoop = eventLoop
         self.complete = complete
+        self.driver = SessionDriver(app: app, actor: actor, kind: .longPoll, eventLoop: eventLoop, requestId: requestId, transport: self)
     }
 
-    func run() {
-        app.hub.subscribe(start.channel, self)
-        app.streams.add(self)
-        // A revocation between the token check and the registration did not find this poll.
-        if app.revocations.isRevoked(start.actor) {
-            return finish(.error(ApiError(.tokenRevoked, AuthFailure.revoked.reason), requestId: start.requestId))
-        }
-        timer = eventLoop.scheduleTask(in: start.timeout) { [weak self] in self?.answerEmpty() }
-        read()
+    func run(channel name: String) {
+        driver.start()
+        driver.open(name, from: parameters.start, permission: .read)
     }
+
+    // MARK: SessionTransport
+
+    func deliver(_ reply: ServerReply) {}
+
+    func fail(_ id: CommandID?, _ error: ApiError) { finish(.error(error, requestId: requestId)) }
+
+    func register(_ channel: ChannelName) {
+        self.channel = channel
+        app.hub.subscribe(channel, self)
+    }
+
+    func begin(_ channel: ChannelName, after: Int64) {
+        guard !finished else { return }
+        self.after = after
+        waiting = true
+        timer = eventLoop.scheduleTask(in: parameters.timeout) { [weak self] in self?.answerEmpty() }
+        read(notBefore: .now())
+    }
+
+    func cancel(_ channel: ChannelName) {
+        app.hub.unsubscribe(channel, self)
+        self.channel = nil
+    }
+
+    /// A member removed while the poll waited gets nothing published after the removal.
+    func end(_ channel: ChannelName, after: Int64) {
+        finish(.error(ApiError(.forbidden, "no longer a member of this thread"), requestId: requestId))
+    }
+
+    func close(_ reason: ClientSession.Close) {
+        switch reason {
+        case .revoked: finish(.error(ApiError(.tokenRevoked, AuthFailure.revoked.reason), requestId: requestId))
+        case _ where waiting: answerEmpty()
+        case .tokenExpired: finish(.error(ApiError(.unauthenticated, AuthFailure.expired.reason), requestId: requestId))
+        default: finish(.error(ApiError(.shuttingDown, "the server is shutting down"), requestId: requestId))
+        }
+    }
+
+    func setReading(_ on: Bool) {}
+
+    // MARK: HubSubscriber
 
     func hubDelivered(_ messages: [EncodedMessage]) {
-        guard !finished else { return }
-        if reading { arrivedWhileReading = true } else { read() }
+        guard !finished, waiting else { return }
+        if reading { arrivedWhileReading = true } else { read(notBefore: .now()) }
     }
 
     func hubSynced(upTo seq: Int64) {
-        if seq > start.after { hubDelivered([]) }
+        if seq > after { hubDelivered([]) }
     }
 
-    private func read() {
+    /// Reads the page after `after`, through a read that started no earlier than `notBefore` (so it sees
+    /// what the notification announced).
+    private func read(notBefore: NIODeadline) {
+        guard let channel else { return }
         reading = true
-        let store = app.store
-        let channels = app.channels
-        let start = self.start
+        let (app, actor, after, limit) = (self.app, driver.actor, self.after, parameters.limit)
         Task {
             let result: Result<Page, ApiError>
             do throws(ApiError) {
-                let page = try await channels.page(in: start.channel, after: start.after, limit: start.limit)
-                // A member removed while the poll waited gets nothing published after the removal.
-                if case .thread(let id) = start.channel.kind, !page.messages.isEmpty, !start.actor.isAdmin,
-                   try await !store.isMember(start.actor.sub, of: id) {
-                    throw ApiError(.forbidden, "no longer a member of this thread")
-                }
+                let page = try await app.pageReads.page(in: channel, after: after, limit: limit, notBefore: notBefore)
+                // The permission again (a removal the bus lost): nothing published after it is answered.
+                if !page.messages.isEmpty { _ = try await app.channels.authorize(actor, .read, channel.rawValue) }
                 result = .success(page)
             } catch {
                 result = .failure(error)
             }
-            self.eventLoop.execute {
-                self.reading = false
-                guard !self.finished else { return }
-                switch result {
-                case .failure(let error):
-                    self.finish(.error(error, requestId: start.requestId))
-                case .success(let page) where !page.messages.isEmpty:
-                    self.finish(.json(.ok, Routes.pageJSON(page.messages, cursor: page.messages.last!.cursor, hasMore: page.hasMore)))
-                case .success:
-                    if self.timedOut {
-                        self.answerEmpty()
-                    } else if self.arrivedWhileReading {
-                        self.arrivedWhileReading = false
-                        self.read()
-                    }
-                }
+            self.eventLoop.execute { self.answer(result) }
+        }
+    }
+
+    private func answer(_ result: Result<Page, ApiError>) {
+        reading = false
+        guard !finished else { return }
+        switch result {
+        case .failure(let error):
+            finish(.error(error, requestId: requestId))
+        case .success(let page) where !page.messages.isEmpty:
+            finish(.json(.ok, Routes.pageJSON(page.messages, cursor: page.messages.last!.cursor, hasMore: page.hasMore)))
+        case .success:
+            if timedOut {
+                answerEmpty()
+            } else if arrivedWhileReading {
+                arrivedWhileReading = false
+                read(notBefore: .now())
             }
         }
     }
 
     private func answerEmpty() {
         guard !finished else { return }
+        guard let channel, waiting else { return }
         // Messages after `since` may be on their way from the store (a timeout of 0 included): let the read answer.
         if reading && !timedOut {
             timedOut = true
             return
         }
-        finish(.json(.ok, Routes.pageJSON([], cursor: Cursor.text(channel: start.channel, seq: start.after), hasMore: false)))
+        finish(.json(.ok, Routes.pageJSON([], cursor: Cursor.text(channel: channel, seq: after), hasMore: false)))
     }
 
     private func finish(_ response: HTTPResponse) {
-        end()
+        guard !finished else { return }
+        stop()
         complete(response)
     }
 
-    private func end() {
+    private func stop() {
         finished = true
         timer?.cancel()
-        app.hub.unsubscribe(start.channel, self)
-        app.streams.remove(self)
+        driver.connectionClosed()
     }
 
     func connectionClosed() {
         guard !finished else { return }
-        end()
+        stop()
     }
+}
 
-    func shutdown() {
-        eventLoop.execute { self.answerEmpty() }
+/// Long-polls waiting at the same position of a channel share one store read: a message committed wakes
+/// every waiting poll, and they ask for the same page. A poll joins a read only if it started no earlier
+/// than the poll's notification, so it sees what the notification announced.
+final class SharedPageReads: Sendable {
+    private struct Key: Hashable {
+        let channel: ChannelName
+        let after: Int64
+        let limit: Int
     }
+    private struct Read {
+        let id: UInt64
+        let started: NIODeadline
+        let task: Task<Result<Page, ApiError>, Never>
+    }
+    private struct State {
+        var next: UInt64 = 0
+        var inFlight: [Key: Read] = [:]
+        var reads = 0
+        var joined = 0
+    }
+    private let state = NIOLockedValueBox(State())
+    private let channels: ChannelService
 
-    func revoke(_ revocation: Revocation) {
-        guard revocation.covers(start.actor) else { return }
-        eventLoop.execute {
-            guard !self.finished else { return }
-            self.finish(.error(ApiError(.tokenRevoked, AuthFailure.revoked.reason), requestId: self.start.requestId))
+    init(channels: ChannelService) { self.channels = channels }
+
+    func page(in channel: ChannelName, after: Int64, limit: Int, notBefore: NIODeadline) async throws(ApiError) -> Page {
+        let key = Key(channel: channel, after: after, limit: limit)
+        let channels = self.channels
+        let read = state.withLockedValue { state -> Read in
+            if let read = state.inFlight[key], read.started >= notBefore {
+                state.joined += 1
+                return read
+            }
+            state.next += 1
+            state.reads += 1
+            let task = Task { () -> Result<Page, ApiError> in
+                do throws(ApiError) { return .success(try await channels.page(in: channel, after: after, limit: limit)) } catch { return .failure(error) }
+            }
+            let read = Read(id: state.next, started: .now(), task: task)
+            state.inFlight[key] = read
+            return read
         }
+        let result = await read.task.value
+        state.withLockedValue { if $0.inFlight[key]?.id == read.id { $0.inFlight[key] = nil } }
+        return try result.get()
     }
 
-    func memberRemoved(_ user: String, from channel: ChannelName, at head: Int64) {
-        guard user == start.actor.sub, channel == start.channel else { return }
-        eventLoop.execute {
-            guard !self.finished else { return }
-            self.finish(.error(ApiError(.forbidden, "no longer a member of this thread"), requestId: self.start.requestId))
-        }
-    }
+    /// Store reads started, and reads joined instead of started.
+    var counts: (reads: Int, joined: Int) { state.withLockedValue { ($0.reads, $0.joined) } }
 }

@@ -2,15 +2,16 @@ import Auth
 import ChatDomain
 import NIOCore
 import NIOHTTP1
+import Wire
 
 /// The REST endpoints of the channel API (PROTOCOL.md §4).
 enum Routes {
     static func publish(_ app: GatewayApp, _ request: HTTPRequest, channel: String) async throws(ApiError) -> HTTPResponse {
         let actor = try await app.authenticate(request.bearerToken)
-        let object = try JSONText.parseObject(request.body.readableBytesView)
+        let object = try JSONText.parseValue(request.body.readableBytesView)
         var requestId = request.headers.first(name: "idempotency-key")
-        if requestId == nil, let fromBody = object["request_id"] {
-            guard let text = fromBody as? String else { throw ApiError(.badRequest, "request_id must be a string") }
+        if requestId == nil, let fromBody = object["request_id"], fromBody != .null {
+            guard let text = fromBody.stringValue else { throw ApiError(.badRequest, "request_id must be a string") }
             requestId = text
         }
         let result = try await app.publish(actor, to: channel, body: object["body"], requestId: requestId).get()

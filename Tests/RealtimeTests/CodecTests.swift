@@ -4,6 +4,7 @@ import Foundation
 import NIOCore
 import NIOWebSocket
 import Testing
+import Wire
 
 struct CursorAndChannelTests {
     let alerts = try! ChannelName(parsing: "topic:alerts")
@@ -64,11 +65,11 @@ struct CursorAndChannelTests {
     }
 
     @Test func canonicalBodiesCompareEqualRegardlessOfKeyOrder() throws {
-        let a = try JSONText.canonicalBody(JSONText.parseObject(Array("{\"b\":1,\"a\":[1,2]}".utf8)), limit: 100)
-        let b = try JSONText.canonicalBody(JSONText.parseObject(Array("{ \"a\" : [1, 2], \"b\" : 1 }".utf8)), limit: 100)
+        let a = try JSONText.canonicalBody(JSONText.parseValue(Array("{\"b\":1,\"a\":[1,2]}".utf8)), limit: 100)
+        let b = try JSONText.canonicalBody(JSONText.parseValue(Array("{ \"a\" : [1, 2], \"b\" : 1 }".utf8)), limit: 100)
         #expect(a == b)
-        #expect(throws: ApiError.self) { try JSONText.canonicalBody(["x": String(repeating: "y", count: 200)], limit: 100) }
-        #expect(throws: ApiError.self) { try JSONText.canonicalBody([1, 2], limit: 100) }
+        #expect(throws: ApiError.self) { try JSONText.canonicalBody(.object(["x": .string(String(repeating: "y", count: 200))]), limit: 100) }
+        #expect(throws: ApiError.self) { try JSONText.canonicalBody(.array([.integer(1), .integer(2)]), limit: 100) }
     }
 
     @Test func errorEnvelopeIsJSON() {

@@ -4,6 +4,7 @@ import Foundation
 import NIOCore
 import NIOWebSocket
 import Testing
+import Wire
 
 /// Seeded random inputs for the parsers that face the network: the WebSocket frame state machine, the
 /// command decoder, the cursor parser and the SSE `Last-Event-ID` parser. None may crash, each answers only
@@ -77,7 +78,7 @@ struct PropertyTests {
                 input = Array(("{\"a\":" + String(repeating: "[", count: depth - 1) + String(repeating: "]", count: depth - 1) + "}").utf8)
             }
             let oracle = (try? JSONSerialization.jsonObject(with: Data(input))) as? [String: Any]
-            let tooDeep = JSONText.nestsDeeper(input, than: JSONText.maxDepth)
+            let tooDeep = JSONDepth.exceeds(JSONText.maxDepth, in: input)
             do {
                 let object = try JSONText.parseObject(input)
                 accepted += 1
@@ -91,6 +92,67 @@ struct PropertyTests {
         }
         // Both sides of the property were exercised.
         #expect(accepted > Self.iterations / 10 && deepRefused > 0)
+    }
+
+    /// The WebSocket command reader: what Foundation does not read as a JSON object (or what nests deeper than
+    /// 64) is `BAD_REQUEST` saying so; an object is a command or a field error naming the field; every
+    /// command encoded by the wire type reads back as itself.
+    @Test func commandReaderRefusesExactlyWhatIsNotACommandObject() {
+        var random = Random(seed: 6)
+        let pieces = ["{", "}", "[", "]", "\"", ":", ",", "\"type\"", "\"subscribe\"", "\"ping\"", "\"id\"", "\"channel\"", "1", "-0", "null",
+                      "true", "\\u0000", "\\", " ", "é"]
+        let notACommand: Set<String> = ["request is not valid JSON", "request must be a JSON object", "JSON nested deeper than 64 levels"]
+        var commands = 0, fieldErrors = 0, refused = 0
+        for _ in 0..<Self.iterations {
+            let input: [UInt8]
+            switch Int.random(in: 0..<5, using: &random) {
+            case 0: input = Array((0..<Int.random(in: 0...30, using: &random)).map { _ in pieces.randomElement(using: &random)! }.joined().utf8)
+            case 4:
+                // Objects with a field wrong: the error names it, with its code, and keeps the command's id.
+                let id = Int.random(in: 0...99, using: &random)
+                let wrong: [(String, CommandError.Code)] = [("{\"type\":\"dance\",\"id\":\(id)}", .unknownCommand), ("{\"id\":\(id)}", .badRequest),
+                                                             ("{\"type\":\"subscribe\",\"id\":\(id)}", .badRequest),
+                                                             ("{\"type\":\"subscribe\",\"id\":\(id),\"channel\":\"c\",\"since\":5}", .invalidCursor),
+                                                             ("{\"type\":\"subscribe\",\"id\":\(id),\"channel\":\"c\",\"history\":1001}", .badRequest),
+                                                             ("{\"type\":\"publish\",\"id\":\(id),\"channel\":\"c\",\"request_id\":1}", .badRequest),
+                                                             ("{\"type\":\"read\",\"id\":\(id),\"channel\":\"c\",\"cursor\":[]}", .invalidCursor)]
+                let (text, code) = wrong.randomElement(using: &random)!
+                if case .failure(let error) = ClientCommand.decode(text) {
+                    #expect(error.code == code && error.id == .integer(Int64(id)), "\(text): \(error)")
+                } else {
+                    Issue.record("read a command from \(text)")
+                }
+                input = Array(text.utf8)
+            case 1: input = Self.bytes(&random, max: 60)
+            case 2:
+                let id = Int64.random(in: -1000...1000, using: &random)
+                let all: [ClientCommand] = [.ping(id: .integer(id)), .subscribe(id: .string("s\(id)"), channel: "topic:a", since: "x", history: nil),
+                                            .subscribe(id: nil, channel: "topic:a", history: Int(id.magnitude % 1001)), .unsubscribe(id: .integer(id), channel: "c"),
+                                            .publish(id: .string("p"), channel: "topic:a", requestId: "r\(id)", body: .object(["n": .integer(id), "x": .array([.null, .bool(true), .string("é\n")])])),
+                                            .read(id: nil, channel: "thread:t", cursor: "c"), .refresh(id: .integer(id), token: "t")]
+                let command = all.randomElement(using: &random)!
+                #expect(ClientCommand.decode(command.text) == .success(command), "round trip of \(command.text)")
+                input = Array(command.text.utf8)
+            default:
+                let depth = Int.random(in: 60...68, using: &random)
+                input = Array(("{\"type\":\"ping\",\"a\":" + String(repeating: "[", count: depth - 1) + String(repeating: "]", count: depth - 1) + "}").utf8)
+            }
+            let isObject = ((try? JSONSerialization.jsonObject(with: Data(input))) as? [String: Any]) != nil
+            let tooDeep = JSONDepth.exceeds(JSONDepth.limit, in: input)
+            switch ClientCommand.decode(bytes: input) {
+            case .success:
+                commands += 1
+                #expect(isObject && !tooDeep, "read a command from \(String(decoding: input, as: UTF8.self))")
+            case .failure(let error) where notACommand.contains(error.message):
+                refused += 1
+                #expect(error.code == .badRequest)
+                #expect(!isObject || tooDeep, "refused an object: \(String(decoding: input, as: UTF8.self))")
+            case .failure(let error):
+                fieldErrors += 1
+                #expect(isObject && !tooDeep, "a field error for \(String(decoding: input, as: UTF8.self)): \(error.message)")
+            }
+        }
+        #expect(commands > Self.iterations / 10 && refused > Self.iterations / 10 && fieldErrors > 0)
     }
 
     @Test func cursorParserAcceptsExactlyWhatItPrintsForItsChannel() throws {

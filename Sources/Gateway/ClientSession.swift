@@ -1,0 +1,286 @@
+import Auth
+import ChatDomain
+import Foundation
+import NIOCore
+import Wire
+
+/// What one client may do on one connection, whatever carries it (WebSocket, SSE, long-poll): commands and
+/// outcomes in, actions out. A value with no I/O — the transport's driver (`SessionDriver`) does what the
+/// actions say and feeds back what came of it. Modelled on postgres-nio's connection state machines.
+///
+/// It owns: the command rate (4029 far past it), publishes in flight (reading pauses at the limit), the
+/// subscriptions and their opening (registered first, allowed second, so no revocation or member removal
+/// falls between), refresh and expiry (4001), revocation (4003), member removal (a subscription delivers
+/// up to the removal's head, then ends), and the verdict on a reply the send budget refused (4008).
+struct ClientSession {
+    struct Limits: Sendable {
+        var maxSubscriptions = 128
+        var maxPublishesInFlight = 64
+        var commandRate: Double = 100
+        var commandBurst: Double = 200
+        /// Refusals in a row (commands, or publishes over the per-user rate) that close the connection (4029).
+        var rateLimitStrikes = 200
+        /// Roles the command rate does not apply to.
+        var exemptRoles: Set<String> = []
+    }
+
+    enum Close: Equatable {
+        case shutdown, tokenExpired, revoked, slowConsumer, rateLimited
+
+        var code: UInt16 {
+            switch self {
+            case .shutdown: 1001
+            case .tokenExpired: 4001
+            case .revoked: 4003
+            case .slowConsumer: 4008
+            case .rateLimited: 4029
+            }
+        }
+
+        var reason: String {
+            switch self {
+            case .shutdown: "server shutting down"
+            case .tokenExpired: "token expired"
+            case .revoked: "session revoked"
+            case .slowConsumer: "slow consumer"
+            case .rateLimited: "rate limited"
+            }
+        }
+    }
+
+    enum Action: Equatable {
+        case reply(ServerReply)
+        /// An error reply to the command `id` (the transport adds the request id, or answers with the status).
+        case fail(CommandID?, ApiError)
+        /// Register a subscription to `channel` (nothing delivered yet), then ask `ChannelService.open` where it starts.
+        case open(ChannelName, from: ChannelService.StreamStart, permission: Auth.Action)
+        /// Deliver from after `after`: catch-up, then live.
+        case begin(ChannelName, after: Int64)
+        /// Drop the subscription (nothing more delivered).
+        case cancel(ChannelName)
+        /// Deliver up to `after`, then end with `unsubscribed` / reason `forbidden` (a member removal).
+        case end(ChannelName, after: Int64)
+        case publish(CommandID?, channel: String, requestId: String?, body: JSONValue?)
+        case markRead(CommandID?, thread: String, cursor: String?)
+        case verify(CommandID?, token: String?)
+        case scheduleExpiry(Date)
+        case pauseReading, resumeReading
+        case close(Close)
+    }
+
+    private enum SubscriptionState: Equatable {
+        /// Registered, waiting for `opened`; a member removal seen meanwhile is kept (its head).
+        case opening(CommandID?, removedAt: Int64?)
+        case open
+    }
+
+    private(set) var actor: Actor
+    private let limits: Limits
+    private var subscriptions: [ChannelName: SubscriptionState] = [:]
+    private var commands: TokenBucket
+    private var commandStrikes = 0
+    private var publishStrikes = 0
+    private(set) var publishesInFlight = 0
+    /// Set by a close: nothing but `connectionClosed` does anything after it.
+    private(set) var closed = false
+
+    init(actor: Actor, limits: Limits) {
+        self.actor = actor
+        self.limits = limits
+        self.commands = TokenBucket(rate: limits.commandRate, burst: limits.commandBurst)
+    }
+
+    var subscriptionCount: Int { subscriptions.count }
+
+    // MARK: events
+
+    /// The transport registered the session among the live streams; `revoked`: a revocation in force covers
+    /// its token (one applied before the registration, which it could not find).
+    mutating func registered(revoked: Bool) -> [Action] {
+        if revoked { return close(.revoked) }
+        return [.scheduleExpiry(actor.expiresAt)]
+    }
+
+    /// A text frame, read (or not) as a command.
+    mutating func received(_ command: Result<ClientCommand, CommandError>, now: NIODeadline = .now()) -> [Action] {
+        guard !closed else { return [] }
+        if let refused = admitCommand(now) { return refused }
+        switch command {
+        case .failure(let error):
+            return [.fail(error.id, ApiError(Self.code(error.code), error.message, details: error.details))]
+        case .success(let command):
+            return handle(command)
+        }
+    }
+
+    /// A binary frame: commands are text.
+    mutating func receivedBinary(now: NIODeadline = .now()) -> [Action] {
+        guard !closed else { return [] }
+        if let refused = admitCommand(now) { return refused }
+        return [.fail(nil, ApiError(.badRequest, "commands are JSON text frames"))]
+    }
+
+    /// Opens a stream outside the command protocol (SSE's one subscription, long-poll's one read).
+    mutating func open(_ name: String, from start: ChannelService.StreamStart, permission: Auth.Action) -> [Action] {
+        guard !closed else { return [] }
+        return subscribe(id: nil, name, from: start, permission: permission)
+    }
+
+    mutating func opened(_ channel: ChannelName, _ result: Result<Int64, ApiError>) -> [Action] {
+        guard !closed, case .opening(let id, let removedAt) = subscriptions[channel] else { return [] }
+        switch result {
+        case .failure(let error):
+            subscriptions[channel] = nil
+            return [.cancel(channel), .fail(id, error)]
+        case .success(let after):
+            subscriptions[channel] = .open
+            var actions: [Action] = [.reply(.subscribed(id: id, channel: channel.rawValue, cursor: Cursor.text(channel: channel, seq: after))),
+                                     .begin(channel, after: after)]
+            if let removedAt { actions.append(.end(channel, after: removedAt)) }
+            return actions
+        }
+    }
+
+    mutating func published(_ id: CommandID?, _ result: Result<AppendResult, ApiError>) -> [Action] {
+        publishesInFlight -= 1
+        guard !closed else { return [] }
+        var actions: [Action] = publishesInFlight == limits.maxPublishesInFlight - 1 ? [.resumeReading] : []
+        if case .failure(let error) = result, error.code == .rateLimited {
+            publishStrikes += 1
+            if publishStrikes >= limits.rateLimitStrikes { return actions + close(.rateLimited) }
+        } else {
+            publishStrikes = 0
+        }
+        switch result {
+        case .success(let appended):
+            actions.append(.reply(.ack(id: id, message: RawJSON(appended.message.json), replayed: appended.replayed)))
+        case .failure(let error):
+            actions.append(.fail(id, error))
+        }
+        return actions
+    }
+
+    mutating func readMarked(_ id: CommandID?, _ result: Result<(cursor: String, unread: Int64), ApiError>) -> [Action] {
+        guard !closed else { return [] }
+        switch result {
+        case .success(let read): return [.reply(.ack(id: id, cursor: read.cursor, unread: read.unread))]
+        case .failure(let error): return [.fail(id, error)]
+        }
+    }
+
+    mutating func verified(_ id: CommandID?, _ result: Result<Actor, ApiError>) -> [Action] {
+        guard !closed else { return [] }
+        switch result {
+        case .success(let fresh) where fresh.sub == actor.sub:
+            actor = fresh
+            return [.scheduleExpiry(fresh.expiresAt), .reply(.ack(id: id))]
+        case .success:
+            return [.fail(id, ApiError(.forbidden, "a refresh token must have the same sub"))]
+        case .failure(let error):
+            return [.fail(id, error)]
+        }
+    }
+
+    mutating func revoked(_ revocation: Revocation) -> [Action] {
+        guard !closed, revocation.covers(actor) else { return [] }
+        return close(.revoked)
+    }
+
+    /// `user` left the thread of `channel` at `head`.
+    mutating func memberRemoved(_ user: String, from channel: ChannelName, at head: Int64) -> [Action] {
+        guard !closed, user == actor.sub, let state = subscriptions[channel] else { return [] }
+        switch state {
+        case .open:
+            return [.end(channel, after: head)]
+        case .opening(let id, let removedAt):
+            subscriptions[channel] = .opening(id, removedAt: min(head, removedAt ?? head))
+            return []
+        }
+    }
+
+    /// A subscription reached the end a removal set (`forbidden`), or its catch-up failed (`store_unavailable`).
+    mutating func subscriptionEnded(_ channel: ChannelName, reason: String) -> [Action] {
+        guard !closed, subscriptions.removeValue(forKey: channel) != nil else { return [] }
+        return [.cancel(channel), .reply(.unsubscribed(id: nil, channel: channel.rawValue, reason: reason))]
+    }
+
+    mutating func tokenExpired() -> [Action] { closed ? [] : close(.tokenExpired) }
+    /// A reply or a message did not fit the send budget: the client is not reading what it is sent.
+    mutating func sendRefused() -> [Action] { closed ? [] : close(.slowConsumer) }
+    mutating func shutdown() -> [Action] { closed ? [] : close(.shutdown) }
+
+    /// The connection is gone (or closing): every subscription is dropped.
+    mutating func connectionClosed() -> [Action] {
+        closed = true
+        let channels = subscriptions.keys.sorted { $0.rawValue < $1.rawValue }
+        subscriptions.removeAll()
+        return channels.map { .cancel($0) }
+    }
+
+    // MARK: commands
+
+    private mutating func handle(_ command: ClientCommand) -> [Action] {
+        switch command {
+        case .subscribe(let id, let channel, let since, let history):
+            let start: ChannelService.StreamStart = since.map { .since($0) } ?? history.map { .history($0) } ?? .live
+            return subscribe(id: id, channel, from: start, permission: .subscribe)
+        case .unsubscribe(let id, let name):
+            let channel: ChannelName
+            do throws(ApiError) { channel = try ChannelName(parsing: name) } catch { return [.fail(id, error)] }
+            let cancel: [Action] = subscriptions.removeValue(forKey: channel) != nil ? [.cancel(channel)] : []
+            return cancel + [.reply(.unsubscribed(id: id, channel: channel.rawValue))]
+        case .publish(let id, let channel, let requestId, let body):
+            publishesInFlight += 1
+            let pause: [Action] = publishesInFlight == limits.maxPublishesInFlight ? [.pauseReading] : []
+            return pause + [.publish(id, channel: channel, requestId: requestId, body: body)]
+        case .read(let id, let name, let cursor):
+            do throws(ApiError) {
+                guard case .thread(let thread) = try ChannelName(parsing: name).kind else {
+                    throw ApiError(.badRequest, "read cursors exist for thread channels only")
+                }
+                return [.markRead(id, thread: thread, cursor: cursor)]
+            } catch {
+                return [.fail(id, error)]
+            }
+        case .refresh(let id, let token):
+            return [.verify(id, token: token)]
+        case .ping(let id):
+            return [.reply(.pong(id: id))]
+        }
+    }
+
+    private mutating func subscribe(id: CommandID?, _ name: String, from start: ChannelService.StreamStart, permission: Auth.Action) -> [Action] {
+        let channel: ChannelName
+        do throws(ApiError) { channel = try ChannelName(parsing: name) } catch { return [.fail(id, error)] }
+        guard subscriptions[channel] == nil else { return [.fail(id, ApiError(.alreadySubscribed, "already subscribed to \(channel)"))] }
+        guard subscriptions.count < limits.maxSubscriptions else {
+            return [.fail(id, ApiError(.tooManySubscriptions, "at most \(limits.maxSubscriptions) subscriptions per connection"))]
+        }
+        subscriptions[channel] = .opening(id, removedAt: nil)
+        return [.open(channel, from: start, permission: permission)]
+    }
+
+    /// nil when the command may run; else what to do about one over the rate.
+    private mutating func admitCommand(_ now: NIODeadline) -> [Action]? {
+        if !actor.roles.isDisjoint(with: limits.exemptRoles) || commands.take(now: now) {
+            commandStrikes = 0
+            return nil
+        }
+        commandStrikes += 1
+        if commandStrikes >= limits.rateLimitStrikes { return close(.rateLimited) }
+        return [.fail(nil, ApiError(.rateLimited, "too many commands on this connection", retryAfter: 1))]
+    }
+
+    private mutating func close(_ reason: Close) -> [Action] {
+        closed = true
+        return [.close(reason)]
+    }
+
+    private static func code(_ code: CommandError.Code) -> ApiError.Code {
+        switch code {
+        case .badRequest: .badRequest
+        case .unknownCommand: .unknownCommand
+        case .invalidCursor: .invalidCursor
+        }
+    }
+}

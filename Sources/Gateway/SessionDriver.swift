@@ -1,0 +1,149 @@
+import Auth
+import ChatDomain
+import Foundation
+import NIOCore
+import Wire
+
+/// The I/O a transport does for its `ClientSession`: write replies, hold subscriptions, close.
+protocol SessionTransport: AnyObject {
+    /// A reply to write (a transport without command replies ignores what it has no use for).
+    func deliver(_ reply: ServerReply)
+    func fail(_ id: CommandID?, _ error: ApiError)
+    /// Register a subscription (so nothing is missed), not yet delivering.
+    func register(_ channel: ChannelName)
+    func begin(_ channel: ChannelName, after: Int64)
+    func cancel(_ channel: ChannelName)
+    func end(_ channel: ChannelName, after: Int64)
+    func close(_ reason: ClientSession.Close)
+    func setReading(_ on: Bool)
+}
+
+/// Drives one `ClientSession` on one event loop: performs its actions (store and token work off the loop, their
+/// outcomes fed back on it), keeps the expiry timer, and stands for the connection among the live streams, so
+/// that revocations, member removals and shutdown reach the session from the moment the transport starts it.
+final class SessionDriver: LiveStream, @unchecked Sendable {  // state only touched on `eventLoop`
+    enum Kind: String, Sendable {
+        case webSocket = "ws", serverSentEvents = "sse", longPoll = "poll"
+    }
+
+    let kind: Kind
+    let eventLoop: any EventLoop
+    let requestId: String
+    private let app: GatewayApp
+    private var session: ClientSession
+    private weak var transport: (any SessionTransport)?
+    private var expiry: Scheduled<Void>?
+    private var started = false
+
+    init(app: GatewayApp, actor: Actor, kind: Kind, eventLoop: any EventLoop, requestId: String, transport: any SessionTransport) {
+        self.app = app
+        self.kind = kind
+        self.eventLoop = eventLoop
+        self.requestId = requestId
+        self.transport = transport
+        let config = app.config
+        self.session = ClientSession(actor: actor, limits: ClientSession.Limits(
+            maxSubscriptions: kind == .webSocket ? config.maxSubscriptionsPerConnection : 1, maxPublishesInFlight: 64,
+            commandRate: config.wsCommandRate, commandBurst: config.wsCommandBurst, rateLimitStrikes: config.rateLimitStrikes,
+            exemptRoles: config.rateLimitExemptRoles))
+    }
+
+    var actor: Actor { session.actor }
+
+    /// Joins the live streams first, then looks for a revocation that came before (it could not find this one).
+    func start() {
+        guard !started else { return }
+        started = true
+        app.streams.add(self)
+        run(session.registered(revoked: app.revocations.isRevoked(session.actor)))
+    }
+
+    func received(_ text: String) { run(session.received(ClientCommand.decode(text))) }
+    func receivedBinary() { run(session.receivedBinary()) }
+    func open(_ name: String, from start: ChannelService.StreamStart, permission: Auth.Action) {
+        run(session.open(name, from: start, permission: permission))
+    }
+    func subscriptionEnded(_ channel: ChannelName, reason: String) { run(session.subscriptionEnded(channel, reason: reason)) }
+    func sendRefused() { run(session.sendRefused()) }
+
+    func connectionClosed() {
+        expiry?.cancel()
+        expiry = nil
+        app.streams.remove(self)
+        run(session.connectionClosed())
+    }
+
+    // MARK: LiveStream (any thread)
+
+    func shutdown() { eventLoop.execute { self.run(self.session.shutdown()) } }
+    func revoke(_ revocation: Revocation) { eventLoop.execute { self.run(self.session.revoked(revocation)) } }
+    func memberRemoved(_ user: String, from channel: ChannelName, at head: Int64) {
+        eventLoop.execute { self.run(self.session.memberRemoved(user, from: channel, at: head)) }
+    }
+
+    // MARK: actions
+
+    private func run(_ actions: [ClientSession.Action]) {
+        for action in actions { perform(action) }
+    }
+
+    private func perform(_ action: ClientSession.Action) {
+        switch action {
+        case .reply(let reply): transport?.deliver(reply)
+        case .fail(let id, let error):
+            // A command refused by the connection's rate (a publish over the user's rate is counted where it is refused).
+            if id == nil && error.code == .rateLimited { app.counters.add("rate_limited") }
+            transport?.fail(id, error)
+        case .open(let channel, let start, let permission):
+            transport?.register(channel)
+            let (app, actor) = (self.app, session.actor)
+            later({ () async throws(ApiError) in try await app.channels.open(actor, permission, channel.rawValue, from: start).after }) {
+                $0.run($0.session.opened(channel, $1))
+            }
+        case .begin(let channel, let after): transport?.begin(channel, after: after)
+        case .cancel(let channel): transport?.cancel(channel)
+        case .end(let channel, let after): transport?.end(channel, after: after)
+        case .publish(let id, let channel, let requestId, let body):
+            let (app, actor) = (self.app, session.actor)
+            later({ () async throws(ApiError) in try await app.publish(actor, to: channel, body: body, requestId: requestId).get() }) {
+                $0.run($0.session.published(id, $1))
+            }
+        case .markRead(let id, let thread, let cursor):
+            let (app, actor) = (self.app, session.actor)
+            later({ () async throws(ApiError) in try await app.threads.markRead(actor, thread: thread, cursor: cursor) }) {
+                $0.run($0.session.readMarked(id, $1))
+            }
+        case .verify(let id, let token):
+            let app = self.app
+            later({ () async throws(ApiError) in try await app.authenticate(token) }) { $0.run($0.session.verified(id, $1)) }
+        case .scheduleExpiry(let date):
+            expiry?.cancel()
+            let ms = max(0, Int64(date.timeIntervalSinceNow * 1000))
+            expiry = eventLoop.scheduleTask(in: .milliseconds(ms)) { [weak self] in
+                guard let self else { return }
+                self.run(self.session.tokenExpired())
+            }
+        case .pauseReading: transport?.setReading(false)
+        case .resumeReading: transport?.setReading(true)
+        case .close(let reason):
+            expiry?.cancel()
+            if reason == .slowConsumer {
+                app.counters.add("slow_consumer_closes")
+                app.logger.info("closing slow consumer", metadata: ["request-id": "\(requestId)", "transport": "\(kind.rawValue)"])
+            }
+            if reason == .rateLimited { app.counters.add("rate_limited") }
+            transport?.close(reason)
+        }
+    }
+
+    /// Runs `work` off the event loop and hands its outcome to `then` back on it.
+    private func later<T: Sendable>(_ work: @escaping @Sendable () async throws(ApiError) -> T, then: @escaping (SessionDriver, Result<T, ApiError>) -> Void) {
+        let loop = eventLoop
+        nonisolated(unsafe) let then = then
+        Task {
+            let result: Result<T, ApiError>
+            do throws(ApiError) { result = .success(try await work()) } catch { result = .failure(error) }
+            loop.execute { then(self, result) }
+        }
+    }
+}

@@ -1,0 +1,212 @@
+import Foundation
+
+/// A command's `id`, echoed in its reply exactly as it came (a string or a number).
+public enum CommandID: Codable, Sendable, Hashable, CustomStringConvertible {
+    case string(String)
+    case integer(Int64)
+    case number(Double)
+
+    public init(from decoder: any Decoder) throws {
+        let value = try decoder.singleValueContainer()
+        if let integer = try? value.decode(Int64.self) {
+            self = .integer(integer)
+        } else if let number = try? value.decode(Double.self) {
+            self = .number(number)
+        } else {
+            self = .string(try value.decode(String.self))
+        }
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var value = encoder.singleValueContainer()
+        switch self {
+        case .string(let s): try value.encode(s)
+        case .integer(let n): try value.encode(n)
+        case .number(let n): try value.encode(n)
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .string(let s): s
+        case .integer(let n): String(n)
+        case .number(let n): String(n)
+        }
+    }
+}
+
+/// A WebSocket client's command (PROTOCOL.md §6), one JSON object per text frame.
+public enum ClientCommand: Sendable, Equatable {
+    /// `since` (a cursor) or `history` (the last N first), or neither: live only.
+    case subscribe(id: CommandID?, channel: String, since: String? = nil, history: Int? = nil)
+    case unsubscribe(id: CommandID?, channel: String)
+    case publish(id: CommandID?, channel: String, requestId: String? = nil, body: JSONValue?)
+    case read(id: CommandID?, channel: String, cursor: String?)
+    case refresh(id: CommandID?, token: String?)
+    case ping(id: CommandID?)
+
+    public var id: CommandID? {
+        switch self {
+        case .subscribe(let id, _, _, _), .unsubscribe(let id, _), .publish(let id, _, _, _), .read(let id, _, _), .refresh(let id, _), .ping(let id):
+            id
+        }
+    }
+}
+
+/// Why a command could not be read: the error code of PROTOCOL.md's envelope, a message, and the command's
+/// `id` when it was readable (so the error reply carries it).
+public struct CommandError: Error, Sendable, Equatable {
+    public enum Code: String, Sendable {
+        case badRequest = "BAD_REQUEST"
+        case unknownCommand = "UNKNOWN_COMMAND"
+        case invalidCursor = "INVALID_CURSOR"
+    }
+    public let code: Code
+    public let message: String
+    public var details: [String: String] = [:]
+    public var id: CommandID?
+
+    public init(_ code: Code, _ message: String, details: [String: String] = [:], id: CommandID? = nil) {
+        self.code = code
+        self.message = message
+        self.details = details
+        self.id = id
+    }
+}
+
+extension ClientCommand: Codable {
+    enum Key: String, CodingKey {
+        case type, id, channel, since, history, body, cursor, token
+        case requestId = "request_id"
+    }
+
+    /// The largest `history` a subscribe may ask for.
+    public static let maxHistory = 1000
+    /// Deepest nesting of arrays and objects in a command (a recursive reader must not be handed more).
+    public static let maxDepth = JSONDepth.limit
+
+    /// Reads one command from a text frame; every way it can be wrong is a `CommandError` naming it.
+    public static func decode(_ text: some StringProtocol) -> Result<ClientCommand, CommandError> {
+        decode(bytes: Array(text.utf8))
+    }
+
+    public static func decode(bytes: [UInt8]) -> Result<ClientCommand, CommandError> {
+        if JSONDepth.exceeds(maxDepth, in: bytes) {
+            return .failure(CommandError(.badRequest, "JSON nested deeper than \(maxDepth) levels", details: ["max_depth": String(maxDepth)]))
+        }
+        do {
+            return .success(try JSONDecoder().decode(ClientCommand.self, from: Data(bytes)))
+        } catch let error as CommandError {
+            return .failure(error)
+        } catch {
+            // Not JSON at all, or JSON but not an object.
+            if (try? JSONDecoder().decode(JSONValue.self, from: Data(bytes))) != nil {
+                return .failure(CommandError(.badRequest, "request must be a JSON object"))
+            }
+            return .failure(CommandError(.badRequest, "request is not valid JSON"))
+        }
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let object = try decoder.container(keyedBy: Key.self)
+        let id = try? object.decodeIfPresent(CommandID.self, forKey: .id)
+        func field<T: Decodable>(_ type: T.Type, _ key: Key, _ code: CommandError.Code = .badRequest, _ message: String) throws -> T? {
+            guard object.contains(key), !((try? object.decodeNil(forKey: key)) ?? false) else { return nil }
+            guard let value = try? object.decode(T.self, forKey: key) else { throw CommandError(code, message, id: id) }
+            return value
+        }
+        func required(_ key: Key, _ message: String) throws -> String {
+            guard let value = try field(String.self, key, .badRequest, message) else { throw CommandError(.badRequest, message, id: id) }
+            return value
+        }
+        guard let type = try? object.decode(String.self, forKey: .type) else { throw CommandError(.badRequest, "a command needs a string type", id: id) }
+        switch type {
+        case "subscribe":
+            let channel = try required(.channel, "subscribe needs a channel")
+            let since = try field(String.self, .since, .invalidCursor, "since must be a cursor string")
+            let history = try field(Int.self, .history, .badRequest, "history must be an integer in 0...\(Self.maxHistory)")
+            if let history, !(0...Self.maxHistory).contains(history) {
+                throw CommandError(.badRequest, "history must be an integer in 0...\(Self.maxHistory)", id: id)
+            }
+            self = .subscribe(id: id, channel: channel, since: since, history: history)
+        case "unsubscribe":
+            self = .unsubscribe(id: id, channel: try required(.channel, "unsubscribe needs a channel"))
+        case "publish":
+            let channel = try required(.channel, "publish needs a channel")
+            let requestId = try field(String.self, .requestId, .badRequest, "request_id must be a string")
+            let body = try object.decodeIfPresent(JSONValue.self, forKey: .body)
+            self = .publish(id: id, channel: channel, requestId: requestId, body: body)
+        case "read":
+            let channel = try required(.channel, "read needs a channel")
+            self = .read(id: id, channel: channel, cursor: try field(String.self, .cursor, .invalidCursor, "cursor must be a cursor string"))
+        case "refresh":
+            self = .refresh(id: id, token: try? object.decodeIfPresent(String.self, forKey: .token))
+        case "ping":
+            self = .ping(id: id)
+        default:
+            throw CommandError(.unknownCommand, "unknown command type", details: ["type": String(type.prefix(64))], id: id)
+        }
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var object = encoder.container(keyedBy: Key.self)
+        try object.encodeIfPresent(id, forKey: .id)
+        switch self {
+        case .subscribe(_, let channel, let since, let history):
+            try object.encode("subscribe", forKey: .type)
+            try object.encode(channel, forKey: .channel)
+            try object.encodeIfPresent(since, forKey: .since)
+            try object.encodeIfPresent(history, forKey: .history)
+        case .unsubscribe(_, let channel):
+            try object.encode("unsubscribe", forKey: .type)
+            try object.encode(channel, forKey: .channel)
+        case .publish(_, let channel, let requestId, let body):
+            try object.encode("publish", forKey: .type)
+            try object.encode(channel, forKey: .channel)
+            try object.encodeIfPresent(requestId, forKey: .requestId)
+            try object.encodeIfPresent(body, forKey: .body)
+        case .read(_, let channel, let cursor):
+            try object.encode("read", forKey: .type)
+            try object.encode(channel, forKey: .channel)
+            try object.encodeIfPresent(cursor, forKey: .cursor)
+        case .refresh(_, let token):
+            try object.encode("refresh", forKey: .type)
+            try object.encodeIfPresent(token, forKey: .token)
+        case .ping:
+            try object.encode("ping", forKey: .type)
+        }
+    }
+
+    /// The command as one JSON text frame.
+    public var text: String {
+        String(decoding: (try? JSONEncoder().encode(self)) ?? Data(), as: UTF8.self)
+    }
+}
+
+/// How deep JSON nests, found before any recursive parser is handed it.
+public enum JSONDepth {
+    /// Deepest nesting of arrays and objects the gateway reads.
+    public static let limit = 64
+
+    /// Whether arrays and objects nest deeper than `limit` (strings skipped).
+    public static func exceeds(_ limit: Int, in bytes: some Collection<UInt8>) -> Bool {
+        var depth = 0
+        var inString = false
+        var escaped = false
+        for byte in bytes {
+            if inString {
+                if escaped { escaped = false } else if byte == UInt8(ascii: "\\") { escaped = true } else if byte == UInt8(ascii: "\"") { inString = false }
+                continue
+            }
+            switch byte {
+            case UInt8(ascii: "\""): inString = true
+            case UInt8(ascii: "["), UInt8(ascii: "{"):
+                depth += 1
+                if depth > limit { return true }
+            case UInt8(ascii: "]"), UInt8(ascii: "}"): depth -= 1
+            default: break
+            }
+        }
+        return false
+    }
+}
