@@ -39,6 +39,7 @@ public struct ApiError: Error, Sendable, Equatable {
         case uriTooLong = "URI_TOO_LONG"
         case headersTooLarge = "HEADERS_TOO_LARGE"
         case rateLimited = "RATE_LIMITED"
+        case requestTimeout = "REQUEST_TIMEOUT"
         case internalError = "INTERNAL"
         case storeUnavailable = "STORE_UNAVAILABLE"
         case shuttingDown = "SHUTTING_DOWN"
@@ -59,6 +60,7 @@ public struct ApiError: Error, Sendable, Equatable {
             case .uriTooLong: 414
             case .headersTooLarge: 431
             case .rateLimited: 429
+            case .requestTimeout: 408
             case .internalError: 500
             case .notImplemented: 501
             case .storeUnavailable, .shuttingDown: 503

@@ -22,10 +22,14 @@ struct ClientSession {
         var rateLimitStrikes = 200
         /// Roles the command rate does not apply to.
         var exemptRoles: Set<String> = []
+        /// Live streams one user may hold on an instance (0: no cap).
+        var maxStreamsPerUser = 0
     }
 
     enum Close: Equatable {
         case shutdown, tokenExpired, revoked, slowConsumer, rateLimited
+        /// The user has as many live streams as allowed (policy: 1008).
+        case tooManyStreams
 
         var code: UInt16 {
             switch self {
@@ -34,6 +38,7 @@ struct ClientSession {
             case .revoked: 4003
             case .slowConsumer: 4008
             case .rateLimited: 4029
+            case .tooManyStreams: 1008
             }
         }
 
@@ -44,6 +49,7 @@ struct ClientSession {
             case .revoked: "session revoked"
             case .slowConsumer: "slow consumer"
             case .rateLimited: "rate limited"
+            case .tooManyStreams: "too many connections"
             }
         }
     }
@@ -83,6 +89,9 @@ struct ClientSession {
     private(set) var publishesInFlight = 0
     /// Set by a close: nothing but `connectionClosed` does anything after it.
     private(set) var closed = false
+    /// The token expired while a subscription was opening: the close waits for the open (an accepted token
+    /// gets its answer — the stream's start — before the stream ends).
+    private var expiredWhileOpening = false
 
     init(actor: Actor, limits: Limits) {
         self.actor = actor
@@ -95,9 +104,15 @@ struct ClientSession {
     // MARK: events
 
     /// The transport registered the session among the live streams; `revoked`: a revocation in force covers
-    /// its token (one applied before the registration, which it could not find).
-    mutating func registered(revoked: Bool) -> [Action] {
+    /// its token (one applied before the registration, which it could not find); `userStreams`: the live
+    /// streams of the same user on this instance, this one included.
+    mutating func registered(revoked: Bool, userStreams: Int = 1) -> [Action] {
         if revoked { return close(.revoked) }
+        if limits.maxStreamsPerUser > 0 && userStreams > limits.maxStreamsPerUser {
+            let error = ApiError(.rateLimited, "at most \(limits.maxStreamsPerUser) live connections per user", details: ["limit": String(limits.maxStreamsPerUser)],
+                                 retryAfter: 1)
+            return [.fail(nil, error)] + close(.tooManyStreams)
+        }
         return [.scheduleExpiry(actor.expiresAt)]
     }
 
@@ -128,17 +143,22 @@ struct ClientSession {
 
     mutating func opened(_ channel: ChannelName, _ result: Result<Int64, ApiError>) -> [Action] {
         guard !closed, case .opening(let id, let removedAt) = subscriptions[channel] else { return [] }
+        var actions: [Action]
         switch result {
         case .failure(let error):
             subscriptions[channel] = nil
-            return [.cancel(channel), .fail(id, error)]
+            actions = [.cancel(channel), .fail(id, error)]
         case .success(let after):
             subscriptions[channel] = .open
-            var actions: [Action] = [.reply(.subscribed(id: id, channel: channel.rawValue, cursor: Cursor.text(channel: channel, seq: after))),
-                                     .begin(channel, after: after)]
+            actions = [.reply(.subscribed(id: id, channel: channel.rawValue, cursor: Cursor.text(channel: channel, seq: after))), .begin(channel, after: after)]
             if let removedAt { actions.append(.end(channel, after: removedAt)) }
-            return actions
         }
+        if expiredWhileOpening && !isOpening { actions += close(.tokenExpired) }
+        return actions
+    }
+
+    private var isOpening: Bool {
+        subscriptions.values.contains { if case .opening = $0 { true } else { false } }
     }
 
     mutating func published(_ id: CommandID?, _ result: Result<AppendResult, ApiError>) -> [Action] {
@@ -204,7 +224,14 @@ struct ClientSession {
         return [.cancel(channel), .reply(.unsubscribed(id: nil, channel: channel.rawValue, reason: reason))]
     }
 
-    mutating func tokenExpired() -> [Action] { closed ? [] : close(.tokenExpired) }
+    mutating func tokenExpired() -> [Action] {
+        guard !closed else { return [] }
+        if isOpening {
+            expiredWhileOpening = true
+            return []
+        }
+        return close(.tokenExpired)
+    }
     /// A reply or a message did not fit the send budget: the client is not reading what it is sent.
     mutating func sendRefused() -> [Action] { closed ? [] : close(.slowConsumer) }
     mutating func shutdown() -> [Action] { closed ? [] : close(.shutdown) }

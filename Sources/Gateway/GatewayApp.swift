@@ -27,6 +27,9 @@ public final class GatewayApp: Sendable {
     /// Member removals already acted on (by id), see `apply(_: [MemberRemoval])`.
     let appliedRemovals = NIOLockedValueBox<[String: AppliedRemoval]>([:])
     let counters = Counters()
+    /// Live streams per user, and open connections per client IP (the caps of `GatewayConfig`).
+    let streamsPerUser = ConnectionCounts()
+    let connectionsPerIP = ConnectionCounts()
     /// The store reads of waiting long-polls, shared per position.
     let pageReads: SharedPageReads
 
@@ -93,6 +96,21 @@ final class StreamRegistry: Sendable {
     func all() -> [any LiveStream] { streams.withLockedValue { Array($0.values) } }
     func count(where predicate: (any LiveStream) -> Bool) -> Int { streams.withLockedValue { $0.values.filter(predicate).count } }
     var count: Int { streams.withLockedValue { $0.count } }
+}
+
+/// How many of something each key holds now (streams per user, connections per IP).
+final class ConnectionCounts: Sendable {
+    private let counts = NIOLockedValueBox<[String: Int]>([:])
+
+    /// Counts one more for `key`; returns the count with it.
+    func add(_ key: String) -> Int { counts.withLockedValue { $0[key, default: 0] += 1; return $0[key]! } }
+
+    func remove(_ key: String) {
+        counts.withLockedValue { counts in
+            let left = (counts[key] ?? 1) - 1
+            counts[key] = left > 0 ? left : nil
+        }
+    }
 }
 
 /// Counters behind `/metrics`.

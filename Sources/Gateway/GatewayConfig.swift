@@ -59,6 +59,16 @@ public struct GatewayConfig: Sendable {
     /// A connection that sends nothing for this long while no answer is pending is closed (slow or stalled
     /// requests and WebSocket handshakes, idle keep-alive connections).
     public var requestIdleSeconds: Int64 = 10
+    /// Absolute deadlines, however the bytes trickle in (slowloris): a request's head must be complete this
+    /// long after its first byte, and its body this long after the head. Past either: 408 and closed.
+    public var headerDeadlineSeconds: Int64 = 10
+    public var bodyDeadlineSeconds: Int64 = 30
+    /// Open connections per client IP (any transport, idle keep-alives included); past it a connection is
+    /// answered 429 and closed. 0: no cap.
+    public var maxConnectionsPerIP = 1000
+    /// Live streams (WebSockets, SSE streams, long-polls) per user (`sub`) on one instance; past it the new one
+    /// is refused: 429 for SSE and long-poll, an error reply then close 1008 on a WebSocket. 0: no cap.
+    public var maxStreamsPerUser = 100
     public var keepaliveSeconds: Int64 = 15
     public var wsPingSeconds: Int64 = 20
     public var eventLoops = System.coreCount
@@ -121,6 +131,10 @@ public struct GatewayConfig: Sendable {
         if let v = env["GATEWAY_WS_COMMAND_BURST"], let n = Double(v), n >= 1 { c.wsCommandBurst = n }
         if let v = env["GATEWAY_WS_DEFLATE"] { c.permessageDeflate = !(v == "0" || v == "false") }
         if let v = env["GATEWAY_REQUEST_IDLE_SECONDS"], let n = Int64(v), n > 0 { c.requestIdleSeconds = n }
+        if let v = env["GATEWAY_HEADER_DEADLINE_SECONDS"], let n = Int64(v), n > 0 { c.headerDeadlineSeconds = n }
+        if let v = env["GATEWAY_BODY_DEADLINE_SECONDS"], let n = Int64(v), n > 0 { c.bodyDeadlineSeconds = n }
+        if let v = env["GATEWAY_MAX_CONNECTIONS_PER_IP"], let n = Int(v), n >= 0 { c.maxConnectionsPerIP = n }
+        if let v = env["GATEWAY_MAX_STREAMS_PER_USER"], let n = Int(v), n >= 0 { c.maxStreamsPerUser = n }
         if let v = env["GATEWAY_PAGE_BYTES"], let n = Int(v), n > 0 { c.pageBytes = n }
         if let v = env["GATEWAY_SEND_BUDGET"], let n = Int(v) { c.sendBudget = n }
         if let v = env["GATEWAY_RECONCILE_MS"], let n = Int64(v), n > 0 { c.reconcileInterval = .milliseconds(n) }

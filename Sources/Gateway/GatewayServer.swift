@@ -189,6 +189,21 @@ public final class GatewayServer: Sendable {
     /// `/v1/echo` (when enabled). A refused upgrade falls through to `HTTPHandler`, which answers with the
     /// error envelope.
     static func configure(_ channel: any Channel, app: GatewayApp, upgrades: PendingUpgrades) throws {
+        let sync = channel.pipeline.syncOperations
+        let deadline = RequestDeadline(app.config)
+        // A client IP past its connection cap gets its first request answered 429, then the connection closes.
+        if app.config.maxConnectionsPerIP > 0, let ip = channel.remoteAddress?.ipAddress {
+            let open = app.connectionsPerIP.add(ip)
+            channel.closeFuture.whenComplete { _ in app.connectionsPerIP.remove(ip) }
+            if open > app.config.maxConnectionsPerIP {
+                try sync.configureHTTPServerPipeline(withErrorHandling: true)
+                try sync.addHandler(deadline, position: .first)
+                let refusal = ApiError(.rateLimited, "at most \(app.config.maxConnectionsPerIP) connections per client address",
+                                       details: ["limit": String(app.config.maxConnectionsPerIP)], retryAfter: 1)
+                try sync.addHandler(HTTPHandler(app: app, deadline: deadline, refusal: refusal))
+                return
+            }
+        }
         let upgrader = NIOWebSocketServerUpgrader(
             maxFrameSize: app.config.maxMessageBytes,
             automaticErrorHandling: false,
@@ -232,18 +247,19 @@ public final class GatewayServer: Sendable {
                     }
                 }
             })
-        let sync = channel.pipeline.syncOperations
         try sync.configureHTTPServerPipeline(
             withServerUpgrade: (upgraders: [upgrader], completionHandler: { context in
                 let sync = context.pipeline.syncOperations
                 if let handler = try? sync.handler(type: HTTPHandler.self) { _ = sync.removeHandler(handler) }
                 if let idle = try? sync.handler(type: IdleStateHandler.self) { _ = sync.removeHandler(idle) }
+                if let deadline = try? sync.handler(type: RequestDeadline.self) { _ = sync.removeHandler(deadline) }
             }),
             withErrorHandling: true)
         // Read-idle events reach HTTPHandler, which closes a connection that stalls mid-request or idles
         // between requests (WebSockets have their own pings; the handler leaves with the upgrade).
         try sync.addHandler(IdleStateHandler(readTimeout: .seconds(app.config.requestIdleSeconds)), position: .first)
-        try sync.addHandler(HTTPHandler(app: app))
+        try sync.addHandler(deadline, position: .first)
+        try sync.addHandler(HTTPHandler(app: app, deadline: deadline))
         channel.closeFuture.whenComplete { _ in _ = upgrades.take(channel) }
     }
 

@@ -28,15 +28,25 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// The SSE stream or long-poll wait in progress, ended when the connection goes.
     private var live: (any ConnectionBoundStream)?
 
-    init(app: GatewayApp) {
+    /// The absolute deadlines of the request being read.
+    private let deadline: RequestDeadline
+    /// Set when every request of this connection is refused (a client address past its connection cap).
+    private let refusal: ApiError?
+
+    init(app: GatewayApp, deadline: RequestDeadline, refusal: ApiError? = nil) {
         self.app = app
+        self.deadline = deadline
+        self.refusal = refusal
         self.requests = TokenBucket(rate: app.config.connectionRequestRate, burst: app.config.connectionRequestBurst)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
         case .head(let head):
-            if !requests.take() {
+            deadline.headReceived()
+            if let refusal {
+                state = .rejected(head, refusal)
+            } else if !requests.take() {
                 state = .rejected(head, ApiError(.rateLimited, "too many requests on this connection", retryAfter: 1))
             } else if let error = limitError(head) {
                 state = .rejected(head, error)
@@ -60,6 +70,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
                 }
             }
         case .end:
+            deadline.requestReceived()
             switch state {
             case .receiving(let head, let body):
                 state = .responding
@@ -103,6 +114,19 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event as? RequestDeadline.Passed == .body {
+            // The body did not arrive in time, however the bytes trickled: 408, then closed.
+            let error = ApiError(.requestTimeout, "the request body did not arrive in time")
+            switch state {
+            case .idle, .receiving, .rejected:
+                state = .responding
+                let request = HTTPRequest(head: HTTPRequestHead(version: .http1_1, method: .GET, uri: "/"), body: ByteBuffer())
+                write(context: context, response: .error(error, requestId: request.requestId), request: request, forceClose: true)
+            case .draining, .responding:
+                context.close(promise: nil)
+            }
+            return
+        }
         if let idle = event as? IdleStateHandler.IdleStateEvent, idle == .read, live == nil {
             switch state {
             case .idle, .receiving, .draining, .rejected:
@@ -125,7 +149,6 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     // MARK: routing
 
     private func route(context: ChannelHandlerContext, request: HTTPRequest) {
-        let path = request.path
         if !app.config.allows(origin: request.headers.first(name: "origin")) {
             let error = ApiError(.forbidden, "this origin is not allowed", details: ["origin": String((request.headers.first(name: "origin") ?? "").prefix(100))])
             return write(context: context, response: .error(error, requestId: request.requestId), request: request)
@@ -136,84 +159,29 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             let error = ApiError(.unsupportedMediaType, "request bodies are application/json", details: ["content_type": String(type.prefix(100))])
             return write(context: context, response: .error(error, requestId: request.requestId), request: request)
         }
-        switch (request.method, path.count) {
-        case (.GET, 1) where path[0] == "healthz":
-            write(context: context, response: .json(.ok, "{\"status\":\"ok\"}"), request: request)
-        case (.GET, 1) where path[0] == "readyz":
-            respond(context: context, request: request) { [app] () async throws(ApiError) -> HTTPResponse in
-                let store = await app.store.ping()
-                let redis = app.redis.map { $0.isAvailable }
-                var body = "{\"status\":\"\(store && redis != false ? "ok" : "unavailable")\",\"store\":\"\(store ? "ok" : "failed")\""
-                if let redis { body += ",\"redis\":\"\(redis ? "ok" : "failed")\"" }
-                body += "}"
-                return .json(store && redis != false ? .ok : .serviceUnavailable, body)
-            }
-        case (.GET, 1) where path[0] == "metrics":
-            var response = HTTPResponse.json(.ok, app.metricsText())
-            response.contentType = "text/plain; version=0.0.4"
-            write(context: context, response: response, request: request)
-        case (_, 4) where path[0] == "v1" && path[1] == "channels":
-            routeChannel(context: context, request: request, channel: path[2], action: path[3])
-        case (_, 2...5) where path[0] == "v1" && path[1] == "threads":
-            routeThreads(context: context, request: request, path: Array(path.dropFirst(2)))
-        case (_, 3) where path[0] == "v1" && path[1] == "sessions" && path[2] == "revoke":
-            guard request.method == .POST else { return methodNotAllowed(context: context, request: request) }
-            respond(context: context, request: request) { [app] () async throws(ApiError) -> HTTPResponse in try await Routes.revoke(app, request) }
-        case (_, 2) where path[0] == "v1" && (path[1] == "ws" || path[1] == "echo"):
-            refusedUpgrade(context: context, request: request, echo: path[1] == "echo")
-        default:
+        switch RouteTable.gateway.match(request.method, request.path) {
+        case .notFound:
             write(context: context, response: .error(ApiError(.notFound, "no such route"), requestId: request.requestId), request: request)
-        }
-    }
-
-    private func routeChannel(context: ChannelHandlerContext, request: HTTPRequest, channel: String, action: String) {
-        let app = self.app
-        switch (request.method, action) {
-        case (.POST, "messages"):
-            respond(context: context, request: request) { () async throws(ApiError) -> HTTPResponse in
-                try await Routes.publish(app, request, channel: channel)
-            }
-        case (.GET, "messages"):
-            respond(context: context, request: request) { () async throws(ApiError) -> HTTPResponse in
-                try await Routes.history(app, request, channel: channel)
-            }
-        case (.GET, "poll"):
-            startLongPoll(context: context, request: request, channel: channel)
-        case (.GET, "events"):
-            startEventStream(context: context, request: request, channel: channel)
-        case (_, "messages"), (_, "poll"), (_, "events"):
+        case .methodNotAllowed:
             write(context: context, response: .error(ApiError(.methodNotAllowed, "method not allowed"), requestId: request.requestId), request: request)
-        default:
-            write(context: context, response: .error(ApiError(.notFound, "no such route"), requestId: request.requestId), request: request)
+        case .route(let route, let parameters):
+            var logger = app.logger
+            logger[metadataKey: "request-id"] = "\(request.requestId)"
+            let request = RequestContext(request: request, parameters: parameters, logger: logger, route: route.template)
+            let app = self.app
+            switch route.action {
+            case .immediate(let answer):
+                write(context: context, response: answer(app, request), request: request.request)
+            case .work(let work):
+                respond(context: context, request: request.request) { () async throws(ApiError) -> HTTPResponse in try await work(app, request) }
+            case .longPoll:
+                startLongPoll(context: context, request: request.request, channel: request["channel"])
+            case .eventStream:
+                startEventStream(context: context, request: request.request, channel: request["channel"])
+            case .refusedUpgrade(let echo):
+                refusedUpgrade(context: context, request: request.request, echo: echo)
+            }
         }
-    }
-
-    /// `/v1/threads…` (PROTOCOL.md §4).
-    private func routeThreads(context: ChannelHandlerContext, request: HTTPRequest, path: [String]) {
-        let app = self.app
-        let work: (@Sendable () async throws(ApiError) -> HTTPResponse)?
-        switch (request.method, path.count) {
-        case (.POST, 0): work = { () async throws(ApiError) in try await Routes.createThread(app, request) }
-        case (.GET, 0): work = { () async throws(ApiError) in try await Routes.listThreads(app, request) }
-        case (.GET, 1): work = { () async throws(ApiError) in try await Routes.getThread(app, request, id: path[0]) }
-        case (.POST, 2) where path[1] == "members": work = { () async throws(ApiError) in try await Routes.addMember(app, request, thread: path[0]) }
-        case (.DELETE, 3) where path[1] == "members":
-            work = { () async throws(ApiError) in try await Routes.removeMember(app, request, thread: path[0], user: path[2]) }
-        case (.PUT, 2) where path[1] == "read": work = { () async throws(ApiError) in try await Routes.markRead(app, request, thread: path[0]) }
-        case (_, 0), (_, 1), (_, 2) where path.count == 2 && (path[1] == "members" || path[1] == "read"), (_, 3) where path[1] == "members":
-            work = nil
-            return methodNotAllowed(context: context, request: request)
-        default:
-            work = nil
-        }
-        guard let work else {
-            return write(context: context, response: .error(ApiError(.notFound, "no such route"), requestId: request.requestId), request: request)
-        }
-        respond(context: context, request: request, work)
-    }
-
-    private func methodNotAllowed(context: ChannelHandlerContext, request: HTTPRequest) {
-        write(context: context, response: .error(ApiError(.methodNotAllowed, "method not allowed"), requestId: request.requestId), request: request)
     }
 
     /// `/v1/ws` or `/v1/echo` reached as plain HTTP: the upgrade was refused. Say why.
@@ -340,5 +308,73 @@ extension ChannelHandlerContext {
         let promise = eventLoop.makePromise(of: Void.self)
         writeAndFlush(data, promise: promise)
         return promise.futureResult
+    }
+}
+
+/// Absolute deadlines for one request at a time, whatever the idle timer sees (it resets on every byte, so a
+/// client trickling a byte every few seconds would never trip it): the head must be complete
+/// `headerDeadlineSeconds` after the request's first byte, the body `bodyDeadlineSeconds` after the head.
+/// Sits before the HTTP decoder to see the first byte; `HTTPHandler` tells it when the head and the end came.
+/// Past the head's deadline it answers 408 itself (there is no request for the HTTP handlers yet); past the
+/// body's it fires `Passed.body` through the pipeline for `HTTPHandler` to answer.
+final class RequestDeadline: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+
+    enum Passed: Equatable { case head, body }
+    private enum Phase { case between, head, body, done }
+
+    private let headLimit: TimeAmount
+    private let bodyLimit: TimeAmount
+    private var phase = Phase.between
+    private var timer: Scheduled<Void>?
+    private var context: ChannelHandlerContext?
+
+    init(_ config: GatewayConfig) {
+        headLimit = .seconds(config.headerDeadlineSeconds)
+        bodyLimit = .seconds(config.bodyDeadlineSeconds)
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        timer?.cancel()
+        self.context = nil
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if phase == .between { arm(.head, headLimit) }
+        context.fireChannelRead(data)
+    }
+
+    /// The head is complete: the body's deadline starts.
+    func headReceived() {
+        if phase == .between || phase == .head { arm(.body, bodyLimit) }
+    }
+
+    /// The whole request is in: no deadline until the next request's first byte.
+    func requestReceived() {
+        timer?.cancel()
+        timer = nil
+        phase = .between
+    }
+
+    private func arm(_ next: Phase, _ limit: TimeAmount) {
+        guard let context else { return }
+        timer?.cancel()
+        phase = next
+        let passed: Passed = next == .head ? .head : .body
+        timer = context.eventLoop.scheduleTask(in: limit) { [weak self] in
+            guard let self, let context = self.context else { return }
+            self.phase = .done
+            guard passed == .head else { return context.fireUserInboundEventTriggered(passed) }
+            // No head yet, so no request for the HTTP handlers to answer: the 408 is written here, below them.
+            let requestId = GatewayApp.newRequestId()
+            let body = ApiError(.requestTimeout, "the request head did not arrive in time").envelopeJSON(requestId: requestId)
+            let answer = "HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\n"
+                + "X-Request-Id: \(requestId)\r\nConnection: close\r\n\r\n" + body
+            let channel = context.channel
+            context.writeAndFlush(NIOAny(ByteBuffer(string: answer))).whenComplete { _ in channel.close(promise: nil) }
+        }
     }
 }

@@ -69,7 +69,7 @@ final class LongPoll: HubSubscriber, SessionTransport, ConnectionBoundStream, @u
         self.after = after
         waiting = true
         timer = eventLoop.scheduleTask(in: parameters.timeout) { [weak self] in self?.answerEmpty() }
-        read(notBefore: .now())
+        read(joinable: false)
     }
 
     func cancel(_ channel: ChannelName) {
@@ -96,35 +96,38 @@ final class LongPoll: HubSubscriber, SessionTransport, ConnectionBoundStream, @u
     // MARK: HubSubscriber
 
     func hubDelivered(_ messages: [EncodedMessage]) {
+        // Before `begin` a notification needs nothing: the first read starts after it.
         guard !finished, waiting else { return }
-        if reading { arrivedWhileReading = true } else { read(notBefore: .now()) }
+        if reading { arrivedWhileReading = true } else { read(joinable: true) }
     }
 
     func hubSynced(upTo seq: Int64) {
         if seq > after { hubDelivered([]) }
     }
 
-    /// Reads the page after `after`, through a read that started no earlier than `notBefore` (so it sees
-    /// what the notification announced).
-    private func read(notBefore: NIODeadline) {
+    /// Reads the page after `after`. A read after a notification may join one in flight for the same position
+    /// (started by another poll woken by the same message); if that read began before the message was
+    /// committed it finds nothing, and the poll reads again on its own.
+    private func read(joinable: Bool) {
         guard let channel else { return }
         reading = true
+        arrivedWhileReading = false
         let (app, actor, after, limit) = (self.app, driver.actor, self.after, parameters.limit)
         Task {
             let result: Result<Page, ApiError>
             do throws(ApiError) {
-                let page = try await app.pageReads.page(in: channel, after: after, limit: limit, notBefore: notBefore)
+                let page = try await app.pageReads.page(in: channel, after: after, limit: limit, joinable: joinable)
                 // The permission again (a removal the bus lost): nothing published after it is answered.
                 if !page.messages.isEmpty { _ = try await app.channels.authorize(actor, .read, channel.rawValue) }
                 result = .success(page)
             } catch {
                 result = .failure(error)
             }
-            self.eventLoop.execute { self.answer(result) }
+            self.eventLoop.execute { self.answer(result, joined: joinable) }
         }
     }
 
-    private func answer(_ result: Result<Page, ApiError>) {
+    private func answer(_ result: Result<Page, ApiError>, joined: Bool) {
         reading = false
         guard !finished else { return }
         switch result {
@@ -135,9 +138,8 @@ final class LongPoll: HubSubscriber, SessionTransport, ConnectionBoundStream, @u
         case .success:
             if timedOut {
                 answerEmpty()
-            } else if arrivedWhileReading {
-                arrivedWhileReading = false
-                read(notBefore: .now())
+            } else if joined || arrivedWhileReading {
+                read(joinable: false)
             }
         }
     }
@@ -172,8 +174,7 @@ final class LongPoll: HubSubscriber, SessionTransport, ConnectionBoundStream, @u
 }
 
 /// Long-polls waiting at the same position of a channel share one store read: a message committed wakes
-/// every waiting poll, and they ask for the same page. A poll joins a read only if it started no earlier
-/// than the poll's notification, so it sees what the notification announced.
+/// every waiting poll, and they ask for the same page.
 final class SharedPageReads: Sendable {
     private struct Key: Hashable {
         let channel: ChannelName
@@ -182,7 +183,6 @@ final class SharedPageReads: Sendable {
     }
     private struct Read {
         let id: UInt64
-        let started: NIODeadline
         let task: Task<Result<Page, ApiError>, Never>
     }
     private struct State {
@@ -196,11 +196,12 @@ final class SharedPageReads: Sendable {
 
     init(channels: ChannelService) { self.channels = channels }
 
-    func page(in channel: ChannelName, after: Int64, limit: Int, notBefore: NIODeadline) async throws(ApiError) -> Page {
+    /// The page after `after`; `joinable`: the answer of a read already in flight for the same page will do.
+    func page(in channel: ChannelName, after: Int64, limit: Int, joinable: Bool) async throws(ApiError) -> Page {
         let key = Key(channel: channel, after: after, limit: limit)
         let channels = self.channels
         let read = state.withLockedValue { state -> Read in
-            if let read = state.inFlight[key], read.started >= notBefore {
+            if joinable, let read = state.inFlight[key] {
                 state.joined += 1
                 return read
             }
@@ -209,7 +210,7 @@ final class SharedPageReads: Sendable {
             let task = Task { () -> Result<Page, ApiError> in
                 do throws(ApiError) { return .success(try await channels.page(in: channel, after: after, limit: limit)) } catch { return .failure(error) }
             }
-            let read = Read(id: state.next, started: .now(), task: task)
+            let read = Read(id: state.next, task: task)
             state.inFlight[key] = read
             return read
         }

@@ -6,6 +6,16 @@ import Wire
 
 /// The REST endpoints of the channel API (PROTOCOL.md §4).
 enum Routes {
+    /// `/readyz`: 200 when the store (and Redis, if configured) answer; else 503 naming what failed.
+    static func readiness(_ app: GatewayApp) async -> HTTPResponse {
+        let store = await app.store.ping()
+        let redis = app.redis.map { $0.isAvailable }
+        var body = "{\"status\":\"\(store && redis != false ? "ok" : "unavailable")\",\"store\":\"\(store ? "ok" : "failed")\""
+        if let redis { body += ",\"redis\":\"\(redis ? "ok" : "failed")\"" }
+        body += "}"
+        return .json(store && redis != false ? .ok : .serviceUnavailable, body)
+    }
+
     static func publish(_ app: GatewayApp, _ request: HTTPRequest, channel: String) async throws(ApiError) -> HTTPResponse {
         let actor = try await app.authenticate(request.bearerToken)
         let object = try JSONText.parseValue(request.body.readableBytesView)

@@ -34,6 +34,7 @@ final class SessionDriver: LiveStream, @unchecked Sendable {  // state only touc
     private weak var transport: (any SessionTransport)?
     private var expiry: Scheduled<Void>?
     private var started = false
+    private var released = false
 
     init(app: GatewayApp, actor: Actor, kind: Kind, eventLoop: any EventLoop, requestId: String, transport: any SessionTransport) {
         self.app = app
@@ -45,7 +46,7 @@ final class SessionDriver: LiveStream, @unchecked Sendable {  // state only touc
         self.session = ClientSession(actor: actor, limits: ClientSession.Limits(
             maxSubscriptions: kind == .webSocket ? config.maxSubscriptionsPerConnection : 1, maxPublishesInFlight: 64,
             commandRate: config.wsCommandRate, commandBurst: config.wsCommandBurst, rateLimitStrikes: config.rateLimitStrikes,
-            exemptRoles: config.rateLimitExemptRoles))
+            exemptRoles: config.rateLimitExemptRoles, maxStreamsPerUser: config.maxStreamsPerUser))
     }
 
     var actor: Actor { session.actor }
@@ -55,7 +56,8 @@ final class SessionDriver: LiveStream, @unchecked Sendable {  // state only touc
         guard !started else { return }
         started = true
         app.streams.add(self)
-        run(session.registered(revoked: app.revocations.isRevoked(session.actor)))
+        let userStreams = app.streamsPerUser.add(session.actor.sub)
+        run(session.registered(revoked: app.revocations.isRevoked(session.actor), userStreams: userStreams))
     }
 
     func received(_ text: String) { run(session.received(ClientCommand.decode(text))) }
@@ -69,6 +71,10 @@ final class SessionDriver: LiveStream, @unchecked Sendable {  // state only touc
     func connectionClosed() {
         expiry?.cancel()
         expiry = nil
+        if started && !released {
+            released = true
+            app.streamsPerUser.remove(session.actor.sub)
+        }
         app.streams.remove(self)
         run(session.connectionClosed())
     }

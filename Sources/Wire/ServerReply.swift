@@ -5,6 +5,15 @@ import Foundation
 public struct RawJSON: Codable, Sendable, Hashable {
     public let text: String
 
+    /// Equal when they hold the same JSON value (key order and spacing aside).
+    public static func == (a: RawJSON, b: RawJSON) -> Bool {
+        a.text == b.text || (try? JSONValue.parse(a.text)) == (try? JSONValue.parse(b.text))
+    }
+
+    public func hash(into hasher: inout Hasher) {
+        hasher.combine(try? JSONValue.parse(text))
+    }
+
     public init(_ text: String) { self.text = text }
 
     public init(from decoder: any Decoder) throws {
@@ -218,5 +227,17 @@ public enum WireText {
             }
         }
         out.append("\"")
+    }
+}
+
+/// A history or long-poll answer (PROTOCOL.md §4).
+public struct MessagePage: Codable, Sendable, Equatable {
+    public let messages: [WireMessage]
+    public let cursor: String
+    public let hasMore: Bool
+
+    enum CodingKeys: String, CodingKey {
+        case messages, cursor
+        case hasMore = "has_more"
     }
 }

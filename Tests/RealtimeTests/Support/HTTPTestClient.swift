@@ -88,9 +88,10 @@ enum HTTPTestClient {
     }
 
     /// One sample of `/metrics` (first sample of the metric's name).
-    static func metric(_ name: String, port: Int) async throws -> Int {
+    static func metric(_ name: String, port: Int, label: String? = nil) async throws -> Int {
         let text = try await request(.GET, port: port, "/metrics").body
         for line in text.split(separator: "\n") where line.hasPrefix(name + "{") || line.hasPrefix(name + " ") {
+            if let label, !line.contains(label) { continue }
             return Int(line.split(separator: " ").last ?? "") ?? 0
         }
         return 0

@@ -44,8 +44,8 @@ final class TestGateway: Sendable {
     }
 
     /// One sample of `/metrics` (first sample of the metric's name).
-    func metric(_ name: String) async throws -> Int {
-        try await HTTPTestClient.metric(name, port: port)
+    func metric(_ name: String, label: String? = nil) async throws -> Int {
+        try await HTTPTestClient.metric(name, port: port, label: label)
     }
 
     /// Stops the instance; a shutdown that does not finish fails the test instead of holding the run.

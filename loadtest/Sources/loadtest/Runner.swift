@@ -2,6 +2,7 @@ import Foundation
 import Histogram
 import NIOConcurrencyHelpers
 import NIOCore
+import Wire
 
 /// Runs one load test: subscribers first (ramped), then publishers for the duration, then a drain until
 /// every subscriber caught up with the last acked message of its channel (or the drain time is over).
@@ -121,17 +122,17 @@ final class Runner: Sendable {
     }
 
     /// Handles one delivered message object; returns its cursor.
-    private func deliver(_ message: [String: Any], _ i: Int, _ track: inout Track?, who: String) -> String? {
-        guard var current = track, let seq = (message["seq"] as? NSNumber)?.int64Value, let id = message["id"] as? String else { return nil }
-        let latency = ((message["body"] as? [String: Any])?["t"] as? NSNumber).map { t in
-            (nowNanos() &- t.uint64Value) / 1000
-        }
+    private func deliver(_ message: WireMessage, _ i: Int, _ track: inout Track?, who: String) -> String? {
+        guard var current = track else { return nil }
+        let (seq, id) = (message.seq, message.id)
+        var latency: UInt64?
+        if case .integer(let t) = message.body["t"] { latency = (nowNanos() &- UInt64(clamping: t)) / 1000 }
         if current.see(seq, ledger: ledger, who: who) {
             ledger.delivered(channel: current.channel, seq: seq, id: id, latencyMicros: latency)
         }
         track = current
         progress.withLockedValue { $0[i] = current.last }
-        return message["cursor"] as? String
+        return message.cursor
     }
 
     private func begin(_ i: Int, _ track: inout Track?, channel: String, at cursor: String, who: String, _ onReady: (@Sendable () -> Void)?) {
@@ -152,20 +153,16 @@ final class Runner: Sendable {
         defer { ledger.connected(-1) }
         let churn = register(i) { await ws.close() }
         defer { churn?.cancel() }
-        var subscribe: [String: Any] = ["type": "subscribe", "id": "s", "channel": channel]
-        if let cursor { subscribe["since"] = cursor }
-        try await ws.send(jsonText(subscribe))
+        try await ws.send(ClientCommand.subscribe(id: .string("s"), channel: channel, since: cursor).text)
         while let frame = try await ws.next() {
-            guard let object = try? JSONSerialization.jsonObject(with: Data(frame.readableBytesView)) as? [String: Any] else { continue }
-            switch object["type"] as? String {
-            case "message":
-                if let message = object["message"] as? [String: Any], let next = deliver(message, i, &track, who: who) { cursor = next }
-            case "subscribed":
-                if let position = object["cursor"] as? String {
-                    begin(i, &track, channel: channel, at: position, who: who, onReady)
-                    if cursor == nil { cursor = position }
-                }
-            case "error", "unsubscribed":
+            guard let reply = try? ServerReply.decode(String(buffer: frame)) else { continue }
+            switch reply {
+            case .message(_, let raw):
+                if let message = try? raw.decode(WireMessage.self), let next = deliver(message, i, &track, who: who) { cursor = next }
+            case .subscribed(_, _, let position):
+                begin(i, &track, channel: channel, at: position, who: who, onReady)
+                if cursor == nil { cursor = position }
+            case .error, .unsubscribed:
                 ledger.error("\(who): \(String(buffer: frame).prefix(300))")
                 await ws.close()
             default:
@@ -197,7 +194,7 @@ final class Runner: Sendable {
                 continue
             }
             guard event.event == "message", let data = event.data,
-                  let message = try? JSONSerialization.jsonObject(with: Data(data.utf8)) as? [String: Any] else { continue }
+                  let message = try? JSONDecoder().decode(WireMessage.self, from: Data(data.utf8)) else { continue }
             if let next = deliver(message, i, &track, who: who) { cursor = next }
         }
         return isStopping ? .stopped : .closed
@@ -208,8 +205,9 @@ final class Runner: Sendable {
         if cursor == nil {
             let head = try await HTTPStream.open(endpoint, "/v1/channels/\(channel)/messages?limit=1", token: token, group: group)
             let body = try await head.body()
-            guard head.status == 200, let object = try JSONSerialization.jsonObject(with: Data(body.utf8)) as? [String: Any],
-                  let position = object["cursor"] as? String else { throw ClientError(description: "\(who): history answered \(head.status)") }
+            guard head.status == 200, let position = (try? JSONDecoder().decode(MessagePage.self, from: Data(body.utf8)))?.cursor else {
+                throw ClientError(description: "\(who): history answered \(head.status)")
+            }
             begin(i, &track, channel: channel, at: position, who: who, onReady)
             cursor = position
         } else if track != nil {
@@ -248,13 +246,13 @@ final class Runner: Sendable {
                 answer = try await poll(on: fresh)
             }
             let (status, body) = answer
-            guard status == 200, let object = try JSONSerialization.jsonObject(with: Data(body.utf8)) as? [String: Any] else {
+            guard status == 200, let page = try? JSONDecoder().decode(MessagePage.self, from: Data(body.utf8)) else {
                 throw ClientError(description: "\(who): poll answered \(status): \(body.prefix(200))")
             }
-            for case let message as [String: Any] in object["messages"] as? [Any] ?? [] {
+            for message in page.messages {
                 if let next = deliver(message, i, &track, who: who) { cursor = next }
             }
-            if let next = object["cursor"] as? String { cursor = next }
+            cursor = page.cursor
         }
         return .stopped
     }
@@ -274,11 +272,10 @@ final class Runner: Sendable {
         let inFlight = NIOLockedValueBox<[Int: UInt64]>([:])
         let reader = Task {
             while let frame = try? await ws.next() {
-                guard let object = try? JSONSerialization.jsonObject(with: Data(frame.readableBytesView)) as? [String: Any],
-                      let n = (object["id"] as? String).flatMap(Int.init), let sentAt = inFlight.withLockedValue({ $0.removeValue(forKey: n) }) else { continue }
-                if object["type"] as? String == "ack", let message = object["message"] as? [String: Any], let channel = message["channel"] as? String,
-                   let seq = (message["seq"] as? NSNumber)?.int64Value, let id = message["id"] as? String {
-                    self.ledger.acked(channel: channel, seq: seq, id: id, latencyMicros: (nowNanos() &- sentAt) / 1000)
+                guard let reply = try? ServerReply.decode(String(buffer: frame)), case .string(let text)? = reply.id,
+                      let n = Int(text), let sentAt = inFlight.withLockedValue({ $0.removeValue(forKey: n) }) else { continue }
+                if case .ack(_, let raw?, _, _, _) = reply, let message = try? raw.decode(WireMessage.self) {
+                    self.ledger.acked(channel: message.channel, seq: message.seq, id: message.id, latencyMicros: (nowNanos() &- sentAt) / 1000)
                 } else {
                     self.ledger.error("\(who): \(String(buffer: frame).prefix(300))")
                 }
@@ -301,7 +298,8 @@ final class Runner: Sendable {
             let t = nowNanos()
             inFlight.withLockedValue { $0[n] = t }
             do {
-                try await ws.send("{\"type\":\"publish\",\"id\":\"\(n)\",\"channel\":\"\(channel)\",\"body\":{\"t\":\(t),\"p\":\(p),\"n\":\(n),\"pad\":\"\(pad)\"}}")
+                let body = JSONValue.object(["t": .integer(Int64(t)), "p": .integer(Int64(p)), "n": .integer(Int64(n)), "pad": .string(pad)])
+                try await ws.send(ClientCommand.publish(id: .string(String(n)), channel: channel, body: body).text)
             } catch {
                 ledger.error("\(who): \(error)")
                 break
@@ -335,8 +333,4 @@ final class Runner: Sendable {
         }
         FileHandle.standardOutput.write(Data("\n".utf8))
     }
-}
-
-func jsonText(_ object: [String: Any]) -> String {
-    String(decoding: (try? JSONSerialization.data(withJSONObject: object)) ?? Data("{}".utf8), as: UTF8.self)
 }
