@@ -179,24 +179,36 @@ public final class Hub: Sendable {
     /// One tick: ask every shard which channels need their head checked, read those heads in one query,
     /// and hand each shard its answers.
     private func checkHeads(reconcile: Bool, done: @escaping @Sendable () -> Void) {
-        let futures: [EventLoopFuture<[ChannelName]>] = shards.map { shard in
-            shard.loop.submit { () -> [ChannelName] in shard.channelsToCheck(reconcile: reconcile) }
-        }
-        EventLoopFuture<[ChannelName]>.whenAllSucceed(futures, on: shards[0].loop).whenComplete { result in
-            let channels: [ChannelName] = (try? result.get())?.flatMap { $0 } ?? []
-            guard !channels.isEmpty else { return done() }
-            Task {
-                defer { done() }
-                let heads: [String: Int64]
-                do {
-                    heads = try await self.store.heads(of: channels)
-                } catch {
-                    self.logger.warning("hub could not read channel heads", metadata: ["error": "\(error)"])
-                    return
+        // Gathered with `execute`, not `submit`: a loop that shuts down meanwhile drops the closure, where a
+        // promise of `submit` would be left uncompleted.
+        let gathered = NIOLockedValueBox((left: shards.count, channels: [ChannelName]()))
+        for shard in shards {
+            shard.loop.execute {
+                let mine = shard.channelsToCheck(reconcile: reconcile)
+                let all = gathered.withLockedValue { g -> [ChannelName]? in
+                    g.channels += mine
+                    g.left -= 1
+                    return g.left == 0 ? g.channels : nil
                 }
-                self.count { $0.headChecks += 1 }
-                self.onEveryShard { $0.headsRead(heads, hub: $1) }
+                guard let all else { return }
+                guard !all.isEmpty else { return done() }
+                self.readHeads(all, done: done)
             }
+        }
+    }
+
+    private func readHeads(_ channels: [ChannelName], done: @escaping @Sendable () -> Void) {
+        Task {
+            defer { done() }
+            let heads: [String: Int64]
+            do {
+                heads = try await self.store.heads(of: channels)
+            } catch {
+                self.logger.warning("hub could not read channel heads", metadata: ["error": "\(error)"])
+                return
+            }
+            self.count { $0.headChecks += 1 }
+            self.onEveryShard { $0.headsRead(heads, hub: $1) }
         }
     }
 

@@ -239,14 +239,21 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         let close = forceClose || !request.keepAlive
         var headers = HTTPHeaders()
         headers.add(name: "Content-Type", value: response.contentType)
-        headers.add(name: "Content-Length", value: String(response.body.utf8.count))
+        headers.add(name: "Content-Length", value: String(response.bodyBytes))
         headers.add(name: "X-Request-Id", value: request.requestId)
         for (name, value) in response.headers { headers.add(name: name, value: value) }
         if close { headers.add(name: "Connection", value: "close") }
         context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: response.status, headers: headers))), promise: nil)
-        var body = context.channel.allocator.buffer(capacity: response.body.utf8.count)
-        body.writeString(response.body)
-        context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
+        // In pieces of about 64 KiB: small parts are gathered, a large one goes as it is.
+        var piece = context.channel.allocator.buffer(capacity: min(response.bodyBytes, 64 * 1024))
+        for part in response.parts {
+            piece.writeString(part)
+            if piece.readableBytes >= 64 * 1024 {
+                context.write(wrapOutboundOut(.body(.byteBuffer(piece))), promise: nil)
+                piece = context.channel.allocator.buffer(capacity: 64 * 1024)
+            }
+        }
+        if piece.readableBytes > 0 { context.write(wrapOutboundOut(.body(.byteBuffer(piece))), promise: nil) }
         let done = context.writeAndFlushWithFuture(wrapOutboundOut(.end(nil)))
         state = .idle
         if close && closeAfter {

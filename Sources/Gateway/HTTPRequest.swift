@@ -66,8 +66,22 @@ struct HTTPRequest: Sendable {
 struct HTTPResponse: Sendable {
     var status: HTTPResponseStatus
     var headers: [(String, String)] = []
-    var body: String
+    /// The body, as pieces written one after the other (one piece for most answers).
+    var parts: [String]
     var contentType = "application/json"
+
+    init(status: HTTPResponseStatus, headers: [(String, String)] = [], body: String) {
+        self.init(status: status, headers: headers, parts: [body])
+    }
+
+    init(status: HTTPResponseStatus, headers: [(String, String)] = [], parts: [String]) {
+        self.status = status
+        self.headers = headers
+        self.parts = parts
+    }
+
+    var body: String { parts.joined() }
+    var bodyBytes: Int { parts.reduce(0) { $0 + $1.utf8.count } }
 
     static func json(_ status: HTTPResponseStatus, _ body: String, headers: [(String, String)] = []) -> HTTPResponse {
         HTTPResponse(status: status, headers: headers, body: body)

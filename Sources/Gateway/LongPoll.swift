@@ -134,7 +134,7 @@ final class LongPoll: HubSubscriber, SessionTransport, ConnectionBoundStream, @u
         case .failure(let error):
             finish(.error(error, requestId: requestId))
         case .success(let page) where !page.messages.isEmpty:
-            finish(.json(.ok, Routes.pageJSON(page.messages, cursor: page.messages.last!.cursor, hasMore: page.hasMore)))
+            finish(Routes.page(page.messages, cursor: page.messages.last!.cursor, hasMore: page.hasMore))
         case .success:
             if timedOut {
                 answerEmpty()
@@ -152,7 +152,7 @@ final class LongPoll: HubSubscriber, SessionTransport, ConnectionBoundStream, @u
             timedOut = true
             return
         }
-        finish(.json(.ok, Routes.pageJSON([], cursor: Cursor.text(channel: channel, seq: after), hasMore: false)))
+        finish(Routes.page([], cursor: Cursor.text(channel: channel, seq: after), hasMore: false))
     }
 
     private func finish(_ response: HTTPResponse) {

@@ -46,7 +46,7 @@ enum Routes {
             query = .latest
         }
         let history = try await app.channels.history(channel, query, limit: limit)
-        return .json(.ok, pageJSON(history.messages, cursor: history.cursor, hasMore: history.hasMore))
+        return page(history.messages, cursor: history.cursor, hasMore: history.hasMore)
     }
 
     // MARK: threads
@@ -97,13 +97,14 @@ enum Routes {
         return .json(.ok, "{\"revoked\":{\"\(revocation.kind.rawValue)\":\(JSONText.quoted(revocation.value))}}")
     }
 
-    static func pageJSON(_ messages: [Message], cursor: String, hasMore: Bool) -> String {
-        var out = "{\"messages\":["
-        for (i, message) in messages.enumerated() {
-            if i > 0 { out += "," }
-            out += message.json
-        }
-        out += "],\"cursor\":\"" + cursor + "\",\"has_more\":" + (hasMore ? "true" : "false") + "}"
-        return out
+    /// A history or long-poll answer, in pieces: the messages' own pre-encoded texts are written one by one,
+    /// never joined into one string (a page is capped in bytes, `GATEWAY_PAGE_BYTES`, and not copied again).
+    static func page(_ messages: [Message], cursor: String, hasMore: Bool) -> HTTPResponse {
+        var parts: [String] = []
+        parts.reserveCapacity(messages.count + 2)
+        parts.append("{\"messages\":[")
+        for (i, message) in messages.enumerated() { parts.append(i == 0 ? message.json : "," + message.json) }
+        parts.append("],\"cursor\":\"" + cursor + "\",\"has_more\":" + (hasMore ? "true" : "false") + "}")
+        return HTTPResponse(status: .ok, parts: parts)
     }
 }
