@@ -200,7 +200,7 @@ public final class GatewayServer: Sendable {
                 try sync.addHandler(deadline, position: .first)
                 let refusal = ApiError(.rateLimited, "at most \(app.config.maxConnectionsPerIP) connections per client address",
                                        details: ["limit": String(app.config.maxConnectionsPerIP)], retryAfter: 1)
-                try sync.addHandler(HTTPHandler(app: app, deadline: deadline, refusal: refusal))
+                try sync.addHandlers(RequestReader(config: app.config, deadline: deadline), RequestGate(config: app.config, refusal: refusal), HTTPHandler(app: app))
                 return
             }
         }
@@ -251,6 +251,8 @@ public final class GatewayServer: Sendable {
             withServerUpgrade: (upgraders: [upgrader], completionHandler: { context in
                 let sync = context.pipeline.syncOperations
                 if let handler = try? sync.handler(type: HTTPHandler.self) { _ = sync.removeHandler(handler) }
+                if let gate = try? sync.handler(type: RequestGate.self) { _ = sync.removeHandler(gate) }
+                if let reader = try? sync.handler(type: RequestReader.self) { _ = sync.removeHandler(reader) }
                 if let idle = try? sync.handler(type: IdleStateHandler.self) { _ = sync.removeHandler(idle) }
                 if let deadline = try? sync.handler(type: RequestDeadline.self) { _ = sync.removeHandler(deadline) }
             }),
@@ -259,7 +261,7 @@ public final class GatewayServer: Sendable {
         // between requests (WebSockets have their own pings; the handler leaves with the upgrade).
         try sync.addHandler(IdleStateHandler(readTimeout: .seconds(app.config.requestIdleSeconds)), position: .first)
         try sync.addHandler(deadline, position: .first)
-        try sync.addHandler(HTTPHandler(app: app, deadline: deadline))
+        try sync.addHandlers(RequestReader(config: app.config, deadline: deadline), RequestGate(config: app.config), HTTPHandler(app: app))
         channel.closeFuture.whenComplete { _ in _ = upgrades.take(channel) }
     }
 

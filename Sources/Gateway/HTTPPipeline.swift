@@ -1,0 +1,262 @@
+import ChatDomain
+import Foundation
+import NIOCore
+import NIOHTTP1
+
+// The HTTP side of a connection is a pipeline of small handlers, each with one job:
+// `RequestDeadline` (absolute head and body deadlines) → NIO's HTTP decoder and pipelining →
+// `RequestReader` (limits of the head and body; a complete `HTTPRequest` out) → `RequestGate` (connection
+// cap, per-connection rate, origin, content type) → `HTTPHandler` (route table → REST, long-poll, SSE).
+
+/// Reads one request at a time into an `HTTPRequest`: the request target, header count and header bytes
+/// limits (answered once the request ends), the body limit (`413` as soon as it is known, from
+/// `Content-Length` or once the bytes read pass it, the rest drained so the client sees the answer), and
+/// the body's deadline (`408`).
+final class RequestReader: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias InboundOut = HTTPRequest
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private enum State {
+        case idle
+        case receiving(HTTPRequestHead, ByteBuffer)
+        /// A body over the limit was answered 413 at once; the rest of it is read and dropped (up to a bound) so
+        /// that the client gets the answer rather than a reset, then the connection closes.
+        case draining(Int)
+        /// The head broke a limit: answered with this error once the request ends, then closed.
+        case rejected(HTTPRequestHead, ApiError)
+    }
+    private var state = State.idle
+    private let config: GatewayConfig
+    private let deadline: RequestDeadline
+
+    init(config: GatewayConfig, deadline: RequestDeadline) {
+        self.config = config
+        self.deadline = deadline
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head):
+            deadline.headReceived()
+            if let error = limitError(head) {
+                state = .rejected(head, error)
+            } else if let length = head.headers.first(name: "content-length").flatMap(Int.init), length > config.maxMessageBytes {
+                refuseTooLarge(context: context, head: head)
+            } else {
+                state = .receiving(head, context.channel.allocator.buffer(capacity: 0))
+            }
+        case .body(var chunk):
+            switch state {
+            case .draining(let dropped):
+                state = .draining(dropped + chunk.readableBytes)
+                if dropped + chunk.readableBytes > config.maxMessageBytes { context.close(promise: nil) }
+            case .receiving(let head, var body):
+                if body.readableBytes + chunk.readableBytes > config.maxMessageBytes {
+                    refuseTooLarge(context: context, head: head)
+                } else {
+                    state = .idle
+                    body.writeBuffer(&chunk)
+                    state = .receiving(head, body)
+                }
+            case .idle, .rejected:
+                break
+            }
+        case .end:
+            deadline.requestReceived()
+            let read = state
+            state = .idle
+            switch read {
+            case .receiving(let head, let body):
+                context.fireChannelRead(wrapInboundOut(HTTPRequest(head: head, body: body)))
+            case .rejected(let head, let error):
+                let request = HTTPRequest(head: head, body: ByteBuffer())
+                context.writeResponse(.error(error, requestId: request.requestId), to: request, forceClose: true)
+            case .draining:
+                context.close(promise: nil)
+            case .idle:
+                break
+            }
+        }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        guard event as? RequestDeadline.Passed == .body else { return context.fireUserInboundEventTriggered(event) }
+        // The body did not arrive in time, however the bytes trickled: 408, then closed.
+        switch state {
+        case .receiving(let head, _), .rejected(let head, _):
+            state = .draining(0)
+            let request = HTTPRequest(head: head, body: ByteBuffer())
+            context.writeResponse(.error(ApiError(.requestTimeout, "the request body did not arrive in time"), requestId: request.requestId),
+                                  to: request, forceClose: true)
+        case .draining, .idle:
+            context.close(promise: nil)
+        }
+    }
+
+    /// `413` as soon as the body is known to be too large, without reading the rest first; the connection
+    /// closes after the rest is dropped.
+    private func refuseTooLarge(context: ChannelHandlerContext, head: HTTPRequestHead) {
+        let request = HTTPRequest(head: head, body: ByteBuffer())
+        let error = ApiError(.payloadTooLarge, "request body is larger than \(config.maxMessageBytes) bytes")
+        context.writeResponse(.error(error, requestId: request.requestId), to: request, forceClose: true, closeAfter: false)
+        state = .draining(0)
+    }
+
+    /// URI length, header count and size limits; nil when the head is within them.
+    private func limitError(_ head: HTTPRequestHead) -> ApiError? {
+        if head.uri.utf8.count > config.maxURILength {
+            return ApiError(.uriTooLong, "the request target is longer than \(config.maxURILength) bytes")
+        }
+        if head.headers.count > config.maxHeaderCount {
+            return ApiError(.headersTooLarge, "more than \(config.maxHeaderCount) header fields")
+        }
+        var bytes = 0
+        for (name, value) in head.headers { bytes += name.utf8.count + value.utf8.count + 4 }
+        if bytes > config.maxHeaderBytes {
+            return ApiError(.headersTooLarge, "the header fields are larger than \(config.maxHeaderBytes) bytes")
+        }
+        return nil
+    }
+}
+
+/// Admits a complete request, or answers it with the error: a connection past its address's cap (every
+/// request refused, then closed), the per-connection request rate (429, closed), an origin not allowed
+/// (403), a body that is not JSON (415).
+final class RequestGate: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPRequest
+    typealias InboundOut = HTTPRequest
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private let config: GatewayConfig
+    private let refusal: ApiError?
+    /// Requests this connection may still make (`connectionRequestRate` per second).
+    private var requests: TokenBucket
+
+    init(config: GatewayConfig, refusal: ApiError? = nil) {
+        self.config = config
+        self.refusal = refusal
+        self.requests = TokenBucket(rate: config.connectionRequestRate, burst: config.connectionRequestBurst)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let request = unwrapInboundIn(data)
+        if let (error, close) = refusal(of: request) {
+            return context.writeResponse(.error(error, requestId: request.requestId), to: request, forceClose: close)
+        }
+        context.fireChannelRead(data)
+    }
+
+    /// Why `request` is not admitted (and whether the connection closes after the answer), or nil.
+    private func refusal(of request: HTTPRequest) -> (ApiError, Bool)? {
+        if let refusal { return (refusal, true) }
+        if !requests.take() { return (ApiError(.rateLimited, "too many requests on this connection", retryAfter: 1), true) }
+        let origin = request.headers.first(name: "origin")
+        if !config.allows(origin: origin) {
+            return (ApiError(.forbidden, "this origin is not allowed", details: ["origin": String((origin ?? "").prefix(100))]), false)
+        }
+        // A body is JSON: no Content-Type is taken as JSON, any other type is refused.
+        if request.body.readableBytes > 0, let type = request.headers.first(name: "content-type"),
+           type.split(separator: ";").first?.trimmingCharacters(in: .whitespaces).lowercased() != "application/json" {
+            return (ApiError(.unsupportedMediaType, "request bodies are application/json", details: ["content_type": String(type.prefix(100))]), false)
+        }
+        return nil
+    }
+}
+
+extension ChannelHandlerContext {
+    /// Writes a complete answer to `request` (in pieces of about 64 KiB), closing the connection after it when
+    /// the client asked, or `forceClose` (unless `closeAfter` is false: the caller closes later).
+    func writeResponse(_ response: HTTPResponse, to request: HTTPRequest, forceClose: Bool = false, closeAfter: Bool = true) {
+        guard channel.isActive else { return }
+        let close = forceClose || !request.keepAlive
+        var headers = HTTPHeaders()
+        headers.add(name: "Content-Type", value: response.contentType)
+        headers.add(name: "Content-Length", value: String(response.bodyBytes))
+        headers.add(name: "X-Request-Id", value: request.requestId)
+        for (name, value) in response.headers { headers.add(name: name, value: value) }
+        if close { headers.add(name: "Connection", value: "close") }
+        write(NIOAny(HTTPServerResponsePart.head(HTTPResponseHead(version: .http1_1, status: response.status, headers: headers))), promise: nil)
+        var piece = channel.allocator.buffer(capacity: min(response.bodyBytes, 64 * 1024))
+        for part in response.parts {
+            piece.writeString(part)
+            if piece.readableBytes >= 64 * 1024 {
+                write(NIOAny(HTTPServerResponsePart.body(.byteBuffer(piece))), promise: nil)
+                piece = channel.allocator.buffer(capacity: 64 * 1024)
+            }
+        }
+        if piece.readableBytes > 0 { write(NIOAny(HTTPServerResponsePart.body(.byteBuffer(piece))), promise: nil) }
+        let done = writeAndFlushWithFuture(NIOAny(HTTPServerResponsePart.end(nil)))
+        if close && closeAfter {
+            done.assumeIsolated().whenComplete { _ in self.close(promise: nil) }
+        }
+    }
+}
+
+/// Absolute deadlines for one request at a time, whatever the idle timer sees (it resets on every byte, so a
+/// client trickling a byte every few seconds would never trip it): the head must be complete
+/// `headerDeadlineSeconds` after the request's first byte, the body `bodyDeadlineSeconds` after the head.
+/// Sits before the HTTP decoder to see the first byte; `HTTPHandler` tells it when the head and the end came.
+/// Past the head's deadline it answers 408 itself (there is no request for the HTTP handlers yet); past the
+/// body's it fires `Passed.body` through the pipeline for `HTTPHandler` to answer.
+final class RequestDeadline: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+
+    enum Passed: Equatable { case head, body }
+    private enum Phase { case between, head, body, done }
+
+    private let headLimit: TimeAmount
+    private let bodyLimit: TimeAmount
+    private var phase = Phase.between
+    private var timer: Scheduled<Void>?
+    private var context: ChannelHandlerContext?
+
+    init(_ config: GatewayConfig) {
+        headLimit = .seconds(config.headerDeadlineSeconds)
+        bodyLimit = .seconds(config.bodyDeadlineSeconds)
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        timer?.cancel()
+        self.context = nil
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if phase == .between { arm(.head, headLimit) }
+        context.fireChannelRead(data)
+    }
+
+    /// The head is complete: the body's deadline starts.
+    func headReceived() {
+        if phase == .between || phase == .head { arm(.body, bodyLimit) }
+    }
+
+    /// The whole request is in: no deadline until the next request's first byte.
+    func requestReceived() {
+        timer?.cancel()
+        timer = nil
+        phase = .between
+    }
+
+    private func arm(_ next: Phase, _ limit: TimeAmount) {
+        guard let context else { return }
+        timer?.cancel()
+        phase = next
+        let passed: Passed = next == .head ? .head : .body
+        timer = context.eventLoop.scheduleTask(in: limit) { [weak self] in
+            guard let self, let context = self.context else { return }
+            self.phase = .done
+            guard passed == .head else { return context.fireUserInboundEventTriggered(passed) }
+            // No head yet, so no request for the HTTP handlers to answer: the 408 is written here, below them.
+            let requestId = GatewayApp.newRequestId()
+            let body = ApiError(.requestTimeout, "the request head did not arrive in time").envelopeJSON(requestId: requestId)
+            let answer = "HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\n"
+                + "X-Request-Id: \(requestId)\r\nConnection: close\r\n\r\n" + body
+            let channel = context.channel
+            context.writeAndFlush(NIOAny(ByteBuffer(string: answer))).whenComplete { _ in channel.close(promise: nil) }
+        }
+    }
+}
