@@ -7,13 +7,11 @@ public enum CommandID: Codable, Sendable, Hashable, CustomStringConvertible {
     case number(Double)
 
     public init(from decoder: any Decoder) throws {
-        let value = try decoder.singleValueContainer()
-        if let integer = try? value.decode(Int64.self) {
-            self = .integer(integer)
-        } else if let number = try? value.decode(Double.self) {
-            self = .number(number)
-        } else {
-            self = .string(try value.decode(String.self))
+        switch try JSONValue(from: decoder) {
+        case .integer(let n): self = .integer(n)
+        case .number(let n): self = .number(n)
+        case .string(let s): self = .string(s)
+        default: throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "an id is a string or a number"))
         }
     }
 
