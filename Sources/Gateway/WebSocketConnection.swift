@@ -118,12 +118,13 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
     /// Appends a frame to the batch's outbox, or writes it at once outside a read batch.
     private func reply(_ opcode: WireEncoding.Opcode, _ write: (inout ByteBuffer) -> Void, length: Int) {
         if inReadBatch {
-            var out = outbox ?? WireEncoding.allocator.buffer(capacity: max(512, length + 10))
+            // In chunks of a fixed capacity (a buffer that grew would hold up to twice its bytes), written as
+            // each fills, so that the connection's queue (and its writability) sees them within a batch too.
+            if let out = outbox, out.writableBytes < length + 10 { flushOutbox() }
+            var out = outbox ?? WireEncoding.allocator.buffer(capacity: max(Self.outboxChunk, length + 10))
             WireEncoding.writeHeader(opcode, length: length, into: &out)
             write(&out)
             outbox = out
-            // In chunks, so that the connection's queue (and its writability) sees them within a batch too.
-            if out.readableBytes >= Self.outboxChunk { flushOutbox() }
             return
         }
         var out = WireEncoding.allocator.buffer(capacity: length + 10)

@@ -1,11 +1,15 @@
 import Foundation
+import Gateway
 import Testing
 
 /// A stream is checked (token, membership) before it is registered as live; a revocation or member removal
 /// that lands between the two must still end it (PROTOCOL.md §3: within one second).
 @Suite(.serialized) struct RegistrationRaceTests {
+    /// More streams of one user than the default per-user cap (100): the cap is off here, the race is the point.
+    static func uncapped(_ config: inout GatewayConfig) { config.maxStreamsPerUser = 0 }
+
     @Test func revocationRacingWithTwoHundredConnectsLeavesNoSessionAlive() async throws {
-        try await withTestGateway { gateway in
+        try await withTestGateway(configure: Self.uncapped) { gateway in
             let port = gateway.port
             let admin = try await gateway.token()
             let token = try await gateway.verifier.mint(sub: "racer", roles: [], ttl: 3600, sid: "s-race")
@@ -43,7 +47,7 @@ import Testing
     }
 
     @Test func memberRemovalRacingWithEventStreamConnectsLeavesNoStreamOpen() async throws {
-        try await withTestGateway { gateway in
+        try await withTestGateway(configure: Self.uncapped) { gateway in
             let port = gateway.port
             let alice = try await gateway.token("alice", roles: [])
             let bob = try await gateway.token("bob", roles: [])
