@@ -303,11 +303,8 @@ struct ClientSession {
         return [.close(reason)]
     }
 
+    /// A reader's code is one of the registry's (same raw value).
     private static func code(_ code: CommandError.Code) -> ApiError.Code {
-        switch code {
-        case .badRequest: .badRequest
-        case .unknownCommand: .unknownCommand
-        case .invalidCursor: .invalidCursor
-        }
+        ApiError.Code(rawValue: code.rawValue) ?? .badRequest
     }
 }

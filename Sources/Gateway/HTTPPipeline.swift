@@ -198,7 +198,7 @@ extension ChannelHandlerContext {
 /// `headerDeadlineSeconds` after the request's first byte, the body `bodyDeadlineSeconds` after the head.
 /// Sits before the HTTP decoder to see the first byte; `HTTPHandler` tells it when the head and the end came.
 /// Past the head's deadline it answers 408 itself (there is no request for the HTTP handlers yet); past the
-/// body's it fires `Passed.body` through the pipeline for `HTTPHandler` to answer.
+/// body's it fires `Passed.body` through the pipeline for `RequestReader` to answer.
 final class RequestDeadline: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer

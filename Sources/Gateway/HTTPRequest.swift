@@ -80,7 +80,6 @@ struct HTTPResponse: Sendable {
         self.parts = parts
     }
 
-    var body: String { parts.joined() }
     var bodyBytes: Int { parts.reduce(0) { $0 + $1.utf8.count } }
 
     static func json(_ status: HTTPResponseStatus, _ body: String, headers: [(String, String)] = []) -> HTTPResponse {
