@@ -28,6 +28,7 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
 
     private let app: GatewayApp
     private let context: ChannelHandlerContext
+    private let request: HTTPRequest
     private let requestId: String
     private var driver: SessionDriver!
     /// Answers the request when the stream is refused before it opened.
@@ -39,12 +40,13 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
     /// Only with a test fault (`swap`): a message delivered after the next one.
     private var heldForFault: ByteBuffer?
 
-    init(app: GatewayApp, actor: Actor, context: ChannelHandlerContext, requestId: String, refuse: @escaping (ApiError) -> Void) {
+    init(app: GatewayApp, actor: Actor, context: ChannelHandlerContext, request: HTTPRequest, refuse: @escaping (ApiError) -> Void) {
         self.app = app
         self.context = context
-        self.requestId = requestId
+        self.request = request
+        self.requestId = request.requestId
         self.refuse = refuse
-        self.driver = SessionDriver(app: app, actor: actor, kind: .serverSentEvents, eventLoop: context.eventLoop, requestId: requestId, transport: self)
+        self.driver = SessionDriver(app: app, actor: actor, kind: .serverSentEvents, eventLoop: context.eventLoop, logger: request.logger, transport: self)
     }
 
     func run(channel name: String, from start: ChannelService.StreamStart) {
@@ -58,6 +60,7 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
         if case .unsubscribed = reply { return end() }
         guard case .subscribed(_, _, let cursor) = reply, !opened, !ended else { return }
         opened = true
+        request.logAnswered(.ok, route: "/v1/channels/{channel}/events")
         var headers = HTTPHeaders()
         headers.add(name: "Content-Type", value: "text/event-stream")
         headers.add(name: "Cache-Control", value: "no-cache")
@@ -77,7 +80,7 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
     func fail(_ id: CommandID?, _ error: ApiError) {
         guard !ended else { return }
         if opened {
-            app.logger.warning("SSE stream failed", metadata: ["request-id": "\(requestId)", "error": "\(error.message)"])
+            driver.logger.warning("SSE stream failed", metadata: ["error": "\(error.message)"])
             return end()
         }
         stop()

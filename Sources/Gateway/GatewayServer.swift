@@ -200,7 +200,7 @@ public final class GatewayServer: Sendable {
                 try sync.addHandler(deadline, position: .first)
                 let refusal = ApiError(.rateLimited, "at most \(app.config.maxConnectionsPerIP) connections per client address",
                                        details: ["limit": String(app.config.maxConnectionsPerIP)], retryAfter: 1)
-                try sync.addHandlers(RequestReader(config: app.config, deadline: deadline), RequestGate(config: app.config, refusal: refusal), HTTPHandler(app: app))
+                try sync.addHandlers(RequestReader(config: app.config, deadline: deadline, logger: app.logger), RequestGate(config: app.config, refusal: refusal), HTTPHandler(app: app))
                 return
             }
         }
@@ -208,7 +208,7 @@ public final class GatewayServer: Sendable {
             maxFrameSize: app.config.maxMessageBytes,
             automaticErrorHandling: false,
             shouldUpgrade: { channel, head in
-                let request = HTTPRequest(head: head, body: ByteBuffer())
+                let request = HTTPRequest(head: head, body: ByteBuffer(), logger: app.logger)
                 // A browser page from an origin not allowed, or a malformed handshake, is refused (HTTPHandler answers
                 // 403, 400 or 426 with the envelope).
                 guard app.config.allows(origin: head.headers.first(name: "origin")), HTTPHandler.handshakeError(head.headers) == nil else {
@@ -222,12 +222,12 @@ public final class GatewayServer: Sendable {
                 switch request.path {
                 case ["v1", "echo"]:
                     guard app.config.echo else { return channel.eventLoop.makeSucceededFuture(nil) }
-                    upgrades.put(channel, .init(actor: nil, requestId: request.requestId, deflate: deflate))
+                    upgrades.put(channel, .init(actor: nil, request: request, deflate: deflate))
                     return channel.eventLoop.makeSucceededFuture(headers)
                 case ["v1", "ws"]:
                     return channel.eventLoop.makeFutureWithTask {
                         guard let actor = try? await app.authenticate(request.bearerToken) else { return nil }
-                        upgrades.put(channel, .init(actor: actor, requestId: request.requestId, deflate: deflate))
+                        upgrades.put(channel, .init(actor: actor, request: request, deflate: deflate))
                         return headers
                     }
                 default:
@@ -239,7 +239,7 @@ public final class GatewayServer: Sendable {
                     let sync = channel.pipeline.syncOperations
                     let upgrade = upgrades.take(channel)
                     if let upgrade, let actor = upgrade.actor {
-                        try sync.addHandler(WebSocketSession(app: app, actor: actor, requestId: upgrade.requestId, eventLoop: channel.eventLoop,
+                        try sync.addHandler(WebSocketSession(app: app, actor: actor, request: upgrade.request, eventLoop: channel.eventLoop,
                                                              deflate: upgrade.deflate))
                     } else {
                         try sync.addHandler(EchoSession(maxMessageBytes: app.config.maxMessageBytes, pingInterval: .seconds(app.config.wsPingSeconds),
@@ -261,7 +261,7 @@ public final class GatewayServer: Sendable {
         // between requests (WebSockets have their own pings; the handler leaves with the upgrade).
         try sync.addHandler(IdleStateHandler(readTimeout: .seconds(app.config.requestIdleSeconds)), position: .first)
         try sync.addHandler(deadline, position: .first)
-        try sync.addHandlers(RequestReader(config: app.config, deadline: deadline), RequestGate(config: app.config), HTTPHandler(app: app))
+        try sync.addHandlers(RequestReader(config: app.config, deadline: deadline, logger: app.logger), RequestGate(config: app.config), HTTPHandler(app: app))
         channel.closeFuture.whenComplete { _ in _ = upgrades.take(channel) }
     }
 
@@ -287,7 +287,8 @@ final class PendingUpgrades: Sendable {
     /// What the handshake decided, for the handler that takes over after the 101 (no actor: echo).
     struct Upgrade: Sendable {
         let actor: Actor?
-        let requestId: String
+        /// The handshake (its request id and logger).
+        let request: HTTPRequest
         let deflate: PermessageDeflate.Agreement?
     }
     private let pending = NIOLockedValueBox<[ObjectIdentifier: Upgrade]>([:])

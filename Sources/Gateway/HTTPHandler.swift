@@ -17,6 +17,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var responding = false
     /// The SSE stream or long-poll wait in progress, ended when the connection goes.
     private var live: (any ConnectionBoundStream)?
+    /// The template of the route being answered (for the access log line).
+    private var routeTemplate: String?
 
     init(app: GatewayApp) {
         self.app = app
@@ -24,6 +26,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         responding = true
+        routeTemplate = nil
         route(context: context, request: unwrapInboundIn(data))
     }
 
@@ -51,9 +54,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         case .methodNotAllowed:
             write(context: context, response: .error(ApiError(.methodNotAllowed, "method not allowed"), requestId: request.requestId), request: request)
         case .route(let route, let parameters):
-            var logger = app.logger
-            logger[metadataKey: "request-id"] = "\(request.requestId)"
-            let request = RequestContext(request: request, parameters: parameters, logger: logger, route: route.template)
+            routeTemplate = route.template
+            let request = RequestContext(request: request, parameters: parameters, route: route.template)
             let app = self.app
             switch route.action {
             case .immediate(let answer):
@@ -113,7 +115,10 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     func respond(context: ChannelHandlerContext, request: HTTPRequest, _ work: @escaping @Sendable () async throws(ApiError) -> HTTPResponse) {
         let promise = context.eventLoop.makePromise(of: HTTPResponse.self)
         promise.completeWithTask {
-            do throws(ApiError) { return try await work() } catch { return .error(error, requestId: request.requestId) }
+            do throws(ApiError) { return try await work() } catch {
+                if error.status >= 500 { request.logger.warning("request failed", metadata: ["code": "\(error.code.rawValue)", "error": "\(error.message)"]) }
+                return .error(error, requestId: request.requestId)
+            }
         }
         promise.futureResult.assumeIsolated().whenSuccess { response in
             self.write(context: context, response: response, request: request)
@@ -122,7 +127,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     func write(context: ChannelHandlerContext, response: HTTPResponse, request: HTTPRequest) {
         responding = false
-        context.writeResponse(response, to: request)
+        context.writeResponse(response, to: request, route: routeTemplate)
     }
 
     // MARK: long-poll and Server-Sent Events
@@ -149,7 +154,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     private func startLongPoll(context: ChannelHandlerContext, request: HTTPRequest, channel name: String) {
         let app = self.app
         startStream(context: context, request: request) { (actor, finish) throws(ApiError) in
-            let poll = LongPoll(app: app, actor: actor, parameters: try LongPoll.Parameters(request), requestId: request.requestId,
+            let poll = LongPoll(app: app, actor: actor, parameters: try LongPoll.Parameters(request), request: request,
                                 eventLoop: context.eventLoop, complete: finish)
             poll.run(channel: name)
             return poll
@@ -160,7 +165,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         let app = self.app
         startStream(context: context, request: request) { (actor, finish) throws(ApiError) in
             let start = try EventStream.start(request)
-            let stream = EventStream(app: app, actor: actor, context: context, requestId: request.requestId) {
+            let stream = EventStream(app: app, actor: actor, context: context, request: request) {
                 finish(.error($0, requestId: request.requestId))
             }
             stream.run(channel: name, from: start)

@@ -1,5 +1,6 @@
 import ChatDomain
 import Foundation
+import Logging
 import NIOCore
 import NIOHTTP1
 
@@ -29,10 +30,12 @@ final class RequestReader: ChannelInboundHandler, RemovableChannelHandler {
     private var state = State.idle
     private let config: GatewayConfig
     private let deadline: RequestDeadline
+    private let logger: Logger
 
-    init(config: GatewayConfig, deadline: RequestDeadline) {
+    init(config: GatewayConfig, deadline: RequestDeadline, logger: Logger) {
         self.config = config
         self.deadline = deadline
+        self.logger = logger
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -68,9 +71,9 @@ final class RequestReader: ChannelInboundHandler, RemovableChannelHandler {
             state = .idle
             switch read {
             case .receiving(let head, let body):
-                context.fireChannelRead(wrapInboundOut(HTTPRequest(head: head, body: body)))
+                context.fireChannelRead(wrapInboundOut(HTTPRequest(head: head, body: body, logger: logger)))
             case .rejected(let head, let error):
-                let request = HTTPRequest(head: head, body: ByteBuffer())
+                let request = HTTPRequest(head: head, body: ByteBuffer(), logger: logger)
                 context.writeResponse(.error(error, requestId: request.requestId), to: request, forceClose: true)
             case .draining:
                 context.close(promise: nil)
@@ -86,7 +89,7 @@ final class RequestReader: ChannelInboundHandler, RemovableChannelHandler {
         switch state {
         case .receiving(let head, _), .rejected(let head, _):
             state = .draining(0)
-            let request = HTTPRequest(head: head, body: ByteBuffer())
+            let request = HTTPRequest(head: head, body: ByteBuffer(), logger: logger)
             context.writeResponse(.error(ApiError(.requestTimeout, "the request body did not arrive in time"), requestId: request.requestId),
                                   to: request, forceClose: true)
         case .draining, .idle:
@@ -97,7 +100,7 @@ final class RequestReader: ChannelInboundHandler, RemovableChannelHandler {
     /// `413` as soon as the body is known to be too large, without reading the rest first; the connection
     /// closes after the rest is dropped.
     private func refuseTooLarge(context: ChannelHandlerContext, head: HTTPRequestHead) {
-        let request = HTTPRequest(head: head, body: ByteBuffer())
+        let request = HTTPRequest(head: head, body: ByteBuffer(), logger: logger)
         let error = ApiError(.payloadTooLarge, "request body is larger than \(config.maxMessageBytes) bytes")
         context.writeResponse(.error(error, requestId: request.requestId), to: request, forceClose: true, closeAfter: false)
         state = .draining(0)
@@ -167,7 +170,9 @@ final class RequestGate: ChannelInboundHandler, RemovableChannelHandler {
 extension ChannelHandlerContext {
     /// Writes a complete answer to `request` (in pieces of about 64 KiB), closing the connection after it when
     /// the client asked, or `forceClose` (unless `closeAfter` is false: the caller closes later).
-    func writeResponse(_ response: HTTPResponse, to request: HTTPRequest, forceClose: Bool = false, closeAfter: Bool = true) {
+    /// Writes a complete answer (in pieces of at most 64 KiB) and logs the request's access line.
+    func writeResponse(_ response: HTTPResponse, to request: HTTPRequest, route: String? = nil, forceClose: Bool = false, closeAfter: Bool = true) {
+        request.logAnswered(response.status, route: route)
         guard channel.isActive else { return }
         let close = forceClose || !request.keepAlive
         var headers = HTTPHeaders()

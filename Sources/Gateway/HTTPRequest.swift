@@ -1,5 +1,6 @@
 import ChatDomain
 import Foundation
+import Logging
 import NIOCore
 import NIOHTTP1
 
@@ -12,8 +13,13 @@ struct HTTPRequest: Sendable {
     let body: ByteBuffer
     let requestId: String
     let keepAlive: Bool
+    /// Every line logged for this request carries its id (`request-id` metadata).
+    let logger: Logger
+    let receivedAt: NIODeadline
 
-    init(head: HTTPRequestHead, body: ByteBuffer) {
+    /// `logger`: the instance's logger, to which the request's id is added.
+    init(head: HTTPRequestHead, body: ByteBuffer, logger: Logger) {
+        self.receivedAt = .now()
         self.method = head.method
         let uri = head.uri
         let pathPart: Substring
@@ -40,6 +46,17 @@ struct HTTPRequest: Sendable {
         self.body = body
         self.requestId = GatewayApp.requestId(from: head.headers.first(name: "x-request-id"))
         self.keepAlive = head.isKeepAlive
+        var logger = logger
+        logger[metadataKey: "request-id"] = "\(requestId)"
+        self.logger = logger
+    }
+
+    /// The access log line of a request answered with `status` (info): method, route template (never the
+    /// target, whose query may hold a token), status and duration.
+    func logAnswered(_ status: HTTPResponseStatus, route: String?) {
+        let micros = (NIODeadline.now() - receivedAt).nanoseconds / 1000
+        logger.info("request", metadata: ["method": "\(method.rawValue)", "route": "\(route ?? "-")", "status": "\(status.code)",
+                                          "duration_ms": "\(Double(micros) / 1000)"])
     }
 
     /// `Authorization: Bearer …`, else `?access_token=`.

@@ -39,13 +39,13 @@ final class LongPoll: HubSubscriber, SessionTransport, ConnectionBoundStream, @u
     private var timedOut = false
     private var timer: Scheduled<Void>?
 
-    init(app: GatewayApp, actor: Actor, parameters: Parameters, requestId: String, eventLoop: any EventLoop, complete: @escaping (HTTPResponse) -> Void) {
+    init(app: GatewayApp, actor: Actor, parameters: Parameters, request: HTTPRequest, eventLoop: any EventLoop, complete: @escaping (HTTPResponse) -> Void) {
         self.app = app
         self.parameters = parameters
-        self.requestId = requestId
+        self.requestId = request.requestId
         self.eventLoop = eventLoop
         self.complete = complete
-        self.driver = SessionDriver(app: app, actor: actor, kind: .longPoll, eventLoop: eventLoop, requestId: requestId, transport: self)
+        self.driver = SessionDriver(app: app, actor: actor, kind: .longPoll, eventLoop: eventLoop, logger: request.logger, transport: self)
     }
 
     func run(channel name: String) {

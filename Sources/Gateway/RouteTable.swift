@@ -7,11 +7,12 @@ import NIOHTTP1
 struct RequestContext: Sendable {
     let request: HTTPRequest
     let parameters: [String: String]
-    let logger: Logger
     /// The route template that matched (for logs and metrics), e.g. `/v1/channels/{channel}/messages`.
     let route: String
 
     var requestId: String { request.requestId }
+    /// Carries the request id: every line logged for the request goes through it.
+    var logger: Logger { request.logger }
     subscript(_ name: String) -> String { parameters[name] ?? "" }
 }
 

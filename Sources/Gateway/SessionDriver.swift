@@ -1,6 +1,7 @@
 import Auth
 import ChatDomain
 import Foundation
+import Logging
 import NIOCore
 import Wire
 
@@ -28,7 +29,8 @@ final class SessionDriver: LiveStream, @unchecked Sendable {  // state only touc
 
     let kind: Kind
     let eventLoop: any EventLoop
-    let requestId: String
+    /// Carries the request id of the request that started the session.
+    let logger: Logger
     private let app: GatewayApp
     private var session: ClientSession
     private weak var transport: (any SessionTransport)?
@@ -36,11 +38,11 @@ final class SessionDriver: LiveStream, @unchecked Sendable {  // state only touc
     private var started = false
     private var released = false
 
-    init(app: GatewayApp, actor: Actor, kind: Kind, eventLoop: any EventLoop, requestId: String, transport: any SessionTransport) {
+    init(app: GatewayApp, actor: Actor, kind: Kind, eventLoop: any EventLoop, logger: Logger, transport: any SessionTransport) {
         self.app = app
         self.kind = kind
         self.eventLoop = eventLoop
-        self.requestId = requestId
+        self.logger = logger
         self.transport = transport
         let config = app.config
         self.session = ClientSession(actor: actor, limits: ClientSession.Limits(
@@ -135,7 +137,7 @@ final class SessionDriver: LiveStream, @unchecked Sendable {  // state only touc
             expiry?.cancel()
             if reason == .slowConsumer {
                 app.counters.add("slow_consumer_closes")
-                app.logger.info("closing slow consumer", metadata: ["request-id": "\(requestId)", "transport": "\(kind.rawValue)"])
+                logger.info("closing slow consumer", metadata: ["transport": "\(kind.rawValue)"])
             }
             if reason == .rateLimited { app.counters.add("rate_limited") }
             transport?.close(reason)

@@ -19,6 +19,8 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
     private var forcedClose: Scheduled<Void>?
     /// Set once a close frame was sent: nothing but the peer's close is read after it.
     private(set) var closing = false
+    /// The close code sent (or the peer's, when it closed first); nil while open or when dropped without one.
+    private(set) var closeCode: UInt16?
     var context: ChannelHandlerContext?
     /// Where frame bytes are written: the frame encoder's context, whose writes go straight to the socket.
     private var output: ChannelHandlerContext?
@@ -151,6 +153,7 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
             unansweredPings = 0
         case .close(let code):
             closing = true
+            closeCode = code ?? 1005
             connectionEnded()
             flushOutbox()
             let closeReply = code.map { WireEncoding.closeFrame(code: $0) } ?? WireEncoding.frame(.close, payload: ByteBuffer())
@@ -187,6 +190,7 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
             return
         }
         closing = true
+        closeCode = code
         connectionEnded()
         flushOutbox()  // what was answered before the close goes before it
         _ = writeAndFlushFrame(WireEncoding.closeFrame(code: code, reason: reason))

@@ -71,6 +71,11 @@ final class RawWebSocketClient: @unchecked Sendable {  // used from one test tas
         return collected.withLockedValue { $0 }
     }
 
+    /// Closes the connection (no close handshake).
+    func close() async {
+        try? await channel.close()
+    }
+
     /// Everything received so far.
     var received: [UInt8] { collected.withLockedValue { $0 } }
 

@@ -204,12 +204,13 @@ final class GatewayProcess: @unchecked Sendable {  // used from one test task
         URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("gateway").path
     }
 
-    static func start(environment: [String: String] = [:]) async throws -> GatewayProcess {
+    /// `log`: where the process's standard output and error go.
+    static func start(environment: [String: String] = [:], log: String = "/dev/null") async throws -> GatewayProcess {
         let port = TestServices.freePort()
         let dataDir = FileManager.default.temporaryDirectory.appendingPathComponent("gw-proc-\(UUID().uuidString)").path
         let process = try TestServices.spawn(binary, ["serve"], environment:
             ["GATEWAY_PORT": String(port), "GATEWAY_JWT_SECRET": TestGateway.secret, "GATEWAY_DATA_DIR": dataDir,
-             "GATEWAY_LOG_LEVEL": "error"].merging(environment) { $1 }, log: "/dev/null")
+             "GATEWAY_LOG_LEVEL": "error"].merging(environment) { $1 }, log: log)
         let gateway = GatewayProcess(port: port, process: process, dataDir: dataDir)
         do {
             try await eventually("gateway process ready") {
@@ -230,10 +231,13 @@ final class GatewayProcess: @unchecked Sendable {  // used from one test task
     }
 
     /// Resident memory of the gateway process.
-    var residentBytes: Int {
+    var residentBytes: Int { memory("VmRSS") }
+
+    /// One field of `/proc/PID/status` in bytes (`VmRSS`, `RssAnon`: the heap and stacks, `RssFile`: mapped code).
+    func memory(_ field: String) -> Int {
         let status = (try? String(contentsOfFile: "/proc/\(process.pid)/status", encoding: .utf8)) ?? ""
-        for line in status.split(separator: "\n") where line.hasPrefix("VmRSS:") {
-            return (Int(line.split(separator: " ")[1]) ?? 0) * 1024
+        for line in status.split(separator: "\n") where line.hasPrefix(field + ":") {
+            return (Int(line.split(separator: " ", omittingEmptySubsequences: true)[1]) ?? 0) * 1024
         }
         return 0
     }
@@ -243,13 +247,14 @@ final class GatewayProcess: @unchecked Sendable {  // used from one test task
         try await HTTPTestClient.metric(name, port: port)
     }
 
-    /// Runs `body` while sampling the process's resident memory; returns its result and the peak growth.
-    func residentGrowth<T: Sendable>(during body: () async throws -> T) async throws -> (T, Int) {
-        let before = residentBytes
+    /// Runs `body` while sampling the process's resident memory (`field` of `/proc/PID/status`, every 5 ms);
+    /// returns its result and the peak growth.
+    func residentGrowth<T: Sendable>(of field: String = "VmRSS", during body: () async throws -> T) async throws -> (T, Int) {
+        let before = memory(field)
         let peak = NIOLockedValueBox(before)
         let sampler = Task {
             while !Task.isCancelled {
-                let now = self.residentBytes
+                let now = self.memory(field)
                 peak.withLockedValue { $0 = max($0, now) }
                 try? await Task.sleep(for: .milliseconds(5))
             }

@@ -25,7 +25,8 @@ final class WSTestClient: @unchecked Sendable {  // used from one test task at a
     private(set) var closeCode: UInt16?
     private var fragments: ByteBuffer?
 
-    static func connect(port: Int, token: String?, path: String = "/v1/ws", extensions offer: String? = nil) async throws -> WSTestClient {
+    static func connect(port: Int, token: String?, path: String = "/v1/ws", extensions offer: String? = nil,
+                        headers extra: [(String, String)] = []) async throws -> WSTestClient {
         let upgrade: EventLoopFuture<Upgrade> = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .connect(host: "127.0.0.1", port: port) { channel in
                 channel.eventLoop.makeCompletedFuture {
@@ -39,6 +40,7 @@ final class WSTestClient: @unchecked Sendable {  // used from one test task at a
                     headers.add(name: "Host", value: "127.0.0.1:\(port)")
                     if let token { headers.add(name: "Authorization", value: "Bearer \(token)") }
                     if let offer { headers.add(name: "Sec-WebSocket-Extensions", value: offer) }
+                    for (name, value) in extra { headers.add(name: name, value: value) }
                     let head = HTTPRequestHead(version: .http1_1, method: .GET, uri: path, headers: headers)
                     let config = NIOTypedHTTPClientUpgradeConfiguration<Upgrade>(
                         upgradeRequestHead: head, upgraders: [upgrader],
