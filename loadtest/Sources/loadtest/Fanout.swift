@@ -1,0 +1,288 @@
+import ArgumentParser
+import Auth
+import Foundation
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+
+/// `loadtest fanout`: the benchmark of one channel's fan-out — N WebSocket subscribers on one channel, one
+/// publisher at a fixed rate, against the gateway or (for comparison, same harness) Nchan. The clients only
+/// count frames (no JSON parsing, so that they are not the limit) and the server processes' CPU time is
+/// read from `/proc` over the publishing window: server CPU µs per delivery. Prints one `RESULT` line.
+struct Fanout: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "fanout",
+        abstract: "Fan-out benchmark: N WebSocket subscribers on one channel, server CPU per delivery (gateway or Nchan).")
+
+    enum Target: String, ExpressibleByArgument { case gateway, nchan }
+
+    @Option(help: "gateway (/v1/ws + subscribe, REST publish) or nchan (/sub/<ch>, POST /pub/<ch>).") var target = Target.gateway
+    @Option(name: .customLong("url"), help: "Server (repeat: subscribers spread over them; the publisher uses the first).") var urls: [String] = []
+    @Option(help: "Subscribers.") var subscribers = 1000
+    @Option(help: "Messages per second.") var rate = 100.0
+    @Option(help: "Seconds of publishing.") var duration = 10.0
+    @Option(help: "Body bytes (about).") var size = 100
+    @Option(help: "HS256 secret to mint tokens (gateway; default GATEWAY_JWT_SECRET).") var secret: String?
+    @Option(help: "Comma-separated pids of the server's processes, whose CPU time is measured.") var pids = ""
+    @Option(help: "Client event loop threads.") var threads = 1
+
+    func run() async throws {
+        let endpoints = urls.compactMap(Endpoint.init(url:))
+        guard !endpoints.isEmpty, endpoints.count == urls.count else { throw ValidationError("give --url http://host:port") }
+        let serverPids = pids.split(separator: ",").compactMap { Int32($0) }
+        var token = ""
+        if target == .gateway {
+            guard let secret = secret ?? ProcessInfo.processInfo.environment["GATEWAY_JWT_SECRET"] else { throw ValidationError("give --secret") }
+            token = try await TokenVerifier(hs256Secret: secret).mint(sub: "fanout", roles: ["service"], ttl: 3600)
+        }
+        let channel = "fanout\(UInt32.random(in: 0...UInt32.max))"
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, threads))
+        defer { try? group.syncShutdownGracefully() }
+
+        // Subscribers, connected a few hundred at a time.
+        var counters: [FrameCounter] = []
+        var connections: [any Channel] = []
+        for batch in stride(from: 0, to: subscribers, by: 200) {
+            let made = try await withThrowingTaskGroup(of: (FrameCounter, any Channel).self) { tasks in
+                for i in batch..<min(subscribers, batch + 200) {
+                    let endpoint = endpoints[i % endpoints.count]
+                    tasks.addTask { try await Self.subscribe(endpoint, target: target, channel: channel, token: token, group: group) }
+                }
+                return try await tasks.reduce(into: []) { $0.append($1) }
+            }
+            counters += made.map(\.0)
+            connections += made.map(\.1)
+        }
+        for counter in counters { try await counter.ready.futureResult.get() }
+        try await Task.sleep(for: .milliseconds(500))
+
+        let publisher = try await Publisher.connect(endpoints[0], target: target, channel: channel, token: token, size: size, group: group)
+        let expected = Int(rate * duration) * subscribers
+        let cpuBefore = Self.cpuSeconds(serverPids)
+        let clientBefore = Self.ownCPUSeconds()
+        let start = NIODeadline.now()
+        try await publisher.publish(rate: rate, duration: duration)
+        // Until every delivery arrived, or 10 s more.
+        var delivered = 0
+        let drainEnd = NIODeadline.now() + .seconds(10)
+        repeat {
+            try await Task.sleep(for: .milliseconds(100))
+            delivered = try await Self.total(counters)
+        } while delivered < expected && NIODeadline.now() < drainEnd
+        let elapsed = Double((NIODeadline.now() - start).nanoseconds) / 1e9
+        let cpu = Self.cpuSeconds(serverPids) - cpuBefore
+        let clientCPU = Self.ownCPUSeconds() - clientBefore
+        let acked = publisher.acked.withLockedValue { $0 }
+        for connection in connections { connection.close(promise: nil) }
+        try? await publisher.channel.close()
+
+        let perDelivery = delivered > 0 ? cpu / Double(delivered) * 1e6 : 0
+        print(String(format: "%@ fan-out, %d WebSocket subscribers, %.0f msgs/s for %.0f s: %d of %d deliveries (%d publishes acked), %.0f deliveries/s; server CPU %.2f s = %.2f µs/delivery; load generator CPU %.2f s (%.0f%% of one core)",
+                     target.rawValue, subscribers, rate, duration, delivered, expected, acked, Double(delivered) / elapsed, cpu, perDelivery,
+                     clientCPU, clientCPU / elapsed * 100))
+        print("RESULT target=\(target.rawValue) subscribers=\(subscribers) deliveries=\(delivered) expected=\(expected) per_s=\(Int(Double(delivered) / elapsed)) cpu_us_per_delivery=\(String(format: "%.3f", perDelivery)) client_cpu_share=\(String(format: "%.2f", clientCPU / elapsed))")
+        if delivered < expected { throw ExitCode(1) }
+    }
+
+    static func total(_ counters: [FrameCounter]) async throws -> Int {
+        var sum = 0
+        for counter in counters { sum += try await counter.loop.submit { counter.frames }.get() }
+        return sum
+    }
+
+    /// utime + stime of the processes (from `/proc/PID/stat`), in seconds.
+    static func cpuSeconds(_ pids: [Int32]) -> Double {
+        let ticks = Double(sysconf(Int32(_SC_CLK_TCK)))
+        var total = 0.0
+        for pid in pids {
+            guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+                  let close = stat.lastIndex(of: ")") else { continue }
+            let fields = stat[stat.index(after: close)...].split(separator: " ")
+            // After the command: state(0) … utime(11) stime(12).
+            if fields.count > 12, let user = Double(fields[11]), let system = Double(fields[12]) { total += (user + system) / ticks }
+        }
+        return total
+    }
+
+    static func ownCPUSeconds() -> Double {
+        var usage = rusage()
+        getrusage(RUSAGE_SELF, &usage)
+        return Double(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) + Double(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6
+    }
+
+    static func subscribe(_ endpoint: Endpoint, target: Target, channel: String, token: String,
+                          group: any EventLoopGroup) async throws -> (FrameCounter, any Channel) {
+        let loop = group.next()
+        let counter = FrameCounter(loop: loop, waitForReply: target == .gateway)
+        let connection = try await ClientBootstrap(group: loop)
+            .channelInitializer { $0.eventLoop.makeCompletedFuture { try $0.pipeline.syncOperations.addHandler(counter) } }
+            .connect(host: endpoint.host, port: endpoint.port).get()
+        let path = target == .gateway ? "/v1/ws" : "/sub/\(channel)"
+        var request = "GET \(path) HTTP/1.1\r\nHost: \(endpoint)\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            + "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        if target == .gateway { request += "Authorization: Bearer \(token)\r\n" }
+        var bytes = ByteBuffer(string: request + "\r\n")
+        if target == .gateway { bytes.writeImmutableBuffer(FrameCounter.maskedText("{\"type\":\"subscribe\",\"channel\":\"topic:\(channel)\"}")) }
+        try await connection.writeAndFlush(bytes)
+        return (counter, connection)
+    }
+}
+
+/// Counts the text frames a server sends after its `101`, reading only frame headers.
+final class FrameCounter: ChannelInboundHandler, @unchecked Sendable {  // state only touched on `loop`
+    typealias InboundIn = ByteBuffer
+    let loop: any EventLoop
+    let ready: EventLoopPromise<Void>
+    private let waitForReply: Bool
+    private var head = ByteBuffer()
+    private var upgraded = false
+    private var partial = ByteBuffer()
+    private var skip = 0
+    private(set) var frames = 0
+    private var readyDone = false
+
+    init(loop: any EventLoop, waitForReply: Bool) {
+        self.loop = loop
+        self.ready = loop.makePromise()
+        self.waitForReply = waitForReply
+    }
+
+    static func maskedText(_ text: String) -> ByteBuffer {
+        let payload = Array(text.utf8)
+        var buffer = ByteBuffer()
+        buffer.writeInteger(UInt8(0x81))
+        if payload.count < 126 { buffer.writeInteger(UInt8(0x80 | payload.count)) } else { buffer.writeInteger(UInt8(0x80 | 126)); buffer.writeInteger(UInt16(payload.count)) }
+        buffer.writeBytes([0, 0, 0, 0])  // a zero mask: the payload as is
+        buffer.writeBytes(payload)
+        return buffer
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var bytes = unwrapInboundIn(data)
+        if !upgraded {
+            head.writeBuffer(&bytes)
+            guard let end = head.readableBytesView.firstRange(of: Array("\r\n\r\n".utf8)) else { return }
+            let status = String(decoding: head.readableBytesView.prefix(12), as: UTF8.self)
+            guard status.hasPrefix("HTTP/1.1 101") else {
+                ready.fail(ClientError(description: "upgrade refused: \(status)"))
+                context.close(promise: nil)
+                return
+            }
+            upgraded = true
+            head.moveReaderIndex(to: end.upperBound)
+            bytes = head
+            head = ByteBuffer()
+            if !waitForReply { ready.succeed() }
+        }
+        count(&bytes)
+    }
+
+    private func count(_ bytes: inout ByteBuffer) {
+        if partial.readableBytes > 0 {
+            partial.writeBuffer(&bytes)
+            bytes = partial
+            partial = ByteBuffer()
+        }
+        while bytes.readableBytes > 0 {
+            if skip > 0 {
+                let n = min(skip, bytes.readableBytes)
+                bytes.moveReaderIndex(forwardBy: n)
+                skip -= n
+                continue
+            }
+            let view = bytes.readableBytesView
+            guard view.count >= 2 else { break }
+            let first = view[view.startIndex], second = view[view.startIndex + 1] & 0x7F
+            var headerLength = 2
+            var length = Int(second)
+            if second == 126 {
+                guard view.count >= 4 else { break }
+                length = Int(view[view.startIndex + 2]) << 8 | Int(view[view.startIndex + 3])
+                headerLength = 4
+            } else if second == 127 {
+                guard view.count >= 10 else { break }
+                length = (0..<8).reduce(0) { $0 << 8 | Int(view[view.startIndex + 2 + $1]) }
+                headerLength = 10
+            }
+            bytes.moveReaderIndex(forwardBy: headerLength)
+            skip = length
+            if first & 0x0F == 0x1 {
+                if waitForReply && !readyDone {
+                    readyDone = true  // the `subscribed` reply
+                    ready.succeed()
+                } else {
+                    frames += 1
+                }
+            }
+        }
+        if bytes.readableBytes > 0 { partial = bytes }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        ready.fail(error)
+        context.close(promise: nil)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        ready.fail(ClientError(description: "connection closed"))
+    }
+}
+
+/// One HTTP/1.1 keep-alive connection that POSTs messages at a fixed rate (pipelined), counting 2xx answers.
+final class Publisher: ChannelInboundHandler, @unchecked Sendable {  // written on its loop
+    typealias InboundIn = ByteBuffer
+    let channel: any Channel
+    let acked = NIOLockedValueBox(0)
+    private let request: (Int) -> ByteBuffer
+    private var pending = ""
+
+    private init(channel: any Channel, request: @escaping (Int) -> ByteBuffer) {
+        self.channel = channel
+        self.request = request
+    }
+
+    static func connect(_ endpoint: Endpoint, target: Fanout.Target, channel name: String, token: String, size: Int,
+                        group: any EventLoopGroup) async throws -> Publisher {
+        let pad = String(repeating: "x", count: max(0, size - 40))
+        let path = target == .gateway ? "/v1/channels/topic:\(name)/messages" : "/pub/\(name)"
+        let auth = target == .gateway ? "Authorization: Bearer \(token)\r\n" : ""
+        let request: (Int) -> ByteBuffer = { n in
+            let body = target == .gateway ? "{\"body\":{\"n\":\(n),\"pad\":\"\(pad)\"}}" : "{\"n\":\(n),\"pad\":\"\(pad)\"}"
+            return ByteBuffer(string: "POST \(path) HTTP/1.1\r\nHost: \(endpoint)\r\n\(auth)Content-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)")
+        }
+        let connection = try await ClientBootstrap(group: group)
+            .connect(host: endpoint.host, port: endpoint.port).get()
+        let publisher = Publisher(channel: connection, request: request)
+        try await connection.pipeline.addHandler(publisher).get()
+        return publisher
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        pending += String(buffer: unwrapInboundIn(data))
+        var answered = 0
+        while let range = pending.range(of: "HTTP/1.1 2") {
+            answered += 1
+            pending = String(pending[range.upperBound...])
+        }
+        if pending.count > 64 * 1024 { pending = String(pending.suffix(64)) }
+        if answered > 0 { acked.withLockedValue { $0 += answered } }
+    }
+
+    /// Sends `rate` requests a second for `duration` seconds, in 10 ms ticks.
+    func publish(rate: Double, duration: Double) async throws {
+        let start = NIODeadline.now()
+        var sent = 0
+        let total = Int(rate * duration)
+        while sent < total {
+            let elapsed = Double((NIODeadline.now() - start).nanoseconds) / 1e9
+            let due = min(total, Int(elapsed * rate) + 1)
+            if due > sent {
+                var batch = ByteBuffer()
+                for n in sent..<due { var one = request(n); batch.writeBuffer(&one) }
+                sent = due
+                try await channel.writeAndFlush(batch)
+            }
+            try await Task.sleep(for: .milliseconds(10))
+        }
+    }
+}
