@@ -68,10 +68,10 @@ done
 echo "== fan-out: one channel, WebSocket subscribers, 100-byte bodies, ${SECONDS_EACH} s each (server CPU from /proc) =="
 for case in $CASES; do
   subs=${case%%:*}; rate=${case##*:}
-  g=$("$LOADTEST" fanout --target gateway --url "http://127.0.0.1:$GW_PORT" --subscribers "$subs" --rate "$rate" \
+  g=$("$LOADTEST" fanout --target gateway --server "http://127.0.0.1:$GW_PORT" --subscribers "$subs" --rate "$rate" \
         --duration "$SECONDS_EACH" --pids "$GW_PID" 2>&1) || true
   echo "$g" | grep -v '^RESULT' || true
-  n=$("$LOADTEST" fanout --target nchan --url "http://127.0.0.1:${N_PORTS[0]}" --url "http://127.0.0.1:${N_PORTS[1]}" \
+  n=$("$LOADTEST" fanout --target nchan --server "http://127.0.0.1:${N_PORTS[0]}" --server "http://127.0.0.1:${N_PORTS[1]}" \
         --subscribers "$subs" --rate "$rate" --duration "$SECONDS_EACH" --pids "$NCHAN_PIDS" 2>&1) || true
   echo "$n" | grep -v '^RESULT' || true
   gus=$(echo "$g" | sed -n 's/.*cpu_us_per_delivery=\([0-9.]*\).*/\1/p'); nus=$(echo "$n" | sed -n 's/.*cpu_us_per_delivery=\([0-9.]*\).*/\1/p')

@@ -72,6 +72,15 @@ public struct GaplessSequencer<Element: Sequenced> {
     }
 
     /// A live element arrived.
+    /// `acceptNext` for the consecutive run `first`…`last` at once: true (and `last` is the new position) when
+    /// the run starts exactly after the position and nothing is being read.
+    public mutating func acceptRun(first: Int64, last: Int64) -> Bool {
+        guard !isReading, first == self.last + 1, last >= first else { return false }
+        self.last = last
+        return true
+    }
+
+    /// A live element arrived.
     public mutating func receive(_ element: Element) -> Step {
         if positioned && element.seq <= last { return .none }
         if !isReading {

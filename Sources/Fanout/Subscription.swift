@@ -4,12 +4,13 @@ import NIOCore
 /// Where a subscription's messages go: one client connection. Every call is made on the connection's
 /// event loop.
 public protocol SubscriptionSink: AnyObject {
-    /// Queues one encoded message (not flushed); `promise`, when given, completes once the bytes reached the
+    /// Queues encoded messages (not flushed); `promise`, when given, completes once the bytes reached the
     /// socket (how catch-up pages are paced).
-    func write(_ bytes: ByteBuffer, message: Message, promise: EventLoopPromise<Void>?)
+    func write(_ bytes: ByteBuffer, promise: EventLoopPromise<Void>?)
     /// Flushes what was queued.
     func flush()
-    /// Whether the connection's queue is under its send budget.
+    /// Whether the connection's queue is under its send budget (kept by the connection as NIO reports
+    /// changes: read for every delivery, so it must be a stored value, not a walk to the socket).
     var isWritable: Bool { get }
     /// The client fell further behind than its budget (live, or while catching up).
     func slowConsumer()
@@ -76,15 +77,21 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
         if machine.cancel() { hub.unsubscribe(channel, self) }
     }
 
-    public func hubDelivered(_ messages: [EncodedMessage]) {
+    public func hubDelivered(_ batch: EncodedBatch) {
         guard !machine.isEnded, let sink else { return }
         let writable = sink.isWritable
+        // The per-subscriber path: the shared bytes, no allocation. A batch taken whole is one write.
+        if let format, let joined = batch.joined(format), machine.acceptLiveRun(first: batch.first, last: batch.last, writable: writable) {
+            sink.write(joined, promise: nil)
+            sink.flush()
+            return
+        }
+        let messages = batch.messages
         var wrote = false
         for index in messages.indices {
             let message = messages[index]
-            // The per-message, per-subscriber path: the shared bytes, no allocation.
             if let format, let bytes = message.bytes(format), machine.acceptLive(message, writable: writable) {
-                sink.write(bytes, message: message.message, promise: nil)
+                sink.write(bytes, promise: nil)
                 wrote = true
                 continue
             }
@@ -109,7 +116,7 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
             // that reads keeps the queue short, and one that stops reading stops the catch-up.
             let promise = actions.readWhenFlushed != nil && !actions.write.isEmpty ? eventLoop.makePromise(of: Void.self) : nil
             for (index, message) in actions.write.enumerated() {
-                sink.write(message.bytes(format) ?? hub.encoder(message.message, format), message: message.message,
+                sink.write(message.bytes(format) ?? hub.encoder(message.message, format),
                            promise: index == actions.write.count - 1 ? promise : nil)
             }
             sink.flush()

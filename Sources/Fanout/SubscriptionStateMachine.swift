@@ -89,6 +89,12 @@ public struct SubscriptionStateMachine<Element: Sequenced> {
         return sequencer.acceptNext(element)
     }
 
+    /// The same for a run of consecutive elements `first`…`last` taken as a whole (a batch written at once).
+    public mutating func acceptLiveRun(first: Int64, last: Int64, writable: Bool) -> Bool {
+        guard !isEnded, writable, limit.map({ last <= $0 }) ?? true else { return false }
+        return sequencer.acceptRun(first: first, last: last)
+    }
+
     /// Live messages from the Hub. `bytes` is what one costs held.
     public mutating func liveReceived(_ elements: [Element], writable: Bool, bytes: (Element) -> Int) -> Actions {
         guard !isEnded else { return Actions() }

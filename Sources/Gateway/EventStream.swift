@@ -47,6 +47,7 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
         self.requestId = request.requestId
         self.refuse = refuse
         self.driver = SessionDriver(app: app, actor: actor, kind: .serverSentEvents, eventLoop: context.eventLoop, logger: request.logger, transport: self)
+        self.writable = context.channel.isWritable
     }
 
     func run(channel name: String, from start: ChannelService.StreamStart) {
@@ -126,7 +127,7 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
 
     // MARK: SubscriptionSink
 
-    func write(_ bytes: ByteBuffer, message: Message, promise: EventLoopPromise<Void>?) {
+    func write(_ bytes: ByteBuffer, promise: EventLoopPromise<Void>?) {
         guard !ended else {
             promise?.fail(ChannelError.ioOnClosedChannel)
             return
@@ -141,7 +142,11 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
 
     func flush() { context.flush() }
 
-    var isWritable: Bool { context.channel.isWritable }
+    var isWritable: Bool { writable }
+
+    /// The connection's writability as NIO last reported it (through `HTTPHandler`).
+    private var writable = true
+    func writabilityChanged(_ writable: Bool) { self.writable = writable }
 
     func slowConsumer() { driver.sendRefused() }
 

@@ -153,6 +153,9 @@ extension GatewayApp {
                [("{\(instance)}", hubCounters.headChecks)])
         metric("gateway_reconcile_repairs_total", "counter", "Channels a reconcile found behind the store while the bus was up.",
                [("{\(instance)}", hubCounters.reconcileRepairs)])
+        metric("gateway_fanout_batches_total", "counter", "Batches of live messages handed to local subscribers (each one write per subscriber).",
+               [("{\(instance)}", hubCounters.batches)])
+        metric("gateway_fanout_batched_messages_total", "counter", "Live messages in those batches.", [("{\(instance)}", hubCounters.batchedMessages)])
         if let redis {
             let values = redis.counterValues
             metric("gateway_redis_up", "gauge", "1 when the Redis subscriber connection is active.", [("{\(instance)}", redis.isAvailable ? 1 : 0)])

@@ -75,6 +75,9 @@ public struct GatewayConfig: Sendable {
     /// How often a channel with live subscribers compares its delivered head with the store's while the bus
     /// is up (one batched query per instance), so a last message the bus lost arrives within this bound.
     public var reconcileInterval: TimeAmount = .seconds(5)
+    /// How long a channel's live messages may wait to go out together (`GATEWAY_WRITE_DELAY_MS`, 0–100; 0: at
+    /// once): each subscriber then gets a batch in one write. Latency traded for CPU under load.
+    public var writeDelay: TimeAmount = .zero
     /// How often channels are read from the store while the bus is down.
     public var storePollInterval: TimeAmount = .milliseconds(200)
     /// Redis heartbeat: a PING every interval; unanswered for the timeout, the connection counts as stalled
@@ -137,6 +140,7 @@ public struct GatewayConfig: Sendable {
         if let v = env["GATEWAY_MAX_STREAMS_PER_USER"], let n = Int(v), n >= 0 { c.maxStreamsPerUser = n }
         if let v = env["GATEWAY_PAGE_BYTES"], let n = Int(v), n > 0 { c.pageBytes = n }
         if let v = env["GATEWAY_SEND_BUDGET"], let n = Int(v) { c.sendBudget = n }
+        if let v = env["GATEWAY_WRITE_DELAY_MS"], let n = Int64(v), (0...100).contains(n) { c.writeDelay = .milliseconds(n) }
         if let v = env["GATEWAY_RECONCILE_MS"], let n = Int64(v), n > 0 { c.reconcileInterval = .milliseconds(n) }
         if let v = env["GATEWAY_STORE_POLL_MS"], let n = Int64(v), n > 0 { c.storePollInterval = .milliseconds(n) }
         if let v = env["GATEWAY_REDIS_PING_MS"], let n = Int64(v), n > 0 { c.redisPingInterval = .milliseconds(n) }

@@ -73,6 +73,7 @@ public final class GatewayServer: Sendable {
         var hubConfig = Hub.Configuration()
         hubConfig.pollInterval = config.storePollInterval
         hubConfig.reconcileInterval = config.reconcileInterval
+        hubConfig.writeDelay = config.writeDelay
         let hub = Hub(loops: loops, store: store, bus: bus, encoder: WireEncoding.encoder, configuration: hubConfig, logger: logger)
         let policy = Policy(topics: config.topics)
         let channels = ChannelService(store: store, policy: policy, bodyLimit: config.bodyLimit, pageBytes: config.pageBytes)

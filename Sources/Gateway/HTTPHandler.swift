@@ -39,6 +39,11 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         context.fireUserInboundEventTriggered(event)
     }
 
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        live?.writabilityChanged(context.channel.isWritable)
+        context.fireChannelWritabilityChanged()
+    }
+
     func channelInactive(context: ChannelHandlerContext) {
         live?.connectionClosed()
         live = nil
@@ -177,6 +182,12 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 /// A response that outlives the request handling and must stop when the client goes.
 protocol ConnectionBoundStream: AnyObject {
     func connectionClosed()
+    /// NIO reported a change of the connection's writability.
+    func writabilityChanged(_ writable: Bool)
+}
+
+extension ConnectionBoundStream {
+    func writabilityChanged(_ writable: Bool) {}
 }
 
 extension ChannelHandlerContext {

@@ -95,14 +95,16 @@ final class LongPoll: HubSubscriber, SessionTransport, ConnectionBoundStream, @u
 
     // MARK: HubSubscriber
 
-    func hubDelivered(_ messages: [EncodedMessage]) {
+    func hubDelivered(_ batch: EncodedBatch) { somethingArrived() }
+
+    func hubSynced(upTo seq: Int64) {
+        if seq > after { somethingArrived() }
+    }
+
+    private func somethingArrived() {
         // Before `begin` a notification needs nothing: the first read starts after it.
         guard !finished, waiting else { return }
         if reading { arrivedWhileReading = true } else { read(joinable: true) }
-    }
-
-    func hubSynced(upTo seq: Int64) {
-        if seq > after { hubDelivered([]) }
     }
 
     /// Reads the page after `after`. A read after a notification may join one in flight for the same position

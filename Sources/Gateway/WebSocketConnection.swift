@@ -22,6 +22,9 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
     /// The close code sent (or the peer's, when it closed first); nil while open or when dropped without one.
     private(set) var closeCode: UInt16?
     var context: ChannelHandlerContext?
+    /// The channel's writability as NIO last reported it (its queue under the send budget): read for every
+    /// delivery and reply, so kept here rather than asked of the channel each time.
+    private(set) var writable = true
     /// Where frame bytes are written: the frame encoder's context, whose writes go straight to the socket.
     private var output: ChannelHandlerContext?
 
@@ -45,6 +48,7 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        self.writable = context.channel.isWritable
         self.output = (try? context.pipeline.syncOperations.context(handlerType: WebSocketFrameEncoder.self)) ?? context
         pingTask = context.eventLoop.scheduleRepeatedTask(initialDelay: pingInterval, delay: pingInterval) { [weak self] _ in
             self?.sendPing()
@@ -90,6 +94,11 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
             }
         }
         context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        writable = context.channel.isWritable
+        context.fireChannelWritabilityChanged()
     }
 
     func channelInactive(context: ChannelHandlerContext) {

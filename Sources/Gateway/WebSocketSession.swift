@@ -39,7 +39,7 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, SessionTran
     /// Every byte a connection queues counts against its send budget, replies too: a reply (or pong) that
     /// finds the queue over the budget means the client is not reading what it asks for.
     override func admitReply() -> Bool {
-        guard let channel = context?.channel, !channel.isWritable else { return true }
+        guard context != nil, !writable else { return true }
         driver.sendRefused()
         return false
     }
@@ -75,7 +75,7 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, SessionTran
 
     // MARK: SubscriptionSink
 
-    func write(_ bytes: ByteBuffer, message: Message, promise: EventLoopPromise<Void>?) {
+    func write(_ bytes: ByteBuffer, promise: EventLoopPromise<Void>?) {
         guard !closing else {
             promise?.fail(ChannelError.ioOnClosedChannel)
             return
@@ -88,7 +88,7 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, SessionTran
 
     func flush() { flushFrames() }
 
-    var isWritable: Bool { context?.channel.isWritable ?? false }
+    var isWritable: Bool { writable && context != nil }
 
     func slowConsumer() { driver.sendRefused() }
 

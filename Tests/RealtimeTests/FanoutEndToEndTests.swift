@@ -14,8 +14,11 @@ import Testing
 
     static func seqs(_ messages: [[String: Any]]) -> [Int64] { messages.map { Received($0).seq } }
 
-    @Test func fiveHundredMessagesReachEveryTransportOnceInOrder() async throws {
-        try await withTestGateway { gateway in
+    /// With a write delay (`GATEWAY_WRITE_DELAY_MS`) too: messages then reach subscribers in batches written at
+    /// once (frames joined), and still each exactly once, in order.
+    @Test(arguments: [0, 20])
+    func fiveHundredMessagesReachEveryTransportOnceInOrder(writeDelayMs: Int64) async throws {
+        try await withTestGateway(configure: { $0.writeDelay = .milliseconds(writeDelayMs) }) { gateway in
             let port = gateway.port
             let token = try await gateway.token("svc", roles: ["service"])
             let channel = "topic:e2e"
@@ -78,6 +81,10 @@ import Testing
                     #expect(Self.seen(messages) == reference, "\(name) saw a different seq → id mapping")
                 }
             }
+            let batches = try await gateway.metric("gateway_fanout_batches_total")
+            let batched = try await gateway.metric("gateway_fanout_batched_messages_total")
+            #expect(batched == total, "every message handed out once")
+            print("fan-out batches (write delay \(writeDelayMs) ms): \(total) messages in \(batches) batches")
             for client in wsSubscribers { await client.close() }
             await sse.close()
         }

@@ -155,6 +155,19 @@ struct SequencerTests {
         #expect(!beforePosition)
     }
 
+    @Test func acceptRunTakesOnlyARunRightAfterThePosition() {
+        var s = GaplessSequencer<Item>(liveAfter: 5)
+        let run = s.acceptRun(first: 6, last: 9)
+        #expect(run && s.last == 9)
+        let overlapping = s.acceptRun(first: 8, last: 11)
+        let gap = s.acceptRun(first: 11, last: 12)
+        let backwards = s.acceptRun(first: 10, last: 9)
+        #expect(!overlapping && !gap && !backwards && s.last == 9 && !s.isReading)
+        var reading = GaplessSequencer<Item>()
+        let beforePosition = reading.acceptRun(first: 1, last: 2)
+        #expect(!beforePosition)
+    }
+
     @Test func liveSequencerDropsDuplicatesAndAsksForTheGap() {
         var s = GaplessSequencer<Item>(liveAfter: 5)
         #expect(s.receive(Item(seq: 5)).deliver.isEmpty)

@@ -239,6 +239,7 @@ struct SubscriptionStateMachineTests {
                 if read != nil { events.append(3) }
                 if deferred != nil { events.append(4) }
                 if hints > 0 && begun { events.append(5) }
+                if committed > 0 { events.append(6) }
                 if events.isEmpty { break }
                 switch events[Int(rng.next() % UInt64(events.count))] {
                 case 0:
@@ -261,6 +262,20 @@ struct SubscriptionStateMachineTests {
                     let after = deferred!
                     deferred = nil
                     if m.startDeferredRead() { read = after }
+                case 6:
+                    // A batch of consecutive messages, as the Hub hands them out: taken whole when it runs on
+                    // from the position (Subscription's fast path), else one by one.
+                    let first = Int64(rng.next() % UInt64(committed)) + 1
+                    let last = min(Int64(committed), first + Int64(rng.next() % 4))
+                    if m.acceptLiveRun(first: first, last: last, writable: true) {
+                        output += Array(first...last)
+                    } else {
+                        for seq in first...last {
+                            if m.acceptLive(Item(seq: seq), writable: true) { output.append(seq) } else {
+                                apply(m.liveReceived([Item(seq: seq)], writable: true, bytes: Self.size))
+                            }
+                        }
+                    }
                 default:
                     hints -= 1
                     apply(m.synced(upTo: Int64(committed)))

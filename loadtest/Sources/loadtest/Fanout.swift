@@ -17,7 +17,7 @@ struct Fanout: AsyncParsableCommand {
     enum Target: String, ExpressibleByArgument { case gateway, nchan }
 
     @Option(help: "gateway (/v1/ws + subscribe, REST publish) or nchan (/sub/<ch>, POST /pub/<ch>).") var target = Target.gateway
-    @Option(name: .customLong("url"), help: "Server (repeat: subscribers spread over them; the publisher uses the first).") var urls: [String] = []
+    @Option(name: .customLong("server"), help: "Server URL (repeat: subscribers spread over them; the publisher uses the first).") var urls: [String] = []
     @Option(help: "Subscribers.") var subscribers = 1000
     @Option(help: "Messages per second.") var rate = 100.0
     @Option(help: "Seconds of publishing.") var duration = 10.0
@@ -28,20 +28,21 @@ struct Fanout: AsyncParsableCommand {
 
     func run() async throws {
         let endpoints = urls.compactMap(Endpoint.init(url:))
-        guard !endpoints.isEmpty, endpoints.count == urls.count else { throw ValidationError("give --url http://host:port") }
+        guard !endpoints.isEmpty, endpoints.count == urls.count else { throw ValidationError("give --server http://host:port") }
         let serverPids = pids.split(separator: ",").compactMap { Int32($0) }
-        var token = ""
+        var minted = ""
         if target == .gateway {
             guard let secret = secret ?? ProcessInfo.processInfo.environment["GATEWAY_JWT_SECRET"] else { throw ValidationError("give --secret") }
-            token = try await TokenVerifier(hs256Secret: secret).mint(sub: "fanout", roles: ["service"], ttl: 3600)
+            minted = try await TokenVerifier(hs256Secret: secret).mint(sub: "fanout", roles: ["service"], ttl: 3600)
         }
+        let token = minted
         let channel = "fanout\(UInt32.random(in: 0...UInt32.max))"
         let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, threads))
-        defer { try? group.syncShutdownGracefully() }
 
         // Subscribers, connected a few hundred at a time.
         var counters: [FrameCounter] = []
         var connections: [any Channel] = []
+        let (target, subscribers) = (self.target, self.subscribers)
         for batch in stride(from: 0, to: subscribers, by: 200) {
             let made = try await withThrowingTaskGroup(of: (FrameCounter, any Channel).self) { tasks in
                 for i in batch..<min(subscribers, batch + 200) {
@@ -75,6 +76,7 @@ struct Fanout: AsyncParsableCommand {
         let acked = publisher.acked.withLockedValue { $0 }
         for connection in connections { connection.close(promise: nil) }
         try? await publisher.channel.close()
+        try? await group.shutdownGracefully()
 
         let perDelivery = delivered > 0 ? cpu / Double(delivered) * 1e6 : 0
         print(String(format: "%@ fan-out, %d WebSocket subscribers, %.0f msgs/s for %.0f s: %d of %d deliveries (%d publishes acked), %.0f deliveries/s; server CPU %.2f s = %.2f µs/delivery; load generator CPU %.2f s (%.0f%% of one core)",
@@ -106,7 +108,7 @@ struct Fanout: AsyncParsableCommand {
 
     static func ownCPUSeconds() -> Double {
         var usage = rusage()
-        getrusage(RUSAGE_SELF, &usage)
+        getrusage(RUSAGE_SELF.rawValue, &usage)
         return Double(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) + Double(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6
     }
 
@@ -115,7 +117,7 @@ struct Fanout: AsyncParsableCommand {
         let loop = group.next()
         let counter = FrameCounter(loop: loop, waitForReply: target == .gateway)
         let connection = try await ClientBootstrap(group: loop)
-            .channelInitializer { $0.eventLoop.makeCompletedFuture { try $0.pipeline.syncOperations.addHandler(counter) } }
+            .channelInitializer { channel in channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(counter) } }
             .connect(host: endpoint.host, port: endpoint.port).get()
         let path = target == .gateway ? "/v1/ws" : "/sub/\(channel)"
         var request = "GET \(path) HTTP/1.1\r\nHost: \(endpoint)\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
