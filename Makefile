@@ -37,12 +37,16 @@ fuzz: build
 check-run:
 	scripts/check-run.sh
 
-## Benchmarks (release build): group commit appends/s at 1, 16 and 256 publishers on Postgres and SQLite.
+## Benchmarks (release build): group commit appends/s at 1, 16 and 256 publishers on Postgres and SQLite;
+## then fan-out CPU per delivery (WebSocket, SSE) and memory per idle WebSocket, side by side with Nchan.
 bench:
-	@scripts/ensure-packages.sh libhiredis-dev zlib1g-dev postgresql redis-server
+	@scripts/ensure-packages.sh libhiredis-dev zlib1g-dev postgresql redis-server nginx-light libnginx-mod-nchan
 	swift build -c release --product bench
+	swift build -c release --product gateway
+	swift build -c release --product loadtest
 	@D=/tmp/gw-bench-$$$$; scripts/services.sh start $$D >/dev/null; set -a; . $$D/env; set +a; \
-	  $$(swift build -c release --show-bin-path)/bench; status=$$?; scripts/services.sh stop $$D; exit $$status
+	  $$(swift build -c release --show-bin-path)/bench; status=$$?; scripts/services.sh stop $$D; [ $$status -eq 0 ] || exit $$status
+	@BIN=$$(swift build -c release --show-bin-path)/gateway LOADTEST=$$(swift build -c release --show-bin-path)/loadtest scripts/bench-fanout.sh
 
 ## Postgres, Redis and three gateway instances on 8081-8083 (foreground; Ctrl-C stops them).
 cluster:

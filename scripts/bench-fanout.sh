@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# `make bench` (fan-out part): one channel, N WebSocket subscribers, 100-byte bodies; the same harness
-# (`loadtest fanout`) drives the gateway (embedded, one process) and Nchan (2 nginx instances with 1 worker
-# each, one Redis), in the same run. Server CPU comes from /proc (gateway: its process; Nchan: both nginx
-# workers and Redis). Prints each run and the ratio gateway / Nchan. A benchmark, not a test.
-#   BIN, LOADTEST: paths of the release binaries.  FANOUT_CASES: "subscribers:rate ..." (default below).
-#   FANOUT_SECONDS: publishing seconds per case (default 10).
+# `make bench` (fan-out part): one channel, N WebSocket or SSE subscribers, 100-byte bodies; the same
+# harness (`loadtest fanout`) drives the gateway (embedded, one process; write delay 0 and, for the trade of
+# latency for CPU, GATEWAY_WRITE_DELAY_MS=5) and Nchan (2 nginx instances with 1 worker each, one Redis), in
+# the same run. Server CPU comes from /proc (gateway: its process; Nchan: both nginx workers and Redis).
+# Prints the resident memory per idle subscribed WebSocket (measured first, on fresh processes), then each
+# fan-out run and the ratio gateway / Nchan.
+# A benchmark, not a test: nothing here asserts a number.
+#   BIN, LOADTEST: paths of the release binaries.
+#   FANOUT_CASES: "transport:subscribers:rate ..." (default below).  FANOUT_SECONDS: publishing seconds per
+#   case (default 10).  FANOUT_IDLE: idle WebSocket connections for the memory figure (default 10000).
 set -euo pipefail
 BIN=${BIN:?gateway binary}; LOADTEST=${LOADTEST:?loadtest binary}
-CASES=${FANOUT_CASES:-"1000:100 5000:20"}
+CASES=${FANOUT_CASES:-"ws:1000:100 ws:5000:20 sse:1000:100"}
+IDLE=${FANOUT_IDLE:-10000}
 SECONDS_EACH=${FANOUT_SECONDS:-10}
 "$(dirname "$0")/ensure-packages.sh" nginx-light libnginx-mod-nchan redis-server curl
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -22,11 +27,16 @@ trap stop EXIT INT TERM
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 export GATEWAY_JWT_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
 
-# The gateway: embedded, one process, the caps meant for the Internet off (one client address, one user).
-GW_PORT=$(free_port)
-GATEWAY_PORT=$GW_PORT GATEWAY_DATA_DIR="$DIR/gw" GATEWAY_LOG_LEVEL=error GATEWAY_MAX_CONNECTIONS_PER_IP=0 \
-  GATEWAY_MAX_STREAMS_PER_USER=0 "$BIN" serve >"$DIR/gateway.log" 2>&1 &
-GW_PID=$!; PIDS+=($GW_PID)
+start_gateway() {  # $1: write delay in ms; sets GW_PORT, GW_PID
+  GW_PORT=$(free_port)
+  GATEWAY_PORT=$GW_PORT GATEWAY_DATA_DIR="$DIR/gw-$1" GATEWAY_LOG_LEVEL=error GATEWAY_MAX_CONNECTIONS_PER_IP=0 \
+    GATEWAY_MAX_STREAMS_PER_USER=0 GATEWAY_WRITE_DELAY_MS=$1 "$BIN" serve >"$DIR/gateway-$1.log" 2>&1 &
+  GW_PID=$!; PIDS+=($GW_PID)
+  for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$GW_PORT/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+}
+# The gateway: embedded, one process each, the caps meant for the Internet off (one client address, one user).
+start_gateway 0; GW0_PORT=$GW_PORT; GW0_PID=$GW_PID
+start_gateway 5; GW5_PORT=$GW_PORT; GW5_PID=$GW_PID
 
 # Nchan: one Redis, two nginx instances (1 worker each) sharing it.
 R_PORT=$(free_port)
@@ -49,7 +59,7 @@ http {
   nchan_redis_url "redis://127.0.0.1:$R_PORT";
   server {
     listen 127.0.0.1:$port;
-    location ~ /sub/(\w+)$ { nchan_subscriber websocket; nchan_channel_id \$1; nchan_use_redis on; }
+    location ~ /sub/(\w+)$ { nchan_subscriber websocket eventsource; nchan_channel_id \$1; nchan_use_redis on; }
     location ~ /pub/(\w+)$ { nchan_publisher; nchan_channel_id \$1; nchan_use_redis on; }
   }
 }
@@ -57,30 +67,39 @@ CONF
   nginx -c "$DIR/nginx-$i/nginx.conf" -p "$DIR/nginx-$i" >"$DIR/nginx-$i/out.log" 2>&1 &
   PIDS+=($!)
 done
-for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$GW_PORT/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
 sleep 1
-NCHAN_PIDS="$R_PID"
+NCHAN_PIDS="$R_PID"; NGINX_WORKERS=""
 for i in 1 2; do
   master=$(cat "$DIR/nginx-$i/nginx.pid")
-  NCHAN_PIDS="$NCHAN_PIDS,$(pgrep -P "$master" | paste -sd,)"
+  workers=$(pgrep -P "$master" | paste -sd,)
+  NCHAN_PIDS="$NCHAN_PIDS,$workers"; NGINX_WORKERS="${NGINX_WORKERS:+$NGINX_WORKERS,}$workers"
 done
+NCHAN_SERVERS=(--server "http://127.0.0.1:${N_PORTS[0]}" --server "http://127.0.0.1:${N_PORTS[1]}")
 
-echo "== fan-out: one channel, WebSocket subscribers, 100-byte bodies, ${SECONDS_EACH} s each (server CPU from /proc) =="
+field() { echo "$1" | sed -n "s/.*$2=\([0-9.]*\).*/\1/p"; }
+run() {  # prints the human line, returns the RESULT line in $OUT
+  OUT=$("$LOADTEST" fanout "$@" 2>&1) || true
+  echo "$OUT" | grep -v '^RESULT' | sed 's/^/  /' || true
+  share=$(field "$OUT" client_cpu_share)
+  [ -n "$share" ] && awk -v s="$share" 'BEGIN { if (s > 0.9) print "   note: the load generator used " int(s * 100) "% of a core: it may be the limit" }'
+  return 0
+}
+
+echo "== resident memory per idle subscribed WebSocket, $IDLE connections (fresh processes) =="
+run --target gateway --server "http://127.0.0.1:$GW0_PORT" --pids "$GW0_PID" --subscribers "$IDLE" --idle; gi=$(field "$OUT" rss_bytes_per_connection)
+run --target nchan "${NCHAN_SERVERS[@]}" --pids "$NGINX_WORKERS" --subscribers "$IDLE" --idle; ni=$(field "$OUT" rss_bytes_per_connection)
+[ -n "$gi" ] && [ -n "$ni" ] && awk -v g="$gi" -v n="$ni" 'BEGIN { printf "   gateway %d bytes, Nchan (nginx workers) %d bytes per connection: ratio %.2f (target: gateway <= 6000)\n", g, n, (n > 0 ? g / n : 0) }'
+
+echo "== fan-out: one channel, 100-byte bodies, ${SECONDS_EACH} s each; server CPU from /proc =="
 for case in $CASES; do
-  subs=${case%%:*}; rate=${case##*:}
-  g=$("$LOADTEST" fanout --target gateway --server "http://127.0.0.1:$GW_PORT" --subscribers "$subs" --rate "$rate" \
-        --duration "$SECONDS_EACH" --pids "$GW_PID" 2>&1) || true
-  echo "$g" | grep -v '^RESULT' || true
-  n=$("$LOADTEST" fanout --target nchan --server "http://127.0.0.1:${N_PORTS[0]}" --server "http://127.0.0.1:${N_PORTS[1]}" \
-        --subscribers "$subs" --rate "$rate" --duration "$SECONDS_EACH" --pids "$NCHAN_PIDS" 2>&1) || true
-  echo "$n" | grep -v '^RESULT' || true
-  gus=$(echo "$g" | sed -n 's/.*cpu_us_per_delivery=\([0-9.]*\).*/\1/p'); nus=$(echo "$n" | sed -n 's/.*cpu_us_per_delivery=\([0-9.]*\).*/\1/p')
-  if [ -n "$gus" ] && [ -n "$nus" ]; then
-    awk -v g="$gus" -v n="$nus" -v s="$subs" 'BEGIN { printf "   %d subscribers: gateway %.2f µs/delivery, Nchan %.2f µs/delivery: ratio %.2f (target <= 0.5)\n", s, g, n, (n > 0 ? g / n : 0) }'
+  IFS=: read -r kind subs rate <<<"$case"
+  common=(--transport "$kind" --subscribers "$subs" --rate "$rate" --duration "$SECONDS_EACH")
+  run --target gateway --server "http://127.0.0.1:$GW0_PORT" --pids "$GW0_PID" "${common[@]}"; g0=$(field "$OUT" cpu_us_per_delivery)
+  run --target gateway --server "http://127.0.0.1:$GW5_PORT" --pids "$GW5_PID" "${common[@]}"; g5=$(field "$OUT" cpu_us_per_delivery)
+  run --target nchan "${NCHAN_SERVERS[@]}" --pids "$NCHAN_PIDS" "${common[@]}"; n=$(field "$OUT" cpu_us_per_delivery)
+  if [ -n "$g0" ] && [ -n "$n" ]; then
+    awk -v g="$g0" -v g5="${g5:-0}" -v n="$n" -v s="$subs" -v k="$kind" 'BEGIN {
+      printf "   %s, %d subscribers: gateway %.2f µs/delivery (write delay 5 ms: %.2f), Nchan %.2f: ratio %.2f (%.2f with the delay; target <= 0.5)\n",
+        k, s, g, g5, n, (n > 0 ? g / n : 0), (n > 0 ? g5 / n : 0) }'
   fi
-  # A load generator near a full core is the limit, not the server.
-  for out in "$g" "$n"; do
-    share=$(echo "$out" | sed -n 's/.*client_cpu_share=\([0-9.]*\).*/\1/p')
-    [ -n "$share" ] && awk -v s="$share" 'BEGIN { if (s > 0.9) print "   note: the load generator used " int(s * 100) "% of a core: it may be the limit" }'
-  done
 done

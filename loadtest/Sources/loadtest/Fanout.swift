@@ -5,16 +5,19 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 
-/// `loadtest fanout`: the benchmark of one channel's fan-out — N WebSocket subscribers on one channel, one
-/// publisher at a fixed rate, against the gateway or (for comparison, same harness) Nchan. The clients only
-/// count frames (no JSON parsing, so that they are not the limit) and the server processes' CPU time is
-/// read from `/proc` over the publishing window: server CPU µs per delivery. Prints one `RESULT` line.
+/// `loadtest fanout`: the benchmark of one channel's fan-out — N WebSocket or SSE subscribers on one channel,
+/// one publisher at a fixed rate, against the gateway or (for comparison, same harness) Nchan. The clients
+/// only count frames or events (no JSON parsing, so that they are not the limit) and the server processes'
+/// CPU time is read from `/proc` over the publishing window: server CPU µs per delivery. With `--idle` it
+/// publishes nothing and reports the server's resident memory per subscribed connection. Prints one `RESULT`
+/// line.
 struct Fanout: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "fanout",
         abstract: "Fan-out benchmark: N WebSocket subscribers on one channel, server CPU per delivery (gateway or Nchan).")
 
     enum Target: String, ExpressibleByArgument { case gateway, nchan }
+    enum Kind: String, ExpressibleByArgument { case ws, sse }
 
     @Option(help: "gateway (/v1/ws + subscribe, REST publish) or nchan (/sub/<ch>, POST /pub/<ch>).") var target = Target.gateway
     @Option(name: .customLong("server"), help: "Server URL (repeat: subscribers spread over them; the publisher uses the first).") var urls: [String] = []
@@ -25,6 +28,8 @@ struct Fanout: AsyncParsableCommand {
     @Option(help: "HS256 secret to mint tokens (gateway; default GATEWAY_JWT_SECRET).") var secret: String?
     @Option(help: "Comma-separated pids of the server's processes, whose CPU time is measured.") var pids = ""
     @Option(help: "Client event loop threads.") var threads = 1
+    @Option(help: "ws or sse subscribers.") var transport = Kind.ws
+    @Flag(help: "Connect and subscribe, publish nothing: report the server's RSS per connection.") var idle = false
 
     func run() async throws {
         let endpoints = urls.compactMap(Endpoint.init(url:))
@@ -40,14 +45,15 @@ struct Fanout: AsyncParsableCommand {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, threads))
 
         // Subscribers, connected a few hundred at a time.
-        var counters: [FrameCounter] = []
+        var counters: [any DeliveryCounter] = []
         var connections: [any Channel] = []
-        let (target, subscribers) = (self.target, self.subscribers)
+        let (target, subscribers, kind) = (self.target, self.subscribers, self.transport)
+        let rssBefore = Self.residentBytes(serverPids)
         for batch in stride(from: 0, to: subscribers, by: 200) {
-            let made = try await withThrowingTaskGroup(of: (FrameCounter, any Channel).self) { tasks in
+            let made = try await withThrowingTaskGroup(of: ((any DeliveryCounter), any Channel).self) { tasks in
                 for i in batch..<min(subscribers, batch + 200) {
                     let endpoint = endpoints[i % endpoints.count]
-                    tasks.addTask { try await Self.subscribe(endpoint, target: target, channel: channel, token: token, group: group) }
+                    tasks.addTask { try await Self.subscribe(endpoint, target: target, kind: kind, channel: channel, token: token, group: group) }
                 }
                 return try await tasks.reduce(into: []) { $0.append($1) }
             }
@@ -56,6 +62,15 @@ struct Fanout: AsyncParsableCommand {
         }
         for counter in counters { try await counter.ready.futureResult.get() }
         try await Task.sleep(for: .milliseconds(500))
+        if idle {
+            try await Task.sleep(for: .seconds(2))
+            let perConnection = Double(Self.residentBytes(serverPids) - rssBefore) / Double(subscribers)
+            print(String(format: "%@ idle %@ subscribers: %d, server RSS %.0f bytes per connection", target.rawValue, kind.rawValue, subscribers, perConnection))
+            print("RESULT target=\(target.rawValue) transport=\(kind.rawValue) subscribers=\(subscribers) rss_bytes_per_connection=\(Int(perConnection))")
+            for connection in connections { connection.close(promise: nil) }
+            try? await group.shutdownGracefully()
+            return
+        }
 
         let publisher = try await Publisher.connect(endpoints[0], target: target, channel: channel, token: token, size: size, group: group)
         let expected = Int(rate * duration) * subscribers
@@ -79,14 +94,14 @@ struct Fanout: AsyncParsableCommand {
         try? await group.shutdownGracefully()
 
         let perDelivery = delivered > 0 ? cpu / Double(delivered) * 1e6 : 0
-        print(String(format: "%@ fan-out, %d WebSocket subscribers, %.0f msgs/s for %.0f s: %d of %d deliveries (%d publishes acked), %.0f deliveries/s; server CPU %.2f s = %.2f µs/delivery; load generator CPU %.2f s (%.0f%% of one core)",
-                     target.rawValue, subscribers, rate, duration, delivered, expected, acked, Double(delivered) / elapsed, cpu, perDelivery,
+        print(String(format: "%@ fan-out, %d %@ subscribers, %.0f msgs/s for %.0f s: %d of %d deliveries (%d publishes acked), %.0f deliveries/s; server CPU %.2f s = %.2f µs/delivery; load generator CPU %.2f s (%.0f%% of one core)",
+                     target.rawValue, subscribers, kind == .ws ? "WebSocket" : "SSE", rate, duration, delivered, expected, acked, Double(delivered) / elapsed, cpu, perDelivery,
                      clientCPU, clientCPU / elapsed * 100))
-        print("RESULT target=\(target.rawValue) subscribers=\(subscribers) deliveries=\(delivered) expected=\(expected) per_s=\(Int(Double(delivered) / elapsed)) cpu_us_per_delivery=\(String(format: "%.3f", perDelivery)) client_cpu_share=\(String(format: "%.2f", clientCPU / elapsed))")
+        print("RESULT target=\(target.rawValue) transport=\(kind.rawValue) subscribers=\(subscribers) deliveries=\(delivered) expected=\(expected) per_s=\(Int(Double(delivered) / elapsed)) cpu_us_per_delivery=\(String(format: "%.3f", perDelivery)) client_cpu_share=\(String(format: "%.2f", clientCPU / elapsed))")
         if delivered < expected { throw ExitCode(1) }
     }
 
-    static func total(_ counters: [FrameCounter]) async throws -> Int {
+    static func total(_ counters: [any DeliveryCounter]) async throws -> Int {
         var sum = 0
         for counter in counters { sum += try await counter.loop.submit { counter.frames }.get() }
         return sum
@@ -106,15 +121,34 @@ struct Fanout: AsyncParsableCommand {
         return total
     }
 
+    /// VmRSS of the processes, summed, in bytes.
+    static func residentBytes(_ pids: [Int32]) -> Int {
+        pids.reduce(0) { total, pid in
+            let status = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
+            let line = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") }
+            return total + (line.flatMap { Int($0.split(separator: " ", omittingEmptySubsequences: true)[1]) } ?? 0) * 1024
+        }
+    }
+
     static func ownCPUSeconds() -> Double {
         var usage = rusage()
         getrusage(RUSAGE_SELF.rawValue, &usage)
         return Double(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) + Double(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6
     }
 
-    static func subscribe(_ endpoint: Endpoint, target: Target, channel: String, token: String,
-                          group: any EventLoopGroup) async throws -> (FrameCounter, any Channel) {
+    static func subscribe(_ endpoint: Endpoint, target: Target, kind: Kind, channel: String, token: String,
+                          group: any EventLoopGroup) async throws -> ((any DeliveryCounter), any Channel) {
         let loop = group.next()
+        if kind == .sse {
+            let counter = EventCounter(loop: loop)
+            let connection = try await ClientBootstrap(group: loop)
+                .channelInitializer { channel in channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(counter) } }
+                .connect(host: endpoint.host, port: endpoint.port).get()
+            let path = target == .gateway ? "/v1/channels/topic:\(channel)/events" : "/sub/\(channel)"
+            let auth = target == .gateway ? "Authorization: Bearer \(token)\r\n" : ""
+            try await connection.writeAndFlush(ByteBuffer(string: "GET \(path) HTTP/1.1\r\nHost: \(endpoint)\r\nAccept: text/event-stream\r\n\(auth)\r\n"))
+            return (counter, connection)
+        }
         let counter = FrameCounter(loop: loop, waitForReply: target == .gateway)
         let connection = try await ClientBootstrap(group: loop)
             .channelInitializer { channel in channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(counter) } }
@@ -130,8 +164,79 @@ struct Fanout: AsyncParsableCommand {
     }
 }
 
+/// A subscriber connection that counts what it receives (read on its loop).
+protocol DeliveryCounter: AnyObject, Sendable {
+    var loop: any EventLoop { get }
+    /// Succeeded once the subscription is in place.
+    var ready: EventLoopPromise<Void> { get }
+    var frames: Int { get }
+}
+
+/// Counts the SSE events (`data:` lines) of a stream after a `200`, carrying a few bytes across reads.
+final class EventCounter: ChannelInboundHandler, DeliveryCounter, @unchecked Sendable {  // state only touched on `loop`
+    typealias InboundIn = ByteBuffer
+    let loop: any EventLoop
+    let ready: EventLoopPromise<Void>
+    private(set) var frames = 0
+    private var head = ByteBuffer()
+    private var started = false
+    private var tail: [UInt8] = []
+    private static let needle = Array("\ndata:".utf8)
+
+    init(loop: any EventLoop) {
+        self.loop = loop
+        self.ready = loop.makePromise()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var bytes = unwrapInboundIn(data)
+        if !started {
+            head.writeBuffer(&bytes)
+            guard let end = head.readableBytesView.firstRange(of: Array("\r\n\r\n".utf8)) else { return }
+            let status = String(decoding: head.readableBytesView.prefix(12), as: UTF8.self)
+            guard status.hasPrefix("HTTP/1.1 200") else {
+                ready.fail(ClientError(description: "stream refused: \(status)"))
+                context.close(promise: nil)
+                return
+            }
+            started = true
+            head.moveReaderIndex(to: end.upperBound)
+            bytes = head
+            head = ByteBuffer()
+            ready.succeed()
+        }
+        // The needle may straddle two reads: scan the last few bytes of the previous read with this one.
+        var joined = ByteBuffer(bytes: tail)
+        joined.writeBuffer(&bytes)
+        let n = Self.needle
+        frames += joined.withUnsafeReadableBytes { raw -> Int in
+            var found = 0
+            var i = 0
+            while i + n.count <= raw.count {
+                if raw[i] == 0x0A && raw[i + 1] == 0x64 && raw[i + 2] == 0x61 && raw[i + 3] == 0x74 && raw[i + 4] == 0x61 && raw[i + 5] == 0x3A {
+                    found += 1
+                    i += n.count
+                } else {
+                    i += 1
+                }
+            }
+            return found
+        }
+        tail = Array(joined.readableBytesView.suffix(n.count - 1))
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        ready.fail(error)
+        context.close(promise: nil)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        ready.fail(ClientError(description: "connection closed"))
+    }
+}
+
 /// Counts the text frames a server sends after its `101`, reading only frame headers.
-final class FrameCounter: ChannelInboundHandler, @unchecked Sendable {  // state only touched on `loop`
+final class FrameCounter: ChannelInboundHandler, DeliveryCounter, @unchecked Sendable {  // state only touched on `loop`
     typealias InboundIn = ByteBuffer
     let loop: any EventLoop
     let ready: EventLoopPromise<Void>

@@ -12,8 +12,16 @@ import NIOPosix
 struct LoadTest: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "loadtest",
-        abstract: "Load-test gateway instances and check multi-instance ordering, loss and duplicates.",
-        subcommands: [Fanout.self])
+        abstract: "Load-test gateway instances and check multi-instance ordering, loss and duplicates; benchmark fan-out.",
+        subcommands: [Mixed.self, Fanout.self],
+        defaultSubcommand: Mixed.self)
+}
+
+/// The default: the mixed-transport, multi-instance ordering load test.
+struct Mixed: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "run",
+        abstract: "Load-test gateway instances and check multi-instance ordering, loss and duplicates (the default).")
 
     @Option(name: .customLong("url"), help: "A gateway instance (repeat for several): http://127.0.0.1:8081") var urls: [String] = ["http://127.0.0.1:8080"]
     @Option(help: "Subscribers, spread over the URLs and transports.") var subscribers = 100
