@@ -28,6 +28,8 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
 
     private let app: GatewayApp
     private let context: ChannelHandlerContext
+    /// Below NIO's HTTP encoder: where the pre-framed message chunks go (straight to the socket).
+    private let chunks: ChannelHandlerContext
     private let request: HTTPRequest
     private let requestId: String
     private var driver: SessionDriver!
@@ -43,6 +45,7 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
     init(app: GatewayApp, actor: Actor, context: ChannelHandlerContext, request: HTTPRequest, refuse: @escaping (ApiError) -> Void) {
         self.app = app
         self.context = context
+        self.chunks = (try? context.pipeline.syncOperations.context(handlerType: HTTPResponseEncoder.self)) ?? context
         self.request = request
         self.requestId = request.requestId
         self.refuse = refuse
@@ -133,8 +136,9 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
             return
         }
         var promise = promise
+        guard app.faults.fault != nil else { return chunks.write(NIOAny(bytes), promise: promise) }
         app.faults.write(bytes, held: &heldForFault) {
-            context.write(NIOAny(HTTPServerResponsePart.body(.byteBuffer($0))), promise: promise)
+            chunks.write(NIOAny($0), promise: promise)
             promise = nil
         }
         promise?.succeed()

@@ -69,14 +69,21 @@ enum WireEncoding {
         return out
     }
 
-    /// `id: <cursor>\nevent: message\ndata: <json>\n\n` (the JSON never holds a raw newline).
+    /// `id: <cursor>\nevent: message\ndata: <json>\n\n` (the JSON never holds a raw newline), framed as one
+    /// HTTP/1.1 chunk (`<hex length>\r\n…\r\n`): SSE streams are chunked, and a stream writes these bytes
+    /// below NIO's HTTP encoder, straight to the socket — encoded once for every subscriber, and a batch of
+    /// them joined is still a valid run of chunks.
     static func serverSentEvent(_ message: Message) -> ByteBuffer {
-        var out = allocator.buffer(capacity: message.json.utf8.count + 64)
-        out.writeString("id: ")
-        out.writeString(message.cursor)
+        let cursor = message.cursor
+        let length = 4 + cursor.utf8.count + 22 + message.json.utf8.count + 2
+        let size = String(length, radix: 16)
+        var out = allocator.buffer(capacity: length + size.utf8.count + 4)
+        out.writeString(size)
+        out.writeString("\r\nid: ")
+        out.writeString(cursor)
         out.writeString("\nevent: message\ndata: ")
         out.writeString(message.json)
-        out.writeString("\n\n")
+        out.writeString("\n\n\r\n")
         return out
     }
 

@@ -151,7 +151,9 @@ struct WireTests {
         let channel = try ChannelName(parsing: "topic:x")
         let message = Message(id: "i", channel: channel, seq: 3, createdAtMicros: 1, sender: "s", requestId: "r", body: "{}")
         let text = String(buffer: WireEncoding.serverSentEvent(message))
-        #expect(text == "id: \(message.cursor)\nevent: message\ndata: \(message.json)\n\n")
+        // One HTTP/1.1 chunk: its hex length, CRLF, the event, CRLF.
+        let event = "id: \(message.cursor)\nevent: message\ndata: \(message.json)\n\n"
+        #expect(text == String(event.utf8.count, radix: 16) + "\r\n" + event + "\r\n")
     }
 }
 
