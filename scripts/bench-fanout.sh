@@ -8,11 +8,12 @@
 # A benchmark, not a test: nothing here asserts a number.
 #   BIN, LOADTEST: paths of the release binaries.
 #   FANOUT_CASES: "transport:subscribers:rate ..." (default below).  FANOUT_SECONDS: publishing seconds per
-#   case (default 10).  FANOUT_IDLE: idle WebSocket connections for the memory figure (default 10000).
+#   case (default 10).  FANOUT_IDLE: idle WebSocket connection counts for the memory figures (default
+#   "10000 19000"; one client process holds at most ~19,900).
 set -euo pipefail
 BIN=${BIN:?gateway binary}; LOADTEST=${LOADTEST:?loadtest binary}
 CASES=${FANOUT_CASES:-"ws:1000:100 ws:5000:20 sse:1000:100"}
-IDLE=${FANOUT_IDLE:-10000}
+IDLE=${FANOUT_IDLE:-"10000 19000"}
 SECONDS_EACH=${FANOUT_SECONDS:-10}
 "$(dirname "$0")/ensure-packages.sh" nginx-light libnginx-mod-nchan redis-server curl
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -29,30 +30,30 @@ export GATEWAY_JWT_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
 
 start_gateway() {  # $1: write delay in ms; sets GW_PORT, GW_PID
   GW_PORT=$(free_port)
-  GATEWAY_PORT=$GW_PORT GATEWAY_DATA_DIR="$DIR/gw-$1" GATEWAY_LOG_LEVEL=error GATEWAY_MAX_CONNECTIONS_PER_IP=0 \
+  GATEWAY_PORT=$GW_PORT GATEWAY_DATA_DIR="$(mktemp -d "$DIR/gw-XXXXXX")" GATEWAY_LOG_LEVEL=error GATEWAY_MAX_CONNECTIONS_PER_IP=0 \
     GATEWAY_MAX_STREAMS_PER_USER=0 GATEWAY_WRITE_DELAY_MS=$1 "$BIN" serve >"$DIR/gateway-$1.log" 2>&1 &
   GW_PID=$!; PIDS+=($GW_PID)
   for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$GW_PORT/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
 }
-# The gateway: embedded, one process each, the caps meant for the Internet off (one client address, one user).
-start_gateway 0; GW0_PORT=$GW_PORT; GW0_PID=$GW_PID
-start_gateway 5; GW5_PORT=$GW_PORT; GW5_PID=$GW_PID
 
 # Nchan: one Redis, two nginx instances (1 worker each) sharing it.
 R_PORT=$(free_port)
 redis-server --port "$R_PORT" --bind 127.0.0.1 --save "" --appendonly no >"$DIR/redis.log" 2>&1 &
 R_PID=$!; PIDS+=($R_PID)
-N_PORTS=()
-for i in 1 2; do
-  port=$(free_port); N_PORTS+=("$port"); mkdir -p "$DIR/nginx-$i"
-  cat >"$DIR/nginx-$i/nginx.conf" <<CONF
+NGINX_MASTERS=()
+start_nchan() {  # sets NCHAN_SERVERS, NCHAN_PIDS (workers and Redis), NGINX_WORKERS
+  local ports=() i port
+  NGINX_MASTERS=()
+  for i in 1 2; do
+    port=$(free_port); ports+=("$port"); rm -rf "$DIR/nginx-$i"; mkdir -p "$DIR/nginx-$i"
+    cat >"$DIR/nginx-$i/nginx.conf" <<CONF
 load_module /usr/lib/nginx/modules/ngx_nchan_module.so;
 worker_processes 1;
 worker_rlimit_nofile 20000;
 daemon off;
 pid $DIR/nginx-$i/nginx.pid;
 error_log $DIR/nginx-$i/error.log warn;
-events { worker_connections 19000; }
+events { worker_connections 19500; }
 http {
   access_log off;
   client_body_temp_path $DIR/nginx-$i;
@@ -64,17 +65,18 @@ http {
   }
 }
 CONF
-  nginx -c "$DIR/nginx-$i/nginx.conf" -p "$DIR/nginx-$i" >"$DIR/nginx-$i/out.log" 2>&1 &
-  PIDS+=($!)
-done
-sleep 1
-NCHAN_PIDS="$R_PID"; NGINX_WORKERS=""
-for i in 1 2; do
-  master=$(cat "$DIR/nginx-$i/nginx.pid")
-  workers=$(pgrep -P "$master" | paste -sd,)
-  NCHAN_PIDS="$NCHAN_PIDS,$workers"; NGINX_WORKERS="${NGINX_WORKERS:+$NGINX_WORKERS,}$workers"
-done
-NCHAN_SERVERS=(--server "http://127.0.0.1:${N_PORTS[0]}" --server "http://127.0.0.1:${N_PORTS[1]}")
+    nginx -c "$DIR/nginx-$i/nginx.conf" -p "$DIR/nginx-$i" >"$DIR/nginx-$i/out.log" 2>&1 &
+    NGINX_MASTERS+=($!); PIDS+=($!)
+  done
+  sleep 1
+  NCHAN_PIDS="$R_PID"; NGINX_WORKERS=""
+  for i in 1 2; do
+    local workers; workers=$(pgrep -P "$(cat "$DIR/nginx-$i/nginx.pid")" | paste -sd,)
+    NCHAN_PIDS="$NCHAN_PIDS,$workers"; NGINX_WORKERS="${NGINX_WORKERS:+$NGINX_WORKERS,}$workers"
+  done
+  NCHAN_SERVERS=(--server "http://127.0.0.1:${ports[0]}" --server "http://127.0.0.1:${ports[1]}")
+}
+stop_nchan() { for pid in "${NGINX_MASTERS[@]}"; do kill -QUIT "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done; }
 
 field() { echo "$1" | sed -n "s/.*$2=\([0-9.]*\).*/\1/p"; }
 run() {  # prints the human line, returns the RESULT line in $OUT
@@ -85,10 +87,23 @@ run() {  # prints the human line, returns the RESULT line in $OUT
   return 0
 }
 
-echo "== resident memory per idle subscribed WebSocket, $IDLE connections (fresh processes) =="
-run --target gateway --server "http://127.0.0.1:$GW0_PORT" --pids "$GW0_PID" --subscribers "$IDLE" --idle; gi=$(field "$OUT" rss_bytes_per_connection)
-run --target nchan "${NCHAN_SERVERS[@]}" --pids "$NGINX_WORKERS" --subscribers "$IDLE" --idle; ni=$(field "$OUT" rss_bytes_per_connection)
-[ -n "$gi" ] && [ -n "$ni" ] && awk -v g="$gi" -v n="$ni" 'BEGIN { printf "   gateway %d bytes, Nchan (nginx workers) %d bytes per connection: ratio %.2f (target: gateway <= 6000)\n", g, n, (n > 0 ? g / n : 0) }'
+echo "== resident memory per idle subscribed WebSocket (fresh server processes for each count) =="
+for n in $IDLE; do
+  start_gateway 0
+  run --target gateway --server "http://127.0.0.1:$GW_PORT" --pids "$GW_PID" --subscribers "$n" --idle; gi=$(field "$OUT" rss_bytes_per_connection)
+  kill -TERM "$GW_PID"; wait "$GW_PID" 2>/dev/null || true
+  start_nchan
+  run --target nchan "${NCHAN_SERVERS[@]}" --pids "$NGINX_WORKERS" --subscribers "$n" --idle; ni=$(field "$OUT" rss_bytes_per_connection)
+  stop_nchan
+  [ -n "$gi" ] && [ -n "$ni" ] && awk -v g="$gi" -v n="$ni" -v c="$n" 'BEGIN {
+    printf "   %d connections: gateway %d bytes, Nchan (nginx workers) %d bytes per connection: ratio %.2f (target: gateway <= 6000)\n", c, g, n, (n > 0 ? g / n : 0) }'
+done
+
+# The fan-out runs: gateways (embedded, one process each, the caps meant for the Internet off: one client
+# address, one user) with write delay 0 and 5 ms, and Nchan.
+start_gateway 0; GW0_PORT=$GW_PORT; GW0_PID=$GW_PID
+start_gateway 5; GW5_PORT=$GW_PORT; GW5_PID=$GW_PID
+start_nchan
 
 echo "== fan-out: one channel, 100-byte bodies, ${SECONDS_EACH} s each; server CPU from /proc =="
 for case in $CASES; do
