@@ -30,8 +30,7 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
     private let context: ChannelHandlerContext
     /// Below NIO's HTTP encoder: where the pre-framed message chunks go (straight to the socket).
     private let chunks: ChannelHandlerContext
-    private let request: HTTPRequest
-    private let requestId: String
+    private var requestId: String { driver.log.requestId }
     private var driver: SessionDriver!
     /// Answers the request when the stream is refused before it opened.
     private let refuse: (ApiError) -> Void
@@ -46,10 +45,8 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
         self.app = app
         self.context = context
         self.chunks = (try? context.pipeline.syncOperations.context(handlerType: HTTPResponseEncoder.self)) ?? context
-        self.request = request
-        self.requestId = request.requestId
         self.refuse = refuse
-        self.driver = SessionDriver(app: app, actor: actor, kind: .serverSentEvents, eventLoop: context.eventLoop, logger: request.logger, transport: self)
+        self.driver = SessionDriver(app: app, actor: actor, kind: .serverSentEvents, eventLoop: context.eventLoop, log: request.log, transport: self)
         self.writable = context.channel.isWritable
     }
 
@@ -64,7 +61,7 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
         if case .unsubscribed = reply { return end() }
         guard case .subscribed(_, _, let cursor) = reply, !opened, !ended else { return }
         opened = true
-        request.logAnswered(.ok, route: "/v1/channels/{channel}/events")
+        driver.log.answered(.ok, route: "/v1/channels/{channel}/events")
         var headers = HTTPHeaders()
         headers.add(name: "Content-Type", value: "text/event-stream")
         headers.add(name: "Cache-Control", value: "no-cache")

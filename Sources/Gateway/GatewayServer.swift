@@ -201,7 +201,7 @@ public final class GatewayServer: Sendable {
                 try sync.addHandler(deadline, position: .first)
                 let refusal = ApiError(.rateLimited, "at most \(app.config.maxConnectionsPerIP) connections per client address",
                                        details: ["limit": String(app.config.maxConnectionsPerIP)], retryAfter: 1)
-                try sync.addHandlers(RequestReader(config: app.config, deadline: deadline, logger: app.logger), RequestGate(config: app.config, refusal: refusal), HTTPHandler(app: app))
+                try sync.addHandlers(RequestReader(app: app, deadline: deadline), RequestGate(app: app, refusal: refusal), HTTPHandler(app: app))
                 return
             }
         }
@@ -223,12 +223,12 @@ public final class GatewayServer: Sendable {
                 switch request.path {
                 case ["v1", "echo"]:
                     guard app.config.echo else { return channel.eventLoop.makeSucceededFuture(nil) }
-                    upgrades.put(channel, .init(actor: nil, request: request, deflate: deflate))
+                    upgrades.put(channel, .init(actor: nil, log: request.log, deflate: deflate))
                     return channel.eventLoop.makeSucceededFuture(headers)
                 case ["v1", "ws"]:
                     return channel.eventLoop.makeFutureWithTask {
                         guard let actor = try? await app.authenticate(request.bearerToken) else { return nil }
-                        upgrades.put(channel, .init(actor: actor, request: request, deflate: deflate))
+                        upgrades.put(channel, .init(actor: actor, log: request.log, deflate: deflate))
                         return headers
                     }
                 default:
@@ -240,7 +240,7 @@ public final class GatewayServer: Sendable {
                     let sync = channel.pipeline.syncOperations
                     let upgrade = upgrades.take(channel)
                     if let upgrade, let actor = upgrade.actor {
-                        try sync.addHandler(WebSocketSession(app: app, actor: actor, request: upgrade.request, eventLoop: channel.eventLoop,
+                        try sync.addHandler(WebSocketSession(app: app, actor: actor, log: upgrade.log, eventLoop: channel.eventLoop,
                                                              deflate: upgrade.deflate))
                     } else {
                         try sync.addHandler(EchoSession(maxMessageBytes: app.config.maxMessageBytes, pingInterval: .seconds(app.config.wsPingSeconds),
@@ -262,7 +262,7 @@ public final class GatewayServer: Sendable {
         // between requests (WebSockets have their own pings; the handler leaves with the upgrade).
         try sync.addHandler(IdleStateHandler(readTimeout: .seconds(app.config.requestIdleSeconds)), position: .first)
         try sync.addHandler(deadline, position: .first)
-        try sync.addHandlers(RequestReader(config: app.config, deadline: deadline, logger: app.logger), RequestGate(config: app.config), HTTPHandler(app: app))
+        try sync.addHandlers(RequestReader(app: app, deadline: deadline), RequestGate(app: app), HTTPHandler(app: app))
         channel.closeFuture.whenComplete { _ in _ = upgrades.take(channel) }
     }
 
@@ -288,8 +288,8 @@ final class PendingUpgrades: Sendable {
     /// What the handshake decided, for the handler that takes over after the 101 (no actor: echo).
     struct Upgrade: Sendable {
         let actor: Actor?
-        /// The handshake (its request id and logger).
-        let request: HTTPRequest
+        /// The handshake's request id and logger.
+        let log: RequestLog
         let deflate: PermessageDeflate.Agreement?
     }
     private let pending = NIOLockedValueBox<[ObjectIdentifier: Upgrade]>([:])

@@ -28,14 +28,16 @@ final class RequestReader: ChannelInboundHandler, RemovableChannelHandler {
         case rejected(HTTPRequestHead, ApiError)
     }
     private var state = State.idle
-    private let config: GatewayConfig
+    /// The instance (its configuration and logger), by reference: a handler on every connection must not hold
+    /// a copy of the whole configuration.
+    private let app: GatewayApp
+    private var config: GatewayConfig { app.config }
+    private var logger: Logger { app.logger }
     private let deadline: RequestDeadline
-    private let logger: Logger
 
-    init(config: GatewayConfig, deadline: RequestDeadline, logger: Logger) {
-        self.config = config
+    init(app: GatewayApp, deadline: RequestDeadline) {
+        self.app = app
         self.deadline = deadline
-        self.logger = logger
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -131,13 +133,15 @@ final class RequestGate: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundOut = HTTPRequest
     typealias OutboundOut = HTTPServerResponsePart
 
-    private let config: GatewayConfig
+    private let app: GatewayApp
+    private var config: GatewayConfig { app.config }
     private let refusal: ApiError?
     /// Requests this connection may still make (`connectionRequestRate` per second).
     private var requests: TokenBucket
 
-    init(config: GatewayConfig, refusal: ApiError? = nil) {
-        self.config = config
+    init(app: GatewayApp, refusal: ApiError? = nil) {
+        self.app = app
+        let config = app.config
         self.refusal = refusal
         self.requests = TokenBucket(rate: config.connectionRequestRate, burst: config.connectionRequestBurst)
     }

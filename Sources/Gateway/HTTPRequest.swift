@@ -11,15 +11,16 @@ struct HTTPRequest: Sendable {
     let query: [String: String]
     let headers: HTTPHeaders
     let body: ByteBuffer
-    let requestId: String
     let keepAlive: Bool
+    /// What its log lines need (a connection that outlives the request keeps this, not the request).
+    let log: RequestLog
+    var requestId: String { log.requestId }
     /// Every line logged for this request carries its id (`request-id` metadata).
-    let logger: Logger
-    let receivedAt: NIODeadline
+    var logger: Logger { log.logger }
 
     /// `logger`: the instance's logger, to which the request's id is added.
     init(head: HTTPRequestHead, body: ByteBuffer, logger: Logger) {
-        self.receivedAt = .now()
+        let receivedAt = NIODeadline.now()
         self.method = head.method
         let uri = head.uri
         let pathPart: Substring
@@ -44,20 +45,12 @@ struct HTTPRequest: Sendable {
         self.query = query
         self.headers = head.headers
         self.body = body
-        self.requestId = GatewayApp.requestId(from: head.headers.first(name: "x-request-id"))
         self.keepAlive = head.isKeepAlive
-        var logger = logger
-        logger[metadataKey: "request-id"] = "\(requestId)"
-        self.logger = logger
+        self.log = RequestLog(requestId: GatewayApp.requestId(from: head.headers.first(name: "x-request-id")), method: head.method,
+                              receivedAt: receivedAt, base: logger)
     }
 
-    /// The access log line of a request answered with `status` (info): method, route template (never the
-    /// target, whose query may hold a token), status and duration.
-    func logAnswered(_ status: HTTPResponseStatus, route: String?) {
-        let micros = (NIODeadline.now() - receivedAt).nanoseconds / 1000
-        logger.info("request", metadata: ["method": "\(method.rawValue)", "route": "\(route ?? "-")", "status": "\(status.code)",
-                                          "duration_ms": "\(Double(micros) / 1000)"])
-    }
+    func logAnswered(_ status: HTTPResponseStatus, route: String?) { log.answered(status, route: route) }
 
     /// `Authorization: Bearer …`, else `?access_token=`.
     var bearerToken: String? {
@@ -76,6 +69,29 @@ struct HTTPRequest: Sendable {
             throw ApiError(.badRequest, "\(name) must be an integer in \(range.lowerBound)...\(range.upperBound)", details: ["parameter": name])
         }
         return n
+    }
+}
+
+/// A request's identity for its log lines: small enough for a WebSocket or SSE stream to keep for its whole
+/// life. The instance's logger is shared; the `request-id` metadata is added only when a line is logged.
+struct RequestLog: Sendable {
+    let requestId: String
+    let method: HTTPMethod
+    let receivedAt: NIODeadline
+    let base: Logger
+
+    var logger: Logger {
+        var logger = base
+        logger[metadataKey: "request-id"] = "\(requestId)"
+        return logger
+    }
+
+    /// The access log line of a request answered with `status` (info): method, route template (never the
+    /// target, whose query may hold a token), status and duration.
+    func answered(_ status: HTTPResponseStatus, route: String?) {
+        let micros = (NIODeadline.now() - receivedAt).nanoseconds / 1000
+        logger.info("request", metadata: ["method": "\(method.rawValue)", "route": "\(route ?? "-")", "status": "\(status.code)",
+                                          "duration_ms": "\(Double(micros) / 1000)"])
     }
 }
 

@@ -45,7 +45,7 @@ final class LongPoll: HubSubscriber, SessionTransport, ConnectionBoundStream, @u
         self.requestId = request.requestId
         self.eventLoop = eventLoop
         self.complete = complete
-        self.driver = SessionDriver(app: app, actor: actor, kind: .longPoll, eventLoop: eventLoop, logger: request.logger, transport: self)
+        self.driver = SessionDriver(app: app, actor: actor, kind: .longPoll, eventLoop: eventLoop, log: request.log, transport: self)
     }
 
     func run(channel name: String) {

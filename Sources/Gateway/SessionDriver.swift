@@ -29,8 +29,9 @@ final class SessionDriver: LiveStream, @unchecked Sendable {  // state only touc
 
     let kind: Kind
     let eventLoop: any EventLoop
-    /// Carries the request id of the request that started the session.
-    let logger: Logger
+    /// The request that started the session (its id on every line logged).
+    let log: RequestLog
+    var logger: Logger { log.logger }
     private let app: GatewayApp
     private var session: ClientSession
     private weak var transport: (any SessionTransport)?
@@ -38,11 +39,11 @@ final class SessionDriver: LiveStream, @unchecked Sendable {  // state only touc
     private var started = false
     private var released = false
 
-    init(app: GatewayApp, actor: Actor, kind: Kind, eventLoop: any EventLoop, logger: Logger, transport: any SessionTransport) {
+    init(app: GatewayApp, actor: Actor, kind: Kind, eventLoop: any EventLoop, log: RequestLog, transport: any SessionTransport) {
         self.app = app
         self.kind = kind
         self.eventLoop = eventLoop
-        self.logger = logger
+        self.log = log
         self.transport = transport
         let config = app.config
         self.session = ClientSession(actor: actor, limits: ClientSession.Limits(

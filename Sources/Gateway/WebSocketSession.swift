@@ -8,24 +8,22 @@ import Wire
 /// `ClientSession` (through its `SessionDriver`): frames in, replies and subscriptions out.
 final class WebSocketSession: WebSocketConnection, SubscriptionSink, SessionTransport, @unchecked Sendable {  // state only touched on the channel's event loop
     private let app: GatewayApp
-    private let request: HTTPRequest
-    private var requestId: String { request.requestId }
+    private var requestId: String { driver.log.requestId }
     private var driver: SessionDriver!
     private var subscriptions: [ChannelName: Subscription] = [:]
     private var ended = false
     /// Only with a test fault (`swap`): a message delivered after the next one.
     private var heldForFault: ByteBuffer?
 
-    init(app: GatewayApp, actor: Actor, request: HTTPRequest, eventLoop: any EventLoop, deflate: PermessageDeflate.Agreement? = nil) {
+    init(app: GatewayApp, actor: Actor, log: RequestLog, eventLoop: any EventLoop, deflate: PermessageDeflate.Agreement? = nil) {
         self.app = app
-        self.request = request
         super.init(maxMessageBytes: app.config.maxMessageBytes, pingInterval: .seconds(app.config.wsPingSeconds), deflate: deflate)
-        self.driver = SessionDriver(app: app, actor: actor, kind: .webSocket, eventLoop: eventLoop, logger: request.logger, transport: self)
+        self.driver = SessionDriver(app: app, actor: actor, kind: .webSocket, eventLoop: eventLoop, log: log, transport: self)
     }
 
     /// The 101 is out: the session joins the live streams (and looks for a revocation that came before).
     override func upgradeCompleted() {
-        request.logAnswered(.switchingProtocols, route: "/v1/ws")
+        driver.log.answered(.switchingProtocols, route: "/v1/ws")
         driver.start()
     }
 

@@ -164,6 +164,25 @@ struct Fanout: AsyncParsableCommand {
     }
 }
 
+/// The status line and headers of a server's answer, gathered across reads.
+struct ResponseHead {
+    enum Outcome { case incomplete, accepted, refused(String) }
+    private var bytes = ByteBuffer()
+
+    /// Takes `input` until the head is complete; then `input` holds what came after it. `status`: the code
+    /// that accepts (e.g. "101").
+    mutating func take(_ input: inout ByteBuffer, status: String) -> Outcome {
+        bytes.writeBuffer(&input)
+        guard let end = bytes.readableBytesView.firstRange(of: Array("\r\n\r\n".utf8)) else { return .incomplete }
+        let line = String(decoding: bytes.readableBytesView.prefix(12), as: UTF8.self)
+        guard line.hasPrefix("HTTP/1.1 \(status)") else { return .refused(line) }
+        bytes.moveReaderIndex(to: end.upperBound)
+        input = bytes
+        bytes = ByteBuffer()
+        return .accepted
+    }
+}
+
 /// A subscriber connection that counts what it receives (read on its loop).
 protocol DeliveryCounter: AnyObject, Sendable {
     var loop: any EventLoop { get }
@@ -178,7 +197,7 @@ final class EventCounter: ChannelInboundHandler, DeliveryCounter, @unchecked Sen
     let loop: any EventLoop
     let ready: EventLoopPromise<Void>
     private(set) var frames = 0
-    private var head = ByteBuffer()
+    private var head = ResponseHead()
     private var started = false
     private var tail: [UInt8] = []
     private static let needle = Array("\ndata:".utf8)
@@ -191,19 +210,16 @@ final class EventCounter: ChannelInboundHandler, DeliveryCounter, @unchecked Sen
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var bytes = unwrapInboundIn(data)
         if !started {
-            head.writeBuffer(&bytes)
-            guard let end = head.readableBytesView.firstRange(of: Array("\r\n\r\n".utf8)) else { return }
-            let status = String(decoding: head.readableBytesView.prefix(12), as: UTF8.self)
-            guard status.hasPrefix("HTTP/1.1 200") else {
+            switch head.take(&bytes, status: "200") {
+            case .incomplete: return
+            case .refused(let status):
                 ready.fail(ClientError(description: "stream refused: \(status)"))
                 context.close(promise: nil)
                 return
+            case .accepted:
+                started = true
+                ready.succeed()
             }
-            started = true
-            head.moveReaderIndex(to: end.upperBound)
-            bytes = head
-            head = ByteBuffer()
-            ready.succeed()
         }
         // The needle may straddle two reads: scan the last few bytes of the previous read with this one.
         var joined = ByteBuffer(bytes: tail)
@@ -241,7 +257,7 @@ final class FrameCounter: ChannelInboundHandler, DeliveryCounter, @unchecked Sen
     let loop: any EventLoop
     let ready: EventLoopPromise<Void>
     private let waitForReply: Bool
-    private var head = ByteBuffer()
+    private var head = ResponseHead()
     private var upgraded = false
     private var partial = ByteBuffer()
     private var skip = 0
@@ -267,19 +283,16 @@ final class FrameCounter: ChannelInboundHandler, DeliveryCounter, @unchecked Sen
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var bytes = unwrapInboundIn(data)
         if !upgraded {
-            head.writeBuffer(&bytes)
-            guard let end = head.readableBytesView.firstRange(of: Array("\r\n\r\n".utf8)) else { return }
-            let status = String(decoding: head.readableBytesView.prefix(12), as: UTF8.self)
-            guard status.hasPrefix("HTTP/1.1 101") else {
+            switch head.take(&bytes, status: "101") {
+            case .incomplete: return
+            case .refused(let status):
                 ready.fail(ClientError(description: "upgrade refused: \(status)"))
                 context.close(promise: nil)
                 return
+            case .accepted:
+                upgraded = true
+                if !waitForReply { ready.succeed() }
             }
-            upgraded = true
-            head.moveReaderIndex(to: end.upperBound)
-            bytes = head
-            head = ByteBuffer()
-            if !waitForReply { ready.succeed() }
         }
         count(&bytes)
     }
