@@ -81,6 +81,24 @@ public struct WireMessage: Codable, Sendable, Equatable {
     }
 }
 
+/// A WebSocket `{"type":"message","channel":…,"message":{…}}` read in one pass, for a client that wants the
+/// message itself (a load generator reading thousands a second): `ServerReply.decode` keeps the message's
+/// text, which is one parse more. `Message` may be `WireMessage`, or a type that reads only the fields it needs.
+public struct MessageFrame<Message: Decodable & Sendable>: Decodable, Sendable {
+    public let type: String
+    public let channel: String
+    public let message: Message
+
+    /// The frame's message, or nil when the text is not a message frame.
+    public static func decode(_ utf8: some Collection<UInt8>, with decoder: JSONDecoder) -> Message? {
+        guard utf8.starts(with: messageFramePrefix), let frame = try? decoder.decode(MessageFrame.self, from: Data(utf8)),
+              frame.type == "message" else { return nil }
+        return frame.message
+    }
+}
+
+private let messageFramePrefix = Array("{\"type\":\"message\"".utf8)
+
 /// What the server sends on a WebSocket (PROTOCOL.md §6), apart from close frames. The server writes these
 /// with `json` (by hand: messages and acks embed the pre-encoded message text); clients and tests read them
 /// with `decode`.
