@@ -17,6 +17,8 @@ stop() {
 }
 trap stop EXIT INT TERM
 ulimit -n 65536 2>/dev/null || true
+# Every client of a local cluster (loadtest included) comes from 127.0.0.1: the per-address cap is off here.
+export GATEWAY_MAX_CONNECTIONS_PER_IP=${GATEWAY_MAX_CONNECTIONS_PER_IP:-0}
 for i in 1 2 3; do
   GATEWAY_PORT=808$i GATEWAY_INSTANCE_ID=gw-$i "$BIN" serve >"$DIR/gateway-$i.log" 2>&1 &
   PIDS+=($!)

@@ -161,7 +161,7 @@ final class Runner: Sendable {
         let decoder = JSONDecoder()
         while let frame = try await ws.next() {
             // Messages (nearly every frame) in one pass; anything else as a reply.
-            if let message = MessageFrame<Delivery>.decode(frame.readableBytesView, with: decoder) {
+            if let message = Delivery.scan(frame.readableBytesView) ?? MessageFrame<Delivery>.decode(frame.readableBytesView, with: decoder) {
                 if let next = deliver(message, i, &track, who: who) { cursor = next }
                 continue
             }
@@ -282,10 +282,11 @@ final class Runner: Sendable {
         }
         let inFlight = NIOLockedValueBox<[Int: UInt64]>([:])
         let reader = Task {
+            let decoder = JSONDecoder()
             while let frame = try? await ws.next() {
-                guard let reply = try? ServerReply.decode(String(buffer: frame)), case .string(let text)? = reply.id,
+                guard let reply = try? decoder.decode(AckFrame.self, from: Data(frame.readableBytesView)), let text = reply.id,
                       let n = Int(text), let sentAt = inFlight.withLockedValue({ $0.removeValue(forKey: n) }) else { continue }
-                if case .ack(_, let raw?, _, _, _) = reply, let message = try? raw.decode(WireMessage.self) {
+                if reply.type == "ack", let message = reply.message {
                     self.ledger.acked(channel: message.channel, seq: message.seq, id: message.id, latencyMicros: (nowNanos() &- sentAt) / 1000)
                 } else {
                     self.ledger.error("\(who): \(String(buffer: frame).prefix(300))")
@@ -359,6 +360,74 @@ struct Delivery: Decodable, Sendable {
         let t: Int64?
     }
 
+    init(id: String, channel: String, seq: Int64, cursor: String, t: Int64?) {
+        (self.id, self.channel, self.seq, self.cursor, self.body) = (id, channel, seq, cursor, Body(t: t))
+    }
+
+    /// The fields read straight off a message frame in the server's layout
+    /// (`{"type":"message","channel":"…","message":{"id":"…","channel":"…","seq":N,"cursor":"…",…,"body":{…}}}`);
+    /// nil for anything else, which then goes through `JSONDecoder`. Foundation's decoder costs the load
+    /// generator more than the server spends delivering the message.
+    static func scan(_ bytes: ByteBufferView) -> Delivery? {
+        bytes.withUnsafeBytes { raw -> Delivery? in
+            var s = Scanner(raw)
+            guard s.skip("{\"type\":\"message\",\"channel\":\""), let channel = s.string(), s.skip(",\"message\":{\"id\":\""),
+                  let id = s.string(), s.skip(",\"channel\":\""), s.string() == channel, s.skip(",\"seq\":"), let seq = s.integer(),
+                  s.skip(",\"cursor\":\""), let cursor = s.string(), s.find(",\"body\":{") else { return nil }
+            // The publisher's send time: the body key "t" (a quote inside a string value is escaped, so `"t":` is a key).
+            let t = s.find("\"t\":") ? s.integer() : nil
+            return Delivery(id: id, channel: channel, seq: seq, cursor: cursor, t: t)
+        }
+    }
+
+    /// Reads ASCII landmarks and plain (unescaped) strings and integers off raw bytes.
+    struct Scanner {
+        let bytes: UnsafeRawBufferPointer
+        var index = 0
+        init(_ bytes: UnsafeRawBufferPointer) { self.bytes = bytes }
+
+        /// Moves past `literal` if the bytes at the position are it.
+        mutating func skip(_ literal: StaticString) -> Bool {
+            let count = literal.utf8CodeUnitCount
+            guard bytes.count - index >= count else { return false }
+            let start = literal.utf8Start
+            for k in 0..<count where bytes[index + k] != start[k] { return false }
+            index += count
+            return true
+        }
+
+        /// Up to the closing quote; nil for an escaped string.
+        mutating func string() -> String? {
+            var end = index
+            while end < bytes.count, bytes[end] != UInt8(ascii: "\""), bytes[end] != UInt8(ascii: "\\") { end += 1 }
+            guard end < bytes.count, bytes[end] == UInt8(ascii: "\"") else { return nil }
+            let text = String(decoding: UnsafeRawBufferPointer(rebasing: bytes[index..<end]), as: UTF8.self)
+            index = end + 1
+            return text
+        }
+
+        mutating func integer() -> Int64? {
+            var value: Int64 = 0
+            var digits = 0
+            while index < bytes.count, bytes[index] >= 0x30, bytes[index] <= 0x39, digits < 18 {
+                value = value * 10 + Int64(bytes[index] - 0x30)
+                digits += 1
+                index += 1
+            }
+            return digits > 0 ? value : nil
+        }
+
+        /// Moves past the next occurrence of `literal`.
+        mutating func find(_ literal: StaticString) -> Bool {
+            let first = literal.utf8Start[0]
+            while index < bytes.count {
+                if bytes[index] == first, skip(literal) { return true }
+                index += 1
+            }
+            return false
+        }
+    }
+
     init(_ message: WireMessage) {
         id = message.id
         channel = message.channel
@@ -366,4 +435,11 @@ struct Delivery: Decodable, Sendable {
         cursor = message.cursor
         if case .integer(let t) = message.body["t"] { body = Body(t: t) } else { body = Body(t: nil) }
     }
+}
+
+/// A reply to a publish, read in one pass: an `ack` with its message, or anything else (an error) by its type.
+struct AckFrame: Decodable, Sendable {
+    let type: String
+    let id: String?
+    let message: Delivery?
 }
