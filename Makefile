@@ -46,7 +46,7 @@ bench:
 	swift build -c release --product loadtest
 	@D=/tmp/gw-bench-$$$$; scripts/services.sh start $$D >/dev/null; set -a; . $$D/env; set +a; \
 	  $$(swift build -c release --show-bin-path)/bench; status=$$?; scripts/services.sh stop $$D; [ $$status -eq 0 ] || exit $$status
-	@BIN=$$(swift build -c release --show-bin-path)/gateway LOADTEST=$$(swift build -c release --show-bin-path)/loadtest scripts/bench-fanout.sh
+	@B=$$(swift build -c release --show-bin-path); BIN=$$B/gateway LOADTEST=$$B/loadtest BENCH=$$B/bench scripts/bench-fanout.sh
 
 ## Postgres, Redis and three gateway instances on 8081-8083 (foreground; Ctrl-C stops them).
 cluster:

@@ -7,13 +7,14 @@
 # fan-out run and the ratio gateway / Nchan.
 # A benchmark, not a test: nothing here asserts a number.
 #   BIN, LOADTEST: paths of the release binaries.
-#   FANOUT_CASES: "transport:subscribers:rate ..." (default below).  FANOUT_SECONDS: publishing seconds per
+#   FANOUT_CASES: "transport:subscribers:rate ..." (default below; empty skips them).  FANOUT_SECONDS: publishing seconds per
 #   case (default 10).  FANOUT_IDLE: idle WebSocket connection counts for the memory figures (default
-#   "10000 19000"; one client process holds at most ~19,900).
+#   "10000 19000"; one client process holds at most ~19,900).  BENCH: the bench binary (stores the catch-up
+#   backlog); FANOUT_CATCHUP: messages for the catch-up figure (default 100000; 0 skips it).
 set -euo pipefail
-BIN=${BIN:?gateway binary}; LOADTEST=${LOADTEST:?loadtest binary}
-CASES=${FANOUT_CASES:-"ws:1000:100 ws:5000:20 sse:1000:100"}
-IDLE=${FANOUT_IDLE:-"10000 19000"}
+BIN=${BIN:?gateway binary}; LOADTEST=${LOADTEST:?loadtest binary}; BENCH=${BENCH:-}
+CASES=${FANOUT_CASES-"ws:1000:100 ws:5000:20 sse:1000:100"}
+IDLE=${FANOUT_IDLE-"10000 19000"}
 SECONDS_EACH=${FANOUT_SECONDS:-10}
 "$(dirname "$0")/ensure-packages.sh" nginx-light libnginx-mod-nchan redis-server curl
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -28,9 +29,9 @@ trap stop EXIT INT TERM
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 export GATEWAY_JWT_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
 
-start_gateway() {  # $1: write delay in ms; sets GW_PORT, GW_PID
+start_gateway() {  # $1: write delay in ms, $2: data folder (default: a new one); sets GW_PORT, GW_PID
   GW_PORT=$(free_port)
-  GATEWAY_PORT=$GW_PORT GATEWAY_DATA_DIR="$(mktemp -d "$DIR/gw-XXXXXX")" GATEWAY_LOG_LEVEL=error GATEWAY_MAX_CONNECTIONS_PER_IP=0 \
+  GATEWAY_PORT=$GW_PORT GATEWAY_DATA_DIR="${2:-$(mktemp -d "$DIR/gw-XXXXXX")}" GATEWAY_LOG_LEVEL=error GATEWAY_MAX_CONNECTIONS_PER_IP=0 \
     GATEWAY_MAX_STREAMS_PER_USER=0 GATEWAY_WRITE_DELAY_MS=$1 "$BIN" serve >"$DIR/gateway-$1.log" 2>&1 &
   GW_PID=$!; PIDS+=($GW_PID)
   for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$GW_PORT/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
@@ -118,3 +119,18 @@ for case in $CASES; do
         k, s, g, g5, n, (n > 0 ? g / n : 0), (n > 0 ? g5 / n : 0) }'
   fi
 done
+
+CATCHUP=${FANOUT_CATCHUP:-100000}
+if [ -n "$BENCH" ] && [ "$CATCHUP" -gt 0 ]; then
+  echo "== catch-up: $CATCHUP stored messages (SQLite) to one WebSocket client =="
+  CU_DIR=$(mktemp -d "$DIR/cu-XXXXXX")
+  BENCH_FILL_DIR=$CU_DIR BENCH_FILL_COUNT=$CATCHUP BENCH_FILL_CHANNEL=topic:catchup "$BENCH" | sed 's/^/  /'
+  start_gateway 0 "$CU_DIR"
+  TOKEN=$("$BIN" token --sub bench --roles service)
+  # The channel's start: "0." and the hash part of any of its cursors.
+  ZERO=$(curl -fs -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$GW_PORT/v1/channels/topic:catchup/messages?limit=1" \
+           | sed -n 's/.*"cursor":"[0-9]*\.\([0-9a-f]*\)".*/0.\1/p' | head -1)
+  run --target gateway --server "http://127.0.0.1:$GW_PORT" --pids "$GW_PID" --channel catchup --since "$ZERO" --count "$CATCHUP"
+  c=$(field "$OUT" catch_up_per_s)
+  [ -n "$c" ] && awk -v c="$c" 'BEGIN { printf "   %d msgs/s (target >= 200000)\n", c }'
+fi

@@ -31,6 +31,28 @@ func measure(_ store: any Store, publishers: Int, seconds: Double, channels: Int
 var logger = Logger(label: "bench")
 logger.logLevel = .error
 let env = ProcessInfo.processInfo.environment
+
+// `BENCH_FILL_DIR=D BENCH_FILL_COUNT=N BENCH_FILL_CHANNEL=C`: only store N messages in channel C of the embedded
+// store in D (what a gateway started on D then serves), through group commit, and exit — the catch-up bench.
+if let fillDir = env["BENCH_FILL_DIR"] {
+    let count = Int(env["BENCH_FILL_COUNT"] ?? "100000") ?? 100_000
+    let channel = try ChannelName(parsing: env["BENCH_FILL_CHANNEL"] ?? "topic:catchup")
+    let store = try await SQLiteStore.open(path: fillDir + "/gateway.sqlite", logger: logger)
+    let started = Date()
+    await withTaskGroup(of: Void.self) { group in
+        for p in 0..<256 {
+            group.addTask {
+                for n in stride(from: p, to: count, by: 256) {
+                    let body = "{\"n\":\(n),\"text\":\"a chat-sized message body of about a hundred bytes......................\"}"
+                    _ = try? await store.append(AppendRequest(channel: channel, sender: "bench", requestId: nil, body: body))
+                }
+            }
+        }
+    }
+    print(String(format: "stored %d messages in %@ in %.1f s", count, channel.rawValue, Date().timeIntervalSince(started)))
+    await store.close()
+    exit(0)
+}
 let seconds = Double(env["BENCH_SECONDS"] ?? "5") ?? 5
 var results: [(String, Double)] = []
 

@@ -30,6 +30,9 @@ struct Fanout: AsyncParsableCommand {
     @Option(help: "Client event loop threads.") var threads = 1
     @Option(help: "ws or sse subscribers.") var transport = Kind.ws
     @Flag(help: "Connect and subscribe, publish nothing: report the server's RSS per connection.") var idle = false
+    @Option(help: "Catch-up: subscribe (gateway, WebSocket) from this cursor, publish nothing, and time the arrival of --count messages.") var since: String?
+    @Option(help: "With --since: the messages stored after the cursor.") var count = 100_000
+    @Option(help: "The channel (default: a new one).") var channel: String?
 
     func run() async throws {
         let endpoints = urls.compactMap(Endpoint.init(url:))
@@ -41,7 +44,10 @@ struct Fanout: AsyncParsableCommand {
             minted = try await TokenVerifier(hs256Secret: secret).mint(sub: "fanout", roles: ["service"], ttl: 3600)
         }
         let token = minted
-        let channel = "fanout\(UInt32.random(in: 0...UInt32.max))"
+        let channel = self.channel ?? "fanout\(UInt32.random(in: 0...UInt32.max))"
+        if let since {
+            return try await catchUp(endpoints[0], channel: channel, since: since, token: token)
+        }
         let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, threads))
 
         // Subscribers, connected a few hundred at a time.
@@ -101,6 +107,30 @@ struct Fanout: AsyncParsableCommand {
         if delivered < expected { throw ExitCode(1) }
     }
 
+    /// One WebSocket subscriber from `since`: the time from the subscribe to the last of `count` messages.
+    func catchUp(_ endpoint: Endpoint, channel: String, since: String, token: String) async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let serverPids = pids.split(separator: ",").compactMap { Int32($0) }
+        let cpuBefore = Self.cpuSeconds(serverPids)
+        let start = NIODeadline.now()
+        let (counter, connection) = try await Self.subscribe(endpoint, target: .gateway, kind: .ws, channel: channel, token: token, group: group,
+                                                             since: since)
+        var received = 0
+        let deadline = NIODeadline.now() + .seconds(120)
+        while received < count && NIODeadline.now() < deadline {
+            try await Task.sleep(for: .milliseconds(5))
+            received = try await Self.total([counter])
+        }
+        let seconds = Double((NIODeadline.now() - start).nanoseconds) / 1e9
+        let cpu = Self.cpuSeconds(serverPids) - cpuBefore
+        try? await connection.close()
+        try? await group.shutdownGracefully()
+        print(String(format: "gateway catch-up: %d of %d stored messages to one WebSocket client in %.2f s = %.0f msgs/s (server CPU %.2f s)",
+                     received, count, seconds, Double(received) / seconds, cpu))
+        print("RESULT target=gateway catch_up_messages=\(received) catch_up_per_s=\(Int(Double(received) / seconds))")
+        if received < count { throw ExitCode(1) }
+    }
+
     static func total(_ counters: [any DeliveryCounter]) async throws -> Int {
         var sum = 0
         for counter in counters { sum += try await counter.loop.submit { counter.frames }.get() }
@@ -137,7 +167,7 @@ struct Fanout: AsyncParsableCommand {
     }
 
     static func subscribe(_ endpoint: Endpoint, target: Target, kind: Kind, channel: String, token: String,
-                          group: any EventLoopGroup) async throws -> ((any DeliveryCounter), any Channel) {
+                          group: any EventLoopGroup, since: String? = nil) async throws -> ((any DeliveryCounter), any Channel) {
         let loop = group.next()
         if kind == .sse {
             let counter = EventCounter(loop: loop)
@@ -158,7 +188,10 @@ struct Fanout: AsyncParsableCommand {
             + "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
         if target == .gateway { request += "Authorization: Bearer \(token)\r\n" }
         var bytes = ByteBuffer(string: request + "\r\n")
-        if target == .gateway { bytes.writeImmutableBuffer(FrameCounter.maskedText("{\"type\":\"subscribe\",\"channel\":\"topic:\(channel)\"}")) }
+        if target == .gateway {
+            let from = since.map { ",\"since\":\"\($0)\"" } ?? ""
+            bytes.writeImmutableBuffer(FrameCounter.maskedText("{\"type\":\"subscribe\",\"channel\":\"topic:\(channel)\"\(from)}"))
+        }
         try await connection.writeAndFlush(bytes)
         return (counter, connection)
     }
