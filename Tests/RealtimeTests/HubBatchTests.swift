@@ -29,8 +29,8 @@ import Testing
     static func frame(_ message: Message, _ format: WireFormat) -> ByteBuffer { ByteBuffer(string: "<\(message.seq)>") }
 
     /// Three messages published one by one: with a write delay they reach the subscriber as one batch whose
-    /// frames are joined; without one, as three.
-    @Test(arguments: [0, 1500])
+    /// frames are joined; without one, as three. (The three appends take milliseconds; the delay is 3 s.)
+    @Test(arguments: [0, 3000])
     func aWriteDelayGathersAChannelsMessagesIntoOneBatch(delayMs: Int64) async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let path = FileManager.default.temporaryDirectory.appendingPathComponent("hub-batch-\(UUID().uuidString).sqlite").path
