@@ -71,7 +71,6 @@ public struct GaplessSequencer<Element: Sequenced> {
         return true
     }
 
-    /// A live element arrived.
     /// `acceptNext` for the consecutive run `first`…`last` at once: true (and `last` is the new position) when
     /// the run starts exactly after the position and nothing is being read.
     public mutating func acceptRun(first: Int64, last: Int64) -> Bool {

@@ -132,8 +132,8 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
             promise?.fail(ChannelError.ioOnClosedChannel)
             return
         }
-        var promise = promise
         guard app.faults.fault != nil else { return chunks.write(NIOAny(bytes), promise: promise) }
+        var promise = promise
         app.faults.write(bytes, held: &heldForFault) {
             chunks.write(NIOAny($0), promise: promise)
             promise = nil

@@ -172,9 +172,9 @@ final class RequestGate: ChannelInboundHandler, RemovableChannelHandler {
 }
 
 extension ChannelHandlerContext {
-    /// Writes a complete answer to `request` (in pieces of about 64 KiB), closing the connection after it when
-    /// the client asked, or `forceClose` (unless `closeAfter` is false: the caller closes later).
-    /// Writes a complete answer (in pieces of at most 64 KiB) and logs the request's access line.
+    /// Writes a complete answer to `request` (in pieces of about 64 KiB) and logs its access line (`route`: the
+    /// template that matched), closing the connection after it when the client asked, or `forceClose` (unless
+    /// `closeAfter` is false: the caller closes later).
     func writeResponse(_ response: HTTPResponse, to request: HTTPRequest, route: String? = nil, forceClose: Bool = false, closeAfter: Bool = true) {
         request.logAnswered(response.status, route: route)
         guard channel.isActive else { return }

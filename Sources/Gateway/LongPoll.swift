@@ -26,7 +26,7 @@ final class LongPoll: HubSubscriber, SessionTransport, ConnectionBoundStream, @u
     let format: WireFormat? = nil
     private let app: GatewayApp
     private let parameters: Parameters
-    private let requestId: String
+    private var requestId: String { driver.log.requestId }
     private var driver: SessionDriver!
     private let complete: (HTTPResponse) -> Void
     private var channel: ChannelName?
@@ -42,7 +42,6 @@ final class LongPoll: HubSubscriber, SessionTransport, ConnectionBoundStream, @u
     init(app: GatewayApp, actor: Actor, parameters: Parameters, request: HTTPRequest, eventLoop: any EventLoop, complete: @escaping (HTTPResponse) -> Void) {
         self.app = app
         self.parameters = parameters
-        self.requestId = request.requestId
         self.eventLoop = eventLoop
         self.complete = complete
         self.driver = SessionDriver(app: app, actor: actor, kind: .longPoll, eventLoop: eventLoop, log: request.log, transport: self)
