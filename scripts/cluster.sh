@@ -9,6 +9,7 @@ DIR=/tmp/gw-cluster-$$
 "$(dirname "$0")/services.sh" start "$DIR" >/dev/null
 set -a; . "$DIR/env"; set +a
 export GATEWAY_JWT_SECRET=${GATEWAY_JWT_SECRET:-$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')}
+export GATEWAY_CLUSTER_KEY=${GATEWAY_CLUSTER_KEY:-$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')}
 PIDS=()
 stop() {
   for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done

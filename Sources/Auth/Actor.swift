@@ -29,6 +29,10 @@ public enum AuthFailure: Error, Sendable, Equatable {
     case missingClaim(String)
     case unsupportedAlgorithm
     case revoked
+    /// `aud` does not name this gateway's audience (when one is configured).
+    case wrongAudience
+    /// `iss` is not the configured issuer.
+    case wrongIssuer
 
     public var reason: String {
         switch self {
@@ -40,6 +44,8 @@ public enum AuthFailure: Error, Sendable, Equatable {
         case .missingClaim(let c): "the token has no \(c) claim"
         case .unsupportedAlgorithm: "the token's algorithm is not accepted"
         case .revoked: "the token was revoked"
+        case .wrongAudience: "the token is not meant for this audience"
+        case .wrongIssuer: "the token's issuer is not accepted"
         }
     }
 }

@@ -11,6 +11,8 @@ struct GatewayClaims: JWTPayload {
     var sid: String?
     var iat: IssuedAtClaim?
     var nbf: NotBeforeClaim?
+    var aud: AudienceClaim?
+    var iss: IssuerClaim?
 
     func verify(using algorithm: some JWTAlgorithm) async throws {}
 }
@@ -27,11 +29,15 @@ public final class TokenVerifier: Sendable {
     public let jwksFile: String?
     private let leeway: TimeInterval
     private let revocations: Revocations
+    /// When set, a token's `aud` (a string or an array) must contain it (`GATEWAY_JWT_AUDIENCE`).
+    private let audience: String?
+    /// When set, a token's `iss` must equal it (`GATEWAY_JWT_ISSUER`).
+    private let issuer: String?
 
     /// `secret` must be at least 32 bytes (jwt-kit refuses shorter HMAC keys). `jwksFile` holds the public
     /// keys for RS256 / ES256. Refuses to start without any key.
     public init(hs256Secret secret: String?, jwksFile: String? = nil, leeway: TimeInterval = 30,
-                revocations: Revocations = Revocations()) async throws {
+                revocations: Revocations = Revocations(), audience: String? = nil, issuer: String? = nil) async throws {
         if let secret {
             let keys = JWTKeyCollection()
             await keys.add(hmac: HMACKey(from: secret), digestAlgorithm: .sha256)
@@ -46,6 +52,8 @@ public final class TokenVerifier: Sendable {
         guard hmac != nil || jwksFile != nil else { throw AuthConfigurationError(description: "no HS256 secret and no JWKS file") }
         self.leeway = leeway
         self.revocations = revocations
+        self.audience = audience
+        self.issuer = issuer
     }
 
     /// HS256 only (tests, `gateway token`).
@@ -108,6 +116,8 @@ public final class TokenVerifier: Sendable {
         guard !claims.sub.value.isEmpty else { throw .missingClaim("sub") }
         if claims.exp.value.addingTimeInterval(leeway) <= now { throw .expired }
         if let nbf = claims.nbf, nbf.value > now.addingTimeInterval(leeway) { throw .notYetValid }
+        if let audience, !(claims.aud?.value.contains(audience) ?? false) { throw .wrongAudience }
+        if let issuer, claims.iss?.value != issuer { throw .wrongIssuer }
         let actor = Actor(sub: claims.sub.value, roles: Set(claims.roles ?? []), sid: claims.sid, expiresAt: claims.exp.value,
                           issuedAt: claims.iat?.value)
         if revocations.isRevoked(actor) { throw .revoked }
@@ -122,10 +132,12 @@ public final class TokenVerifier: Sendable {
     }
 
     /// A signed HS256 token, for `gateway token`, `make run` and tests.
-    public func mint(sub: String, roles: [String], ttl: TimeInterval, sid: String? = nil, now: Date = Date()) async throws -> String {
+    public func mint(sub: String, roles: [String], ttl: TimeInterval, sid: String? = nil, audience: [String]? = nil, issuer: String? = nil,
+                     now: Date = Date()) async throws -> String {
         guard let hmac else { throw AuthConfigurationError(description: "minting needs the HS256 secret") }
         let claims = GatewayClaims(sub: .init(value: sub), exp: .init(value: now.addingTimeInterval(ttl)), roles: roles, sid: sid,
-                                   iat: .init(value: now), nbf: nil)
+                                   iat: .init(value: now), nbf: nil, aud: audience.map { AudienceClaim(value: $0) },
+                                   iss: issuer.map { IssuerClaim(value: $0) })
         return try await hmac.sign(claims)
     }
 }

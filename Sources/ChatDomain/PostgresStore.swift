@@ -15,15 +15,44 @@ public final class PostgresStore: Store {
     private let idempotencyWindow: Int64
     public let appends: GroupCommit
 
-    /// Parses `postgres://user:pass@host:port/db` into a client configuration (TLS off: loopback and
-    /// private networks; put TLS in front or extend this when needed).
+    /// Parses `postgres://user:pass@host:port/db[?sslmode=…&sslrootcert=…]` into a client configuration. TLS as
+    /// libpq reads it: `disable`; `prefer` (the default: TLS when the server offers it, unverified);
+    /// `require` (TLS, unverified unless `sslrootcert` is given, then as `verify-ca`); `verify-ca` (the chain
+    /// checked against `sslrootcert`, else the system's CAs); `verify-full` (and the host name or address).
+    /// Nil for a URL that is not one, an unknown `sslmode`, or a CA file that cannot be read.
     public static func configuration(from url: String) -> PostgresClient.Configuration? {
         guard let components = URLComponents(string: url), ["postgres", "postgresql"].contains(components.scheme ?? ""),
               let host = components.host, let user = components.user
         else { return nil }
+        let query = Dictionary((components.queryItems ?? []).map { ($0.name, $0.value ?? "") }) { $1 }
+        let rootCertificate = query["sslrootcert"].flatMap { $0.isEmpty ? nil : $0 }
+        var tlsConfiguration = TLSConfiguration.makeClientConfiguration()
+        if let rootCertificate {
+            guard FileManager.default.isReadableFile(atPath: rootCertificate) else { return nil }
+            tlsConfiguration.trustRoots = .file(rootCertificate)
+        }
+        let tls: PostgresClient.Configuration.TLS
+        switch query["sslmode"] ?? "prefer" {
+        case "disable":
+            tls = .disable
+        case "allow", "prefer":
+            tlsConfiguration.certificateVerification = .none
+            tls = .prefer(tlsConfiguration)
+        case "require" where rootCertificate == nil:
+            tlsConfiguration.certificateVerification = .none
+            tls = .require(tlsConfiguration)
+        case "require", "verify-ca":
+            tlsConfiguration.certificateVerification = .noHostnameVerification
+            tls = .require(tlsConfiguration)
+        case "verify-full":
+            tlsConfiguration.certificateVerification = .fullVerification
+            tls = .require(tlsConfiguration)
+        default:
+            return nil
+        }
         let database = components.path.hasPrefix("/") ? String(components.path.dropFirst()) : nil
         var config = PostgresClient.Configuration(host: host, port: components.port ?? 5432, username: user, password: components.password,
-                                                  database: database?.isEmpty == false ? database : nil, tls: .disable)
+                                                  database: database?.isEmpty == false ? database : nil, tls: tls)
         config.options.maximumConnections = 16
         config.options.connectTimeout = .seconds(3)
         return config
@@ -32,7 +61,7 @@ public final class PostgresStore: Store {
     /// The connection pool for `url`. It is a swift-service-lifecycle `Service`: run it in the instance's
     /// `ServiceGroup` before opening the store.
     public static func makeClient(url: String, logger: Logger) throws -> PostgresClient {
-        guard let config = configuration(from: url) else { throw PostgresStoreError("DATABASE_URL must be postgres://user:pass@host:port/db") }
+        guard let config = configuration(from: url) else { throw PostgresStoreError("DATABASE_URL must be postgres://user:pass@host:port/db[?sslmode=…&sslrootcert=…]") }
         return PostgresClient(configuration: config, backgroundLogger: logger)
     }
 

@@ -1,15 +1,18 @@
 import ChatDomain
+import Foundation
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+import NIOSSL
 
 /// Fan-out across instances through Redis pub/sub. RESP is encoded and parsed by hiredis; SwiftNIO does the
 /// non-blocking socket I/O. Two connections, each driven by a `RedisConnectionStateMachine`: one publishes
 /// every committed message (`PUBLISH gw:<channel>`), one holds the SUBSCRIBEs the Hub asks for. Local
 /// subscribers get a publish at once (not through Redis); the copy that comes back is a duplicate the Hub
 /// drops. The bus counts as down until the subscriber connection answered its first PING, and again as soon
-/// as it is lost or stalls.
+/// as it is lost or stalls. Every payload is sealed with the cluster key (`BusSeal`); one that does not
+/// verify is dropped and counted.
 public final class RedisBus: Bus {
     public static let prefix = "gw:"
     /// A message here tells every instance to read all its channels from the store once: an instance whose
@@ -34,35 +37,32 @@ public final class RedisBus: Bus {
         public var stalls = 0
         /// PUBLISHes not sent (connection not ready, not writable, or too much unanswered).
         public var droppedPublishes = 0
+        /// Payloads dropped because their seal did not verify (missing, forged, or moved between channels).
+        public var sealFailures = 0
     }
 
-    public init(host: String, port: Int, group: any EventLoopGroup, configuration: RedisConnectionStateMachine.Configuration = .init(),
-                logger: Logger) {
+    private let seal: BusSeal
+
+    /// `endpoint` from `REDIS_URL` (credentials and TLS included); `seal` with the cluster key. Throws when
+    /// the TLS settings cannot be used (a CA file that cannot be read).
+    public init(endpoint: RedisEndpoint, seal: BusSeal, group: any EventLoopGroup,
+                configuration: RedisConnectionStateMachine.Configuration = .init(), logger: Logger) throws {
         self.logger = logger
+        self.seal = seal
+        var configuration = configuration
+        configuration.credentials = endpoint.credentials
+        let tls = try endpoint.tlsContext()
         let loop = group.next()
         subscriber = RedisConnectionDriver(
-            host: host, port: port, loop: loop, logger: logger,
+            endpoint: endpoint, tls: tls, seal: seal, loop: loop, logger: logger,
             machine: RedisConnectionStateMachine(role: .subscriber(internalChannels: [Self.syncChannel, Self.controlChannel]), configuration: configuration))
         publisher = RedisConnectionDriver(
-            host: host, port: port, loop: group.next(), logger: logger,
+            endpoint: endpoint, tls: tls, seal: seal, loop: group.next(), logger: logger,
             machine: RedisConnectionStateMachine(role: .publisher(syncChannel: Self.syncChannel), configuration: configuration))
         subscriber.onAction = { [weak self] action in self?.subscriberAction(action) }
         subscriber.onMessage = { [weak self] name, payload in self?.subscriberMessage(name, payload) }
         subscriber.onStall = { [weak self] in self?.counters.withLockedValue { $0.stalls += 1 } }
         publisher.onStall = { [weak self] in self?.counters.withLockedValue { $0.stalls += 1 } }
-    }
-
-    /// Parses `redis://host:port`.
-    public static func endpoint(from url: String) -> (host: String, port: Int)? {
-        guard url.hasPrefix("redis://") else { return nil }
-        var rest = url.dropFirst("redis://".count)
-        if let at = rest.lastIndex(of: "@") { rest = rest[rest.index(after: at)...] }
-        if let slash = rest.firstIndex(of: "/") { rest = rest[..<slash] }
-        let parts = rest.split(separator: ":")
-        guard let host = parts.first.map(String.init), !host.isEmpty else { return nil }
-        let port = parts.count > 1 ? Int(parts[1]) : 6379
-        guard let port else { return nil }
-        return (host, port)
     }
 
     public func start() {
@@ -92,8 +92,8 @@ public final class RedisBus: Bus {
         events.withLockedValue { $0 }?.received(messages)
         var command = ByteBuffer()
         for message in messages {
-            RESPCommand.encode([Array("PUBLISH".utf8), Array((Self.prefix + message.channel.rawValue).utf8),
-                                Array(MessageWire.encode(message).readableBytesView)], into: &command)
+            let name = Array((Self.prefix + message.channel.rawValue).utf8)
+            RESPCommand.encode([Array("PUBLISH".utf8), name, seal.seal(MessageWire.encode(message).readableBytesView, channel: name)], into: &command)
         }
         publisher.publish(command, count: messages.count)
     }
@@ -120,7 +120,10 @@ public final class RedisBus: Bus {
 
     public func publishControl(_ payload: String) {
         controlReceiver.withLockedValue { $0 }?(payload)
-        publisher.publish(RESPCommand.encode(["PUBLISH", Self.controlChannel, payload]), count: 1)
+        let name = Array(Self.controlChannel.utf8)
+        var command = ByteBuffer()
+        RESPCommand.encode([Array("PUBLISH".utf8), name, seal.seal(Array(payload.utf8), channel: name)], into: &command)
+        publisher.publish(command, count: 1)
     }
 
     public func setControlReceiver(_ receiver: @escaping @Sendable (String) -> Void) {
@@ -155,7 +158,15 @@ public final class RedisBus: Bus {
         }
     }
 
-    private func subscriberMessage(_ name: ByteBuffer, _ payload: ByteBuffer) {
+    private func subscriberMessage(_ name: ByteBuffer, _ sealed: ByteBuffer) {
+        guard let payload = seal.open(sealed, channel: name) else {
+            let failures = counters.withLockedValue { $0.sealFailures += 1; return $0.sealFailures }
+            if failures & (failures - 1) == 0 {  // the 1st, 2nd, 4th, 8th…: visible without flooding the log
+                logger.warning("dropped a bus payload whose seal does not verify (wrong or missing GATEWAY_CLUSTER_KEY, or forged)",
+                               metadata: ["redis_channel": "\(String(buffer: name))", "failures": "\(failures)"])
+            }
+            return
+        }
         let events = self.events.withLockedValue { $0 }
         if name.readableBytesView.elementsEqual(Self.syncChannel.utf8) {
             events?.syncRequested()
@@ -173,8 +184,9 @@ final class RedisConnectionDriver: @unchecked Sendable {  // mutable state is on
     static let tickInterval = TimeAmount.milliseconds(250)
 
     let loop: any EventLoop
-    private let host: String
-    private let port: Int
+    private let endpoint: RedisEndpoint
+    private let tls: NIOSSLContext?
+    private let seal: BusSeal
     private let logger: Logger
     private var machine: RedisConnectionStateMachine
     private var channel: (any Channel)?
@@ -188,9 +200,10 @@ final class RedisConnectionDriver: @unchecked Sendable {  // mutable state is on
     var onMessage: (@Sendable (ByteBuffer, ByteBuffer) -> Void)?
     var onStall: (@Sendable () -> Void)?
 
-    init(host: String, port: Int, loop: any EventLoop, logger: Logger, machine: RedisConnectionStateMachine) {
-        self.host = host
-        self.port = port
+    init(endpoint: RedisEndpoint, tls: NIOSSLContext?, seal: BusSeal, loop: any EventLoop, logger: Logger, machine: RedisConnectionStateMachine) {
+        self.endpoint = endpoint
+        self.tls = tls
+        self.seal = seal
         self.loop = loop
         self.logger = logger
         self.machine = machine
@@ -264,7 +277,7 @@ final class RedisConnectionDriver: @unchecked Sendable {  // mutable state is on
             case .send(let commands):
                 guard let channel else { break }
                 var buffer = channel.allocator.buffer(capacity: 64)
-                for command in commands { Self.encode(command, into: &buffer) }
+                for command in commands { encode(command, into: &buffer) }
                 channel.writeAndFlush(buffer, promise: nil)
             case .close:
                 channel?.close(promise: nil)
@@ -274,17 +287,22 @@ final class RedisConnectionDriver: @unchecked Sendable {  // mutable state is on
         }
     }
 
-    static func encode(_ command: RedisConnectionStateMachine.Command, into buffer: inout ByteBuffer) {
+    func encode(_ command: RedisConnectionStateMachine.Command, into buffer: inout ByteBuffer) {
         switch command {
+        case .auth(let credentials):
+            RESPCommand.encode([Array("AUTH".utf8)] + (credentials.user.map { [Array($0.utf8)] } ?? []) + [Array(credentials.password.utf8)], into: &buffer)
         case .ping: RESPCommand.encode([Array("PING".utf8)], into: &buffer)
         case .subscribe(let names): RESPCommand.encode([Array("SUBSCRIBE".utf8)] + names.map { Array($0.utf8) }, into: &buffer)
         case .unsubscribe(let names): RESPCommand.encode([Array("UNSUBSCRIBE".utf8)] + names.map { Array($0.utf8) }, into: &buffer)
-        case .publish(let channel, let payload): RESPCommand.encode([Array("PUBLISH".utf8), Array(channel.utf8), Array(payload.utf8)], into: &buffer)
+        case .publish(let channel, let payload):
+            let name = Array(channel.utf8)
+            RESPCommand.encode([Array("PUBLISH".utf8), name, seal.seal(Array(payload.utf8), channel: name)], into: &buffer)
         }
     }
 
     private func connect() {
         let isSubscriber = role == "subscriber"
+        let (tls, host) = (self.tls, endpoint.host)
         ClientBootstrap(group: loop)
             .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
             .channelOption(ChannelOptions.socketOption(.so_keepalive), value: 1)
@@ -292,12 +310,17 @@ final class RedisConnectionDriver: @unchecked Sendable {  // mutable state is on
             .connectTimeout(.seconds(2))
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    if let tls {
+                        // A name is checked against the certificate and sent as SNI; an address is checked only.
+                        let name = RedisEndpoint.isIPAddress(host) ? nil : host
+                        try channel.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: tls, serverHostname: name))
+                    }
                     try channel.pipeline.syncOperations.addHandler(RESPHandler { [weak self] reply in
                         self?.received(reply, subscriber: isSubscriber)
                     })
                 }
             }
-            .connect(host: host, port: port)
+            .connect(host: endpoint.host, port: endpoint.port)
             .whenComplete { result in
                 self.loop.preconditionInEventLoop()
                 switch result {
@@ -343,7 +366,7 @@ final class RedisConnectionDriver: @unchecked Sendable {  // mutable state is on
             case "pong": classified = .pong
             default: classified = .other
             }
-        case .status(let status): classified = status == "PONG" ? .pong : .other
+        case .status(let status): classified = status == "PONG" ? .pong : status == "OK" ? .ok : .other
         case .integer: classified = .integer
         case .error(let message):
             logger.warning("redis answered an error", metadata: ["role": "\(role)", "error": "\(message)"])
@@ -374,5 +397,43 @@ final class RESPHandler: ChannelInboundHandler {
         } catch {
             context.close(promise: nil)
         }
+    }
+}
+
+/// Where and how to reach Redis, from `REDIS_URL`: `redis://[[user]:password@]host[:port][/db]`, or `rediss://…`
+/// for TLS (the server's certificate verified against the system's CAs, or the file named by `?cacert=`).
+public struct RedisEndpoint: Sendable, Equatable {
+    public var host: String
+    public var port: Int
+    public var tls: Bool
+    public var caFile: String?
+    public var credentials: RedisConnectionStateMachine.Credentials?
+
+    public init?(url: String) {
+        guard let components = URLComponents(string: url), let scheme = components.scheme, ["redis", "rediss"].contains(scheme),
+              let host = components.host, !host.isEmpty
+        else { return nil }
+        self.host = host.hasPrefix("[") ? String(host.dropFirst().dropLast()) : host
+        port = components.port ?? 6379
+        tls = scheme == "rediss"
+        caFile = components.queryItems?.first { $0.name == "cacert" }?.value
+        if let password = components.password, !password.isEmpty {
+            let user = components.user.flatMap { $0.isEmpty ? nil : $0 }
+            credentials = .init(user: user, password: password)
+        } else {
+            credentials = nil
+        }
+    }
+
+    /// The TLS client context for `rediss://` (nil for `redis://`).
+    func tlsContext() throws -> NIOSSLContext? {
+        guard tls else { return nil }
+        var configuration = TLSConfiguration.makeClientConfiguration()
+        if let caFile { configuration.trustRoots = .file(caFile) }
+        return try NIOSSLContext(configuration: configuration)
+    }
+
+    static func isIPAddress(_ host: String) -> Bool {
+        (try? SocketAddress(ipAddress: host, port: 0)) != nil
     }
 }

@@ -1,7 +1,8 @@
 import NIOCore
 
-/// One Redis connection's life as a value type: connecting → handshaking (PING sent) → ready (PONG seen)
-/// → lost → reconnect after a backoff with jitter. `RedisBus` feeds it events and carries out the actions.
+/// One Redis connection's life as a value type: connecting → handshaking (AUTH when configured, then PING
+/// sent) → ready (PONG seen) → lost → reconnect after a backoff with jitter. An AUTH the server refuses is
+/// an error reply like any other: the connection closes and is tried again after the backoff. `RedisBus` feeds it events and carries out the actions.
 ///
 /// - Replies are matched to requests in the order the requests were sent (Redis answers in order on a
 ///   connection); a reply that does not match what is expected next closes the connection.
@@ -29,10 +30,22 @@ public struct RedisConnectionStateMachine: Sendable {
         public var backoffBase: TimeAmount = .milliseconds(100)
         public var backoffMax: TimeAmount = .seconds(2)
         public var maxInFlightBytes = 8 * 1024 * 1024
+        /// Sent as `AUTH [user] password` first on every connection (Redis ACL user, or `requirepass`).
+        public var credentials: Credentials?
         public init() {}
     }
 
+    public struct Credentials: Sendable, Equatable {
+        public var user: String?
+        public var password: String
+        public init(user: String?, password: String) {
+            self.user = user
+            self.password = password
+        }
+    }
+
     public enum Command: Sendable, Equatable {
+        case auth(Credentials)
         case ping
         case subscribe([String])
         case unsubscribe([String])
@@ -42,6 +55,8 @@ public struct RedisConnectionStateMachine: Sendable {
     /// A reply, classified by the driver.
     public enum Reply: Sendable, Equatable {
         case pong
+        /// `+OK` (the answer to AUTH).
+        case ok
         case subscribed(String)
         case unsubscribed(String)
         /// The answer to a PUBLISH (the number of receivers).
@@ -73,6 +88,7 @@ public struct RedisConnectionStateMachine: Sendable {
     }
 
     enum Expected: Sendable, Equatable {
+        case ok
         case pong
         case subscribed(String)
         case unsubscribed(String)
@@ -120,6 +136,10 @@ public struct RedisConnectionStateMachine: Sendable {
         expected.removeAll()
         inFlightBytes = 0
         var commands: [Command] = []
+        if let credentials = configuration.credentials {
+            commands.append(.auth(credentials))
+            expected.append(.ok)
+        }
         if case .subscriber(let internalChannels) = role, !internalChannels.isEmpty {
             commands.append(.subscribe(internalChannels))
             for name in internalChannels { expected.append(.subscribed(name)) }
@@ -178,6 +198,9 @@ public struct RedisConnectionStateMachine: Sendable {
         guard state == .handshaking || state == .ready else { return [] }
         guard let next = expected.first else { return [.close] }
         switch (next, reply) {
+        case (.ok, .ok):
+            expected.removeFirst()
+            return []
         case (.pong, .pong):
             expected.removeFirst()
             pingSentAt = nil

@@ -40,12 +40,15 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
     private var ended = false
     /// Only with a test fault (`swap`): a message delivered after the next one.
     private var heldForFault: ByteBuffer?
+    /// `Access-Control-Allow-Origin` for a page of an allowed origin (nil: none), see `HTTPRequest.allowOrigin`.
+    private let allowOrigin: String?
 
     init(app: GatewayApp, actor: Actor, context: ChannelHandlerContext, request: HTTPRequest, refuse: @escaping (ApiError) -> Void) {
         self.app = app
         self.context = context
         self.chunks = (try? context.pipeline.syncOperations.context(handlerType: HTTPResponseEncoder.self)) ?? context
         self.refuse = refuse
+        self.allowOrigin = request.allowOrigin
         self.driver = SessionDriver(app: app, actor: actor, kind: .serverSentEvents, eventLoop: context.eventLoop, log: request.log, transport: self)
         self.writable = context.channel.isWritable
     }
@@ -67,6 +70,10 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
         headers.add(name: "Cache-Control", value: "no-cache")
         headers.add(name: "X-Accel-Buffering", value: "no")
         headers.add(name: "X-Request-Id", value: requestId)
+        if let allowOrigin {
+            headers.add(name: "Access-Control-Allow-Origin", value: allowOrigin)
+            if allowOrigin != "*" { headers.add(name: "Vary", value: "Origin") }
+        }
         context.write(NIOAny(HTTPServerResponsePart.head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers))), promise: nil)
         writeText(": stream open\nretry: 2000\nid: \(cursor)\n\n")
         context.flush()

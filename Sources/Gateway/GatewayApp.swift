@@ -144,6 +144,9 @@ extension GatewayApp {
         metric("gateway_jwks_reloads_total", "counter", "JWKS file reloads (SIGHUP) by result.", [
             ("{\(instance),result=\"ok\"}", counters["jwks_reloads_ok"] ?? 0), ("{\(instance),result=\"failed\"}", counters["jwks_reloads_failed"] ?? 0),
         ])
+        metric("gateway_tls_reloads_total", "counter", "TLS certificate reloads (SIGHUP) by result.", [
+            ("{\(instance),result=\"ok\"}", counters["tls_reloads_ok"] ?? 0), ("{\(instance),result=\"failed\"}", counters["tls_reloads_failed"] ?? 0),
+        ])
         let polls = pageReads.counts
         metric("gateway_poll_store_reads_total", "counter", "Store reads of waiting long-polls, by whether the read was started or joined (shared).", [
             ("{\(instance),read=\"started\"}", polls.reads), ("{\(instance),read=\"joined\"}", polls.joined),
@@ -163,6 +166,8 @@ extension GatewayApp {
             metric("gateway_redis_stalls_total", "counter", "Redis heartbeats that went unanswered.", [("{\(instance)}", values.stalls)])
             metric("gateway_redis_dropped_publishes_total", "counter", "PUBLISHes not sent to Redis (left to the store fallback).",
                    [("{\(instance)}", values.droppedPublishes)])
+            metric("gateway_bus_seal_failures_total", "counter", "Bus messages and control events dropped because their MAC (cluster key) did not verify.",
+                   [("{\(instance)}", values.sealFailures)])
         }
         return out
     }

@@ -40,8 +40,10 @@ public struct GatewayConfig: Sendable {
     /// Kernel send buffer per connection, capped so that a slow consumer shows in NIO's queue.
     public var socketSendBuffer = 128 * 1024
     public var maxSubscriptionsPerConnection = 128
-    /// Browser origins allowed to open WebSockets and event streams (`GATEWAY_ALLOWED_ORIGINS`, comma-separated
-    /// `scheme://host[:port]`); empty: any. Requests without an `Origin` (non-browser clients) are not affected.
+    /// Browser origins allowed (`GATEWAY_ALLOWED_ORIGINS`, comma-separated `scheme://host[:port]`, or `*`): a
+    /// request with another `Origin` is refused 403 (WebSocket handshakes included), and answers to the listed
+    /// ones carry CORS headers (preflights answered). Empty: any origin may connect, no CORS headers. Requests
+    /// without an `Origin` (non-browser clients) are not affected.
     public var allowedOrigins: Set<String> = []
     /// Requests per second one HTTP connection may make (keep-alive and pipelining), and its burst.
     public var connectionRequestRate: Double = 100
@@ -78,6 +80,9 @@ public struct GatewayConfig: Sendable {
     /// How long a channel's live messages may wait to go out together (`GATEWAY_WRITE_DELAY_MS`, 0–100; 0: at
     /// once): each subscriber then gets a batch in one write. Latency traded for CPU under load.
     public var writeDelay: TimeAmount = .zero
+    /// How long start-up waits for the Postgres store (connect, TLS, migrations) before it gives up naming
+    /// `DATABASE_URL` (`GATEWAY_STORE_START_TIMEOUT_S`).
+    public var storeStartTimeout: Duration = .seconds(30)
     /// How often channels are read from the store while the bus is down.
     public var storePollInterval: TimeAmount = .milliseconds(200)
     /// Redis heartbeat: a PING every interval; unanswered for the timeout, the connection counts as stalled
@@ -89,8 +94,21 @@ public struct GatewayConfig: Sendable {
     public var idempotencyWindow: Duration = .seconds(24 * 3600)
     /// Set: cluster store (Postgres). Unset: SQLite under `dataDir`.
     public var databaseURL: String?
-    /// Set: fan-out through Redis pub/sub. Unset: in-process.
+    /// Set: fan-out through Redis pub/sub. Unset: in-process. `redis://[user:password@]host:port` or `rediss://…`
+    /// (TLS; `?cacert=/path/ca.pem` names the CA to trust, else the system's).
     public var redisURL: String?
+    /// The key every bus message and control event is authenticated with (HMAC-SHA256), the same on every
+    /// instance of a cluster (`GATEWAY_CLUSTER_KEY`, at least 32 bytes; required with `REDIS_URL`).
+    public var clusterKey: String?
+    /// Postgres without Redis is refused unless this says it is one instance (`GATEWAY_SINGLE_INSTANCE=1`).
+    public var singleInstance = false
+    /// When both are set the listener speaks TLS only (https, wss); both files are read again on SIGHUP.
+    public var tlsCertificateFile: String?
+    public var tlsKeyFile: String?
+    /// When set, a token's `aud` must contain it (`GATEWAY_JWT_AUDIENCE`; strongly advised with a JWKS).
+    public var jwtAudience: String?
+    /// When set, a token's `iss` must equal it (`GATEWAY_JWT_ISSUER`; strongly advised with a JWKS).
+    public var jwtIssuer: String?
 
     public init() {}
 
@@ -99,54 +117,147 @@ public struct GatewayConfig: Sendable {
 
     public var instanceName: String { instanceId ?? "\(host):\(port)" }
 
-    /// Whether a request with this `Origin` header may proceed.
+    /// Whether a request with this `Origin` header may proceed (no list, or `*` in it: any).
     public func allows(origin: String?) -> Bool {
-        guard let origin, !allowedOrigins.isEmpty else { return true }
+        guard let origin, !allowedOrigins.isEmpty, !allowedOrigins.contains("*") else { return true }
         return allowedOrigins.contains(origin.lowercased())
     }
 
-    /// Reads the `GATEWAY_*` variables.
-    public static func fromEnvironment(_ env: [String: String] = ProcessInfo.processInfo.environment) -> GatewayConfig {
+    /// The `Access-Control-Allow-Origin` value for a request from `origin`: `*` when the list holds `*`, the
+    /// origin when the list names it, else nil (no list: no CORS headers, so browsers keep other origins' pages
+    /// from reading answers).
+    public func corsOrigin(for origin: String?) -> String? {
+        guard let origin, !allowedOrigins.isEmpty else { return nil }
+        if allowedOrigins.contains("*") { return "*" }
+        return allowedOrigins.contains(origin.lowercased()) ? origin : nil
+    }
+
+    /// Reads the `GATEWAY_*` variables. A variable that is set but malformed (not a number, out of range, a topics
+    /// rule that does not parse, a file that cannot be read) fails with an error naming it: never a silent default.
+    public static func fromEnvironment(_ env: [String: String] = ProcessInfo.processInfo.environment) throws(ConfigError) -> GatewayConfig {
+        let e = EnvironmentReader(env: env)
         var c = GatewayConfig()
-        if let v = env["GATEWAY_HOST"], !v.isEmpty { c.host = v }
-        if let v = env["GATEWAY_PORT"], let p = Int(v) { c.port = p }
-        if let v = env["GATEWAY_DATA_DIR"], !v.isEmpty { c.dataDir = v }
-        if let v = env["GATEWAY_JWT_SECRET"], !v.isEmpty { c.jwtSecret = v }
-        if let v = env["GATEWAY_JWKS_FILE"], !v.isEmpty { c.jwksFile = v }
-        if let v = env["GATEWAY_JWT_LEEWAY"], let n = Double(v) { c.jwtLeeway = n }
-        if let v = env["GATEWAY_PUBLISH_RATE"], let n = Double(v) { c.publishRate = n }
-        if let v = env["GATEWAY_PUBLISH_BURST"], let n = Double(v) { c.publishBurst = n }
-        if let v = env["GATEWAY_TEST_FAULT"], !v.isEmpty { c.testFault = v }
+        if let v = e.text("GATEWAY_HOST") { c.host = v }
+        if let v = try e.int("GATEWAY_PORT", 0...65535) { c.port = v }
+        if let v = e.text("GATEWAY_DATA_DIR") { c.dataDir = v }
+        c.jwtSecret = e.text("GATEWAY_JWT_SECRET")
+        c.jwksFile = e.text("GATEWAY_JWKS_FILE")
+        c.jwtAudience = e.text("GATEWAY_JWT_AUDIENCE")
+        c.jwtIssuer = e.text("GATEWAY_JWT_ISSUER")
+        if let v = try e.double("GATEWAY_JWT_LEEWAY", 0...3600) { c.jwtLeeway = v }
+        if let v = try e.double("GATEWAY_PUBLISH_RATE", 0...1e9) { c.publishRate = v }
+        if let v = try e.double("GATEWAY_PUBLISH_BURST", 1...1e9) { c.publishBurst = v }
+        c.testFault = e.text("GATEWAY_TEST_FAULT")
         if let v = env["GATEWAY_RATE_EXEMPT_ROLES"] { c.rateLimitExemptRoles = Set(v.split(separator: ",").map(String.init)) }
-        if let v = env["GATEWAY_TOPICS"], let rules = try? TopicRule.parse(v) { c.topics.merge(rules) { $1 } }
-        if let v = env["GATEWAY_TOPICS_FILE"], let text = try? String(contentsOfFile: v, encoding: .utf8), let rules = try? TopicRule.parse(text) {
-            c.topics.merge(rules) { $1 }
+        if let v = e.text("GATEWAY_TOPICS") {
+            do { c.topics.merge(try TopicRule.parse(v)) { $1 } } catch { throw ConfigError("GATEWAY_TOPICS", "\(error)") }
         }
-        if let v = env["GATEWAY_ECHO"] { c.echo = v == "1" || v == "true" }
-        if let v = env["GATEWAY_INSTANCE_ID"], !v.isEmpty { c.instanceId = v }
-        if let v = env["GATEWAY_LOG_LEVEL"], let level = Logger.Level(rawValue: v == "warning" ? "warning" : v) { c.logLevel = level }
-        if let v = env["GATEWAY_BODY_LIMIT"], let n = Int(v) { c.bodyLimit = n }
+        if let path = e.text("GATEWAY_TOPICS_FILE") {
+            let text: String
+            do { text = try String(contentsOfFile: path, encoding: .utf8) } catch { throw ConfigError("GATEWAY_TOPICS_FILE", "cannot read \(path)") }
+            do { c.topics.merge(try TopicRule.parse(text)) { $1 } } catch { throw ConfigError("GATEWAY_TOPICS_FILE", "\(path): \(error)") }
+        }
+        if let v = try e.flag("GATEWAY_ECHO") { c.echo = v }
+        c.instanceId = e.text("GATEWAY_INSTANCE_ID")
+        if let v = e.text("GATEWAY_LOG_LEVEL") {
+            guard let level = Logger.Level(rawValue: v) else { throw ConfigError("GATEWAY_LOG_LEVEL", "expected trace, debug, info, notice, warning, error or critical, got \"\(v)\"") }
+            c.logLevel = level
+        }
+        if let v = try e.int("GATEWAY_BODY_LIMIT", 1...(16 << 20)) { c.bodyLimit = v }
         if let v = env["GATEWAY_ALLOWED_ORIGINS"] {
             c.allowedOrigins = Set(v.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces).lowercased() }.filter { !$0.isEmpty })
         }
-        if let v = env["GATEWAY_CONNECTION_REQUEST_RATE"], let n = Double(v) { c.connectionRequestRate = n }
-        if let v = env["GATEWAY_WS_COMMAND_RATE"], let n = Double(v), n >= 0 { c.wsCommandRate = n }
-        if let v = env["GATEWAY_WS_COMMAND_BURST"], let n = Double(v), n >= 1 { c.wsCommandBurst = n }
-        if let v = env["GATEWAY_WS_DEFLATE"] { c.permessageDeflate = !(v == "0" || v == "false") }
-        if let v = env["GATEWAY_REQUEST_IDLE_SECONDS"], let n = Int64(v), n > 0 { c.requestIdleSeconds = n }
-        if let v = env["GATEWAY_HEADER_DEADLINE_SECONDS"], let n = Int64(v), n > 0 { c.headerDeadlineSeconds = n }
-        if let v = env["GATEWAY_BODY_DEADLINE_SECONDS"], let n = Int64(v), n > 0 { c.bodyDeadlineSeconds = n }
-        if let v = env["GATEWAY_MAX_CONNECTIONS_PER_IP"], let n = Int(v), n >= 0 { c.maxConnectionsPerIP = n }
-        if let v = env["GATEWAY_MAX_STREAMS_PER_USER"], let n = Int(v), n >= 0 { c.maxStreamsPerUser = n }
-        if let v = env["GATEWAY_PAGE_BYTES"], let n = Int(v), n > 0 { c.pageBytes = n }
-        if let v = env["GATEWAY_SEND_BUDGET"], let n = Int(v) { c.sendBudget = n }
-        if let v = env["GATEWAY_WRITE_DELAY_MS"], let n = Int64(v), (0...100).contains(n) { c.writeDelay = .milliseconds(n) }
-        if let v = env["GATEWAY_RECONCILE_MS"], let n = Int64(v), n > 0 { c.reconcileInterval = .milliseconds(n) }
-        if let v = env["GATEWAY_STORE_POLL_MS"], let n = Int64(v), n > 0 { c.storePollInterval = .milliseconds(n) }
-        if let v = env["GATEWAY_REDIS_PING_MS"], let n = Int64(v), n > 0 { c.redisPingInterval = .milliseconds(n) }
-        if let v = env["GATEWAY_REDIS_PING_TIMEOUT_MS"], let n = Int64(v), n > 0 { c.redisPingTimeout = .milliseconds(n) }
-        if let v = env["DATABASE_URL"], !v.isEmpty { c.databaseURL = v }
-        if let v = env["REDIS_URL"], !v.isEmpty { c.redisURL = v }
+        if let v = try e.double("GATEWAY_CONNECTION_REQUEST_RATE", 0...1e9) { c.connectionRequestRate = v }
+        if let v = try e.double("GATEWAY_WS_COMMAND_RATE", 0...1e9) { c.wsCommandRate = v }
+        if let v = try e.double("GATEWAY_WS_COMMAND_BURST", 1...1e9) { c.wsCommandBurst = v }
+        if let v = try e.flag("GATEWAY_WS_DEFLATE") { c.permessageDeflate = v }
+        if let v = try e.int("GATEWAY_REQUEST_IDLE_SECONDS", 1...86400) { c.requestIdleSeconds = Int64(v) }
+        if let v = try e.int("GATEWAY_HEADER_DEADLINE_SECONDS", 1...86400) { c.headerDeadlineSeconds = Int64(v) }
+        if let v = try e.int("GATEWAY_BODY_DEADLINE_SECONDS", 1...86400) { c.bodyDeadlineSeconds = Int64(v) }
+        if let v = try e.int("GATEWAY_MAX_CONNECTIONS_PER_IP", 0...Int(Int32.max)) { c.maxConnectionsPerIP = v }
+        if let v = try e.int("GATEWAY_MAX_STREAMS_PER_USER", 0...Int(Int32.max)) { c.maxStreamsPerUser = v }
+        if let v = try e.int("GATEWAY_PAGE_BYTES", 1024...(1 << 30)) { c.pageBytes = v }
+        if let v = try e.int("GATEWAY_SEND_BUDGET", 1024...(1 << 30)) { c.sendBudget = v }
+        if let v = try e.int("GATEWAY_WRITE_DELAY_MS", 0...100) { c.writeDelay = .milliseconds(Int64(v)) }
+        if let v = try e.int("GATEWAY_RECONCILE_MS", 1...3_600_000) { c.reconcileInterval = .milliseconds(Int64(v)) }
+        if let v = try e.int("GATEWAY_STORE_START_TIMEOUT_S", 1...3600) { c.storeStartTimeout = .seconds(v) }
+        if let v = try e.int("GATEWAY_STORE_POLL_MS", 1...3_600_000) { c.storePollInterval = .milliseconds(Int64(v)) }
+        if let v = try e.int("GATEWAY_REDIS_PING_MS", 1...3_600_000) { c.redisPingInterval = .milliseconds(Int64(v)) }
+        if let v = try e.int("GATEWAY_REDIS_PING_TIMEOUT_MS", 1...3_600_000) { c.redisPingTimeout = .milliseconds(Int64(v)) }
+        c.databaseURL = e.text("DATABASE_URL")
+        c.redisURL = e.text("REDIS_URL")
+        c.clusterKey = e.text("GATEWAY_CLUSTER_KEY")
+        if let v = try e.flag("GATEWAY_SINGLE_INSTANCE") { c.singleInstance = v }
+        c.tlsCertificateFile = e.text("GATEWAY_TLS_CERT")
+        c.tlsKeyFile = e.text("GATEWAY_TLS_KEY")
         return c
+    }
+
+    /// The checks no single setting can make: refuses (naming the setting) a missing or short secret, a store
+    /// and bus that do not go together, a cluster bus without its key, half a TLS configuration.
+    public func validate() throws(ConfigError) {
+        guard jwtSecret != nil || jwksFile != nil else {
+            throw ConfigError("GATEWAY_JWT_SECRET", "no HS256 secret and no GATEWAY_JWKS_FILE: set one (make run generates a development secret)")
+        }
+        if let jwtSecret, jwtSecret.utf8.count < 32 { throw ConfigError("GATEWAY_JWT_SECRET", "must be at least 32 bytes") }
+        if redisURL != nil, databaseURL == nil {
+            throw ConfigError("REDIS_URL", "set without DATABASE_URL: instances sharing a Redis need the shared Postgres store (each SQLite file would number seqs on its own)")
+        }
+        if databaseURL != nil, redisURL == nil, !singleInstance {
+            throw ConfigError("DATABASE_URL", "set without REDIS_URL: other instances' messages would not reach this one's subscribers live; set REDIS_URL, or GATEWAY_SINGLE_INSTANCE=1 for one instance on Postgres")
+        }
+        if redisURL != nil {
+            guard let clusterKey else { throw ConfigError("GATEWAY_CLUSTER_KEY", "required with REDIS_URL: every bus message is authenticated with it") }
+            guard clusterKey.utf8.count >= 32 else { throw ConfigError("GATEWAY_CLUSTER_KEY", "must be at least 32 bytes") }
+        }
+        if (tlsCertificateFile == nil) != (tlsKeyFile == nil) {
+            throw ConfigError(tlsCertificateFile == nil ? "GATEWAY_TLS_CERT" : "GATEWAY_TLS_KEY", "GATEWAY_TLS_CERT and GATEWAY_TLS_KEY go together")
+        }
+    }
+}
+
+/// A setting that stops the gateway from starting: its name and what is wrong with it.
+public struct ConfigError: Error, CustomStringConvertible {
+    public let setting: String
+    public let problem: String
+    public init(_ setting: String, _ problem: String) {
+        self.setting = setting
+        self.problem = problem
+    }
+    public var description: String { "configuration error: \(setting): \(problem)" }
+}
+
+/// Typed reads of environment variables: unset or empty is nil, anything else must parse.
+struct EnvironmentReader {
+    let env: [String: String]
+
+    func text(_ name: String) -> String? {
+        guard let v = env[name], !v.isEmpty else { return nil }
+        return v
+    }
+
+    func int(_ name: String, _ range: ClosedRange<Int>) throws(ConfigError) -> Int? {
+        guard let v = text(name) else { return nil }
+        guard let n = Int(v.trimmingCharacters(in: .whitespaces)), range.contains(n) else {
+            throw ConfigError(name, "expected a whole number in \(range.lowerBound)...\(range.upperBound), got \"\(v)\"")
+        }
+        return n
+    }
+
+    func double(_ name: String, _ range: ClosedRange<Double>) throws(ConfigError) -> Double? {
+        guard let v = text(name) else { return nil }
+        guard let n = Double(v.trimmingCharacters(in: .whitespaces)), range.contains(n) else {
+            throw ConfigError(name, "expected a number in \(range.lowerBound)...\(range.upperBound), got \"\(v)\"")
+        }
+        return n
+    }
+
+    func flag(_ name: String) throws(ConfigError) -> Bool? {
+        guard let v = text(name) else { return nil }
+        switch v.lowercased() {
+        case "1", "true", "yes", "on": return true
+        case "0", "false", "no", "off": return false
+        default: throw ConfigError(name, "expected 1 or 0, got \"\(v)\"")
+        }
     }
 }

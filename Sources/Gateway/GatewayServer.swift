@@ -7,6 +7,7 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import NIOSSL
 import NIOWebSocket
 import PostgresNIO
 import ServiceLifecycle
@@ -19,14 +20,29 @@ public final class GatewayServer: Sendable {
     private let serverChannel: any Channel
     private let lockFD: Int32
 
+    /// Starts the instance. A setting that cannot work (see `GatewayConfig.validate`, an unreadable key,
+    /// certificate or CA file, revocations that cannot be read) throws a `ConfigError` naming it.
     public static func start(config: GatewayConfig, logger: Logger) async throws -> GatewayServer {
-        guard config.jwtSecret != nil || config.jwksFile != nil else {
-            throw GatewayStartError("no JWT secret (GATEWAY_JWT_SECRET) and no JWKS file (GATEWAY_JWKS_FILE) configured")
-        }
-        if let secret = config.jwtSecret, secret.utf8.count < 32 { throw GatewayStartError("the JWT secret must be at least 32 bytes") }
+        try config.validate()
         let revocations = Revocations()
-        let verifier = try await TokenVerifier(hs256Secret: config.jwtSecret, jwksFile: config.jwksFile, leeway: config.jwtLeeway,
-                                               revocations: revocations)
+        let verifier: TokenVerifier
+        do {
+            verifier = try await TokenVerifier(hs256Secret: config.jwtSecret, jwksFile: config.jwksFile, leeway: config.jwtLeeway,
+                                               revocations: revocations, audience: config.jwtAudience, issuer: config.jwtIssuer)
+        } catch {
+            throw ConfigError("GATEWAY_JWKS_FILE", "\(error)")
+        }
+        let tls = try ListenerTLS(config: config)
+        var redisEndpoint: RedisEndpoint?
+        if let url = config.redisURL {
+            guard let endpoint = RedisEndpoint(url: url) else {
+                throw ConfigError("REDIS_URL", "expected redis://[user:password@]host:port or rediss://…")
+            }
+            redisEndpoint = endpoint
+        }
+        if let url = config.databaseURL, PostgresStore.configuration(from: url) == nil {
+            throw ConfigError("DATABASE_URL", "expected postgres://user:password@host:port/db[?sslmode=…&sslrootcert=…]")
+        }
         let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, config.eventLoops))
         let loops = Array(group.makeIterator())
 
@@ -45,11 +61,15 @@ public final class GatewayServer: Sendable {
         var lockFD: Int32 = -1
         if let client {
             do {
-                store = try await PostgresStore.open(client: client, idempotencyWindow: config.idempotencyWindow, logger: logger)
+                store = try await Self.withDeadline(config.storeStartTimeout) {
+                    try await PostgresStore.open(client: client, idempotencyWindow: config.idempotencyWindow, logger: logger)
+                }
             } catch {
                 await stopServices()
                 try? await group.shutdownGracefully()
-                throw error
+                throw ConfigError("DATABASE_URL", error is StartDeadlinePassed
+                    ? "the store did not answer within \(config.storeStartTimeout) (down, refused, or its TLS certificate not trusted: see the log)"
+                    : "\(error)")
             }
         } else {
             try FileManager.default.createDirectory(atPath: config.dataDir, withIntermediateDirectories: true)
@@ -58,12 +78,20 @@ public final class GatewayServer: Sendable {
         }
         let bus: any Bus
         var redis: RedisBus?
-        if let url = config.redisURL {
-            guard let endpoint = RedisBus.endpoint(from: url) else { throw GatewayStartError("REDIS_URL must be redis://host:port") }
+        if let endpoint = redisEndpoint, let key = config.clusterKey {
             var redisConfig = RedisConnectionStateMachine.Configuration()
             redisConfig.pingInterval = config.redisPingInterval
             redisConfig.pingTimeout = config.redisPingTimeout
-            let redisBus = RedisBus(host: endpoint.host, port: endpoint.port, group: group, configuration: redisConfig, logger: logger)
+            let redisBus: RedisBus
+            do {
+                redisBus = try RedisBus(endpoint: endpoint, seal: BusSeal(key: key), group: group, configuration: redisConfig, logger: logger)
+            } catch {
+                await store.close()
+                await stopServices()
+                try? await group.shutdownGracefully()
+                if lockFD >= 0 { close(lockFD) }
+                throw ConfigError("REDIS_URL", "TLS: \(error)")
+            }
             redis = redisBus
             bus = redisBus
         } else {
@@ -84,10 +112,16 @@ public final class GatewayServer: Sendable {
             guard case .thread = channel.kind else { return }
             try? await app?.refreshRemovals()
         }
+        // Tokens revoked before this start must not work here: an instance that cannot read them does not start.
         do {
             try await app.refreshRevocations()
         } catch {
-            logger.warning("could not read revocations at start", metadata: ["error": "\(error)"])
+            hub.stop()
+            try? await group.shutdownGracefully()
+            await store.close()
+            await stopServices()
+            if lockFD >= 0 { close(lockFD) }
+            throw ConfigError(config.databaseURL == nil ? "GATEWAY_DATA_DIR" : "DATABASE_URL", "cannot read the revocations: \(error)")
         }
         redis?.start()
         let upgrades = PendingUpgrades()
@@ -103,6 +137,10 @@ public final class GatewayServer: Sendable {
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try Self.configure(channel, app: app, upgrades: upgrades)
+                    // Below everything else: every handler above sees plain HTTP and WebSocket bytes.
+                    if let context = tls?.context {
+                        try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: context), position: .first)
+                    }
                 }
             }
         let serverChannel: any Channel
@@ -136,7 +174,7 @@ public final class GatewayServer: Sendable {
         let port = serverChannel.localAddress?.port ?? config.port
         logger.info("gateway listening", metadata: ["instance": "\(config.instanceName)", "address": "\(config.host):\(port)",
                                                         "mode": "\(config.databaseURL == nil ? "embedded" : "cluster")", "fanout": "\(redis == nil ? "in-process" : "redis")"])
-        return GatewayServer(app: app, port: port, group: group, serverChannel: serverChannel, lockFD: lockFD, stopServices: {
+        return GatewayServer(app: app, port: port, group: group, serverChannel: serverChannel, lockFD: lockFD, tls: tls, stopServices: {
             pruning.cancel()
             revocationRefresh.cancel()
             await stopServices()
@@ -144,10 +182,12 @@ public final class GatewayServer: Sendable {
     }
 
     private let stopServices: @Sendable () async -> Void
+    private let tls: ListenerTLS?
 
     private init(app: GatewayApp, port: Int, group: MultiThreadedEventLoopGroup, serverChannel: any Channel, lockFD: Int32,
-                 stopServices: @escaping @Sendable () async -> Void) {
+                 tls: ListenerTLS?, stopServices: @escaping @Sendable () async -> Void) {
         self.app = app
+        self.tls = tls
         self.port = port
         self.group = group
         self.serverChannel = serverChannel
@@ -165,6 +205,20 @@ public final class GatewayServer: Sendable {
         } catch {
             app.counters.add("jwks_reloads_failed")
             app.logger.error("could not reload the JWKS file; the keys in use stay", metadata: ["error": "\(error)"])
+        }
+    }
+
+    /// Reads the TLS certificate and key again (SIGHUP): new connections use them, open ones keep theirs; files
+    /// that cannot be used keep the ones in use. Counted in `/metrics` (`gateway_tls_reloads_total{result}`).
+    public func reloadCertificate() {
+        guard let tls else { return }
+        do {
+            try tls.reload()
+            app.counters.add("tls_reloads_ok")
+            app.logger.info("reloaded the TLS certificate and key")
+        } catch {
+            app.counters.add("tls_reloads_failed")
+            app.logger.error("could not reload the TLS certificate; the one in use stays", metadata: ["error": "\(error)"])
         }
     }
 
@@ -209,7 +263,7 @@ public final class GatewayServer: Sendable {
             maxFrameSize: app.config.maxMessageBytes,
             automaticErrorHandling: false,
             shouldUpgrade: { channel, head in
-                let request = HTTPRequest(head: head, body: ByteBuffer(), logger: app.logger)
+                let request = HTTPRequest(head: head, body: ByteBuffer(), app: app)
                 // A browser page from an origin not allowed, or a malformed handshake, is refused (HTTPHandler answers
                 // 403, 400 or 426 with the envelope).
                 guard app.config.allows(origin: head.headers.first(name: "origin")), HTTPHandler.handshakeError(head.headers) == nil else {
@@ -266,21 +320,76 @@ public final class GatewayServer: Sendable {
         channel.closeFuture.whenComplete { _ in _ = upgrades.take(channel) }
     }
 
+    /// `body`'s result, or `StartDeadlinePassed` once `limit` has passed (`body` is then cancelled).
+    private static func withDeadline<T: Sendable>(_ limit: Duration, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
+        try await withThrowingTaskGroup(of: T?.self) { group in
+            group.addTask { try await body() }
+            group.addTask {
+                try await Task.sleep(for: limit)
+                return nil
+            }
+            defer { group.cancelAll() }
+            guard let first = try await group.next(), let result = first else { throw StartDeadlinePassed() }
+            return result
+        }
+    }
+
+    struct StartDeadlinePassed: Error {}
+
     /// Takes an exclusive lock on the data folder: one embedded instance per folder.
     private static func lockDataDir(_ dir: String) throws -> Int32 {
         let fd = open(dir + "/gateway.lock", O_CREAT | O_RDWR, 0o644)
-        guard fd >= 0 else { throw GatewayStartError("cannot open \(dir)/gateway.lock") }
+        guard fd >= 0 else { throw ConfigError("GATEWAY_DATA_DIR", "cannot open \(dir)/gateway.lock") }
         guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
             close(fd)
-            throw GatewayStartError("another gateway is using \(dir)")
+            throw ConfigError("GATEWAY_DATA_DIR", "another gateway is using \(dir)")
         }
         return fd
     }
 }
 
-public struct GatewayStartError: Error, CustomStringConvertible {
-    public let description: String
-    init(_ description: String) { self.description = description }
+/// The listener's TLS context (https, wss) from `GATEWAY_TLS_CERT` and `GATEWAY_TLS_KEY` (PEM; the certificate
+/// file may hold the chain), replaced by `reload()`; each new connection takes the current one.
+final class ListenerTLS: Sendable {
+    private let certificateFile: String
+    private let keyFile: String
+    private let current: NIOLockedValueBox<NIOSSLContext>
+
+    /// Nil without TLS settings; throws a `ConfigError` naming the file that cannot be used.
+    convenience init?(config: GatewayConfig) throws(ConfigError) {
+        guard let certificateFile = config.tlsCertificateFile, let keyFile = config.tlsKeyFile else { return nil }
+        self.init(certificateFile: certificateFile, keyFile: keyFile, context: try Self.load(certificateFile: certificateFile, keyFile: keyFile))
+    }
+
+    private init(certificateFile: String, keyFile: String, context: NIOSSLContext) {
+        self.certificateFile = certificateFile
+        self.keyFile = keyFile
+        self.current = NIOLockedValueBox(context)
+    }
+
+    var context: NIOSSLContext { current.withLockedValue { $0 } }
+
+    func reload() throws(ConfigError) {
+        let context = try Self.load(certificateFile: certificateFile, keyFile: keyFile)
+        current.withLockedValue { $0 = context }
+    }
+
+    static func load(certificateFile: String, keyFile: String) throws(ConfigError) -> NIOSSLContext {
+        let chain: [NIOSSLCertificate]
+        do { chain = try NIOSSLCertificate.fromPEMFile(certificateFile) } catch {
+            throw ConfigError("GATEWAY_TLS_CERT", "cannot read a PEM certificate from \(certificateFile): \(error)")
+        }
+        guard !chain.isEmpty else { throw ConfigError("GATEWAY_TLS_CERT", "no certificate in \(certificateFile)") }
+        let key: NIOSSLPrivateKey
+        do { key = try NIOSSLPrivateKey(file: keyFile, format: .pem) } catch {
+            throw ConfigError("GATEWAY_TLS_KEY", "cannot read a PEM private key from \(keyFile): \(error)")
+        }
+        var configuration = TLSConfiguration.makeServerConfiguration(certificateChain: chain.map { .certificate($0) }, privateKey: .privateKey(key))
+        configuration.minimumTLSVersion = .tlsv12
+        do { return try NIOSSLContext(configuration: configuration) } catch {
+            throw ConfigError("GATEWAY_TLS_KEY", "the key does not go with the certificate: \(error)")
+        }
+    }
 }
 
 /// Actors verified before a `101`, waiting for their session handler.

@@ -53,6 +53,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     // MARK: routing
 
     private func route(context: ChannelHandlerContext, request: HTTPRequest) {
+        if request.method == .OPTIONS { return answerOptions(context: context, request: request) }
         switch RouteTable.gateway.match(request.method, request.path) {
         case .notFound:
             write(context: context, response: .error(ApiError(.notFound, "no such route"), requestId: request.requestId), request: request)
@@ -75,6 +76,25 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
                 refusedUpgrade(context: context, request: request.request, echo: echo)
             }
         }
+    }
+
+    /// `OPTIONS`: the methods of the path (`Allow`), and for a CORS preflight from an allowed origin (`RequestGate`
+    /// already refused any other with 403) what a page may send. No token needed: browsers never send one here.
+    private func answerOptions(context: ChannelHandlerContext, request: HTTPRequest) {
+        let methods = RouteTable.gateway.methods(for: request.path)
+        guard !methods.isEmpty || request.path == ["v1", "ws"] else {
+            return write(context: context, response: .error(ApiError(.notFound, "no such route"), requestId: request.requestId), request: request)
+        }
+        let allow = (methods.isEmpty ? ["GET"] : methods.map(\.rawValue)) + ["OPTIONS"]
+        var headers = [("Allow", allow.joined(separator: ", "))]
+        if request.allowOrigin != nil {
+            headers += [("Access-Control-Allow-Methods", allow.joined(separator: ", ")),
+                        ("Access-Control-Allow-Headers", "Authorization, Content-Type, Idempotency-Key, X-Request-Id, Last-Event-ID"),
+                        ("Access-Control-Max-Age", "600")]
+        }
+        var response = HTTPResponse(status: .noContent, headers: headers, body: "")
+        response.contentType = "text/plain"
+        write(context: context, response: response, request: request)
     }
 
     /// `/v1/ws` or `/v1/echo` reached as plain HTTP: the upgrade was refused. Say why.

@@ -73,9 +73,9 @@ final class RequestReader: ChannelInboundHandler, RemovableChannelHandler {
             state = .idle
             switch read {
             case .receiving(let head, let body):
-                context.fireChannelRead(wrapInboundOut(HTTPRequest(head: head, body: body, logger: logger)))
+                context.fireChannelRead(wrapInboundOut(HTTPRequest(head: head, body: body, app: app)))
             case .rejected(let head, let error):
-                let request = HTTPRequest(head: head, body: ByteBuffer(), logger: logger)
+                let request = HTTPRequest(head: head, body: ByteBuffer(), app: app)
                 context.writeResponse(.error(error, requestId: request.requestId), to: request, forceClose: true)
             case .draining:
                 context.close(promise: nil)
@@ -91,7 +91,7 @@ final class RequestReader: ChannelInboundHandler, RemovableChannelHandler {
         switch state {
         case .receiving(let head, _), .rejected(let head, _):
             state = .draining(0)
-            let request = HTTPRequest(head: head, body: ByteBuffer(), logger: logger)
+            let request = HTTPRequest(head: head, body: ByteBuffer(), app: app)
             context.writeResponse(.error(ApiError(.requestTimeout, "the request body did not arrive in time"), requestId: request.requestId),
                                   to: request, forceClose: true)
         case .draining, .idle:
@@ -102,7 +102,7 @@ final class RequestReader: ChannelInboundHandler, RemovableChannelHandler {
     /// `413` as soon as the body is known to be too large, without reading the rest first; the connection
     /// closes after the rest is dropped.
     private func refuseTooLarge(context: ChannelHandlerContext, head: HTTPRequestHead) {
-        let request = HTTPRequest(head: head, body: ByteBuffer(), logger: logger)
+        let request = HTTPRequest(head: head, body: ByteBuffer(), app: app)
         let error = ApiError(.payloadTooLarge, "request body is larger than \(config.maxMessageBytes) bytes")
         context.writeResponse(.error(error, requestId: request.requestId), to: request, forceClose: true, closeAfter: false)
         state = .draining(0)
@@ -180,10 +180,13 @@ extension ChannelHandlerContext {
         guard channel.isActive else { return }
         let close = forceClose || !request.keepAlive
         var headers = HTTPHeaders()
-        headers.add(name: "Content-Type", value: response.contentType)
-        headers.add(name: "Content-Length", value: String(response.bodyBytes))
+        if response.status != .noContent {
+            headers.add(name: "Content-Type", value: response.contentType)
+            headers.add(name: "Content-Length", value: String(response.bodyBytes))
+        }
         headers.add(name: "X-Request-Id", value: request.requestId)
         for (name, value) in response.headers { headers.add(name: name, value: value) }
+        for (name, value) in request.corsHeaders { headers.add(name: name, value: value) }
         if close { headers.add(name: "Connection", value: "close") }
         write(NIOAny(HTTPServerResponsePart.head(HTTPResponseHead(version: .http1_1, status: response.status, headers: headers))), promise: nil)
         var piece = channel.allocator.buffer(capacity: min(response.bodyBytes, 64 * 1024))

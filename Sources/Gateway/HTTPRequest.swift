@@ -14,12 +14,15 @@ struct HTTPRequest: Sendable {
     let keepAlive: Bool
     /// What its log lines need (a connection that outlives the request keeps this, not the request).
     let log: RequestLog
+    /// `Access-Control-Allow-Origin` for the answer: the request's `Origin` when `GATEWAY_ALLOWED_ORIGINS` lists
+    /// it, `*` when it is `*`, else nil (no CORS headers).
+    let allowOrigin: String?
     var requestId: String { log.requestId }
     /// Every line logged for this request carries its id (`request-id` metadata).
     var logger: Logger { log.logger }
 
-    /// `logger`: the instance's logger, to which the request's id is added.
-    init(head: HTTPRequestHead, body: ByteBuffer, logger: Logger) {
+    /// `app`: the instance's logger, to which the request's id is added, and its allowed origins.
+    init(head: HTTPRequestHead, body: ByteBuffer, app: GatewayApp) {
         let receivedAt = NIODeadline.now()
         self.method = head.method
         let uri = head.uri
@@ -47,7 +50,17 @@ struct HTTPRequest: Sendable {
         self.body = body
         self.keepAlive = head.isKeepAlive
         self.log = RequestLog(requestId: GatewayApp.requestId(from: head.headers.first(name: "x-request-id")), method: head.method,
-                              receivedAt: receivedAt, base: logger)
+                              target: RequestLog.masked(uri), receivedAt: receivedAt, base: app.logger)
+        self.allowOrigin = app.config.corsOrigin(for: head.headers.first(name: "origin"))
+    }
+
+    /// The CORS headers of an answer to this request (none unless its origin is allowed by name or by `*`).
+    var corsHeaders: [(String, String)] {
+        guard let allowOrigin else { return [] }
+        var headers = [("Access-Control-Allow-Origin", allowOrigin),
+                       ("Access-Control-Expose-Headers", "X-Request-Id, Idempotent-Replayed, Retry-After")]
+        if allowOrigin != "*" { headers.append(("Vary", "Origin")) }
+        return headers
     }
 
     func logAnswered(_ status: HTTPResponseStatus, route: String?) { log.answered(status, route: route) }
@@ -77,6 +90,8 @@ struct HTTPRequest: Sendable {
 struct RequestLog: Sendable {
     let requestId: String
     let method: HTTPMethod
+    /// The request target with every `access_token` value masked, at most 256 bytes.
+    let target: String
     let receivedAt: NIODeadline
     let base: Logger
 
@@ -86,12 +101,27 @@ struct RequestLog: Sendable {
         return logger
     }
 
-    /// The access log line of a request answered with `status` (info): method, route template (never the
-    /// target, whose query may hold a token), status and duration.
+    /// The access log line of a request answered with `status` (info): method, route template, the target
+    /// with any token masked, status and duration.
     func answered(_ status: HTTPResponseStatus, route: String?) {
         let micros = (NIODeadline.now() - receivedAt).nanoseconds / 1000
-        logger.info("request", metadata: ["method": "\(method.rawValue)", "route": "\(route ?? "-")", "status": "\(status.code)",
-                                          "duration_ms": "\(Double(micros) / 1000)"])
+        logger.info("request", metadata: ["method": "\(method.rawValue)", "route": "\(route ?? "-")", "target": "\(target)",
+                                          "status": "\(status.code)", "duration_ms": "\(Double(micros) / 1000)"])
+    }
+
+    /// `uri` with the value of every `access_token` query parameter replaced by `***` (any spelling of the name
+    /// that decodes to it), cut to 256 bytes.
+    static func masked(_ uri: String) -> String {
+        var out = uri
+        if let q = uri.firstIndex(of: "?") {
+            let pairs = uri[uri.index(after: q)...].split(separator: "&", omittingEmptySubsequences: false).map { pair -> String in
+                let name = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)[0]
+                let decoded = String(name).replacingOccurrences(of: "+", with: " ").removingPercentEncoding ?? String(name)
+                return decoded == "access_token" ? "\(name)=***" : String(pair)
+            }
+            out = String(uri[..<q]) + "?" + pairs.joined(separator: "&")
+        }
+        return out.utf8.count <= 256 ? out : String(decoding: out.utf8.prefix(256), as: UTF8.self) + "…"
     }
 }
 

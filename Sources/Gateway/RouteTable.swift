@@ -77,6 +77,11 @@ struct RouteTable: Sendable {
         return pathMatched ? .methodNotAllowed : .notFound
     }
 
+    /// The methods `path` answers (empty: no such path), for `Allow` and CORS preflights.
+    func methods(for path: [String]) -> [HTTPMethod] {
+        routes.filter { $0.parameters(of: path) != nil }.compactMap(\.method)
+    }
+
     /// The gateway's routes.
     static let gateway = RouteTable(routes: [
         Route(.GET, "/healthz", .immediate { _, _ in .json(.ok, "{\"status\":\"ok\"}") }),

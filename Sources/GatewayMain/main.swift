@@ -29,9 +29,17 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Postgres URL: cluster store (DATABASE_URL).") var databaseURL: String?
     @Option(help: "Redis URL: cluster fan-out (REDIS_URL).") var redisURL: String?
     @Option(help: "Name in logs and metrics (GATEWAY_INSTANCE_ID).") var instanceId: String?
+    @Option(help: "Required `aud` of tokens (GATEWAY_JWT_AUDIENCE).") var jwtAudience: String?
+    @Option(help: "Required `iss` of tokens (GATEWAY_JWT_ISSUER).") var jwtIssuer: String?
 
     func run() async throws {
-        var config = GatewayConfig.fromEnvironment()
+        // A setting that is wrong stops the start with one line naming it, and exit status 2.
+        var config: GatewayConfig
+        do {
+            config = try GatewayConfig.fromEnvironment()
+        } catch {
+            Self.refuse(error)
+        }
         if let host { config.host = host }
         if let port { config.port = port }
         if let dataDir { config.dataDir = dataDir }
@@ -44,6 +52,9 @@ struct Serve: AsyncParsableCommand {
         if let databaseURL { config.databaseURL = databaseURL }
         if let redisURL { config.redisURL = redisURL }
         if let instanceId { config.instanceId = instanceId }
+        if let jwtAudience { config.jwtAudience = jwtAudience }
+        if let jwtIssuer { config.jwtIssuer = jwtIssuer }
+        do { try config.validate() } catch { Self.refuse(error) }
 
         let level = config.logLevel
         LoggingSystem.bootstrap { label in
@@ -54,45 +65,47 @@ struct Serve: AsyncParsableCommand {
         var logger = Logger(label: "gateway")
         logger[metadataKey: "instance"] = "\(config.instanceName)"
 
-        var devToken: String?
-        if config.jwtSecret == nil {
-            let secret = (0..<32).map { _ in String(format: "%02x", UInt8.random(in: 0...255)) }.joined()
-            config.jwtSecret = secret
-            let verifier = await TokenVerifier(hs256Secret: secret)
-            devToken = try await verifier.mint(sub: "dev", roles: ["admin"], ttl: 24 * 3600)
-            logger.warning("no GATEWAY_JWT_SECRET: generated one for this run only")
-        }
         // SIGTERM or SIGINT: stop accepting, close WebSockets with 1001, end streams, finish publishes, exit.
         let group = ServiceGroup(configuration: .init(
-            services: [GatewayService(config: config, devToken: devToken, logger: logger)],
+            services: [GatewayService(config: config, logger: logger)],
             gracefulShutdownSignals: [.sigterm, .sigint],
             logger: logger))
         try await group.run()
+    }
+
+    static func refuse(_ error: ConfigError) -> Never {
+        FileHandle.standardError.write(Data("gateway: \(error)\n".utf8))
+        Foundation.exit(2)
     }
 }
 
 /// The gateway instance as a swift-service-lifecycle service.
 struct GatewayService: Service {
     let config: GatewayConfig
-    let devToken: String?
     let logger: Logger
 
     func run() async throws {
-        let server = try await GatewayServer.start(config: config, logger: logger)
-        if config.databaseURL == nil {
-            print("gateway listening on http://\(config.host):\(server.port) (embedded, data in \(config.dataDir))")
-        } else {
-            print("gateway listening on http://\(config.host):\(server.port) (cluster store\(config.redisURL == nil ? "" : ", Redis fan-out"))")
+        let server: GatewayServer
+        do {
+            server = try await GatewayServer.start(config: config, logger: logger)
+        } catch let error as ConfigError {
+            Serve.refuse(error)
         }
-        if let devToken {
-            print("dev token (sub=dev, roles=admin, 24h):\n\(devToken)")
+        let scheme = config.tlsCertificateFile == nil ? "http" : "https"
+        if config.databaseURL == nil {
+            print("gateway listening on \(scheme)://\(config.host):\(server.port) (embedded, data in \(config.dataDir))")
+        } else {
+            print("gateway listening on \(scheme)://\(config.host):\(server.port) (cluster store\(config.redisURL == nil ? "" : ", Redis fan-out"))")
         }
         fflush(nil)
-        // SIGHUP: read the JWKS file again (key rotation without a restart).
+        // SIGHUP: read the JWKS file and the TLS certificate and key again (rotation without a restart).
         signal(SIGHUP, SIG_IGN)
         let hangup = DispatchSource.makeSignalSource(signal: SIGHUP)
         hangup.setEventHandler {
-            Task { await server.reloadKeys() }
+            Task {
+                await server.reloadKeys()
+                server.reloadCertificate()
+            }
         }
         hangup.resume()
         defer { hangup.cancel() }

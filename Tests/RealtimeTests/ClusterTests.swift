@@ -213,6 +213,7 @@ struct MigrationTests {
                     group.addTask {
                         try await TestGateway.start { config in
                             config.databaseURL = postgres.url
+                            config.singleInstance = true  // the test's own choice: no Redis, only migrations matter
                             config.instanceId = "boot-\(i)"
                         }
                     }

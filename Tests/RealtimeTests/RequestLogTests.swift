@@ -73,6 +73,9 @@ import Testing
         // No token, nor its signature, anywhere in the log.
         let signature = String(token.split(separator: ".").last!)
         #expect(!lines.contains { $0.contains(signature) }, "a token reached the log")
+        // The target is logged, with the token's value masked.
+        #expect(run.contains { $0.contains("target=/v1/channels/topic:logged/messages?access_token=***") }, "the history request's masked target")
+        #expect(wsLines.contains { $0.contains("target=/v1/ws?access_token=***") && $0.contains("status=101") }, "the WebSocket's masked target")
         for line in run { print("  " + line) }
         print("request log: \(run.count) lines during the run, each with its request id; \(ids.count) requests found by their id")
     }

@@ -2,6 +2,7 @@ import Foundation
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import NIOSSL
 
 /// A minimal HTTP/1.1 client over a real socket (one connection per request).
 struct HTTPTestResponse: Sendable {
@@ -13,12 +14,14 @@ struct HTTPTestResponse: Sendable {
 }
 
 enum HTTPTestClient {
+    /// `tls`: speak HTTPS with this client context (it says which CAs are trusted).
     static func request(_ method: HTTPMethod, port: Int, _ uri: String, headers: [(String, String)] = [], body: String? = nil,
-                        token: String? = nil) async throws -> HTTPTestResponse {
+                        token: String? = nil, tls: NIOSSLContext? = nil) async throws -> HTTPTestResponse {
         try await within(30, "\(method) \(uri)") {
             let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
                 .connect(host: "127.0.0.1", port: port) { channel in
                     channel.eventLoop.makeCompletedFuture {
+                        try channel.addTestTLS(tls)
                         try channel.pipeline.syncOperations.addHTTPClientHandlers()
                         return try NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>(wrappingChannelSynchronously: channel)
                     }
@@ -88,8 +91,8 @@ enum HTTPTestClient {
     }
 
     /// One sample of `/metrics` (first sample of the metric's name).
-    static func metric(_ name: String, port: Int, label: String? = nil) async throws -> Int {
-        let text = try await request(.GET, port: port, "/metrics").body
+    static func metric(_ name: String, port: Int, label: String? = nil, tls: NIOSSLContext? = nil) async throws -> Int {
+        let text = try await request(.GET, port: port, "/metrics", tls: tls).body
         for line in text.split(separator: "\n") where line.hasPrefix(name + "{") || line.hasPrefix(name + " ") {
             if let label, !line.contains(label) { continue }
             return Int(line.split(separator: " ").last ?? "") ?? 0
@@ -128,10 +131,12 @@ final class SSETestClient: @unchecked Sendable {  // used from one test task at 
     private(set) var retry: String?
     private(set) var ended = false
 
-    static func connect(port: Int, channel name: String, token: String, query: String = "", lastEventID: String? = nil) async throws -> SSETestClient {
+    static func connect(port: Int, channel name: String, token: String, query: String = "", lastEventID: String? = nil,
+                        headers extra: [(String, String)] = [], tls: NIOSSLContext? = nil) async throws -> SSETestClient {
         let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .connect(host: "127.0.0.1", port: port) { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    try channel.addTestTLS(tls)
                     try channel.pipeline.syncOperations.addHTTPClientHandlers()
                     return try NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>(wrappingChannelSynchronously: channel)
                 }
@@ -141,6 +146,7 @@ final class SSETestClient: @unchecked Sendable {  // used from one test task at 
         head.headers.add(name: "Accept", value: "text/event-stream")
         head.headers.add(name: "Authorization", value: "Bearer \(token)")
         if let lastEventID { head.headers.add(name: "Last-Event-ID", value: lastEventID) }
+        for (name, value) in extra { head.headers.add(name: name, value: value) }
         try await channel.outbound.write(.head(head))
         try await channel.outbound.write(.end(nil))
         var iterator = channel.inbound.makeAsyncIterator()
@@ -215,5 +221,14 @@ final class SSETestClient: @unchecked Sendable {  // used from one test task at 
     deinit {
         channel.outbound.finish()
         channel.channel.close(promise: nil)
+    }
+}
+
+extension Channel {
+    /// TLS first in a test client's pipeline (nil: plain TCP). Connections go to 127.0.0.1: the certificate is
+    /// checked against that address (no SNI).
+    func addTestTLS(_ context: NIOSSLContext?) throws {
+        guard let context else { return }
+        try pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: context, serverHostname: nil))
     }
 }

@@ -7,6 +7,8 @@ import Testing
 /// A real gateway instance on a free loopback port with its own data folder, for one test.
 final class TestGateway: Sendable {
     static let secret = "test-secret-test-secret-test-secret-0123456789"
+    /// Every test instance's cluster key (used with Redis only).
+    static let clusterKey = "test-cluster-key-test-cluster-key-0123456789"
     let server: GatewayServer
     let dataDir: String
     let verifier: TokenVerifier
@@ -20,6 +22,7 @@ final class TestGateway: Sendable {
         config.port = 0
         config.dataDir = dir
         config.jwtSecret = secret
+        config.clusterKey = clusterKey
         config.eventLoops = 2
         configure(&config)
         var logger = Logger(label: "test-gateway")

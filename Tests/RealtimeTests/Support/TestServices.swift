@@ -41,11 +41,11 @@ enum TestServices {
 
     /// Runs a command to completion; returns its exit status and output.
     @discardableResult
-    static func run(_ path: String, _ arguments: [String], asPostgres: Bool = false) async throws -> (Int32, String) {
+    static func run(_ path: String, _ arguments: [String], asPostgres: Bool = false, environment: [String: String]? = nil) async throws -> (Int32, String) {
         let output = FileManager.default.temporaryDirectory.appendingPathComponent("gw-run-\(UUID().uuidString)").path
         defer { try? FileManager.default.removeItem(atPath: output) }
         let (executable, args) = command(path, arguments, asPostgres: asPostgres)
-        let status = await try ChildProcess(executable, args, output: output).exitStatus()
+        let status = try await ChildProcess(executable, args, environment: environment, output: output).exitStatus()
         return (status, (try? String(contentsOfFile: output, encoding: .utf8)) ?? "")
     }
 
@@ -88,7 +88,9 @@ final class PostgresServer: @unchecked Sendable {  // used from one test task; s
         return "\(base)/\(version)/bin"
     }
 
-    static func start() async throws -> PostgresServer {
+    /// `configure`: runs on the new cluster's data folder before the server starts (certificates, pg_hba.conf);
+    /// `arguments`: more `postgres` flags (`-c ssl=on`, …).
+    static func start(arguments: [String] = [], configure: (String) async throws -> Void = { _ in }) async throws -> PostgresServer {
         try TestServices.prepareRoot()
         let binDir = try findBinDir()
         let dataDir = TestServices.root + "/pg-\(UUID().uuidString.prefix(8))"
@@ -96,17 +98,21 @@ final class PostgresServer: @unchecked Sendable {  // used from one test task; s
         if TestServices.isRoot { _ = try await TestServices.run("/bin/chown", ["postgres:postgres", dataDir]) }
         let (status, output) = try await TestServices.run(binDir + "/initdb", ["-D", dataDir + "/data", "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"], asPostgres: true)
         guard status == 0 else { throw ServiceError(description: "initdb failed: \(output)") }
-        let server = PostgresServer(port: TestServices.freePort(), dataDir: dataDir, binDir: binDir)
+        try await configure(dataDir + "/data")
+        let server = PostgresServer(port: TestServices.freePort(), dataDir: dataDir, binDir: binDir, arguments: arguments)
         try await server.startProcess()
         let (created, createOutput) = try await TestServices.run(binDir + "/psql", ["-h", "127.0.0.1", "-p", String(server.port), "-U", "postgres", "-c", "CREATE DATABASE gateway"])
         guard created == 0 else { throw ServiceError(description: "createdb failed: \(createOutput)") }
         return server
     }
 
-    private init(port: Int, dataDir: String, binDir: String) {
+    private let arguments: [String]
+
+    private init(port: Int, dataDir: String, binDir: String, arguments: [String]) {
         self.port = port
         self.dataDir = dataDir
         self.binDir = binDir
+        self.arguments = arguments
     }
 
     /// Starts (or starts again) the server on the same port and data.
@@ -114,7 +120,7 @@ final class PostgresServer: @unchecked Sendable {  // used from one test task; s
         process = try TestServices.spawn(binDir + "/postgres", [
             "-D", dataDir + "/data", "-p", String(port), "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=" + dataDir,
             "-c", "max_connections=200", "-c", "shared_buffers=64MB",
-        ], asPostgres: true, log: dataDir + "/postgres.log")
+        ] + arguments, asPostgres: true, log: dataDir + "/postgres.log")
         for _ in 0..<200 {
             let (status, _) = try await TestServices.run(binDir + "/pg_isready", ["-h", "127.0.0.1", "-p", String(port), "-U", "postgres"])
             if status == 0 { return }
@@ -145,11 +151,18 @@ final class RedisServer: @unchecked Sendable {  // used from one test task; stop
 
     var url: String { "redis://127.0.0.1:\(port)" }
 
-    static func start() async throws -> RedisServer {
+    /// `arguments`: more `redis-server` flags; with `tlsPort` set the server listens with TLS there and not in
+    /// plain text (`url` is then `rediss://`).
+    static func start(arguments: [String] = [], tls: Bool = false) async throws -> RedisServer {
         let server = try reserve()
+        server.arguments = arguments
+        server.tls = tls
         try await server.startProcess()
         return server
     }
+
+    private var arguments: [String] = []
+    private var tls = false
 
     /// A free port for a server that is not started yet (`startProcess` starts it): Redis down at start.
     static func reserve() throws -> RedisServer {
@@ -171,7 +184,8 @@ final class RedisServer: @unchecked Sendable {  // used from one test task; stop
     func startProcess() async throws {
         let path = ["/usr/bin/redis-server", "/usr/local/bin/redis-server"].first { FileManager.default.isExecutableFile(atPath: $0) }
         guard let path else { throw ServiceError(description: "redis-server is not installed (make test installs it)") }
-        process = try TestServices.spawn(path, ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], log: logPath)
+        let listen = tls ? ["--port", "0", "--tls-port", String(port)] : ["--port", String(port)]
+        process = try TestServices.spawn(path, listen + ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"] + arguments, log: logPath)
         for _ in 0..<200 {
             if TestServices.canConnect(port: port) { return }
             try await Task.sleep(for: .milliseconds(50))
@@ -210,6 +224,7 @@ final class GatewayProcess: @unchecked Sendable {  // used from one test task
         let dataDir = FileManager.default.temporaryDirectory.appendingPathComponent("gw-proc-\(UUID().uuidString)").path
         let process = try TestServices.spawn(binary, ["serve"], environment:
             ["GATEWAY_PORT": String(port), "GATEWAY_JWT_SECRET": TestGateway.secret, "GATEWAY_DATA_DIR": dataDir,
+             "GATEWAY_CLUSTER_KEY": TestGateway.clusterKey,
              "GATEWAY_LOG_LEVEL": "error"].merging(environment) { $1 }, log: log)
         let gateway = GatewayProcess(port: port, process: process, dataDir: dataDir)
         do {

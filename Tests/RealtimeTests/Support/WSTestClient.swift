@@ -3,6 +3,7 @@ import Foundation
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import NIOSSL
 import NIOWebSocket
 
 /// A WebSocket client over a real socket (NIO's client upgrader); frames are masked as RFC 6455 requires
@@ -26,10 +27,11 @@ final class WSTestClient: @unchecked Sendable {  // used from one test task at a
     private var fragments: ByteBuffer?
 
     static func connect(port: Int, token: String?, path: String = "/v1/ws", extensions offer: String? = nil,
-                        headers extra: [(String, String)] = []) async throws -> WSTestClient {
+                        headers extra: [(String, String)] = [], tls: NIOSSLContext? = nil) async throws -> WSTestClient {
         let upgrade: EventLoopFuture<Upgrade> = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .connect(host: "127.0.0.1", port: port) { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    try channel.addTestTLS(tls)
                     let upgrader = NIOTypedWebSocketClientUpgrader<Upgrade>(maxFrameSize: 1 << 24, upgradePipelineHandler: { channel, response in
                         channel.eventLoop.makeCompletedFuture {
                             .websocket(try NIOAsyncChannel<WebSocketFrame, WebSocketFrame>(wrappingChannelSynchronously: channel),

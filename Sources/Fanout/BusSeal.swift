@@ -1,0 +1,49 @@
+import Crypto
+import Foundation
+import NIOCore
+
+/// Authenticates what crosses a shared bus: every payload goes out as `HMAC-SHA256(key, channel ‖ 0 ‖ payload)
+/// ‖ payload` under the cluster key, and a payload whose tag does not verify (forged by someone who can
+/// PUBLISH on the Redis server, or moved from another channel) is dropped before anything reads it. A
+/// replayed genuine payload is harmless: messages are deduplicated by `seq`, control events are idempotent.
+public struct BusSeal: Sendable {
+    static let tagBytes = SHA256.byteCount
+    private let key: SymmetricKey
+
+    public init(key: String) {
+        self.key = SymmetricKey(data: Array(key.utf8))
+    }
+
+    /// The sealed payload for `channel`.
+    public func seal<Payload: Collection<UInt8>>(_ payload: Payload, channel: some Collection<UInt8>) -> [UInt8] {
+        let tag = authenticationCode(payload, channel: channel)
+        var out = [UInt8]()
+        out.reserveCapacity(Self.tagBytes + payload.count)
+        out.append(contentsOf: tag)
+        out.append(contentsOf: payload)
+        return out
+    }
+
+    /// The payload without its tag, or nil when the tag is missing or does not verify.
+    public func open(_ sealed: ByteBuffer, channel: ByteBuffer) -> ByteBuffer? {
+        guard sealed.readableBytes >= Self.tagBytes,
+              let tag = sealed.getSlice(at: sealed.readerIndex, length: Self.tagBytes),
+              let payload = sealed.getSlice(at: sealed.readerIndex + Self.tagBytes, length: sealed.readableBytes - Self.tagBytes)
+        else { return nil }
+        var hmac = HMAC<SHA256>(key: key)
+        channel.withUnsafeReadableBytes { hmac.update(data: $0) }
+        hmac.update(data: [0])
+        payload.withUnsafeReadableBytes { hmac.update(data: $0) }
+        let expected = hmac.finalize()
+        // `==` on a MAC compares in constant time.
+        return tag.withUnsafeReadableBytes { expected == $0 } ? payload : nil
+    }
+
+    private func authenticationCode(_ payload: some Collection<UInt8>, channel: some Collection<UInt8>) -> HMAC<SHA256>.MAC {
+        var hmac = HMAC<SHA256>(key: key)
+        hmac.update(data: Array(channel))
+        hmac.update(data: [0])
+        hmac.update(data: Array(payload))
+        return hmac.finalize()
+    }
+}
