@@ -14,6 +14,14 @@ public struct BusSeal: Sendable {
         self.key = SymmetricKey(data: Array(key.utf8))
     }
 
+    /// The key of a cluster without `GATEWAY_CLUSTER_KEY`: derived from the HS256 secret every instance shares
+    /// (HMAC-SHA256 of a fixed label), so that PROTOCOL.md §8's settings alone start an authenticated cluster.
+    /// Whoever could forge with it could already mint any token with the secret.
+    public init(derivedFromJWTSecret secret: String) {
+        let derived = HMAC<SHA256>.authenticationCode(for: Array("realtime-gateway bus seal v1".utf8), using: SymmetricKey(data: Array(secret.utf8)))
+        self.key = SymmetricKey(data: Array(derived))
+    }
+
     /// The sealed payload for `channel`.
     public func seal<Payload: Collection<UInt8>>(_ payload: Payload, channel: some Collection<UInt8>) -> [UInt8] {
         let tag = authenticationCode(payload, channel: channel)

@@ -98,7 +98,8 @@ public struct GatewayConfig: Sendable {
     /// (TLS; `?cacert=/path/ca.pem` names the CA to trust, else the system's).
     public var redisURL: String?
     /// The key every bus message and control event is authenticated with (HMAC-SHA256), the same on every
-    /// instance of a cluster (`GATEWAY_CLUSTER_KEY`, at least 32 bytes; required with `REDIS_URL`).
+    /// instance of a cluster (`GATEWAY_CLUSTER_KEY`, at least 32 bytes). Unset, it is derived from
+    /// `jwtSecret`; with neither, `REDIS_URL` is refused.
     public var clusterKey: String?
     /// Postgres without Redis is refused unless this says it is one instance (`GATEWAY_SINGLE_INSTANCE=1`).
     public var singleInstance = false
@@ -207,8 +208,10 @@ public struct GatewayConfig: Sendable {
             throw ConfigError("DATABASE_URL", "set without REDIS_URL: other instances' messages would not reach this one's subscribers live; set REDIS_URL, or GATEWAY_SINGLE_INSTANCE=1 for one instance on Postgres")
         }
         if redisURL != nil {
-            guard let clusterKey else { throw ConfigError("GATEWAY_CLUSTER_KEY", "required with REDIS_URL: every bus message is authenticated with it") }
-            guard clusterKey.utf8.count >= 32 else { throw ConfigError("GATEWAY_CLUSTER_KEY", "must be at least 32 bytes") }
+            guard clusterKey != nil || jwtSecret != nil else {
+                throw ConfigError("GATEWAY_CLUSTER_KEY", "required with REDIS_URL when there is no GATEWAY_JWT_SECRET: every bus message is authenticated with it")
+            }
+            if let clusterKey, clusterKey.utf8.count < 32 { throw ConfigError("GATEWAY_CLUSTER_KEY", "must be at least 32 bytes") }
         }
         if (tlsCertificateFile == nil) != (tlsKeyFile == nil) {
             throw ConfigError(tlsCertificateFile == nil ? "GATEWAY_TLS_CERT" : "GATEWAY_TLS_KEY", "GATEWAY_TLS_CERT and GATEWAY_TLS_KEY go together")

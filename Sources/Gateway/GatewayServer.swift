@@ -78,13 +78,13 @@ public final class GatewayServer: Sendable {
         }
         let bus: any Bus
         var redis: RedisBus?
-        if let endpoint = redisEndpoint, let key = config.clusterKey {
+        if let endpoint = redisEndpoint, let seal = config.clusterKey.map(BusSeal.init(key:)) ?? config.jwtSecret.map(BusSeal.init(derivedFromJWTSecret:)) {
             var redisConfig = RedisConnectionStateMachine.Configuration()
             redisConfig.pingInterval = config.redisPingInterval
             redisConfig.pingTimeout = config.redisPingTimeout
             let redisBus: RedisBus
             do {
-                redisBus = try RedisBus(endpoint: endpoint, seal: BusSeal(key: key), group: group, configuration: redisConfig, logger: logger)
+                redisBus = try RedisBus(endpoint: endpoint, seal: seal, group: group, configuration: redisConfig, logger: logger)
             } catch {
                 await store.close()
                 await stopServices()

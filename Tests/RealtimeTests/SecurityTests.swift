@@ -35,7 +35,8 @@ import Testing
             ("a topics file that does not exist", secret.merging(["GATEWAY_TOPICS_FILE": badTopics + "-missing"]) { $1 }, "GATEWAY_TOPICS_FILE"),
             ("Redis without Postgres", secret.merging(["REDIS_URL": "redis://127.0.0.1:1", "GATEWAY_CLUSTER_KEY": TestGateway.clusterKey]) { $1 }, "REDIS_URL"),
             ("Postgres without Redis", secret.merging(["DATABASE_URL": "postgres://postgres@127.0.0.1:1/gateway"]) { $1 }, "DATABASE_URL"),
-            ("a cluster without its key", secret.merging(cluster) { $1 }, "GATEWAY_CLUSTER_KEY"),
+            ("a cluster with neither its key nor an HS256 secret to derive it from",
+             cluster.merging(["GATEWAY_JWKS_FILE": "/nonexistent/jwks.json"]) { $1 }, "GATEWAY_CLUSTER_KEY"),
             ("a cluster key under 32 bytes", secret.merging(cluster) { $1 }.merging(["GATEWAY_CLUSTER_KEY": "short"]) { $1 }, "GATEWAY_CLUSTER_KEY"),
             ("a REDIS_URL that is not one", secret.merging(cluster) { $1 }.merging(["REDIS_URL": "http://127.0.0.1:1", "GATEWAY_CLUSTER_KEY": TestGateway.clusterKey]) { $1 }, "REDIS_URL"),
             ("an unknown sslmode", secret.merging(cluster) { $1 }.merging(["DATABASE_URL": "postgres://postgres@127.0.0.1:1/gateway?sslmode=maybe", "GATEWAY_CLUSTER_KEY": TestGateway.clusterKey]) { $1 }, "DATABASE_URL"),
@@ -215,8 +216,10 @@ struct CORSTests {
         #expect(status == 0 && output.trimmingCharacters(in: .whitespacesAndNewlines) != "0", "PUBLISH reached no subscriber: \(output)")
     }
 
-    @Test func forgedMessagesAndControlEventsNeverReachASubscriber() async throws {
-        try await withCluster(instances: 2) { cluster in
+    /// With `GATEWAY_CLUSTER_KEY` set (`derived`: false), and derived from the HS256 secret (true).
+    @Test(arguments: [false, true]) func forgedMessagesAndControlEventsNeverReachASubscriber(derived: Bool) async throws {
+        let key = derived ? BusSeal(derivedFromJWTSecret: TestGateway.secret) : BusSeal(key: TestGateway.clusterKey)
+        try await withCluster(instances: 2, configure: { $0.clusterKey = derived ? nil : TestGateway.clusterKey }) { cluster in
             let token = try await cluster.token("ann", roles: ["admin"])
             let channel = "topic:sealed"
             let sockets = try await ClusterFaultTests.subscribers(cluster, channel: channel, token: token)
@@ -232,7 +235,7 @@ struct CORSTests {
             let name = "gw:" + channel
             try await Self.publishByHand(cluster.redis, channel: name, payload: wire)
             try await Self.publishByHand(cluster.redis, channel: name, payload: BusSeal(key: "wrong-key-wrong-key-wrong-key-wrong-key").seal(wire, channel: Array(name.utf8)))
-            try await Self.publishByHand(cluster.redis, channel: name, payload: BusSeal(key: TestGateway.clusterKey).seal(wire, channel: Array("gw:topic:elsewhere".utf8)))
+            try await Self.publishByHand(cluster.redis, channel: name, payload: key.seal(wire, channel: Array("gw:topic:elsewhere".utf8)))
             // A forged revocation of every token of the subscribers' user.
             let now = Int64(Date().timeIntervalSince1970)
             let revocation = Array(ControlEvent.revoked(Revocation(kind: .sub, value: "ann", at: now + 60, until: now + 7200)).json.utf8)
@@ -260,7 +263,7 @@ struct CORSTests {
             let genuine = Message(id: "by-hand-3", channel: try ChannelName(parsing: channel), seq: 3, createdAtMicros: Timestamp.nowMicros(),
                                   sender: "ops", requestId: nil, body: "{\"by_hand\":true}")
             try await Self.publishByHand(cluster.redis, channel: name,
-                                         payload: BusSeal(key: TestGateway.clusterKey).seal(Array(MessageWire.encode(genuine).readableBytesView), channel: Array(name.utf8)))
+                                         payload: key.seal(Array(MessageWire.encode(genuine).readableBytesView), channel: Array(name.utf8)))
             for ws in sockets { #expect(try await ws.messages(1).map(\.id) == ["by-hand-3"]) }
             for ws in sockets { await ws.close() }
         }

@@ -7,7 +7,7 @@ import Testing
 /// A real gateway instance on a free loopback port with its own data folder, for one test.
 final class TestGateway: Sendable {
     static let secret = "test-secret-test-secret-test-secret-0123456789"
-    /// Every test instance's cluster key (used with Redis only).
+    /// The cluster key of tests that set one (others derive it from `secret`, as PROTOCOL.md §8's settings do).
     static let clusterKey = "test-cluster-key-test-cluster-key-0123456789"
     let server: GatewayServer
     let dataDir: String
@@ -22,7 +22,6 @@ final class TestGateway: Sendable {
         config.port = 0
         config.dataDir = dir
         config.jwtSecret = secret
-        config.clusterKey = clusterKey
         config.eventLoops = 2
         configure(&config)
         var logger = Logger(label: "test-gateway")

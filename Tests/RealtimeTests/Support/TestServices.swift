@@ -224,7 +224,6 @@ final class GatewayProcess: @unchecked Sendable {  // used from one test task
         let dataDir = FileManager.default.temporaryDirectory.appendingPathComponent("gw-proc-\(UUID().uuidString)").path
         let process = try TestServices.spawn(binary, ["serve"], environment:
             ["GATEWAY_PORT": String(port), "GATEWAY_JWT_SECRET": TestGateway.secret, "GATEWAY_DATA_DIR": dataDir,
-             "GATEWAY_CLUSTER_KEY": TestGateway.clusterKey,
              "GATEWAY_LOG_LEVEL": "error"].merging(environment) { $1 }, log: log)
         let gateway = GatewayProcess(port: port, process: process, dataDir: dataDir)
         do {
