@@ -72,6 +72,31 @@ import Testing
         }
     }
 
+    /// `kill -HUP` makes a running `gateway` process read its certificate and key again.
+    @Test func sighupReloadsTheCertificate() async throws {
+        let ca = try await TestCA.make()
+        let next = try await TestCA.make()
+        defer { ca.remove(); next.remove() }
+        let (certificate, key) = try await ca.issue("gateway")
+        try await withStarted({ try await GatewayProcess.start(environment: ["GATEWAY_TLS_CERT": certificate, "GATEWAY_TLS_KEY": key],
+                                                               tls: try ca.clientContext()) },
+                              stop: { await $0.stop() }) { gateway in
+            let (nextCertificate, nextKey) = try await next.issue("gateway")
+            try FileManager.default.removeItem(atPath: certificate)
+            try FileManager.default.removeItem(atPath: key)
+            try FileManager.default.copyItem(atPath: nextCertificate, toPath: certificate)
+            try FileManager.default.copyItem(atPath: nextKey, toPath: key)
+            kill(gateway.process.pid, SIGHUP)
+            let trustingNext = try next.clientContext()
+            try await eventually("the new certificate served after SIGHUP") {
+                (try? await HTTPTestClient.request(.GET, port: gateway.port, "/healthz", tls: trustingNext))?.status == 200
+            }
+            await Self.expectRefused("https trusting only the old CA") {
+                _ = try await HTTPTestClient.request(.GET, port: gateway.port, "/healthz", tls: try ca.clientContext())
+            }
+        }
+    }
+
     /// Postgres with `ssl=on` that rejects every connection without TLS (`hostnossl … reject`): the gateway
     /// connects with `sslmode=verify-full` and the suite's CA; without TLS, or with a CA that did not sign the
     /// server's certificate, it does not start.

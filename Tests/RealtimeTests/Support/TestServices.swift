@@ -1,5 +1,6 @@
 import Foundation
 import NIOConcurrencyHelpers
+import NIOSSL
 
 /// Real Postgres and Redis servers for one test: on loopback, on free ports, in temporary folders, stopped
 /// by the test that started them (by PID). Postgres refuses to run as root, so as root it runs as the
@@ -219,7 +220,8 @@ final class GatewayProcess: @unchecked Sendable {  // used from one test task
     }
 
     /// `log`: where the process's standard output and error go.
-    static func start(environment: [String: String] = [:], log: String = "/dev/null") async throws -> GatewayProcess {
+    /// `tls`: the listener speaks TLS (set `GATEWAY_TLS_CERT`/`KEY` in `environment`); readiness is asked with it.
+    static func start(environment: [String: String] = [:], log: String = "/dev/null", tls: NIOSSLContext? = nil) async throws -> GatewayProcess {
         let port = TestServices.freePort()
         let dataDir = FileManager.default.temporaryDirectory.appendingPathComponent("gw-proc-\(UUID().uuidString)").path
         let process = try TestServices.spawn(binary, ["serve"], environment:
@@ -229,7 +231,7 @@ final class GatewayProcess: @unchecked Sendable {  // used from one test task
         do {
             try await eventually("gateway process ready") {
                 guard process.isRunning else { throw ServiceError(description: "gateway process exited") }
-                return (try? await HTTPTestClient.request(.GET, port: port, "/readyz"))?.status == 200
+                return (try? await HTTPTestClient.request(.GET, port: port, "/readyz", tls: tls))?.status == 200
             }
         } catch {
             await gateway.kill9()
