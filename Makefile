@@ -15,7 +15,7 @@ run:
 	@BIN=$$(swift build -c $(BUILD_CONFIG) --show-bin-path)/gateway scripts/run.sh
 
 build:
-	@scripts/ensure-packages.sh curl libhiredis-dev zlib1g-dev postgresql redis-server
+	@scripts/ensure-packages.sh curl libhiredis-dev zlib1g-dev postgresql redis-server chromium openssl
 	swift build --build-tests
 
 ## The whole suite: unit, integration and end-to-end tests, then the `make run` check.

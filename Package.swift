@@ -59,7 +59,7 @@ let package = Package(
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "CompressNIO", package: "compress-nio"),
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
-        ]),
+        ], resources: [.copy("Resources")]),
         .executableTarget(name: "GatewayMain", dependencies: [
             "Gateway", "Auth",
             .product(name: "Logging", package: "swift-log"),

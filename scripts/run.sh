@@ -14,11 +14,14 @@ if [ -z "${GATEWAY_JWT_SECRET:-}" ]; then
   export GATEWAY_JWT_SECRET
 fi
 URL="http://${GATEWAY_HOST:-127.0.0.1}:${GATEWAY_PORT:-8080}"
+# The demo page (and its token endpoint) is on in `make run` unless GATEWAY_DEMO=0.
+export GATEWAY_DEMO=${GATEWAY_DEMO:-1}
 TOKEN=$("$BIN" token --sub dev --roles admin --ttl 24h)
 cat <<MSG
 ----------------------------------------------------------------------
  Realtime gateway (embedded: SQLite in $DATA, in-process fan-out)
  URL:        $URL
+ Demo page:  $URL/   (browser client: $URL/client.js; GATEWAY_DEMO=0 turns the demo off)
  Dev token:  $TOKEN
  More tokens: GATEWAY_JWT_SECRET=\$(cat $DATA/dev-secret) $BIN token --sub alice --roles service --ttl 1h
  Try:

@@ -32,6 +32,8 @@ public final class GatewayApp: Sendable {
     let connectionsPerIP = ConnectionCounts()
     /// The store reads of waiting long-polls, shared per position.
     let pageReads: SharedPageReads
+    /// The browser client and the demo page.
+    let assets: BrowserAssets
 
     init(config: GatewayConfig, verifier: TokenVerifier, channels: ChannelService, threads: ThreadService, revocations: Revocations,
          hub: Hub, bus: any Bus, redis: RedisBus?, logger: Logger) {
@@ -49,6 +51,8 @@ public final class GatewayApp: Sendable {
         self.store = channels.store
         self.logger = logger
         self.pageReads = SharedPageReads(channels: channels)
+        self.assets = BrowserAssets(directory: config.assetsDir, logger: logger)
+        if !config.testRefuse.isEmpty { logger.warning("TEST SWITCH ON: refusing \(config.testRefuse.sorted()) as a proxy might") }
     }
 
     /// Verifies a bearer token; every failure is `401 UNAUTHENTICATED` with its reason.

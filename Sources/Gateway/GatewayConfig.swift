@@ -28,6 +28,14 @@ public struct GatewayConfig: Sendable {
     /// How often revocations are re-read from the store (in case the bus lost one).
     public var revocationRefresh: Duration = .seconds(2)
     public var echo = false
+    /// The demo page at `/` and its token endpoint `POST /demo/token` (`GATEWAY_DEMO=1`; `make run` turns it on).
+    /// Development only: anyone who reaches it may act as any user.
+    public var demo = false
+    /// Where the browser client and demo page are read from (`GATEWAY_ASSETS_DIR`; default: beside the binary).
+    public var assetsDir: String?
+    /// Test only (`GATEWAY_TEST_REFUSE=ws,sse`): refuse WebSocket upgrades (426) and/or event streams (503), as a
+    /// proxy might, so that browser clients' fallbacks can be tested.
+    public var testRefuse: Set<String> = []
     public var instanceId: String?
     public var logLevel: Logger.Level = .info
     /// Largest canonical `body` of a message, in bytes.
@@ -159,6 +167,12 @@ public struct GatewayConfig: Sendable {
             do { c.topics.merge(try TopicRule.parse(text)) { $1 } } catch { throw ConfigError("GATEWAY_TOPICS_FILE", "\(path): \(error)") }
         }
         if let v = try e.flag("GATEWAY_ECHO") { c.echo = v }
+        if let v = try e.flag("GATEWAY_DEMO") { c.demo = v }
+        c.assetsDir = e.text("GATEWAY_ASSETS_DIR")
+        if let v = e.text("GATEWAY_TEST_REFUSE") {
+            c.testRefuse = Set(v.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) })
+            guard c.testRefuse.isSubset(of: ["ws", "sse"]) else { throw ConfigError("GATEWAY_TEST_REFUSE", "expected ws, sse or both, got \"\(v)\"") }
+        }
         c.instanceId = e.text("GATEWAY_INSTANCE_ID")
         if let v = e.text("GATEWAY_LOG_LEVEL") {
             guard let level = Logger.Level(rawValue: v) else { throw ConfigError("GATEWAY_LOG_LEVEL", "expected trace, debug, info, notice, warning, error or critical, got \"\(v)\"") }

@@ -266,7 +266,8 @@ public final class GatewayServer: Sendable {
                 let request = HTTPRequest(head: head, body: ByteBuffer(), app: app)
                 // A browser page from an origin not allowed, or a malformed handshake, is refused (HTTPHandler answers
                 // 403, 400 or 426 with the envelope).
-                guard app.config.allows(origin: head.headers.first(name: "origin")), HTTPHandler.handshakeError(head.headers) == nil else {
+                guard app.config.allows(origin: head.headers.first(name: "origin")), HTTPHandler.handshakeError(head.headers) == nil,
+                      !app.config.testRefuse.contains("ws") else {
                     return channel.eventLoop.makeSucceededFuture(nil)
                 }
                 var headers: HTTPHeaders = ["X-Request-Id": request.requestId]

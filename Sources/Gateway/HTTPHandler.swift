@@ -188,6 +188,10 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     private func startEventStream(context: ChannelHandlerContext, request: HTTPRequest, channel name: String) {
         let app = self.app
+        if app.config.testRefuse.contains("sse") {
+            return write(context: context, response: .error(ApiError(.storeUnavailable, "event streams are refused (GATEWAY_TEST_REFUSE)"),
+                                                            requestId: request.requestId), request: request)
+        }
         startStream(context: context, request: request) { (actor, finish) throws(ApiError) in
             let start = try EventStream.start(request)
             let stream = EventStream(app: app, actor: actor, context: context, request: request) {

@@ -104,6 +104,18 @@ struct RouteTable: Sendable {
         }),
         Route(.PUT, "/v1/threads/{thread}/read", .work { app, c throws(ApiError) in try await Routes.markRead(app, c.request, thread: c["thread"]) }),
         Route(.POST, "/v1/sessions/revoke", .work { app, c throws(ApiError) in try await Routes.revoke(app, c.request) }),
+        Route(.GET, "/client.js", .immediate { app, c in
+            BrowserAssets.response(app.assets.clientJS, contentType: "text/javascript; charset=utf-8", requestId: c.request.requestId)
+        }),
+        Route(.GET, "/client.d.ts", .immediate { app, c in
+            BrowserAssets.response(app.assets.clientTypes, contentType: "application/typescript; charset=utf-8", requestId: c.request.requestId)
+        }),
+        Route(.GET, "/", .immediate { app, c in
+            app.config.demo
+                ? BrowserAssets.response(app.assets.demoPage, contentType: "text/html; charset=utf-8", requestId: c.request.requestId)
+                : .error(ApiError(.notFound, "the demo page is off (GATEWAY_DEMO=1)"), requestId: c.request.requestId)
+        }),
+        Route(.POST, "/demo/token", .work { app, c throws(ApiError) in try await Routes.demoToken(app, c.request) }),
         Route(nil, "/v1/ws", .refusedUpgrade(echo: false)),
         Route(nil, "/v1/echo", .refusedUpgrade(echo: true)),
     ])

@@ -1,5 +1,6 @@
 import Auth
 import ChatDomain
+import Foundation
 import NIOCore
 import NIOHTTP1
 import Wire
@@ -88,6 +89,25 @@ enum Routes {
         let object = try JSONText.parseObject(request.body.readableBytesView)
         let (cursor, unread) = try await app.threads.markRead(actor, thread: id, cursor: object["cursor"])
         return .json(.ok, "{\"cursor\":\"\(cursor)\",\"unread\":\(unread)}")
+    }
+
+    /// `POST /demo/token` `{"sub", "roles", "ttl"}` → `{"token"}`: the demo page's way to act as any user.
+    /// Only with `GATEWAY_DEMO=1` (`make run`): whoever reaches it gets any token but `admin`.
+    static func demoToken(_ app: GatewayApp, _ request: HTTPRequest) async throws(ApiError) -> HTTPResponse {
+        guard app.config.demo else { throw ApiError(.notFound, "the demo is off (GATEWAY_DEMO=1)") }
+        let object = try JSONText.parseObject(request.body.readableBytesView)
+        guard let sub = object["sub"] as? String, (1...64).contains(sub.utf8.count),
+              sub.unicodeScalars.allSatisfy({ CharacterSet.alphanumerics.contains($0) || "._-".unicodeScalars.contains($0) })
+        else { throw ApiError(.badRequest, "sub must be 1…64 letters, digits, '.', '_' or '-'") }
+        let roles = (object["roles"] as? [Any] ?? []).compactMap { $0 as? String }.filter { $0 != "admin" }
+        let ttl = (object["ttl"] as? NSNumber)?.doubleValue ?? 3600
+        guard (1...86400).contains(ttl) else { throw ApiError(.badRequest, "ttl must be 1…86400 seconds") }
+        do {
+            let token = try await app.verifier.mint(sub: sub, roles: roles, ttl: ttl)
+            return .json(.ok, "{\"token\":\(JSONText.quoted(token))}")
+        } catch {
+            throw ApiError(.notFound, "the demo needs GATEWAY_JWT_SECRET")
+        }
     }
 
     static func revoke(_ app: GatewayApp, _ request: HTTPRequest) async throws(ApiError) -> HTTPResponse {
