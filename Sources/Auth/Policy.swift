@@ -23,6 +23,8 @@ public enum Resource: Sendable {
     case topic(name: String)
     /// The tokens of user `sub` (for a `sid`, its owner when known: nil for someone else's session).
     case sessions(sub: String?)
+    /// The personal channel of `owner` (`user:<sub>`): its owner reads it; only the gateway writes it.
+    case userFeed(owner: String)
 }
 
 /// Roles that may subscribe to and publish on a topic. `nil` means the default of PROTOCOL.md §1.
@@ -68,6 +70,8 @@ public struct Policy: Sendable {
             }
         case .sessions(let sub):
             return action == .revoke && sub == actor.sub
+        case .userFeed(let owner):
+            return (action == .subscribe || action == .read) && owner == actor.sub
         }
     }
 }

@@ -3,6 +3,9 @@ public struct ChannelName: Hashable, Sendable, CustomStringConvertible {
     public enum Kind: Sendable, Hashable {
         case thread(id: String)
         case topic(name: String)
+        /// A user's personal channel `user:<sub>`: thread additions, removals and unread counts, written by the
+        /// gateway only.
+        case user(sub: String)
     }
 
     public let rawValue: String
@@ -25,8 +28,29 @@ public struct ChannelName: Hashable, Sendable, CustomStringConvertible {
             }
             self.rawValue = text
             self.kind = .topic(name: String(name))
+        } else if text.hasPrefix("user:") {
+            let sub = text.dropFirst("user:".count)
+            guard ChannelName.isUserSub(sub) else {
+                throw ApiError(.invalidChannel, "user channel must be user:<sub> (1…128 of A-Z a-z 0-9 . _ @ + -)", details: ["channel": text])
+            }
+            self.rawValue = text
+            self.kind = .user(sub: String(sub))
         } else {
-            throw ApiError(.invalidChannel, "channel must be thread:<uuid> or topic:<name>", details: ["channel": text])
+            throw ApiError(.invalidChannel, "channel must be thread:<uuid>, topic:<name> or user:<sub>", details: ["channel": text])
+        }
+    }
+
+    /// The personal channel of `sub`, if `sub` can name one.
+    public init?(user sub: String) {
+        guard ChannelName.isUserSub(Substring(sub)) else { return nil }
+        self.rawValue = "user:" + sub
+        self.kind = .user(sub: sub)
+    }
+
+    /// Subs that have a personal channel: 1…128 bytes of letters, digits and `._@+-`.
+    static func isUserSub(_ sub: Substring) -> Bool {
+        (1...128).contains(sub.utf8.count) && sub.utf8.allSatisfy { b in
+            (b >= 0x61 && b <= 0x7A) || (b >= 0x41 && b <= 0x5A) || (b >= 0x30 && b <= 0x39) || b == 0x2E || b == 0x5F || b == 0x40 || b == 0x2B || b == 0x2D
         }
     }
 

@@ -13,11 +13,15 @@ public final class ChannelService: Sendable {
     public static let maxRequestIdLength = 200
     public static let maxPageSize = 1000
 
-    public init(store: any Store, policy: Policy, bodyLimit: Int, pageBytes: Int = 4 * 1024 * 1024) {
+    /// Where a thread message's unread counts are announced (each other member's `user:` channel).
+    public let feed: UserFeed?
+
+    public init(store: any Store, policy: Policy, bodyLimit: Int, pageBytes: Int = 4 * 1024 * 1024, feed: UserFeed? = nil) {
         self.store = store
         self.policy = policy
         self.bodyLimit = bodyLimit
         self.pageBytes = max(1, pageBytes)
+        self.feed = feed
     }
 
     /// How many rows to ask the store for next: about the bytes left, by the average size so far (or the
@@ -85,6 +89,10 @@ public final class ChannelService: Sendable {
         switch channel.kind {
         case .topic(let topic): resource = .topic(name: topic)
         case .thread(let id): resource = .thread(id: id, isMember: actor.isAdmin ? true : try await store.isMember(actor.sub, of: id))
+        case .user(let sub):
+            // Written by the gateway only: no client publishes there, admins included.
+            if action == .publish { throw ApiError(.forbidden, "user channels are written by the gateway", details: ["channel": channel.rawValue]) }
+            resource = .userFeed(owner: sub)
         }
         guard policy.can(actor, action, resource) else {
             throw ApiError(.forbidden, "not allowed to \(action.rawValue) on \(channel.rawValue)", details: ["channel": channel.rawValue])
@@ -127,7 +135,9 @@ public final class ChannelService: Sendable {
             throw ApiError(.badRequest, "request id must be 1 to \(Self.maxRequestIdLength) bytes")
         }
         let canonical = try JSONText.canonicalBody(body, limit: bodyLimit)
-        return try await store.append(AppendRequest(channel: channel, sender: actor.sub, requestId: requestId, body: canonical))
+        let result = try await store.append(AppendRequest(channel: channel, sender: actor.sub, requestId: requestId, body: canonical))
+        if case .thread(let thread) = channel.kind, !result.replayed { feed?.messagePosted(in: thread, by: actor.sub, message: result.message) }
+        return result
     }
 
     /// Checks that `cursor` is not past the channel's head (a cursor the channel never gave out).

@@ -149,6 +149,20 @@ extension PostgresStore {
         }
     }
 
+    public func unreadCounts(in thread: String, excluding: String) async throws(ApiError) -> [(user: String, unread: Int64)] {
+        try await run { client, logger in
+            var out: [(user: String, unread: Int64)] = []
+            let query: PostgresQuery = """
+                SELECT tm.user_id,
+                    (SELECT count(*) FROM messages m WHERE m.channel = 'thread:' || tm.thread_id AND m.seq > COALESCE(r.seq, 0) AND m.sender <> tm.user_id)
+                FROM thread_members tm LEFT JOIN read_cursors r ON r.thread_id = tm.thread_id AND r.user_id = tm.user_id
+                WHERE tm.thread_id = \(thread) AND tm.user_id <> \(excluding) ORDER BY tm.user_id
+                """
+            for try await (user, unread) in try await client.query(query, logger: logger).decode((String, Int64).self) { out.append((user, unread)) }
+            return out
+        }
+    }
+
     public func moveReadCursor(of user: String, in thread: String, to seq: Int64) async throws(ApiError) -> (seq: Int64, unread: Int64) {
         try await run { client, logger in
             var result: (Int64, Int64) = (0, 0)

@@ -97,6 +97,16 @@ extension SQLiteStore {
         return out
     }
 
+    public nonisolated func unreadCounts(in thread: String, excluding: String) async throws(ApiError) -> [(user: String, unread: Int64)] {
+        let rows = try await query("""
+            SELECT tm.user_id AS user_id,
+                (SELECT count(*) FROM messages m WHERE m.channel = 'thread:' || tm.thread_id AND m.seq > COALESCE(r.seq, 0) AND m.sender <> tm.user_id) AS unread
+            FROM thread_members tm LEFT JOIN read_cursors r ON r.thread_id = tm.thread_id AND r.user_id = tm.user_id
+            WHERE tm.thread_id = ?1 AND tm.user_id <> ?2 ORDER BY tm.user_id
+            """, [.text(thread), .text(excluding)])
+        return rows.map { ($0.column("user_id")?.string ?? "", Int64($0.column("unread")?.integer ?? 0)) }
+    }
+
     public nonisolated func addMember(_ user: String, to thread: String) async throws(ApiError) -> Bool {
         try await write { db in
             let before = try await db.query("SELECT 1 FROM thread_members WHERE thread_id = ? AND user_id = ?", [.text(thread), .text(user)])

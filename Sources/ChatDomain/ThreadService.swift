@@ -10,9 +10,13 @@ public final class ThreadService: Sendable {
     public static let maxMembers = 1000
     public static let maxUserBytes = 200
 
-    public init(store: any Store, policy: Policy) {
+    /// Where additions and removals are announced (each member's `user:` channel).
+    public let feed: UserFeed?
+
+    public init(store: any Store, policy: Policy, feed: UserFeed? = nil) {
         self.store = store
         self.policy = policy
+        self.feed = feed
     }
 
     static func validUser(_ value: Any?) throws(ApiError) -> String {
@@ -38,6 +42,7 @@ public final class ThreadService: Sendable {
         let all = Array(Set(users + [actor.sub])).sorted()
         let thread = ChatThread(id: UUIDv7.make(micros: now), title: title, creator: actor.sub, createdAtMicros: now, members: all)
         try await store.createThread(thread)
+        for user in all where user != actor.sub { try await feed?.threadAdded(thread, user: user, by: actor.sub) }
         return thread
     }
 
@@ -61,7 +66,10 @@ public final class ThreadService: Sendable {
     public func addMember(_ actor: Actor, thread id: String, user: Any?) async throws(ApiError) -> ChatThread {
         let user = try Self.validUser(user)
         var thread = try await authorized(actor, .addMember, id)
-        if try await store.addMember(user, to: thread.id) { thread.members.append(user) }
+        if try await store.addMember(user, to: thread.id) {
+            thread.members.append(user)
+            try await feed?.threadAdded(thread, user: user, by: actor.sub)
+        }
         return thread
     }
 
@@ -77,6 +85,7 @@ public final class ThreadService: Sendable {
         guard let removal = try await store.removeMember(user, from: id) else {
             throw ApiError(.notFound, "not a member of this thread", details: ["thread": id, "user": user])
         }
+        try await feed?.threadRemoved(id, user: user, by: actor.sub)
         return removal
     }
 

@@ -67,6 +67,9 @@ public protocol ThreadStore: Sendable {
     func memberRemovals(since atMicros: Int64) async throws(ApiError) -> [MemberRemoval]
     /// Moves `user`'s read cursor to `seq` if that is forward; returns the cursor and the unread count.
     func moveReadCursor(of user: String, in thread: String, to seq: Int64) async throws(ApiError) -> (seq: Int64, unread: Int64)
+    /// Every member of `thread` but `excluding`, with their unread count (messages after their read cursor
+    /// sent by others), by user.
+    func unreadCounts(in thread: String, excluding: String) async throws(ApiError) -> [(user: String, unread: Int64)]
     /// Stores a revocation (keeping the later `at` and `until` of a repeated one).
     func revoke(_ revocation: Revocation) async throws(ApiError)
     /// Every revocation still in force at `now` (seconds).

@@ -68,6 +68,12 @@ struct ClientSession {
         case end(ChannelName, after: Int64)
         case publish(CommandID?, channel: String, requestId: String?, body: JSONValue?)
         case markRead(CommandID?, thread: String, cursor: String?)
+        /// Answer a `presence` command (who is subscribed to the channel, cluster-wide).
+        case presence(CommandID?, channel: String)
+        /// Relay a `typing` command to the thread's other members (after the permission check and rate).
+        case typing(CommandID?, channel: String)
+        /// Send the channel's `join` / `leave` events to this session (its subscription asked for them).
+        case watchPresence(ChannelName)
         case verify(CommandID?, token: String?)
         case scheduleExpiry(Date)
         case pauseReading, resumeReading
@@ -75,9 +81,10 @@ struct ClientSession {
     }
 
     private enum SubscriptionState: Equatable {
-        /// Registered, waiting for `opened`; a member removal seen meanwhile is kept (its head).
-        case opening(CommandID?, removedAt: Int64?)
-        case open
+        /// Registered, waiting for `opened`; a member removal seen meanwhile is kept (its head). `presence`:
+        /// the client asked for `join` / `leave` events.
+        case opening(CommandID?, removedAt: Int64?, presence: Bool)
+        case open(presence: Bool)
     }
 
     private(set) var actor: Actor
@@ -142,15 +149,16 @@ struct ClientSession {
     }
 
     mutating func opened(_ channel: ChannelName, _ result: Result<Int64, ApiError>) -> [Action] {
-        guard !closed, case .opening(let id, let removedAt) = subscriptions[channel] else { return [] }
+        guard !closed, case .opening(let id, let removedAt, let presence) = subscriptions[channel] else { return [] }
         var actions: [Action]
         switch result {
         case .failure(let error):
             subscriptions[channel] = nil
             actions = [.cancel(channel), .fail(id, error)]
         case .success(let after):
-            subscriptions[channel] = .open
+            subscriptions[channel] = .open(presence: presence)
             actions = [.reply(.subscribed(id: id, channel: channel.rawValue, cursor: Cursor.text(channel: channel, seq: after))), .begin(channel, after: after)]
+            if presence { actions.append(.watchPresence(channel)) }
             if let removedAt { actions.append(.end(channel, after: removedAt)) }
         }
         if expiredWhileOpening && !isOpening { actions += close(.tokenExpired) }
@@ -178,6 +186,15 @@ struct ClientSession {
             actions.append(.fail(id, error))
         }
         return actions
+    }
+
+    /// A command answered off the loop (`presence`, `typing`): its reply or its error.
+    func answered(_ id: CommandID?, _ result: Result<ServerReply, ApiError>) -> [Action] {
+        guard !closed else { return [] }
+        switch result {
+        case .success(let reply): return [.reply(reply)]
+        case .failure(let error): return [.fail(id, error)]
+        }
     }
 
     mutating func readMarked(_ id: CommandID?, _ result: Result<(cursor: String, unread: Int64), ApiError>) -> [Action] {
@@ -212,10 +229,22 @@ struct ClientSession {
         switch state {
         case .open:
             return [.end(channel, after: head)]
-        case .opening(let id, let removedAt):
-            subscriptions[channel] = .opening(id, removedAt: min(head, removedAt ?? head))
+        case .opening(let id, let removedAt, let presence):
+            subscriptions[channel] = .opening(id, removedAt: min(head, removedAt ?? head), presence: presence)
             return []
         }
+    }
+
+    /// A `join` or `leave` event of `channel`: for a subscription that asked for them.
+    func presenceEvent(_ channel: ChannelName, _ text: String) -> [Action] {
+        guard !closed, case .open(presence: true)? = subscriptions[channel] else { return [] }
+        return [.reply(.event(id: nil, text: text))]
+    }
+
+    /// `user` is typing in `channel`: for an open subscription of anyone else.
+    func typingEvent(_ channel: ChannelName, user: String, _ text: String) -> [Action] {
+        guard !closed, user != actor.sub, case .open? = subscriptions[channel] else { return [] }
+        return [.reply(.event(id: nil, text: text))]
     }
 
     /// A subscription reached the end a removal set (`forbidden`), or its catch-up failed (`store_unavailable`).
@@ -248,9 +277,13 @@ struct ClientSession {
 
     private mutating func handle(_ command: ClientCommand) -> [Action] {
         switch command {
-        case .subscribe(let id, let channel, let since, let history):
+        case .subscribe(let id, let channel, let since, let history, let presence):
             let start: ChannelService.StreamStart = since.map { .since($0) } ?? history.map { .history($0) } ?? .live
-            return subscribe(id: id, channel, from: start, permission: .subscribe)
+            return subscribe(id: id, channel, from: start, permission: .subscribe, presence: presence)
+        case .presence(let id, let channel):
+            return [.presence(id, channel: channel)]
+        case .typing(let id, let channel):
+            return [.typing(id, channel: channel)]
         case .unsubscribe(let id, let name):
             let channel: ChannelName
             do throws(ApiError) { channel = try ChannelName(parsing: name) } catch { return [.fail(id, error)] }
@@ -276,14 +309,15 @@ struct ClientSession {
         }
     }
 
-    private mutating func subscribe(id: CommandID?, _ name: String, from start: ChannelService.StreamStart, permission: Auth.Action) -> [Action] {
+    private mutating func subscribe(id: CommandID?, _ name: String, from start: ChannelService.StreamStart, permission: Auth.Action,
+                                    presence: Bool = false) -> [Action] {
         let channel: ChannelName
         do throws(ApiError) { channel = try ChannelName(parsing: name) } catch { return [.fail(id, error)] }
         guard subscriptions[channel] == nil else { return [.fail(id, ApiError(.alreadySubscribed, "already subscribed to \(channel)"))] }
         guard subscriptions.count < limits.maxSubscriptions else {
             return [.fail(id, ApiError(.tooManySubscriptions, "at most \(limits.maxSubscriptions) subscriptions per connection"))]
         }
-        subscriptions[channel] = .opening(id, removedAt: nil)
+        subscriptions[channel] = .opening(id, removedAt: nil, presence: presence)
         return [.open(channel, from: start, permission: permission)]
     }
 

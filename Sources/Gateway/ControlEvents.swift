@@ -37,6 +37,14 @@ enum ControlEvent: Equatable {
 extension GatewayApp {
     /// An event from any instance (this one included): act on the live streams it concerns.
     func handleControl(_ payload: String) {
+        if payload.hasPrefix("{\"type\":\"presence\"") || payload.hasPrefix("{\"type\":\"typing\"") {
+            guard let object = try? JSONText.parseObject(payload.utf8) else { return }
+            if object["type"] as? String == "presence" { return presence.received(object) }
+            guard let user = object["user"] as? String, let name = object["channel"] as? String, let channel = try? ChannelName(parsing: name) else { return }
+            counters.add("typing_received")
+            for stream in streams.all() { (stream as? SessionDriver)?.typing(channel, user: user, payload) }
+            return
+        }
         guard let event = ControlEvent(json: payload) else {
             logger.warning("ignoring a malformed control event")
             return
@@ -47,6 +55,28 @@ extension GatewayApp {
         case .memberRemoved(let removal):
             apply([removal])
         }
+    }
+
+    /// A `typing` command: a member of the thread (the publish permission), at most one relay per user and
+    /// thread each `typingInterval`; relayed to every instance (this one included), which hands it to the
+    /// thread's other subscribers. Never stored.
+    func relayTyping(_ actor: Actor, in name: String) async throws(ApiError) {
+        guard case .thread = try ChannelName(parsing: name).kind else { throw ApiError(.badRequest, "typing is for thread channels") }
+        let channel = try await channels.authorize(actor, .publish, name)
+        let key = actor.sub + "\u{1F}" + channel.rawValue
+        let now = ContinuousClock.now
+        let interval = config.typingInterval
+        let relay = typingRelayed.withLockedValue { last -> Bool in
+            if let previous = last[key], now - previous < interval { return false }
+            if last.count >= 100_000 { last = last.filter { now - $0.value < interval } }
+            last[key] = now
+            return true
+        }
+        guard relay else {
+            counters.add("typing_throttled")
+            return
+        }
+        bus.publishControl("{\"type\":\"typing\",\"channel\":\(JSONText.quoted(channel.rawValue)),\"user\":\(JSONText.quoted(actor.sub))}")
     }
 
     /// Ends the live streams of removed members (each removal once, whether it came by bus or store).

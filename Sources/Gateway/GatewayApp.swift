@@ -34,6 +34,10 @@ public final class GatewayApp: Sendable {
     let pageReads: SharedPageReads
     /// The browser client and the demo page.
     let assets: BrowserAssets
+    /// Who is subscribed where, cluster-wide.
+    let presence: Presence
+    /// When each (user, thread) last had a `typing` relayed.
+    let typingRelayed = NIOLockedValueBox<[String: ContinuousClock.Instant]>([:])
 
     init(config: GatewayConfig, verifier: TokenVerifier, channels: ChannelService, threads: ThreadService, revocations: Revocations,
          hub: Hub, bus: any Bus, redis: RedisBus?, logger: Logger) {
@@ -52,6 +56,8 @@ public final class GatewayApp: Sendable {
         self.logger = logger
         self.pageReads = SharedPageReads(channels: channels)
         self.assets = BrowserAssets(directory: config.assetsDir, logger: logger)
+        let counters = self.counters
+        self.presence = Presence(settings: config.presence, counters: counters) { [bus] snapshot in bus.publishControl(snapshot) }
         if !config.testRefuse.isEmpty { logger.warning("TEST SWITCH ON: refusing \(config.testRefuse.sorted()) as a proxy might") }
     }
 

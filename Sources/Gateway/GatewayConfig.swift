@@ -33,6 +33,11 @@ public struct GatewayConfig: Sendable {
     public var demo = false
     /// Where the browser client and demo page are read from (`GATEWAY_ASSETS_DIR`; default: beside the binary).
     public var assetsDir: String?
+    /// Presence: tick (events coalesced per tick), heartbeat and TTL of each instance's list
+    /// (`GATEWAY_PRESENCE_TTL_MS`), members per answer or event.
+    var presence = Presence.Settings()
+    /// At most one `typing` relayed per user and thread per interval (`GATEWAY_TYPING_INTERVAL_MS`, 1 s).
+    public var typingInterval: Duration = .seconds(1)
     /// Test only (`GATEWAY_TEST_REFUSE=ws,sse`): refuse WebSocket upgrades (426) and/or event streams (503), as a
     /// proxy might, so that browser clients' fallbacks can be tested.
     public var testRefuse: Set<String> = []
@@ -195,6 +200,11 @@ public struct GatewayConfig: Sendable {
         if let v = try e.int("GATEWAY_SEND_BUDGET", 1024...(1 << 30)) { c.sendBudget = v }
         if let v = try e.int("GATEWAY_WRITE_DELAY_MS", 0...100) { c.writeDelay = .milliseconds(Int64(v)) }
         if let v = try e.int("GATEWAY_RECONCILE_MS", 1...3_600_000) { c.reconcileInterval = .milliseconds(Int64(v)) }
+        if let v = try e.int("GATEWAY_PRESENCE_TTL_MS", 500...600_000) {
+            c.presence.ttl = .milliseconds(v)
+            c.presence.heartbeat = .milliseconds(max(100, v / 3))
+        }
+        if let v = try e.int("GATEWAY_TYPING_INTERVAL_MS", 0...60_000) { c.typingInterval = .milliseconds(v) }
         if let v = try e.int("GATEWAY_STORE_START_TIMEOUT_S", 1...3600) { c.storeStartTimeout = .seconds(v) }
         if let v = try e.int("GATEWAY_STORE_POLL_MS", 1...3_600_000) { c.storePollInterval = .milliseconds(Int64(v)) }
         if let v = try e.int("GATEWAY_REDIS_PING_MS", 1...3_600_000) { c.redisPingInterval = .milliseconds(Int64(v)) }

@@ -104,8 +104,9 @@ public final class GatewayServer: Sendable {
         hubConfig.writeDelay = config.writeDelay
         let hub = Hub(loops: loops, store: store, bus: bus, encoder: WireEncoding.encoder, configuration: hubConfig, logger: logger)
         let policy = Policy(topics: config.topics)
-        let channels = ChannelService(store: store, policy: policy, bodyLimit: config.bodyLimit, pageBytes: config.pageBytes)
-        let app = GatewayApp(config: config, verifier: verifier, channels: channels, threads: ThreadService(store: store, policy: policy),
+        let feed = UserFeed(store: store, logger: logger)
+        let channels = ChannelService(store: store, policy: policy, bodyLimit: config.bodyLimit, pageBytes: config.pageBytes, feed: feed)
+        let app = GatewayApp(config: config, verifier: verifier, channels: channels, threads: ThreadService(store: store, policy: policy, feed: feed),
                              revocations: revocations, hub: hub, bus: bus, redis: redis, logger: logger)
         bus.setControlReceiver { [weak app] payload in app?.handleControl(payload) }
         hub.setStoreReadHook { [weak app] channel in
@@ -171,12 +172,20 @@ public final class GatewayServer: Sendable {
                 try? await app?.refreshRemovals()
             }
         }
+        // Presence: events for watched channels and this instance's snapshot, every tick.
+        let presenceTicker = Task { [weak app] in
+            while !Task.isCancelled {
+                do { try await Task.sleep(for: config.presence.tick) } catch { return }
+                app?.presence.tick()
+            }
+        }
         let port = serverChannel.localAddress?.port ?? config.port
         logger.info("gateway listening", metadata: ["instance": "\(config.instanceName)", "address": "\(config.host):\(port)",
                                                         "mode": "\(config.databaseURL == nil ? "embedded" : "cluster")", "fanout": "\(redis == nil ? "in-process" : "redis")"])
         return GatewayServer(app: app, port: port, group: group, serverChannel: serverChannel, lockFD: lockFD, tls: tls, stopServices: {
             pruning.cancel()
             revocationRefresh.cancel()
+            presenceTicker.cancel()
             await stopServices()
         })
     }

@@ -94,6 +94,11 @@ struct RouteTable: Sendable {
         Route(.POST, "/v1/channels/{channel}/messages", .work { app, c throws(ApiError) in try await Routes.publish(app, c.request, channel: c["channel"]) }),
         Route(.GET, "/v1/channels/{channel}/messages", .work { app, c throws(ApiError) in try await Routes.history(app, c.request, channel: c["channel"]) }),
         Route(.GET, "/v1/channels/{channel}/poll", .longPoll),
+        Route(.GET, "/v1/channels/{channel}/presence", .work { app, c throws(ApiError) in
+            let actor = try await app.authenticate(c.request.bearerToken)
+            let channel = try await app.channels.authorize(actor, .subscribe, c["channel"])
+            return .json(.ok, app.presence.json(of: channel))
+        }),
         Route(.GET, "/v1/channels/{channel}/events", .eventStream),
         Route(.POST, "/v1/threads", .work { app, c throws(ApiError) in try await Routes.createThread(app, c.request) }),
         Route(.GET, "/v1/threads", .work { app, c throws(ApiError) in try await Routes.listThreads(app, c.request) }),

@@ -22,7 +22,7 @@ protocol SessionTransport: AnyObject {
 /// Drives one `ClientSession` on one event loop: performs its actions (store and token work off the loop, their
 /// outcomes fed back on it), keeps the expiry timer, and stands for the connection among the live streams, so
 /// that revocations, member removals and shutdown reach the session from the moment the transport starts it.
-final class SessionDriver: LiveStream, @unchecked Sendable {  // state only touched on `eventLoop`
+final class SessionDriver: LiveStream, PresenceWatcher, @unchecked Sendable {  // state only touched on `eventLoop`
     enum Kind: String, Sendable {
         case webSocket = "ws", serverSentEvents = "sse", longPoll = "poll"
     }
@@ -38,6 +38,8 @@ final class SessionDriver: LiveStream, @unchecked Sendable {  // state only touc
     private var expiry: Scheduled<Void>?
     private var started = false
     private var released = false
+    /// Channels this session counts in the presence list of (WebSocket and SSE subscriptions).
+    private var present: Set<ChannelName> = []
 
     init(app: GatewayApp, actor: Actor, kind: Kind, eventLoop: any EventLoop, log: RequestLog, transport: any SessionTransport) {
         self.app = app
@@ -89,6 +91,12 @@ final class SessionDriver: LiveStream, @unchecked Sendable {  // state only touc
     func memberRemoved(_ user: String, from channel: ChannelName, at head: Int64) {
         eventLoop.execute { self.run(self.session.memberRemoved(user, from: channel, at: head)) }
     }
+    func presenceEvent(_ channel: ChannelName, _ text: String) {
+        eventLoop.execute { self.run(self.session.presenceEvent(channel, text)) }
+    }
+    func typing(_ channel: ChannelName, user: String, _ text: String) {
+        eventLoop.execute { self.run(self.session.typingEvent(channel, user: user, text)) }
+    }
 
     // MARK: actions
 
@@ -109,8 +117,29 @@ final class SessionDriver: LiveStream, @unchecked Sendable {  // state only touc
             later({ () async throws(ApiError) in try await app.channels.open(actor, permission, channel.rawValue, from: start).after }) {
                 $0.run($0.session.opened(channel, $1))
             }
-        case .begin(let channel, let after): transport?.begin(channel, after: after)
-        case .cancel(let channel): transport?.cancel(channel)
+        case .begin(let channel, let after):
+            transport?.begin(channel, after: after)
+            if kind != .longPoll, present.insert(channel).inserted { app.presence.join(channel, user: session.actor.sub) }
+        case .cancel(let channel):
+            transport?.cancel(channel)
+            if present.remove(channel) != nil {
+                app.presence.leave(channel, user: session.actor.sub)
+                app.presence.unwatch(channel, self)
+            }
+        case .watchPresence(let channel):
+            app.presence.watch(channel, self)
+        case .presence(let id, let name):
+            let (app, actor) = (self.app, session.actor)
+            later({ () async throws(ApiError) -> ServerReply in
+                let channel = try await app.channels.authorize(actor, .subscribe, name)
+                return .event(id: id, text: app.presence.json(of: channel, reply: true, id: id))
+            }) { $0.run($0.session.answered(id, $1)) }
+        case .typing(let id, let name):
+            let (app, actor) = (self.app, session.actor)
+            later({ () async throws(ApiError) -> ServerReply in
+                try await app.relayTyping(actor, in: name)
+                return .ack(id: id)
+            }) { $0.run($0.session.answered(id, $1)) }
         case .end(let channel, let after): transport?.end(channel, after: after)
         case .publish(let id, let channel, let requestId, let body):
             let (app, actor) = (self.app, session.actor)

@@ -35,17 +35,23 @@ public enum CommandID: Codable, Sendable, Hashable, CustomStringConvertible {
 
 /// A WebSocket client's command (PROTOCOL.md §6), one JSON object per text frame.
 public enum ClientCommand: Sendable, Equatable {
-    /// `since` (a cursor) or `history` (the last N first), or neither: live only.
-    case subscribe(id: CommandID?, channel: String, since: String? = nil, history: Int? = nil)
+    /// `since` (a cursor) or `history` (the last N first), or neither: live only. `presence`: also send the
+    /// channel's `join` and `leave` events.
+    case subscribe(id: CommandID?, channel: String, since: String? = nil, history: Int? = nil, presence: Bool = false)
     case unsubscribe(id: CommandID?, channel: String)
     case publish(id: CommandID?, channel: String, requestId: String? = nil, body: JSONValue?)
     case read(id: CommandID?, channel: String, cursor: String?)
     case refresh(id: CommandID?, token: String?)
     case ping(id: CommandID?)
+    /// Who is subscribed to the channel now (cluster-wide).
+    case presence(id: CommandID?, channel: String)
+    /// "I am typing" in a thread: relayed to its other members, never stored.
+    case typing(id: CommandID?, channel: String)
 
     public var id: CommandID? {
         switch self {
-        case .subscribe(let id, _, _, _), .unsubscribe(let id, _), .publish(let id, _, _, _), .read(let id, _, _), .refresh(let id, _), .ping(let id):
+        case .subscribe(let id, _, _, _, _), .unsubscribe(let id, _), .publish(let id, _, _, _), .read(let id, _, _), .refresh(let id, _), .ping(let id),
+             .presence(let id, _), .typing(let id, _):
             id
         }
     }
@@ -74,7 +80,7 @@ public struct CommandError: Error, Sendable, Equatable {
 
 extension ClientCommand: Codable {
     enum Key: String, CodingKey {
-        case type, id, channel, since, history, body, cursor, token
+        case type, id, channel, since, history, body, cursor, token, presence
         case requestId = "request_id"
     }
 
@@ -126,7 +132,8 @@ extension ClientCommand: Codable {
             if let history, !(0...Self.maxHistory).contains(history) {
                 throw CommandError(.badRequest, "history must be an integer in 0...\(Self.maxHistory)", id: id)
             }
-            self = .subscribe(id: id, channel: channel, since: since, history: history)
+            let presence = try field(Bool.self, .presence, .badRequest, "presence must be true or false") ?? false
+            self = .subscribe(id: id, channel: channel, since: since, history: history, presence: presence)
         case "unsubscribe":
             self = .unsubscribe(id: id, channel: try required(.channel, "unsubscribe needs a channel"))
         case "publish":
@@ -141,6 +148,10 @@ extension ClientCommand: Codable {
             self = .refresh(id: id, token: try? object.decodeIfPresent(String.self, forKey: .token))
         case "ping":
             self = .ping(id: id)
+        case "presence":
+            self = .presence(id: id, channel: try required(.channel, "presence needs a channel"))
+        case "typing":
+            self = .typing(id: id, channel: try required(.channel, "typing needs a channel"))
         default:
             throw CommandError(.unknownCommand, "unknown command type", details: ["type": String(type.prefix(64))], id: id)
         }
@@ -150,11 +161,18 @@ extension ClientCommand: Codable {
         var object = encoder.container(keyedBy: Key.self)
         try object.encodeIfPresent(id, forKey: .id)
         switch self {
-        case .subscribe(_, let channel, let since, let history):
+        case .subscribe(_, let channel, let since, let history, let presence):
             try object.encode("subscribe", forKey: .type)
             try object.encode(channel, forKey: .channel)
             try object.encodeIfPresent(since, forKey: .since)
             try object.encodeIfPresent(history, forKey: .history)
+            if presence { try object.encode(true, forKey: .presence) }
+        case .presence(_, let channel):
+            try object.encode("presence", forKey: .type)
+            try object.encode(channel, forKey: .channel)
+        case .typing(_, let channel):
+            try object.encode("typing", forKey: .type)
+            try object.encode(channel, forKey: .channel)
         case .unsubscribe(_, let channel):
             try object.encode("unsubscribe", forKey: .type)
             try object.encode(channel, forKey: .channel)

@@ -111,6 +111,8 @@ public enum ServerReply: Sendable, Equatable {
     case pong(id: CommandID?)
     case error(id: CommandID?, ServerError)
     case message(channel: String, message: RawJSON)
+    /// A frame the server made whole (presence answers, `join` / `leave` / `typing` events): written as is.
+    case event(id: CommandID?, text: String)
 
     public struct ServerError: Sendable, Equatable {
         public let envelope: ErrorEnvelope
@@ -119,13 +121,14 @@ public enum ServerReply: Sendable, Equatable {
 
     public var id: CommandID? {
         switch self {
-        case .subscribed(let id, _, _), .unsubscribed(let id, _, _), .ack(let id, _, _, _, _), .pong(let id), .error(let id, _): id
+        case .subscribed(let id, _, _), .unsubscribed(let id, _, _), .ack(let id, _, _, _, _), .pong(let id), .error(let id, _), .event(let id, _): id
         case .message: nil
         }
     }
 
     /// The reply as one JSON text frame.
     public var json: String {
+        if case .event(_, let text) = self { return text }
         var out = "{\"type\":"
         func field(_ name: String, _ value: String?) {
             guard let value else { return }
@@ -169,6 +172,8 @@ public enum ServerReply: Sendable, Equatable {
             out += "\"message\""
             field("channel", channel)
             out += ",\"message\":" + message.text
+        case .event(_, let text):
+            return text
         }
         return out + "}"
     }
@@ -199,6 +204,8 @@ extension ServerReply: Codable {
             self = .error(id: id, ServerError(try object.decode(ErrorEnvelope.self, forKey: .error)))
         case "message":
             self = .message(channel: try object.decode(String.self, forKey: .channel), message: try object.decode(RawJSON.self, forKey: .message))
+        case "typing", "join", "leave", "presence":
+            self = .event(id: id, text: try JSONValue(from: decoder).canonicalText)
         default:
             throw DecodingError.dataCorruptedError(forKey: .type, in: object, debugDescription: "unknown reply type \(type)")
         }
