@@ -6,7 +6,7 @@ GATEWAY_HOST ?= 127.0.0.1
 GATEWAY_DATA_DIR ?= ./data
 export GATEWAY_PORT GATEWAY_HOST GATEWAY_DATA_DIR
 
-.PHONY: run build test unit fuzz check-run bench cluster loadtest conformance clean
+.PHONY: run build test unit fuzz check-run bench bench-presence cluster loadtest conformance clean
 
 ## Build and start the embedded gateway (SQLite + in-process fan-out) on $(GATEWAY_HOST):$(GATEWAY_PORT).
 run:
@@ -47,6 +47,13 @@ bench:
 	@D=/tmp/gw-bench-$$$$; scripts/services.sh start $$D >/dev/null; set -a; . $$D/env; set +a; \
 	  $$(swift build -c release --show-bin-path)/bench; status=$$?; scripts/services.sh stop $$D; [ $$status -eq 0 ] || exit $$status
 	@B=$$(swift build -c release --show-bin-path); BIN=$$B/gateway LOADTEST=$$B/loadtest BENCH=$$B/bench scripts/bench-fanout.sh
+
+## The cost of presence: 1,000 users joining one channel over three instances, with and without watching it.
+bench-presence:
+	@scripts/ensure-packages.sh curl bc libhiredis-dev zlib1g-dev postgresql redis-server
+	swift build -c release --product gateway
+	swift build -c release --product loadtest
+	@B=$$(swift build -c release --show-bin-path); BIN=$$B/gateway LOADTEST=$$B/loadtest scripts/bench-presence.sh
 
 ## Postgres, Redis and three gateway instances on 8081-8083 (foreground; Ctrl-C stops them).
 cluster:

@@ -157,6 +157,12 @@ extension GatewayApp {
         metric("gateway_tls_reloads_total", "counter", "TLS certificate reloads (SIGHUP) by result.", [
             ("{\(instance),result=\"ok\"}", counters["tls_reloads_ok"] ?? 0), ("{\(instance),result=\"failed\"}", counters["tls_reloads_failed"] ?? 0),
         ])
+        metric("gateway_presence_snapshots_total", "counter", "Presence lists this instance broadcast on the bus.", [("{\(instance)}", counters["presence_snapshots"] ?? 0)])
+        metric("gateway_presence_snapshot_bytes_total", "counter", "Bytes of those lists.", [("{\(instance)}", counters["presence_snapshot_bytes"] ?? 0)])
+        metric("gateway_presence_events_total", "counter", "join and leave events handed to watching sessions.", [("{\(instance)}", counters["presence_events"] ?? 0)])
+        metric("gateway_typing_total", "counter", "typing events received from the bus, and typing commands not relayed (one per user and thread per interval).", [
+            ("{\(instance),result=\"received\"}", counters["typing_received"] ?? 0), ("{\(instance),result=\"throttled\"}", counters["typing_throttled"] ?? 0),
+        ])
         let polls = pageReads.counts
         metric("gateway_poll_store_reads_total", "counter", "Store reads of waiting long-polls, by whether the read was started or joined (shared).", [
             ("{\(instance),read=\"started\"}", polls.reads), ("{\(instance),read=\"joined\"}", polls.joined),

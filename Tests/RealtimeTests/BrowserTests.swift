@@ -65,6 +65,36 @@ import Testing
         }
     }
 
+    /// Two tabs in one thread: each page lists who is here (presence) and shows the other typing.
+    @Test func pagesShowWhoIsHereAndWhoIsTyping() async throws {
+        try await withTestGateway(configure: { $0.demo = true; $0.presence.tick = .milliseconds(100) }) { gateway in
+            let port = gateway.port
+            let alice = try await gateway.token("alice", roles: [])
+            let created = try await HTTPTestClient.request(.POST, port: port, "/v1/threads", headers: [("Content-Type", "application/json")],
+                                                           body: "{\"title\":\"tabs\",\"members\":[\"bob\"]}", token: alice)
+            let thread = "thread:" + ((created.json["thread"] as? [String: Any])?["id"] as? String ?? "")
+            try await withBrowser { browser in
+                let alicePage = try await browser.newPage()
+                try await alicePage.navigate(Self.demoURL(port, channel: thread, user: "alice"))
+                try await alicePage.waitFor("alice connected", "window.demo?.connected === true")
+                let bobPage = try await browser.newPage()
+                try await bobPage.navigate(Self.demoURL(port, channel: thread, user: "bob"))
+                try await bobPage.waitFor("bob connected", "window.demo?.connected === true")
+                // Alice saw bob join; bob's list (read when he connected) has both.
+                try await alicePage.waitFor("bob here for alice", "[...window.demo.here].sort().join(',') === 'alice,bob'")
+                try await bobPage.waitFor("both here for bob", "[...window.demo.here].sort().join(',') === 'alice,bob'")
+                _ = try await bobPage.evaluate("demo.client.typing(demo.subscription.channel).then(() => true)")
+                try await alicePage.waitFor("bob typing at alice", "window.demo.typing.includes('bob')")
+                #expect(try await alicePage.evaluate("document.getElementById('typing').textContent") as? String == "bob is typing…")
+                #expect(try await bobPage.evaluate("window.demo.typing.length") as? Int == 0)
+                _ = try? await bobPage.call("Page.close")  // bob's tab closes, and its WebSocket with it
+                await bobPage.close()
+                try await alicePage.waitFor("bob left", "[...window.demo.here].join(',') === 'alice'")
+                await alicePage.close()
+            }
+        }
+    }
+
     /// Upgrades refused (as by a proxy): the client streams over SSE; event streams refused too: long-poll.
     /// Every message arrives once, in order, and the page's own publish goes over REST.
     @Test(arguments: [(["ws"], "sse"), (["ws", "sse"], "longpoll")])

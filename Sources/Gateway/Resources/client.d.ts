@@ -43,7 +43,15 @@ export interface SubscribeOptions {
   since?: string;
   /** Start this many messages back (when no `since`). */
   history?: number;
+  /** join / leave events of the channel (WebSocket); giving it asks for them. */
+  onPresence?: (event: PresenceEvent) => void;
+  /** Another member typing in this thread (WebSocket). */
+  onTyping?: (user: string) => void;
 }
+
+export interface PresenceMember { user: string; connections?: number; joined_at?: string }
+export interface PresenceEvent { type: "join" | "leave"; channel: string; members: PresenceMember[]; count: number }
+export interface PresenceList { channel: string; count: number; members: Required<PresenceMember>[]; truncated: boolean }
 
 export declare class Subscription {
   readonly channel: string;
@@ -91,5 +99,9 @@ export declare class GatewayClient {
   subscribe(channel: string, options?: SubscribeOptions): Subscription;
   /** Resolves with the stored message once committed; `requestId` makes a retry idempotent. */
   publish(channel: string, body: Record<string, unknown>, options?: { requestId?: string }): Promise<Message>;
+  /** Who is subscribed to the channel, cluster-wide. */
+  presence(channel: string): Promise<PresenceList>;
+  /** Tells a thread's other members this user is typing (WebSocket only). */
+  typing(channel: string): Promise<void>;
   close(): void;
 }

@@ -50,6 +50,10 @@ export class Subscription {
     this.client = client;
     this.channel = channel;
     this.onMessage = options.onMessage ?? (() => {});
+    /** join / leave events (WebSocket): asked for when a handler is given. */
+    this.onPresence = options.onPresence ?? null;
+    /** Another member typing in this thread (WebSocket). */
+    this.onTyping = options.onTyping ?? (() => {});
     /** The position after which the next message is expected (null: not known yet). */
     this.cursor = options.since ?? null;
     this.lastSeq = 0;
@@ -255,6 +259,14 @@ export class GatewayClient {
       this.subscriptions.get(frame.channel)?._deliver(frame.message);
       return;
     }
+    if (frame.type === "join" || frame.type === "leave") {
+      this.subscriptions.get(frame.channel)?.onPresence?.(frame);
+      return;
+    }
+    if (frame.type === "typing") {
+      this.subscriptions.get(frame.channel)?.onTyping(frame.user);
+      return;
+    }
     if (frame.type === "subscribed") {
       const sub = this.subscriptions.get(frame.channel);
       if (sub && !sub.cursor) sub.cursor = frame.cursor; // the start of a stream that received nothing yet
@@ -286,7 +298,8 @@ export class GatewayClient {
   }
 
   _wsSubscribe(sub) {
-    this._command({ type: "subscribe", channel: sub.channel, ...sub._start() }).then(
+    const presence = sub.onPresence ? { presence: true } : {};
+    this._command({ type: "subscribe", channel: sub.channel, ...sub._start(), ...presence }).then(
       (reply) => { if (!sub.cursor) sub.cursor = reply.cursor; },
       (error) => this._emit("error", { error, channel: sub.channel }),
     );
@@ -406,6 +419,17 @@ export class GatewayClient {
     }
     const answer = await this._request("POST", `/v1/channels/${encodeURIComponent(channel)}/messages`, { body }, undefined, { "Idempotency-Key": requestId });
     return answer.message;
+  }
+
+  /** Who is subscribed to `channel`, cluster-wide: `{channel, count, members: [{user, connections, joined_at}], truncated}`. */
+  async presence(channel) {
+    return this._request("GET", `/v1/channels/${encodeURIComponent(channel)}/presence`);
+  }
+
+  /** Tells a thread's other members this user is typing (WebSocket only; a no-op on other transports). */
+  async typing(channel) {
+    if (this.transport !== "websocket" || this.ws?.readyState !== WebSocket.OPEN) return;
+    await this._command({ type: "typing", channel });
   }
 
   /** A REST call with the current token; the error envelope becomes a `GatewayError`. */

@@ -33,6 +33,8 @@ struct Fanout: AsyncParsableCommand {
     @Option(help: "Catch-up: subscribe (gateway, WebSocket) from this cursor, publish nothing, and time the arrival of --count messages.") var since: String?
     @Option(help: "With --since: the messages stored after the cursor.") var count = 100_000
     @Option(help: "The channel (default: a new one).") var channel: String?
+    @Flag(help: "Gateway: each subscriber its own user (its own line in the channel's presence list).") var distinctUsers = false
+    @Flag(help: "Gateway: subscribe with presence (join/leave events); implies --distinct-users.") var presence = false
 
     func run() async throws {
         let endpoints = urls.compactMap(Endpoint.init(url:))
@@ -44,6 +46,11 @@ struct Fanout: AsyncParsableCommand {
             minted = try await TokenVerifier(hs256Secret: secret).mint(sub: "fanout", roles: ["service"], ttl: 3600)
         }
         let token = minted
+        var userTokens: [String] = []
+        if presence || distinctUsers, target == .gateway, let secret = secret ?? ProcessInfo.processInfo.environment["GATEWAY_JWT_SECRET"] {
+            let verifier = await TokenVerifier(hs256Secret: secret)
+            for i in 0..<subscribers { userTokens.append(try await verifier.mint(sub: "fanout-\(i)", roles: ["service"], ttl: 3600)) }
+        }
         let channel = self.channel ?? "fanout\(UInt32.random(in: 0...UInt32.max))"
         if let since {
             return try await catchUp(endpoints[0], channel: channel, since: since, token: token)
@@ -53,13 +60,17 @@ struct Fanout: AsyncParsableCommand {
         // Subscribers, connected a few hundred at a time.
         var counters: [any DeliveryCounter] = []
         var connections: [any Channel] = []
-        let (target, subscribers, kind) = (self.target, self.subscribers, self.transport)
+        let (target, subscribers, kind, presence) = (self.target, self.subscribers, self.transport, self.presence)
         let rssBefore = Self.residentBytes(serverPids)
+        let joinCPUBefore = Self.cpuSeconds(serverPids)
         for batch in stride(from: 0, to: subscribers, by: 200) {
             let made = try await withThrowingTaskGroup(of: ((any DeliveryCounter), any Channel).self) { tasks in
                 for i in batch..<min(subscribers, batch + 200) {
                     let endpoint = endpoints[i % endpoints.count]
-                    tasks.addTask { try await Self.subscribe(endpoint, target: target, kind: kind, channel: channel, token: token, group: group) }
+                    let subscriberToken = userTokens.isEmpty ? token : userTokens[i]
+                    tasks.addTask {
+                        try await Self.subscribe(endpoint, target: target, kind: kind, channel: channel, token: subscriberToken, group: group, presence: presence)
+                    }
                 }
                 return try await tasks.reduce(into: []) { $0.append($1) }
             }
@@ -70,6 +81,12 @@ struct Fanout: AsyncParsableCommand {
         try await Task.sleep(for: .milliseconds(500))
         if idle {
             try await Task.sleep(for: .seconds(2))
+            let joinCPU = Self.cpuSeconds(serverPids) - joinCPUBefore
+            let events = try await Self.total(counters)
+            print(String(format: "%d subscribers (%@) joined one channel%@: server CPU %.3f s (%.0f µs per subscriber, connection and subscribe included), %d frames received after the subscribe replies",
+                         subscribers, presence || distinctUsers ? "distinct users" : "one user", presence ? ", each watching its presence" : "", joinCPU,
+                         joinCPU / Double(subscribers) * 1e6, events))
+            print("RESULT joins=\(subscribers) watching=\(presence) join_cpu_s=\(String(format: "%.3f", joinCPU)) frames=\(events)")
             let perConnection = Double(Self.residentBytes(serverPids) - rssBefore) / Double(subscribers)
             print(String(format: "%@ idle %@ subscribers: %d, server RSS %.0f bytes per connection", target.rawValue, kind.rawValue, subscribers, perConnection))
             print("RESULT target=\(target.rawValue) transport=\(kind.rawValue) subscribers=\(subscribers) rss_bytes_per_connection=\(Int(perConnection))")
@@ -167,7 +184,7 @@ struct Fanout: AsyncParsableCommand {
     }
 
     static func subscribe(_ endpoint: Endpoint, target: Target, kind: Kind, channel: String, token: String,
-                          group: any EventLoopGroup, since: String? = nil) async throws -> ((any DeliveryCounter), any Channel) {
+                          group: any EventLoopGroup, since: String? = nil, presence: Bool = false) async throws -> ((any DeliveryCounter), any Channel) {
         let loop = group.next()
         if kind == .sse {
             let counter = EventCounter(loop: loop)
@@ -189,7 +206,7 @@ struct Fanout: AsyncParsableCommand {
         if target == .gateway { request += "Authorization: Bearer \(token)\r\n" }
         var bytes = ByteBuffer(string: request + "\r\n")
         if target == .gateway {
-            let from = since.map { ",\"since\":\"\($0)\"" } ?? ""
+            let from = (since.map { ",\"since\":\"\($0)\"" } ?? "") + (presence ? ",\"presence\":true" : "")
             bytes.writeImmutableBuffer(FrameCounter.maskedText("{\"type\":\"subscribe\",\"channel\":\"topic:\(channel)\"\(from)}"))
         }
         try await connection.writeAndFlush(bytes)
