@@ -199,6 +199,11 @@ final class RedisConnectionDriver: @unchecked Sendable {  // mutable state is on
     var onAction: (@Sendable (RedisConnectionStateMachine.Action) -> Void)?
     var onMessage: (@Sendable (ByteBuffer, ByteBuffer) -> Void)?
     var onStall: (@Sendable () -> Void)?
+    /// `.commands` role: the reply to the oldest command in flight; and the connection went (their replies never come).
+    var onReply: ((RESPValue) -> Void)?
+    var onConnectionLost: (() -> Void)?
+    /// The reply being classified (handed to `onReply` when the machine says it answers a command).
+    private var lastReply: RESPValue = .null
 
     init(endpoint: RedisEndpoint, tls: NIOSSLContext?, seal: BusSeal, loop: any EventLoop, logger: Logger, machine: RedisConnectionStateMachine) {
         self.endpoint = endpoint
@@ -212,8 +217,11 @@ final class RedisConnectionDriver: @unchecked Sendable {  // mutable state is on
     var droppedPublishes: Int { dropped.withLockedValue { $0 } }
 
     private var role: String {
-        if case .subscriber = machine.role { return "subscriber" }
-        return "publisher"
+        switch machine.role {
+        case .subscriber: return "subscriber"
+        case .publisher: return "publisher"
+        case .commands: return "commands"
+        }
     }
 
     func start() {
@@ -264,6 +272,14 @@ final class RedisConnectionDriver: @unchecked Sendable {  // mutable state is on
         }
     }
 
+    /// `.commands` role, on `loop`: writes `count` pre-encoded commands if the machine allows it.
+    func sendCommands(_ commands: ByteBuffer, count: Int) -> Bool {
+        loop.preconditionInEventLoop()
+        guard let channel, machine.command(count: count, bytes: commands.readableBytes, writable: channel.isWritable) else { return false }
+        channel.writeAndFlush(commands, promise: nil)
+        return true
+    }
+
     func loseSilently(_ count: Int) {
         loop.execute { self.toLoseSilently += count }
     }
@@ -281,6 +297,8 @@ final class RedisConnectionDriver: @unchecked Sendable {  // mutable state is on
                 channel.writeAndFlush(buffer, promise: nil)
             case .close:
                 channel?.close(promise: nil)
+            case .commandAnswered:
+                onReply?(lastReply)
             default:
                 onAction?(action)
             }
@@ -333,6 +351,7 @@ final class RedisConnectionDriver: @unchecked Sendable {  // mutable state is on
                     channel.closeFuture.whenComplete { _ in
                         guard self.channel === channel else { return }
                         self.channel = nil
+                        self.onConnectionLost?()
                         self.logger.info("redis connection closed", metadata: ["role": "\(self.role)"])
                         self.perform(self.machine.connectionClosed(random: .random(in: 0..<1)))
                     }
@@ -346,6 +365,7 @@ final class RedisConnectionDriver: @unchecked Sendable {  // mutable state is on
     }
 
     private func received(_ reply: RESPValue, subscriber: Bool) {
+        lastReply = reply
         let classified: RedisConnectionStateMachine.Reply
         switch reply {
         case .array(let parts):

@@ -22,6 +22,8 @@ public struct RedisConnectionStateMachine: Sendable {
         case subscriber(internalChannels: [String])
         /// Sends PUBLISHes; `syncChannel` is where a loss is announced.
         case publisher(syncChannel: String)
+        /// Sends commands whose replies go back to their callers (presence lists): any reply answers one.
+        case commands
     }
 
     public struct Configuration: Sendable {
@@ -76,6 +78,8 @@ public struct RedisConnectionStateMachine: Sendable {
         case reportDown
         case subscribeConfirmed(String)
         case unsubscribeConfirmed(String)
+        /// The reply just received answers the oldest command in flight (`.commands` role).
+        case commandAnswered
     }
 
     public enum State: Sendable, Equatable {
@@ -93,6 +97,8 @@ public struct RedisConnectionStateMachine: Sendable {
         case subscribed(String)
         case unsubscribed(String)
         case published(bytes: Int)
+        /// A command's reply, whatever it is (an error reply included: it is the caller's).
+        case reply(bytes: Int)
     }
 
     public let role: Role
@@ -227,6 +233,10 @@ public struct RedisConnectionStateMachine: Sendable {
             expected.removeFirst()
             inFlightBytes -= bytes
             return []
+        case (.reply(let bytes), _):
+            expected.removeFirst()
+            inFlightBytes -= bytes
+            return [.commandAnswered]
         default:
             // An error reply or a reply out of order: the connection's state is unknown, start over.
             return [.close]
@@ -263,6 +273,17 @@ public struct RedisConnectionStateMachine: Sendable {
         }
         let each = bytes / max(count, 1)
         for i in 0..<count { expected.append(.published(bytes: i == 0 ? bytes - each * (count - 1) : each)) }
+        inFlightBytes += bytes
+        return true
+    }
+
+    /// Whether `count` commands of `bytes` in all may be written now (`.commands` role); if so each expects one
+    /// reply, handed back in order by `.commandAnswered`. Refused when not ready, not writable, or too much is
+    /// unanswered: the caller fails them at once (nothing is queued).
+    public mutating func command(count: Int, bytes: Int, writable: Bool) -> Bool {
+        guard state == .ready, writable, count > 0, inFlightBytes + bytes <= configuration.maxInFlightBytes else { return false }
+        let each = bytes / count
+        for i in 0..<count { expected.append(.reply(bytes: i == 0 ? bytes - each * (count - 1) : each)) }
         inFlightBytes += bytes
         return true
     }

@@ -37,9 +37,9 @@ enum ControlEvent: Equatable {
 extension GatewayApp {
     /// An event from any instance (this one included): act on the live streams it concerns.
     func handleControl(_ payload: String) {
-        if payload.hasPrefix("{\"type\":\"presence\"") || payload.hasPrefix("{\"type\":\"typing\"") {
+        if payload.hasPrefix("{\"type\":\"presence_changed\"") || payload.hasPrefix("{\"type\":\"typing\"") {
             guard let object = try? JSONText.parseObject(payload.utf8) else { return }
-            if object["type"] as? String == "presence" { return presence.received(object) }
+            if object["type"] as? String == "presence_changed" { return presence.received(object) }
             guard let user = object["user"] as? String, let name = object["channel"] as? String, let channel = try? ChannelName(parsing: name) else { return }
             counters.add("typing_received")
             for stream in streams.all() { (stream as? SessionDriver)?.typing(channel, user: user, payload) }

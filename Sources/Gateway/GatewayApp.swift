@@ -40,7 +40,7 @@ public final class GatewayApp: Sendable {
     let typingRelayed = NIOLockedValueBox<[String: ContinuousClock.Instant]>([:])
 
     init(config: GatewayConfig, verifier: TokenVerifier, channels: ChannelService, threads: ThreadService, revocations: Revocations,
-         hub: Hub, bus: any Bus, redis: RedisBus?, logger: Logger) {
+         hub: Hub, bus: any Bus, redis: RedisBus?, presenceLists: (any PresenceLists)? = nil, logger: Logger) {
         self.redis = redis
         self.threads = threads
         self.revocations = revocations
@@ -57,7 +57,7 @@ public final class GatewayApp: Sendable {
         self.pageReads = SharedPageReads(channels: channels)
         self.assets = BrowserAssets(directory: config.assetsDir, logger: logger)
         let counters = self.counters
-        self.presence = Presence(settings: config.presence, counters: counters) { [bus] snapshot in bus.publishControl(snapshot) }
+        self.presence = Presence(settings: config.presence, lists: presenceLists, counters: counters) { [bus] event in bus.publishControl(event) }
         if !config.testRefuse.isEmpty { logger.warning("TEST SWITCH ON: refusing \(config.testRefuse.sorted()) as a proxy might") }
     }
 
@@ -157,8 +157,11 @@ extension GatewayApp {
         metric("gateway_tls_reloads_total", "counter", "TLS certificate reloads (SIGHUP) by result.", [
             ("{\(instance),result=\"ok\"}", counters["tls_reloads_ok"] ?? 0), ("{\(instance),result=\"failed\"}", counters["tls_reloads_failed"] ?? 0),
         ])
-        metric("gateway_presence_snapshots_total", "counter", "Presence lists this instance broadcast on the bus.", [("{\(instance)}", counters["presence_snapshots"] ?? 0)])
-        metric("gateway_presence_snapshot_bytes_total", "counter", "Bytes of those lists.", [("{\(instance)}", counters["presence_snapshot_bytes"] ?? 0)])
+        metric("gateway_presence_writes_total", "counter", "Writes of this instance's presence entries to Redis (changes and heartbeats).",
+               [("{\(instance)}", counters["presence_writes"] ?? 0)])
+        metric("gateway_presence_write_bytes_total", "counter", "Bytes of those writes.", [("{\(instance)}", counters["presence_write_bytes"] ?? 0)])
+        metric("gateway_presence_reads_total", "counter", "Presence lists read from Redis (queries, and watched channels that changed).",
+               [("{\(instance)}", counters["presence_reads"] ?? 0)])
         metric("gateway_presence_events_total", "counter", "join and leave events handed to watching sessions.", [("{\(instance)}", counters["presence_events"] ?? 0)])
         metric("gateway_typing_total", "counter", "typing events received from the bus, and typing commands not relayed (one per user and thread per interval).", [
             ("{\(instance),result=\"received\"}", counters["typing_received"] ?? 0), ("{\(instance),result=\"throttled\"}", counters["typing_throttled"] ?? 0),

@@ -78,6 +78,7 @@ public final class GatewayServer: Sendable {
         }
         let bus: any Bus
         var redis: RedisBus?
+        var presenceRedis: RedisCommands?
         if let endpoint = redisEndpoint, let seal = config.clusterKey.map(BusSeal.init(key:)) ?? config.jwtSecret.map(BusSeal.init(derivedFromJWTSecret:)) {
             var redisConfig = RedisConnectionStateMachine.Configuration()
             redisConfig.pingInterval = config.redisPingInterval
@@ -85,6 +86,7 @@ public final class GatewayServer: Sendable {
             let redisBus: RedisBus
             do {
                 redisBus = try RedisBus(endpoint: endpoint, seal: seal, group: group, configuration: redisConfig, logger: logger)
+                presenceRedis = try RedisCommands(endpoint: endpoint, group: group, configuration: redisConfig, logger: logger)
             } catch {
                 await store.close()
                 await stopServices()
@@ -107,7 +109,9 @@ public final class GatewayServer: Sendable {
         let feed = UserFeed(store: store, logger: logger)
         let channels = ChannelService(store: store, policy: policy, bodyLimit: config.bodyLimit, pageBytes: config.pageBytes, feed: feed)
         let app = GatewayApp(config: config, verifier: verifier, channels: channels, threads: ThreadService(store: store, policy: policy, feed: feed),
-                             revocations: revocations, hub: hub, bus: bus, redis: redis, logger: logger)
+                             revocations: revocations, hub: hub, bus: bus, redis: redis,
+                             presenceLists: presenceRedis.map { RedisPresenceLists(redis: $0, ttlMillis: Int64(config.presence.ttl.components.seconds * 1000 + config.presence.ttl.components.attoseconds / 1_000_000_000_000_000)) },
+                             logger: logger)
         bus.setControlReceiver { [weak app] payload in app?.handleControl(payload) }
         hub.setStoreReadHook { [weak app] channel in
             guard case .thread = channel.kind else { return }
@@ -125,6 +129,7 @@ public final class GatewayServer: Sendable {
             throw ConfigError(config.databaseURL == nil ? "GATEWAY_DATA_DIR" : "DATABASE_URL", "cannot read the revocations: \(error)")
         }
         redis?.start()
+        presenceRedis?.start()
         let upgrades = PendingUpgrades()
 
         let bootstrap = ServerBootstrap(group: group)
@@ -158,6 +163,8 @@ public final class GatewayServer: Sendable {
         }
         // Request ids are forgotten once out of their window: prune every hour (or every window, if shorter).
         let pruneEvery = min(config.idempotencyWindow, .seconds(3600))
+        let presenceConnection = presenceRedis
+        let stopPresence: @Sendable () -> Void = { presenceConnection?.stop() }
         let pruning = Task {
             while !Task.isCancelled {
                 do { try await Task.sleep(for: pruneEvery) } catch { return }
@@ -176,7 +183,7 @@ public final class GatewayServer: Sendable {
         let presenceTicker = Task { [weak app] in
             while !Task.isCancelled {
                 do { try await Task.sleep(for: config.presence.tick) } catch { return }
-                app?.presence.tick()
+                await app?.presence.tick()
             }
         }
         let port = serverChannel.localAddress?.port ?? config.port
@@ -186,6 +193,7 @@ public final class GatewayServer: Sendable {
             pruning.cancel()
             revocationRefresh.cancel()
             presenceTicker.cancel()
+            stopPresence()
             await stopServices()
         })
     }

@@ -97,7 +97,7 @@ struct RouteTable: Sendable {
         Route(.GET, "/v1/channels/{channel}/presence", .work { app, c throws(ApiError) in
             let actor = try await app.authenticate(c.request.bearerToken)
             let channel = try await app.channels.authorize(actor, .subscribe, c["channel"])
-            return .json(.ok, app.presence.json(of: channel))
+            return .json(.ok, try await app.presence.json(of: channel))
         }),
         Route(.GET, "/v1/channels/{channel}/events", .eventStream),
         Route(.POST, "/v1/threads", .work { app, c throws(ApiError) in try await Routes.createThread(app, c.request) }),

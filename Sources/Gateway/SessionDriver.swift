@@ -132,7 +132,7 @@ final class SessionDriver: LiveStream, PresenceWatcher, @unchecked Sendable {  /
             let (app, actor) = (self.app, session.actor)
             later({ () async throws(ApiError) -> ServerReply in
                 let channel = try await app.channels.authorize(actor, .subscribe, name)
-                return .event(id: id, text: app.presence.json(of: channel, reply: true, id: id))
+                return .event(id: id, text: try await app.presence.json(of: channel, reply: true, id: id))
             }) { $0.run($0.session.answered(id, $1)) }
         case .typing(let id, let name):
             let (app, actor) = (self.app, session.actor)

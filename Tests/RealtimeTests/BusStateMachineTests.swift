@@ -232,6 +232,52 @@ struct RedisConnectionStateMachineTests {
         do { let r = fourth.received(.error("NOPERM")); #expect(r == [.close]) }
     }
 
+    /// AUTH goes first when the URL has credentials; a refusal is an error reply like any other: closed, retried.
+    @Test func authenticatesFirstAndARefusalCloses() {
+        var config = RedisConnectionStateMachine.Configuration()
+        let credentials = RedisConnectionStateMachine.Credentials(user: "gw", password: "secret")
+        config.credentials = credentials
+        var machine = R(role: .publisher(syncChannel: "gw:_sync"), configuration: config)
+        _ = machine.start()
+        do { let r = machine.connected(now: Self.t0); #expect(r == [.send([.auth(credentials), .ping])]) }
+        do { let r = machine.received(.ok); #expect(r == []) }
+        do { let r = machine.received(.pong); #expect(r == [.reportUp]) }
+        var refused = R(role: .publisher(syncChannel: "gw:_sync"), configuration: config)
+        _ = refused.start()
+        _ = refused.connected(now: Self.t0)
+        do { let r = refused.received(.error("WRONGPASS invalid username-password pair")); #expect(r == [.close]) }
+        #expect(!refused.isReady)
+    }
+
+    /// The `.commands` role (presence lists): any reply answers the oldest command, an error reply included
+    /// (it is the caller's, the connection stays); nothing is accepted while not ready or over the bound.
+    @Test func commandsAreAnsweredInOrderByAnyReply() {
+        var config = RedisConnectionStateMachine.Configuration()
+        config.maxInFlightBytes = 100
+        var machine = R(role: .commands, configuration: config)
+        _ = machine.start()
+        do { let r = machine.command(count: 1, bytes: 10, writable: true); #expect(!r, "not connected") }
+        _ = machine.connected(now: Self.t0)
+        do { let r = machine.command(count: 1, bytes: 10, writable: true); #expect(!r, "handshake not answered") }
+        _ = machine.received(.pong)
+        do { let r = machine.command(count: 3, bytes: 30, writable: true); #expect(r) }
+        do { let r = machine.command(count: 1, bytes: 10, writable: false); #expect(!r, "not writable") }
+        do { let r = machine.command(count: 8, bytes: 80, writable: true); #expect(!r, "over the bound") }
+        do { let r = machine.received(.integer); #expect(r == [.commandAnswered]) }
+        do { let r = machine.received(.error("WRONGTYPE")); #expect(r == [.commandAnswered]) }
+        do { let r = machine.received(.other); #expect(r == [.commandAnswered]) }
+        #expect(machine.outstandingReplies == 0 && machine.inFlightBytes == 0 && machine.isReady)
+        // A heartbeat between commands is matched as a heartbeat.
+        do { let r = machine.command(count: 1, bytes: 10, writable: true); #expect(r) }
+        _ = machine.tick(now: Self.t0 + .seconds(2))
+        do { let r = machine.received(.other); #expect(r == [.commandAnswered]) }
+        do { let r = machine.received(.pong); #expect(r == []) }
+        // Lost with commands in flight: forgotten (the driver fails their callers), no publish loss announced.
+        do { let r = machine.command(count: 2, bytes: 20, writable: true); #expect(r) }
+        let lost = machine.connectionClosed(random: 0)
+        #expect(lost.contains(.reportDown) && machine.outstandingReplies == 0 && !machine.lostPublishes)
+    }
+
     /// A stalled server (SIGSTOP, a half-open connection) answers nothing; the heartbeat notices within 3 s
     /// of the last answer, at any phase of the tick.
     @Test func unansweredHeartbeatClosesWithinThreeSeconds() {

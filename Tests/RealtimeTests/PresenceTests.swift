@@ -198,6 +198,10 @@ import Testing
                     return byUser == ["carol": 1, "alice": 2, "bob": 1] && (answer["count"] as? NSNumber)?.intValue == 3
                 }
             }
+            // The entries live in Redis: one field per instance and user.
+            let (_, stored) = try await TestServices.run("/usr/bin/redis-cli", ["-p", String(cluster.redis.port), "HKEYS", "gw:presence:\(channel)"])
+            let fields = stored.split(separator: "\n").map(String.init)
+            #expect(fields.count == 3 && Set(fields.compactMap { $0.split(separator: "\u{1F}").last.map(String.init) }) == ["carol", "alice", "bob"], "\(fields)")
             try await aliceOne.send(["type": "presence", "id": "p", "channel": channel])
             let reply = try await aliceOne.reply("presence")
             #expect(reply["id"] as? String == "p" && Self.users(reply) == ["carol", "alice", "bob"])
@@ -224,6 +228,11 @@ import Testing
                 for port in ports {
                     let answer = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/presence", token: carol).json
                     #expect(Self.users(answer) == ["carol", "bob"], "\(port): \(answer)")
+                }
+                // The dead instance's field is gone from Redis too (readers delete expired entries).
+                try await eventually("dave's entry deleted") {
+                    let (_, keys) = try await TestServices.run("/usr/bin/redis-cli", ["-p", String(cluster.redis.port), "HKEYS", "gw:presence:\(channel)"])
+                    return !keys.contains("dave")
                 }
                 _ = daveWS
             }
