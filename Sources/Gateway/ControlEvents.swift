@@ -42,7 +42,7 @@ extension GatewayApp {
             if object["type"] as? String == "presence_changed" { return presence.received(object) }
             guard let user = object["user"] as? String, let name = object["channel"] as? String, let channel = try? ChannelName(parsing: name) else { return }
             counters.add("typing_received")
-            for stream in streams.all() { (stream as? SessionDriver)?.typing(channel, user: user, payload) }
+            for session in channelSessions.of(channel) { session.typing(channel, user: user, payload) }
             return
         }
         guard let event = ControlEvent(json: payload) else {

@@ -36,6 +36,8 @@ public final class GatewayApp: Sendable {
     let assets: BrowserAssets
     /// Who is subscribed where, cluster-wide.
     let presence: Presence
+    /// The sessions subscribed to each channel on this instance (WebSocket and SSE), for ephemeral events.
+    let channelSessions = ChannelSessions()
     /// When each (user, thread) last had a `typing` relayed.
     let typingRelayed = NIOLockedValueBox<[String: ContinuousClock.Instant]>([:])
 
@@ -106,6 +108,31 @@ final class StreamRegistry: Sendable {
     func all() -> [any LiveStream] { streams.withLockedValue { Array($0.values) } }
     func count(where predicate: (any LiveStream) -> Bool) -> Int { streams.withLockedValue { $0.values.filter(predicate).count } }
     var count: Int { streams.withLockedValue { $0.count } }
+}
+
+/// The sessions holding a subscription to each channel on this instance: who gets a channel's ephemeral
+/// events (`typing`) without looking at every live stream.
+final class ChannelSessions: Sendable {
+    private let sessions = NIOLockedValueBox<[String: [ObjectIdentifier: WeakSession]]>([:])
+
+    func add(_ channel: ChannelName, _ session: SessionDriver) {
+        sessions.withLockedValue { $0[channel.rawValue, default: [:]][ObjectIdentifier(session)] = WeakSession(session: session) }
+    }
+
+    func remove(_ channel: ChannelName, _ session: SessionDriver) {
+        sessions.withLockedValue { all in
+            all[channel.rawValue]?[ObjectIdentifier(session)] = nil
+            if all[channel.rawValue]?.isEmpty == true { all[channel.rawValue] = nil }
+        }
+    }
+
+    func of(_ channel: ChannelName) -> [SessionDriver] {
+        sessions.withLockedValue { ($0[channel.rawValue] ?? [:]).values.compactMap(\.session) }
+    }
+
+    struct WeakSession: @unchecked Sendable {  // read under the lock
+        weak var session: SessionDriver?
+    }
 }
 
 /// How many of something each key holds now (streams per user, connections per IP).

@@ -119,12 +119,16 @@ final class SessionDriver: LiveStream, PresenceWatcher, @unchecked Sendable {  /
             }
         case .begin(let channel, let after):
             transport?.begin(channel, after: after)
-            if kind != .longPoll, present.insert(channel).inserted { app.presence.join(channel, user: session.actor.sub) }
+            if kind != .longPoll, present.insert(channel).inserted {
+                app.presence.join(channel, user: session.actor.sub)
+                app.channelSessions.add(channel, self)
+            }
         case .cancel(let channel):
             transport?.cancel(channel)
             if present.remove(channel) != nil {
                 app.presence.leave(channel, user: session.actor.sub)
                 app.presence.unwatch(channel, self)
+                app.channelSessions.remove(channel, self)
             }
         case .watchPresence(let channel):
             app.presence.watch(channel, self)

@@ -74,13 +74,14 @@ import Testing
                                                            body: "{\"title\":\"tabs\",\"members\":[\"bob\"]}", token: alice)
             let thread = "thread:" + ((created.json["thread"] as? [String: Any])?["id"] as? String ?? "")
             try await withBrowser { browser in
+                // Both pages open at once: whichever subscribes first, each ends up with both (its starting
+                // list, then the other's join).
                 let alicePage = try await browser.newPage()
-                try await alicePage.navigate(Self.demoURL(port, channel: thread, user: "alice"))
-                try await alicePage.waitFor("alice connected", "window.demo?.connected === true")
                 let bobPage = try await browser.newPage()
+                try await alicePage.navigate(Self.demoURL(port, channel: thread, user: "alice"))
                 try await bobPage.navigate(Self.demoURL(port, channel: thread, user: "bob"))
+                try await alicePage.waitFor("alice connected", "window.demo?.connected === true")
                 try await bobPage.waitFor("bob connected", "window.demo?.connected === true")
-                // Alice saw bob join; bob's list (read when he connected) has both.
                 try await alicePage.waitFor("bob here for alice", "[...window.demo.here].sort().join(',') === 'alice,bob'")
                 try await bobPage.waitFor("both here for bob", "[...window.demo.here].sort().join(',') === 'alice,bob'")
                 _ = try await bobPage.evaluate("demo.client.typing(demo.subscription.channel).then(() => true)")

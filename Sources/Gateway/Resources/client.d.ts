@@ -43,8 +43,9 @@ export interface SubscribeOptions {
   since?: string;
   /** Start this many messages back (when no `since`). */
   history?: number;
-  /** join / leave events of the channel (WebSocket); giving it asks for them. */
-  onPresence?: (event: PresenceEvent) => void;
+  /** The channel's list when the subscription starts (`type: "presence"`), then its join / leave events
+   * (WebSocket); giving it asks for them. */
+  onPresence?: (event: PresenceEvent | (PresenceList & { type: "presence" })) => void;
   /** Another member typing in this thread (WebSocket). */
   onTyping?: (user: string) => void;
 }

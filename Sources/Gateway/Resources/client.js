@@ -50,7 +50,7 @@ export class Subscription {
     this.client = client;
     this.channel = channel;
     this.onMessage = options.onMessage ?? (() => {});
-    /** join / leave events (WebSocket): asked for when a handler is given. */
+    /** The list when the subscription starts (`type: "presence"`), then join / leave events (WebSocket). */
     this.onPresence = options.onPresence ?? null;
     /** Another member typing in this thread (WebSocket). */
     this.onTyping = options.onTyping ?? (() => {});
@@ -300,7 +300,13 @@ export class GatewayClient {
   _wsSubscribe(sub) {
     const presence = sub.onPresence ? { presence: true } : {};
     this._command({ type: "subscribe", channel: sub.channel, ...sub._start(), ...presence }).then(
-      (reply) => { if (!sub.cursor) sub.cursor = reply.cursor; },
+      (reply) => {
+        if (!sub.cursor) sub.cursor = reply.cursor;
+        // The list as it is once the subscription watches it; join / leave events follow from there.
+        if (sub.onPresence) {
+          this._command({ type: "presence", channel: sub.channel }).then((list) => sub.onPresence(list), () => {});
+        }
+      },
       (error) => this._emit("error", { error, channel: sub.channel }),
     );
   }
