@@ -6,7 +6,7 @@ GATEWAY_HOST ?= 127.0.0.1
 GATEWAY_DATA_DIR ?= ./data
 export GATEWAY_PORT GATEWAY_HOST GATEWAY_DATA_DIR
 
-.PHONY: run build test unit fuzz check-run bench bench-presence cluster loadtest conformance clean
+.PHONY: run build test unit fuzz check-run bench bench-presence check-lb cluster loadtest conformance clean
 
 ## Build and start the embedded gateway (SQLite + in-process fan-out) on $(GATEWAY_HOST):$(GATEWAY_PORT).
 run:
@@ -54,6 +54,13 @@ bench-presence:
 	swift build -c release --product gateway
 	swift build -c release --product loadtest
 	@B=$$(swift build -c release --show-bin-path); BIN=$$B/gateway LOADTEST=$$B/loadtest scripts/bench-presence.sh
+
+## docker/nginx.conf in front of three real instances (no Docker engine needed): WS and SSE fan-out through it.
+check-lb:
+	@scripts/ensure-packages.sh curl libhiredis-dev zlib1g-dev postgresql redis-server nginx-light
+	swift build -c release --product gateway
+	swift build -c release --product loadtest
+	@B=$$(swift build -c release --show-bin-path); BIN=$$B/gateway LOADTEST=$$B/loadtest scripts/check-lb.sh
 
 ## Postgres, Redis and three gateway instances on 8081-8083 (foreground; Ctrl-C stops them).
 cluster:
