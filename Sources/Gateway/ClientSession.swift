@@ -99,6 +99,9 @@ struct ClientSession {
     /// The token expired while a subscription was opening: the close waits for the open (an accepted token
     /// gets its answer — the stream's start — before the stream ends).
     private var expiredWhileOpening = false
+    /// The instance shuts down while publishes are in flight: reading stopped, and the close (1001) waits for
+    /// their acks, so that nothing stored goes unacknowledged on a connection that was still open.
+    private(set) var closingAfterPublishes = false
 
     init(actor: Actor, limits: Limits) {
         self.actor = actor
@@ -126,6 +129,13 @@ struct ClientSession {
     /// A text frame, read (or not) as a command.
     mutating func received(_ command: Result<ClientCommand, CommandError>, now: NIODeadline = .now()) -> [Action] {
         guard !closed else { return [] }
+        if closingAfterPublishes {
+            let id: CommandID? = switch command {
+            case .success(let command): command.id
+            case .failure(let error): error.id
+            }
+            return [.fail(id, ApiError(.shuttingDown, "the server is shutting down"))]
+        }
         if let refused = admitCommand(now) { return refused }
         switch command {
         case .failure(let error):
@@ -172,7 +182,7 @@ struct ClientSession {
     mutating func published(_ id: CommandID?, _ result: Result<AppendResult, ApiError>) -> [Action] {
         publishesInFlight -= 1
         guard !closed else { return [] }
-        var actions: [Action] = publishesInFlight == limits.maxPublishesInFlight - 1 ? [.resumeReading] : []
+        var actions: [Action] = publishesInFlight == limits.maxPublishesInFlight - 1 && !closingAfterPublishes ? [.resumeReading] : []
         if case .failure(let error) = result, error.code == .rateLimited {
             publishStrikes += 1
             if publishStrikes >= limits.rateLimitStrikes { return actions + close(.rateLimited) }
@@ -185,6 +195,7 @@ struct ClientSession {
         case .failure(let error):
             actions.append(.fail(id, error))
         }
+        if closingAfterPublishes && publishesInFlight == 0 { actions += close(.shutdown) }
         return actions
     }
 
@@ -263,7 +274,15 @@ struct ClientSession {
     }
     /// A reply or a message did not fit the send budget: the client is not reading what it is sent.
     mutating func sendRefused() -> [Action] { closed ? [] : close(.slowConsumer) }
-    mutating func shutdown() -> [Action] { closed ? [] : close(.shutdown) }
+    /// The instance shuts down: close (1001) now, or once the publishes in flight are acknowledged.
+    mutating func shutdown() -> [Action] {
+        guard !closed, !closingAfterPublishes else { return [] }
+        guard publishesInFlight == 0 else {
+            closingAfterPublishes = true
+            return [.pauseReading]
+        }
+        return close(.shutdown)
+    }
 
     /// The connection is gone (or closing): every subscription is dropped.
     mutating func connectionClosed() -> [Action] {

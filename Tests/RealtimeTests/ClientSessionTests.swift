@@ -23,6 +23,23 @@ struct ClientSessionTests {
         return AppendResult(message: message, replayed: false)
     }
 
+    /// Shutdown with publishes in flight: reading stops, commands read meanwhile are refused, every publish is
+    /// acknowledged, and only then the close (1001); without any, the close is at once.
+    @Test func shutdownWaitsForThePublishesInFlightAndAcksThem() {
+        var session = Self.session()
+        _ = session.received(.success(.publish(id: .integer(1), channel: "topic:news", body: .object([:]))))
+        _ = session.received(.success(.publish(id: .integer(2), channel: "topic:news", body: .object([:]))))
+        #expect(session.shutdown() == [.pauseReading])
+        #expect(session.shutdown() == [])
+        #expect(session.received(.success(.ping(id: .integer(3)))) == [.fail(.integer(3), ApiError(.shuttingDown, "the server is shutting down"))])
+        let first = session.published(.integer(1), .success(Self.message(seq: 1)))
+        #expect(first.count == 1 && !first.contains(.close(.shutdown)) && !first.contains(.resumeReading))
+        let last = session.published(.integer(2), .failure(ApiError(.storeUnavailable, "down")))
+        #expect(last == [.fail(.integer(2), ApiError(.storeUnavailable, "down")), .close(.shutdown)])
+        var idle = Self.session()
+        #expect(idle.shutdown() == [.close(.shutdown)])
+    }
+
     @Test func registrationSchedulesExpiryOrClosesARevokedSession() {
         var fresh = ClientSession(actor: Self.alice, limits: .init())
         #expect(fresh.registered(revoked: false) == [.scheduleExpiry(Self.alice.expiresAt)])

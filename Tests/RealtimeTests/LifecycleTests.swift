@@ -1,4 +1,6 @@
+import ChatDomain
 import Foundation
+import Logging
 import NIOCore
 import NIOWebSocket
 import Testing
@@ -60,5 +62,39 @@ struct LifecycleTests {
             #expect(try await refreshed.reply("pong")["id"] as? String == "still-here")
             await refreshed.close()
         }
+    }
+}
+
+/// SIGTERM's drain on a WebSocket with publishes in flight: every publish the server stored is acknowledged
+/// before the 1001 close, and every acknowledged one is stored.
+struct ShutdownAckTests {
+    @Test func publishesInFlightAreAcknowledgedBeforeTheClose() async throws {
+        let gateway = try await TestGateway.start()
+        defer { try? FileManager.default.removeItem(atPath: gateway.dataDir) }
+        let token = try await gateway.token("ann", roles: ["service"])
+        let ws = try await WSTestClient.connect(port: gateway.port, token: token)
+        let count = 200
+        for i in 1...count {
+            try await ws.send(["type": "publish", "id": i, "channel": "topic:drain", "body": ["n": i]])
+        }
+        let server = gateway.server
+        let shutdown = Task { await server.shutdown() }
+        var acked: Set<String> = []
+        var refused = 0
+        var closeCode: UInt16?
+        while let frame = try await ws.next(timeout: 60) {
+            if frame["type"] as? String == "ack", let id = (frame["message"] as? [String: Any])?["id"] as? String { acked.insert(id) }
+            if frame["type"] as? String == "error" { refused += 1 }
+        }
+        closeCode = ws.closeCode
+        await shutdown.value
+        #expect(closeCode == 1001)
+        // What the store holds, read after the instance is gone.
+        let store = try await SQLiteStore.open(path: gateway.dataDir + "/gateway.sqlite", logger: Logger(label: "test-store"))
+        let stored = try await store.messages(in: try ChannelName(parsing: "topic:drain"), after: 0, limit: 1000).messages
+        await store.close()
+        let storedIsAcknowledged = Set(stored.map(\.id)) == acked
+        #expect(storedIsAcknowledged, "stored \(stored.count), acknowledged \(acked.count)")
+        print("drain: \(acked.count) of \(count) publishes acknowledged and stored before 1001, \(refused) refused, the rest never read")
     }
 }
