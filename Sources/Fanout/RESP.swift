@@ -96,9 +96,4 @@ enum RESPCommand {
         redisFreeCommand(target)
     }
 
-    static func encode(_ arguments: [String]) -> ByteBuffer {
-        var buffer = ByteBuffer()
-        encode(arguments.map { Array($0.utf8) }, into: &buffer)
-        return buffer
-    }
 }

@@ -70,10 +70,7 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
         headers.add(name: "Cache-Control", value: "no-cache")
         headers.add(name: "X-Accel-Buffering", value: "no")
         headers.add(name: "X-Request-Id", value: requestId)
-        if let allowOrigin {
-            headers.add(name: "Access-Control-Allow-Origin", value: allowOrigin)
-            if allowOrigin != "*" { headers.add(name: "Vary", value: "Origin") }
-        }
+        for (name, value) in HTTPRequest.corsHeaders(allowOrigin: allowOrigin) { headers.add(name: name, value: value) }
         context.write(NIOAny(HTTPServerResponsePart.head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers))), promise: nil)
         writeText(": stream open\nretry: 2000\nid: \(cursor)\n\n")
         context.flush()

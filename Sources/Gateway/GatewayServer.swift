@@ -79,6 +79,17 @@ public final class GatewayServer: Sendable {
         let bus: any Bus
         var redis: RedisBus?
         var presenceRedis: RedisCommands?
+        var hub: Hub?
+        /// Releases what this start made so far, when a later step fails.
+        func abandon() async {
+            redis?.stop()
+            presenceRedis?.stop()
+            hub?.stop()
+            try? await group.shutdownGracefully()
+            await store.close()
+            await stopServices()
+            if lockFD >= 0 { close(lockFD) }
+        }
         if let endpoint = redisEndpoint, let seal = config.clusterKey.map(BusSeal.init(key:)) ?? config.jwtSecret.map(BusSeal.init(derivedFromJWTSecret:)) {
             var redisConfig = RedisConnectionStateMachine.Configuration()
             redisConfig.pingInterval = config.redisPingInterval
@@ -88,10 +99,7 @@ public final class GatewayServer: Sendable {
                 redisBus = try RedisBus(endpoint: endpoint, seal: seal, group: group, configuration: redisConfig, logger: logger)
                 presenceRedis = try RedisCommands(endpoint: endpoint, group: group, configuration: redisConfig, logger: logger)
             } catch {
-                await store.close()
-                await stopServices()
-                try? await group.shutdownGracefully()
-                if lockFD >= 0 { close(lockFD) }
+                await abandon()
                 throw ConfigError("REDIS_URL", "TLS: \(error)")
             }
             redis = redisBus
@@ -104,16 +112,17 @@ public final class GatewayServer: Sendable {
         hubConfig.pollInterval = config.storePollInterval
         hubConfig.reconcileInterval = config.reconcileInterval
         hubConfig.writeDelay = config.writeDelay
-        let hub = Hub(loops: loops, store: store, bus: bus, encoder: WireEncoding.encoder, configuration: hubConfig, logger: logger)
+        let startedHub = Hub(loops: loops, store: store, bus: bus, encoder: WireEncoding.encoder, configuration: hubConfig, logger: logger)
+        hub = startedHub
         let policy = Policy(topics: config.topics)
         let feed = UserFeed(store: store, logger: logger)
         let channels = ChannelService(store: store, policy: policy, bodyLimit: config.bodyLimit, pageBytes: config.pageBytes, feed: feed)
         let app = GatewayApp(config: config, verifier: verifier, channels: channels, threads: ThreadService(store: store, policy: policy, feed: feed),
-                             revocations: revocations, hub: hub, bus: bus, redis: redis,
-                             presenceLists: presenceRedis.map { RedisPresenceLists(redis: $0, ttlMillis: Int64(config.presence.ttl.components.seconds * 1000 + config.presence.ttl.components.attoseconds / 1_000_000_000_000_000)) },
+                             revocations: revocations, hub: startedHub, bus: bus, redis: redis,
+                             presenceLists: presenceRedis.map { RedisPresenceLists(redis: $0, ttlMillis: config.presence.ttl.milliseconds) },
                              logger: logger)
         bus.setControlReceiver { [weak app] payload in app?.handleControl(payload) }
-        hub.setStoreReadHook { [weak app] channel in
+        startedHub.setStoreReadHook { [weak app] channel in
             guard case .thread = channel.kind else { return }
             try? await app?.refreshRemovals()
         }
@@ -121,11 +130,7 @@ public final class GatewayServer: Sendable {
         do {
             try await app.refreshRevocations()
         } catch {
-            hub.stop()
-            try? await group.shutdownGracefully()
-            await store.close()
-            await stopServices()
-            if lockFD >= 0 { close(lockFD) }
+            await abandon()
             throw ConfigError(config.databaseURL == nil ? "GATEWAY_DATA_DIR" : "DATABASE_URL", "cannot read the revocations: \(error)")
         }
         redis?.start()
@@ -153,12 +158,7 @@ public final class GatewayServer: Sendable {
         do {
             serverChannel = try await bootstrap.bind(host: config.host, port: config.port).get()
         } catch {
-            redis?.stop()
-            hub.stop()
-            try? await group.shutdownGracefully()
-            await store.close()
-            await stopServices()
-            if lockFD >= 0 { close(lockFD) }
+            await abandon()
             throw error
         }
         // Request ids are forgotten once out of their window: prune every hour (or every window, if shorter).
@@ -428,4 +428,9 @@ final class PendingUpgrades: Sendable {
     func take(_ channel: any Channel) -> Upgrade? {
         pending.withLockedValue { $0.removeValue(forKey: ObjectIdentifier(channel)) }
     }
+}
+
+extension Duration {
+    /// Whole milliseconds.
+    var milliseconds: Int64 { components.seconds * 1000 + components.attoseconds / 1_000_000_000_000_000 }
 }

@@ -55,7 +55,10 @@ struct HTTPRequest: Sendable {
     }
 
     /// The CORS headers of an answer to this request (none unless its origin is allowed by name or by `*`).
-    var corsHeaders: [(String, String)] {
+    var corsHeaders: [(String, String)] { Self.corsHeaders(allowOrigin: allowOrigin) }
+
+    /// The CORS headers for an answer to a page of `allowOrigin` (nil: none).
+    static func corsHeaders(allowOrigin: String?) -> [(String, String)] {
         guard let allowOrigin else { return [] }
         var headers = [("Access-Control-Allow-Origin", allowOrigin),
                        ("Access-Control-Expose-Headers", "X-Request-Id, Idempotent-Replayed, Retry-After")]

@@ -129,19 +129,10 @@ final class Presence: Sendable {
         let all = try await read(channel.rawValue)
         let members = all.sorted { ($0.value.joinedAt, $0.key) < ($1.value.joinedAt, $1.key) }.prefix(settings.limit)
         var out = "{"
-        if reply { out += "\"type\":\"presence\"," + Self.idField(id) }
+        if reply { out += "\"type\":\"presence\"," + (id.map { "\"id\":\($0.json)," } ?? "") }
         out += "\"channel\":\(JSONText.quoted(channel.rawValue)),\"count\":\(all.count),\"members\":["
         out += members.map { Self.memberJSON($0.key, $0.value) }.joined(separator: ",")
         return out + "],\"truncated\":\(members.count < all.count)}"
-    }
-
-    private static func idField(_ id: CommandID?) -> String {
-        switch id {
-        case .string(let s): "\"id\":\(JSONText.quoted(s)),"
-        case .integer(let n): "\"id\":\(n),"
-        case .number(let n): "\"id\":\(n),"
-        case nil: ""
-        }
     }
 
     private static func memberJSON(_ user: String, _ member: Member) -> String {
@@ -190,7 +181,7 @@ final class Presence: Sendable {
         if let lists, !(plan.write.isEmpty && plan.gone.isEmpty) {
             do {
                 let bytes = try await lists.write(plan.write, gone: plan.gone, instance: instance,
-                                                  expiresAtMillis: Self.nowMillis() + Int64(settings.ttl.components.seconds * 1000 + settings.ttl.components.attoseconds / 1_000_000_000_000_000))
+                                                  expiresAtMillis: Self.nowMillis() + settings.ttl.milliseconds)
                 counters.add("presence_writes")
                 counters.add("presence_write_bytes", bytes)
             } catch {

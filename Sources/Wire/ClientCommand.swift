@@ -24,6 +24,18 @@ public enum CommandID: Codable, Sendable, Hashable, CustomStringConvertible {
         }
     }
 
+    /// The id as JSON (a string literal or a number), as a reply echoes it.
+    public var json: String {
+        switch self {
+        case .string(let s):
+            var out = ""
+            WireText.appendString(s, to: &out)
+            return out
+        case .integer(let n): return String(n)
+        case .number(let n): return (try? String(decoding: JSONEncoder().encode(n), as: UTF8.self)) ?? "null"
+        }
+    }
+
     public var description: String {
         switch self {
         case .string(let s): s

@@ -128,7 +128,6 @@ public enum ServerReply: Sendable, Equatable {
 
     /// The reply as one JSON text frame.
     public var json: String {
-        if case .event(_, let text) = self { return text }
         var out = "{\"type\":"
         func field(_ name: String, _ value: String?) {
             guard let value else { return }
@@ -136,12 +135,7 @@ public enum ServerReply: Sendable, Equatable {
             WireText.appendString(value, to: &out)
         }
         func idField(_ id: CommandID?) {
-            switch id {
-            case .string(let s): field("id", s)
-            case .integer(let n): out += ",\"id\":\(n)"
-            case .number(let n): out += ",\"id\":" + ((try? String(decoding: JSONEncoder().encode(n), as: UTF8.self)) ?? "null")
-            case nil: break
-            }
+            if let id { out += ",\"id\":" + id.json }
         }
         switch self {
         case .subscribed(let id, let channel, let cursor):
