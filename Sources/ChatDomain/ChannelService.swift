@@ -1,4 +1,5 @@
 import Auth
+import CoreMetrics
 import Wire
 
 /// The domain's entry for channels: names, permissions (through `Policy.can`), publishing and reading.
@@ -15,8 +16,12 @@ public final class ChannelService: Sendable {
 
     /// Where a thread message's unread counts are announced (each other member's `user:` channel).
     public let feed: UserFeed?
+    /// How long each append waited for its commit (queue and transaction).
+    let appendTimer: CoreMetrics.Timer?
 
-    public init(store: any Store, policy: Policy, bodyLimit: Int, pageBytes: Int = 4 * 1024 * 1024, feed: UserFeed? = nil) {
+    public init(store: any Store, policy: Policy, bodyLimit: Int, pageBytes: Int = 4 * 1024 * 1024, feed: UserFeed? = nil,
+                appendTimer: CoreMetrics.Timer? = nil) {
+        self.appendTimer = appendTimer
         self.store = store
         self.policy = policy
         self.bodyLimit = bodyLimit
@@ -135,6 +140,11 @@ public final class ChannelService: Sendable {
             throw ApiError(.badRequest, "request id must be 1 to \(Self.maxRequestIdLength) bytes")
         }
         let canonical = try JSONText.canonicalBody(body, limit: bodyLimit)
+        let started = ContinuousClock.now
+        defer {
+            let (seconds, attoseconds) = (ContinuousClock.now - started).components
+            appendTimer?.recordNanoseconds(seconds * 1_000_000_000 + attoseconds / 1_000_000_000)
+        }
         let result = try await store.append(AppendRequest(channel: channel, sender: actor.sub, requestId: requestId, body: canonical))
         if case .thread(let thread) = channel.kind, !result.replayed { feed?.messagePosted(in: thread, by: actor.sub, message: result.message) }
         return result

@@ -106,20 +106,8 @@ public final class Hub: Sendable {
     private let ticker = NIOLockedValueBox<RepeatedTask?>(nil)
     /// Set by `stop()`: nothing is scheduled on the event loops afterwards.
     let stopped = NIOLockedValueBox(false)
-    private let counters = NIOLockedValueBox(Counters())
-
-    public struct Counters: Sendable {
-        /// Store reads for gaps, polls and reconciles that found messages the bus had not delivered.
-        public var storeReadsWithMessages = 0
-        /// Batched head checks (polling while the bus is down, and reconciles).
-        public var headChecks = 0
-        /// Channels a reconcile found behind the store while the bus was up.
-        public var reconcileRepairs = 0
-        /// Batches of live messages handed to local subscribers, and the messages in them (their ratio is the
-        /// mean batch: messages per write to each subscriber).
-        public var batches = 0
-        public var batchedMessages = 0
-    }
+    /// Counters, gauges and the publish→deliver histogram (lock-free handles).
+    public let metrics: FanoutMetrics
 
     /// Runs after the Hub read messages from the store and before it delivers them. The gateway uses it to
     /// learn of member removals first (through the store as well), so that a message read after a removal
@@ -133,8 +121,9 @@ public final class Hub: Sendable {
     }
 
     public init(loops: [any EventLoop], store: any Store, bus: any Bus, encoder: @escaping MessageEncoder,
-                configuration: Configuration = .init(), logger: Logger) {
+                configuration: Configuration = .init(), metrics: FanoutMetrics = .none, logger: Logger) {
         precondition(!loops.isEmpty)
+        self.metrics = metrics
         self.store = store
         self.bus = bus
         self.encoder = encoder
@@ -168,10 +157,6 @@ public final class Hub: Sendable {
         stopped.withLockedValue { $0 = true }
         ticker.withLockedValue { $0?.cancel() }
     }
-
-    public var counterValues: Counters { counters.withLockedValue { $0 } }
-
-    func count(_ update: (inout Counters) -> Void) { counters.withLockedValue(update) }
 
     private func onShard(of channel: ChannelName, _ body: @escaping @Sendable (HubShard, Hub) -> Void) {
         guard !stopped.withLockedValue({ $0 }) else { return }
@@ -230,12 +215,12 @@ public final class Hub: Sendable {
                 }
                 guard let all else { return }
                 guard !all.isEmpty else { return done() }
-                self.readHeads(all, done: done)
+                self.readHeads(all, reconcile: reconcile, done: done)
             }
         }
     }
 
-    private func readHeads(_ channels: [ChannelName], done: @escaping @Sendable () -> Void) {
+    private func readHeads(_ channels: [ChannelName], reconcile: Bool, done: @escaping @Sendable () -> Void) {
         Task {
             defer { done() }
             let heads: [String: Int64]
@@ -245,7 +230,7 @@ public final class Hub: Sendable {
                 self.logger.warning("hub could not read channel heads", metadata: ["error": "\(error)"])
                 return
             }
-            self.count { $0.headChecks += 1 }
+            (reconcile ? self.metrics.reconcileHeadChecks : self.metrics.pollHeadChecks).increment()
             self.onEveryShard { $0.headsRead(heads, hub: $1) }
         }
     }
@@ -322,7 +307,9 @@ final class HubShard: @unchecked Sendable {  // every member is only used on `lo
         entry.groups[loopID] = group
         guard group.subscribers.updateValue(subscriber, forKey: ObjectIdentifier(subscriber)) == nil else { return }
         if let format = subscriber.format { entry.formatCounts[format.rawValue] += 1 }
+        hub.metrics.subscriptions.increment()
         perform(entry.bus.subscriberAdded(busUp: busUp), channel, entry, hub: hub)
+        if entry.bus.subscribers == 1 { hub.metrics.channels.increment() }
         if entry.begun {
             // The subscriber may have read the store before it was registered here.
             let last = entry.sequencer.last
@@ -337,7 +324,9 @@ final class HubShard: @unchecked Sendable {  // every member is only used on `lo
         guard let group = entry.groups[loopID], group.subscribers.removeValue(forKey: ObjectIdentifier(subscriber)) != nil else { return }
         if let format = subscriber.format { entry.formatCounts[format.rawValue] -= 1 }
         if group.subscribers.isEmpty { entry.groups[loopID] = nil }
+        hub.metrics.subscriptions.decrement()
         perform(entry.bus.subscriberRemoved(), channel, entry, hub: hub)
+        if entry.bus.subscribers == 0 { hub.metrics.channels.decrement() }
     }
 
     func busConfirmed(_ channel: ChannelName, subscribed: Bool, hub: Hub) {
@@ -350,6 +339,7 @@ final class HubShard: @unchecked Sendable {  // every member is only used on `lo
     func setBus(up: Bool, hub: Hub) {
         loop.preconditionInEventLoop()
         busUp = up
+        hub.metrics.polling.record(up ? 0 : 1)
         var subscribe: [ChannelName] = []
         for (channel, entry) in channels {
             let action = up ? entry.bus.busRestored() : entry.bus.busLost()
@@ -382,7 +372,7 @@ final class HubShard: @unchecked Sendable {  // every member is only used on `lo
             guard let head = heads[channel.rawValue] else { continue }
             if entry.bus.headRead(head, delivered: entry.sequencer.last) == .readStore {
                 if case .live = entry.bus.state {
-                    hub.count { $0.reconcileRepairs += 1 }
+                    hub.metrics.reconcileRepairs.increment()
                     hub.logger.info("reconcile found a channel behind the store", metadata: ["channel": "\(channel)", "delivered": "\(entry.sequencer.last)", "head": "\(head)"])
                 }
                 readStore(channel, entry, hub: hub)
@@ -398,7 +388,10 @@ final class HubShard: @unchecked Sendable {  // every member is only used on `lo
             guard let entry = channels[message.channel] else { continue }
             let step = entry.sequencer.receive(message)
             if !step.deliver.isEmpty { deliveries[message.channel, default: []].append(contentsOf: step.deliver) }
-            if let after = step.readAfter { read(message.channel, entry, after: after, hub: hub) }
+            if let after = step.readAfter {
+                hub.metrics.gapRepairs.increment()
+                read(message.channel, entry, after: after, hub: hub)
+            }
         }
         for (channel, batch) in deliveries {
             if let entry = channels[channel] { dispatch(batch, entry, hub: hub) }
@@ -472,7 +465,6 @@ final class HubShard: @unchecked Sendable {  // every member is only used on `lo
             do {
                 page = try await hub.store.messages(in: channel, after: after, limit: 1000)
                 if page?.messages.isEmpty == false {
-                    hub.count { $0.storeReadsWithMessages += 1 }
                     await hub.afterStoreRead(channel)
                 }
             } catch {
@@ -530,7 +522,11 @@ final class HubShard: @unchecked Sendable {  // every member is only used on `lo
     }
 
     private func handOut(_ messages: [Message], _ entry: ChannelEntry, hub: Hub) {
-        hub.count { $0.batches += 1; $0.batchedMessages += messages.count }
+        hub.metrics.batches.increment()
+        hub.metrics.batchedMessages.increment(by: messages.count)
+        // Publish → hand-out, once per message on this instance (the store's clock wrote `created_at`).
+        let now = Timestamp.nowMicros()
+        for message in messages { hub.metrics.publishToDeliver.recordMicroseconds(max(0, now - message.createdAtMicros)) }
         let formats = entry.formats
         let batch = EncodedBatch(messages.map { EncodedMessage($0, formats: formats, encoder: hub.encoder) }, formats: formats)
         for group in entry.groups.values {

@@ -45,9 +45,12 @@ public final class RedisBus: Bus {
 
     /// `endpoint` from `REDIS_URL` (credentials and TLS included); `seal` with the cluster key. Throws when
     /// the TLS settings cannot be used (a CA file that cannot be read).
+    private let metrics: FanoutMetrics
+
     public init(endpoint: RedisEndpoint, seal: BusSeal, group: any EventLoopGroup,
-                configuration: RedisConnectionStateMachine.Configuration = .init(), logger: Logger) throws {
+                configuration: RedisConnectionStateMachine.Configuration = .init(), metrics: FanoutMetrics = .none, logger: Logger) throws {
         self.logger = logger
+        self.metrics = metrics
         self.seal = seal
         var configuration = configuration
         configuration.credentials = endpoint.credentials
@@ -61,8 +64,15 @@ public final class RedisBus: Bus {
             machine: RedisConnectionStateMachine(role: .publisher(syncChannel: Self.syncChannel), configuration: configuration))
         subscriber.onAction = { [weak self] action in self?.subscriberAction(action) }
         subscriber.onMessage = { [weak self] name, payload in self?.subscriberMessage(name, payload) }
-        subscriber.onStall = { [weak self] in self?.counters.withLockedValue { $0.stalls += 1 } }
-        publisher.onStall = { [weak self] in self?.counters.withLockedValue { $0.stalls += 1 } }
+        subscriber.onStall = { [weak self] in self?.stalled() }
+        publisher.onStall = { [weak self] in self?.stalled() }
+        publisher.onDroppedPublishes = { metrics.busDroppedPublishes.increment(by: $0) }
+        metrics.busUp.record(0)
+    }
+
+    private func stalled() {
+        counters.withLockedValue { $0.stalls += 1 }
+        metrics.busStalls.increment()
     }
 
     public func start() {
@@ -142,11 +152,15 @@ public final class RedisBus: Bus {
         switch action {
         case .reportUp:
             available.withLockedValue { $0 = true }
+            metrics.busUp.record(1)
+            metrics.busConnects.increment()
             logger.info("redis subscriptions active")
             events?.availability(true)
         case .reportDown:
             available.withLockedValue { $0 = false }
             counters.withLockedValue { $0.subscriberLost += 1 }
+            metrics.busUp.record(0)
+            metrics.busDisconnects.increment()
             logger.warning("redis subscriber connection down; polling the store until it is back")
             events?.availability(false)
         case .subscribeConfirmed(let name):
@@ -161,6 +175,7 @@ public final class RedisBus: Bus {
     private func subscriberMessage(_ name: ByteBuffer, _ sealed: ByteBuffer) {
         guard let payload = seal.open(sealed, channel: name) else {
             let failures = counters.withLockedValue { $0.sealFailures += 1; return $0.sealFailures }
+            metrics.busSealFailures.increment()
             if failures & (failures - 1) == 0 {  // the 1st, 2nd, 4th, 8th…: visible without flooding the log
                 logger.warning("dropped a bus payload whose seal does not verify (wrong or missing GATEWAY_CLUSTER_KEY, or forged)",
                                metadata: ["redis_channel": "\(String(buffer: name))", "failures": "\(failures)"])
@@ -199,6 +214,8 @@ final class RedisConnectionDriver: @unchecked Sendable {  // mutable state is on
     var onAction: (@Sendable (RedisConnectionStateMachine.Action) -> Void)?
     var onMessage: (@Sendable (ByteBuffer, ByteBuffer) -> Void)?
     var onStall: (@Sendable () -> Void)?
+    /// PUBLISHes dropped (how many).
+    var onDroppedPublishes: (@Sendable (Int) -> Void)?
     /// `.commands` role: the reply to the oldest command in flight; and the connection went (their replies never come).
     var onReply: ((RESPValue) -> Void)?
     var onConnectionLost: (() -> Void)?
@@ -266,6 +283,7 @@ final class RedisConnectionDriver: @unchecked Sendable {  // mutable state is on
             let writable = self.channel?.isWritable ?? false
             guard self.machine.publish(count: count, bytes: commands.readableBytes, writable: writable), let channel = self.channel else {
                 self.dropped.withLockedValue { $0 += count }
+                self.onDroppedPublishes?(count)
                 return
             }
             channel.writeAndFlush(commands, promise: nil)

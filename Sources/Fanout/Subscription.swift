@@ -84,24 +84,29 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
         if let format, let joined = batch.joined(format), machine.acceptLiveRun(first: batch.first, last: batch.last, writable: writable) {
             sink.write(joined, promise: nil)
             sink.flush()
+            hub.metrics.delivered[format.rawValue].increment(by: batch.messages.count)
             return
         }
         let messages = batch.messages
-        var wrote = false
+        var wrote = 0
         for index in messages.indices {
             let message = messages[index]
             if let format, let bytes = message.bytes(format), machine.acceptLive(message, writable: writable) {
                 sink.write(bytes, promise: nil)
-                wrote = true
+                wrote += 1
                 continue
             }
             let format = self.format
+            if let format, wrote > 0 { hub.metrics.delivered[format.rawValue].increment(by: wrote) }
             let actions = machine.liveReceived(Array(messages[index...]), writable: writable,
                                                bytes: { format.flatMap($0.bytes)?.readableBytes ?? $0.message.body.utf8.count })
-            perform(actions, flushing: wrote)
+            perform(actions, flushing: wrote > 0)
             return
         }
-        if wrote { sink.flush() }
+        if let format, wrote > 0 {
+            sink.flush()
+            hub.metrics.delivered[format.rawValue].increment(by: wrote)
+        }
     }
 
     public func hubSynced(upTo seq: Int64) {
@@ -120,6 +125,7 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
                            promise: index == actions.write.count - 1 ? promise : nil)
             }
             sink.flush()
+            if !actions.write.isEmpty { hub.metrics.delivered[format.rawValue].increment(by: actions.write.count) }
             written = promise?.futureResult
         }
         if let after = actions.read { read(after: after) }

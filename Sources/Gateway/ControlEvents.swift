@@ -41,7 +41,7 @@ extension GatewayApp {
             guard let object = try? JSONText.parseObject(payload.utf8) else { return }
             if object["type"] as? String == "presence_changed" { return presence.received(object) }
             guard let user = object["user"] as? String, let name = object["channel"] as? String, let channel = try? ChannelName(parsing: name) else { return }
-            counters.add("typing_received")
+            metrics.count(.typingReceived)
             for session in channelSessions.of(channel) { session.typing(channel, user: user, payload) }
             return
         }
@@ -73,7 +73,7 @@ extension GatewayApp {
             return true
         }
         guard relay else {
-            counters.add("typing_throttled")
+            metrics.count(.typingThrottled)
             return
         }
         bus.publishControl("{\"type\":\"typing\",\"channel\":\(JSONText.quoted(channel.rawValue)),\"user\":\(JSONText.quoted(actor.sub))}")
@@ -116,7 +116,7 @@ extension GatewayApp {
     func apply(_ list: [Revocation]) {
         let fresh = revocations.apply(list)
         for revocation in fresh {
-            counters.add("revocations")
+            metrics.count(.revocations)
             for stream in streams.all() { stream.revoke(revocation) }
         }
     }

@@ -26,7 +26,7 @@ public final class GatewayApp: Sendable {
     let streams = StreamRegistry()
     /// Member removals already acted on (by id), see `apply(_: [MemberRemoval])`.
     let appliedRemovals = NIOLockedValueBox<[String: AppliedRemoval]>([:])
-    let counters = Counters()
+    let metrics: GatewayMetrics
     /// Live streams per user, and open connections per client IP (the caps of `GatewayConfig`).
     let streamsPerUser = ConnectionCounts()
     let connectionsPerIP = ConnectionCounts()
@@ -42,7 +42,7 @@ public final class GatewayApp: Sendable {
     let typingRelayed = NIOLockedValueBox<[String: ContinuousClock.Instant]>([:])
 
     init(config: GatewayConfig, verifier: TokenVerifier, channels: ChannelService, threads: ThreadService, revocations: Revocations,
-         hub: Hub, bus: any Bus, redis: RedisBus?, presenceLists: (any PresenceLists)? = nil, logger: Logger) {
+         hub: Hub, bus: any Bus, redis: RedisBus?, presenceLists: (any PresenceLists)? = nil, metrics: GatewayMetrics, logger: Logger) {
         self.redis = redis
         self.threads = threads
         self.revocations = revocations
@@ -56,19 +56,23 @@ public final class GatewayApp: Sendable {
         self.hub = hub
         self.store = channels.store
         self.logger = logger
-        self.pageReads = SharedPageReads(channels: channels)
+        self.pageReads = SharedPageReads(channels: channels, metrics: metrics)
         self.assets = BrowserAssets(directory: config.assetsDir, logger: logger)
-        let counters = self.counters
-        self.presence = Presence(settings: config.presence, lists: presenceLists, counters: counters) { [bus] event in bus.publishControl(event) }
+        self.metrics = metrics
+        self.presence = Presence(settings: config.presence, lists: presenceLists, metrics: metrics) { [bus] event in bus.publishControl(event) }
         if !config.testRefuse.isEmpty { logger.warning("TEST SWITCH ON: refusing \(config.testRefuse.sorted()) as a proxy might") }
     }
 
     /// Verifies a bearer token; every failure is `401 UNAUTHENTICATED` with its reason.
     func authenticate(_ token: String?) async throws(ApiError) -> Actor {
-        guard let token, !token.isEmpty else { throw ApiError(.unauthenticated, AuthFailure.missing.reason) }
+        guard let token, !token.isEmpty else {
+            metrics.authFailed(.missing)
+            throw ApiError(.unauthenticated, AuthFailure.missing.reason)
+        }
         do {
             return try await verifier.verify(token)
         } catch {
+            metrics.authFailed(error)
             throw ApiError(error == .revoked ? .tokenRevoked : .unauthenticated, error.reason)
         }
     }
@@ -150,79 +154,12 @@ final class ConnectionCounts: Sendable {
     }
 }
 
-/// Counters behind `/metrics`.
-final class Counters: Sendable {
-    private let values = NIOLockedValueBox<[String: Int]>([:])
-    func add(_ name: String, _ n: Int = 1) { values.withLockedValue { $0[name, default: 0] += n } }
-    func get(_ name: String) -> Int { values.withLockedValue { $0[name] ?? 0 } }
-    func snapshot() -> [String: Int] { values.withLockedValue { $0 } }
-}
-
 extension GatewayApp {
-    /// Prometheus text (a first set; the latency histogram and per-error counters are still to come).
-    func metricsText() -> String {
-        let counters = self.counters.snapshot()
-        var out = ""
-        func metric(_ name: String, _ type: String, _ help: String, _ samples: [(String, Int)]) {
-            out += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n"
-            for (labels, value) in samples { out += "\(name)\(labels) \(value)\n" }
-        }
-        let instance = "instance=\"\(config.instanceName)\""
-        metric("gateway_connections", "gauge", "Live streams by transport.", [
-            ("{\(instance),transport=\"ws\"}", streams.count { ($0 as? SessionDriver)?.kind == .webSocket }),
-            ("{\(instance),transport=\"sse\"}", streams.count { ($0 as? SessionDriver)?.kind == .serverSentEvents }),
-            ("{\(instance),transport=\"poll\"}", streams.count { ($0 as? SessionDriver)?.kind == .longPoll }),
-        ])
-        metric("gateway_messages_published_total", "counter", "Messages committed through this instance.", [("{\(instance)}", counters["messages_published"] ?? 0)])
-        metric("gateway_slow_consumer_closes_total", "counter", "Connections closed for passing their send budget.", [("{\(instance)}", counters["slow_consumer_closes"] ?? 0)])
-        metric("gateway_store_errors_total", "counter", "Requests answered 503 because the store failed.", [("{\(instance)}", counters["store_errors"] ?? 0)])
-        metric("gateway_rate_limited_total", "counter", "Publishes refused by the per-user rate limit.", [("{\(instance)}", counters["rate_limited"] ?? 0)])
-        metric("gateway_revocations_total", "counter", "Revocations applied on this instance.", [("{\(instance)}", counters["revocations"] ?? 0)])
-        metric("gateway_jwks_reloads_total", "counter", "JWKS file reloads (SIGHUP) by result.", [
-            ("{\(instance),result=\"ok\"}", counters["jwks_reloads_ok"] ?? 0), ("{\(instance),result=\"failed\"}", counters["jwks_reloads_failed"] ?? 0),
-        ])
-        metric("gateway_tls_reloads_total", "counter", "TLS certificate reloads (SIGHUP) by result.", [
-            ("{\(instance),result=\"ok\"}", counters["tls_reloads_ok"] ?? 0), ("{\(instance),result=\"failed\"}", counters["tls_reloads_failed"] ?? 0),
-        ])
-        metric("gateway_presence_writes_total", "counter", "Writes of this instance's presence entries to Redis (changes and heartbeats).",
-               [("{\(instance)}", counters["presence_writes"] ?? 0)])
-        metric("gateway_presence_write_bytes_total", "counter", "Bytes of those writes.", [("{\(instance)}", counters["presence_write_bytes"] ?? 0)])
-        metric("gateway_presence_reads_total", "counter", "Presence lists read from Redis (queries, and watched channels that changed).",
-               [("{\(instance)}", counters["presence_reads"] ?? 0)])
-        metric("gateway_presence_events_total", "counter", "join and leave events handed to watching sessions.", [("{\(instance)}", counters["presence_events"] ?? 0)])
-        metric("gateway_typing_total", "counter", "typing events received from the bus, and typing commands not relayed (one per user and thread per interval).", [
-            ("{\(instance),result=\"received\"}", counters["typing_received"] ?? 0), ("{\(instance),result=\"throttled\"}", counters["typing_throttled"] ?? 0),
-        ])
-        let polls = pageReads.counts
-        metric("gateway_poll_store_reads_total", "counter", "Store reads of waiting long-polls, by whether the read was started or joined (shared).", [
-            ("{\(instance),read=\"started\"}", polls.reads), ("{\(instance),read=\"joined\"}", polls.joined),
-        ])
-        let hubCounters = hub.counterValues
-        metric("gateway_store_head_checks_total", "counter", "Batched reads of channel heads (store polling while the bus is down, and reconciles).",
-               [("{\(instance)}", hubCounters.headChecks)])
-        metric("gateway_reconcile_repairs_total", "counter", "Channels a reconcile found behind the store while the bus was up.",
-               [("{\(instance)}", hubCounters.reconcileRepairs)])
-        metric("gateway_fanout_batches_total", "counter", "Batches of live messages handed to local subscribers (each one write per subscriber).",
-               [("{\(instance)}", hubCounters.batches)])
-        metric("gateway_fanout_batched_messages_total", "counter", "Live messages in those batches.", [("{\(instance)}", hubCounters.batchedMessages)])
-        if let redis {
-            let values = redis.counterValues
-            metric("gateway_redis_up", "gauge", "1 when the Redis subscriber connection is active.", [("{\(instance)}", redis.isAvailable ? 1 : 0)])
-            metric("gateway_redis_disconnects_total", "counter", "Times the Redis bus went down (refused, closed, or stalled).", [("{\(instance)}", values.subscriberLost)])
-            metric("gateway_redis_stalls_total", "counter", "Redis heartbeats that went unanswered.", [("{\(instance)}", values.stalls)])
-            metric("gateway_redis_dropped_publishes_total", "counter", "PUBLISHes not sent to Redis (left to the store fallback).",
-                   [("{\(instance)}", values.droppedPublishes)])
-            metric("gateway_bus_seal_failures_total", "counter", "Bus messages and control events dropped because their MAC (cluster key) did not verify.",
-                   [("{\(instance)}", values.sealFailures)])
-        }
-        return out
-    }
-
     /// A publish from any transport: the rate limit first (nothing over it is stored), then the channel
     /// service; the outcome is counted.
     func publish(_ actor: Actor, to channel: String, body: JSONValue?, requestId: String?) async -> Result<AppendResult, ApiError> {
         if actor.roles.isDisjoint(with: config.rateLimitExemptRoles), let wait = rateLimiter.take(actor.sub) {
-            counters.add("rate_limited")
+            metrics.count(.rateLimited)
             return .failure(ApiError(.rateLimited, "publish rate limit exceeded", retryAfter: wait))
         }
         let outcome: Result<AppendResult, ApiError>
@@ -234,8 +171,8 @@ extension GatewayApp {
     /// Counts the outcome of a publish for `/metrics`.
     func record(_ result: Result<AppendResult, ApiError>) {
         switch result {
-        case .success(let appended) where !appended.replayed: counters.add("messages_published")
-        case .failure(let error) where error.code == .storeUnavailable: counters.add("store_errors")
+        case .success(let appended) where !appended.replayed: metrics.count(.published)
+        case .failure(let error) where error.code == .storeUnavailable: metrics.count(.storeErrors)
         default: break
         }
     }

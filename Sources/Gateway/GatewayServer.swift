@@ -43,6 +43,7 @@ public final class GatewayServer: Sendable {
         if let url = config.databaseURL, PostgresStore.configuration(from: url) == nil {
             throw ConfigError("DATABASE_URL", "expected postgres://user:password@host:port/db[?sslmode=…&sslrootcert=…]")
         }
+        let metrics = GatewayMetrics(instance: config.instanceName)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, config.eventLoops))
         let loops = Array(group.makeIterator())
 
@@ -96,7 +97,7 @@ public final class GatewayServer: Sendable {
             redisConfig.pingTimeout = config.redisPingTimeout
             let redisBus: RedisBus
             do {
-                redisBus = try RedisBus(endpoint: endpoint, seal: seal, group: group, configuration: redisConfig, logger: logger)
+                redisBus = try RedisBus(endpoint: endpoint, seal: seal, group: group, configuration: redisConfig, metrics: metrics.fanout, logger: logger)
                 presenceRedis = try RedisCommands(endpoint: endpoint, group: group, configuration: redisConfig, logger: logger)
             } catch {
                 await abandon()
@@ -112,15 +113,17 @@ public final class GatewayServer: Sendable {
         hubConfig.pollInterval = config.storePollInterval
         hubConfig.reconcileInterval = config.reconcileInterval
         hubConfig.writeDelay = config.writeDelay
-        let startedHub = Hub(loops: loops, store: store, bus: bus, encoder: WireEncoding.encoder, configuration: hubConfig, logger: logger)
+        let startedHub = Hub(loops: loops, store: store, bus: bus, encoder: WireEncoding.encoder, configuration: hubConfig,
+                             metrics: metrics.fanout, logger: logger)
         hub = startedHub
         let policy = Policy(topics: config.topics)
         let feed = UserFeed(store: store, logger: logger)
-        let channels = ChannelService(store: store, policy: policy, bodyLimit: config.bodyLimit, pageBytes: config.pageBytes, feed: feed)
+        let channels = ChannelService(store: store, policy: policy, bodyLimit: config.bodyLimit, pageBytes: config.pageBytes, feed: feed,
+                                      appendTimer: metrics.storeAppend)
         let app = GatewayApp(config: config, verifier: verifier, channels: channels, threads: ThreadService(store: store, policy: policy, feed: feed),
                              revocations: revocations, hub: startedHub, bus: bus, redis: redis,
                              presenceLists: presenceRedis.map { RedisPresenceLists(redis: $0, ttlMillis: config.presence.ttl.milliseconds) },
-                             logger: logger)
+                             metrics: metrics, logger: logger)
         bus.setControlReceiver { [weak app] payload in app?.handleControl(payload) }
         startedHub.setStoreReadHook { [weak app] channel in
             guard case .thread = channel.kind else { return }
@@ -217,10 +220,10 @@ public final class GatewayServer: Sendable {
     public func reloadKeys() async {
         do {
             try await app.verifier.reloadKeys()
-            app.counters.add("jwks_reloads_ok")
+            app.metrics.count(.jwksReloadOK)
             app.logger.info("reloaded the JWKS file")
         } catch {
-            app.counters.add("jwks_reloads_failed")
+            app.metrics.count(.jwksReloadFailed)
             app.logger.error("could not reload the JWKS file; the keys in use stay", metadata: ["error": "\(error)"])
         }
     }
@@ -231,10 +234,10 @@ public final class GatewayServer: Sendable {
         guard let tls else { return }
         do {
             try tls.reload()
-            app.counters.add("tls_reloads_ok")
+            app.metrics.count(.tlsReloadOK)
             app.logger.info("reloaded the TLS certificate and key")
         } catch {
-            app.counters.add("tls_reloads_failed")
+            app.metrics.count(.tlsReloadFailed)
             app.logger.error("could not reload the TLS certificate; the one in use stays", metadata: ["error": "\(error)"])
         }
     }

@@ -135,6 +135,7 @@ final class LongPoll: HubSubscriber, SessionTransport, ConnectionBoundStream, @u
         case .failure(let error):
             finish(.error(error, requestId: requestId))
         case .success(let page) where !page.messages.isEmpty:
+            app.metrics.polledMessages.increment(by: page.messages.count)
             finish(Routes.page(page.messages, cursor: page.messages.last!.cursor, hasMore: page.hasMore))
         case .success:
             if timedOut {
@@ -189,37 +190,33 @@ final class SharedPageReads: Sendable {
     private struct State {
         var next: UInt64 = 0
         var inFlight: [Key: Read] = [:]
-        var reads = 0
-        var joined = 0
     }
     private let state = NIOLockedValueBox(State())
     private let channels: ChannelService
+    private let metrics: GatewayMetrics
 
-    init(channels: ChannelService) { self.channels = channels }
+    init(channels: ChannelService, metrics: GatewayMetrics) {
+        self.channels = channels
+        self.metrics = metrics
+    }
 
     /// The page after `after`; `joinable`: the answer of a read already in flight for the same page will do.
     func page(in channel: ChannelName, after: Int64, limit: Int, joinable: Bool) async throws(ApiError) -> Page {
         let key = Key(channel: channel, after: after, limit: limit)
         let channels = self.channels
-        let read = state.withLockedValue { state -> Read in
-            if joinable, let read = state.inFlight[key] {
-                state.joined += 1
-                return read
-            }
+        let (read, joined) = state.withLockedValue { state -> (Read, Bool) in
+            if joinable, let read = state.inFlight[key] { return (read, true) }
             state.next += 1
-            state.reads += 1
             let task = Task { () -> Result<Page, ApiError> in
                 do throws(ApiError) { return .success(try await channels.page(in: channel, after: after, limit: limit)) } catch { return .failure(error) }
             }
             let read = Read(id: state.next, task: task)
             state.inFlight[key] = read
-            return read
+            return (read, false)
         }
+        metrics.count(joined ? .pollReadsJoined : .pollReadsStarted)
         let result = await read.task.value
         state.withLockedValue { if $0.inFlight[key]?.id == read.id { $0.inFlight[key] = nil } }
         return try result.get()
     }
-
-    /// Store reads started, and reads joined instead of started.
-    var counts: (reads: Int, joined: Int) { state.withLockedValue { ($0.reads, $0.joined) } }
 }

@@ -51,14 +51,14 @@ final class Presence: Sendable {
     private let state = NIOLockedValueBox(State())
     private let lists: (any PresenceLists)?
     private let notify: @Sendable (String) -> Void
-    private let counters: Counters
+    private let metrics: GatewayMetrics
 
     /// `lists`: the cluster's store (nil: embedded, this instance's entries are the list); `notify`: hands a
     /// control event to every instance.
-    init(settings: Settings = .init(), lists: (any PresenceLists)?, counters: Counters, notify: @escaping @Sendable (String) -> Void) {
+    init(settings: Settings = .init(), lists: (any PresenceLists)?, metrics: GatewayMetrics, notify: @escaping @Sendable (String) -> Void) {
         self.settings = settings
         self.lists = lists
-        self.counters = counters
+        self.metrics = metrics
         self.notify = notify
     }
 
@@ -115,7 +115,7 @@ final class Presence: Sendable {
     /// Every member of the channel (cluster-wide), unsorted.
     func read(_ channel: String) async throws(ApiError) -> [String: Member] {
         guard let lists else { return state.withLockedValue { $0.local[channel] ?? [:] } }
-        counters.add("presence_reads")
+        metrics.count(.presenceReads)
         do {
             return try await lists.read(channel, nowMillis: Self.nowMillis())
         } catch {
@@ -182,8 +182,8 @@ final class Presence: Sendable {
             do {
                 let bytes = try await lists.write(plan.write, gone: plan.gone, instance: instance,
                                                   expiresAtMillis: Self.nowMillis() + settings.ttl.milliseconds)
-                counters.add("presence_writes")
-                counters.add("presence_write_bytes", bytes)
+                metrics.count(.presenceWrites)
+                metrics.count(.presenceWriteBytes, bytes)
             } catch {
                 // Written again at the next heartbeat (all of this instance's entries are).
                 state.withLockedValue { state in
@@ -225,7 +225,7 @@ final class Presence: Sendable {
         }
         for event in events {
             for watcher in change.watchers { watcher.presenceEvent(name, event) }
-            counters.add("presence_events", change.watchers.count)
+            metrics.count(.presenceEvents, change.watchers.count)
         }
     }
 }

@@ -87,7 +87,7 @@ struct RouteTable: Sendable {
         Route(.GET, "/healthz", .immediate { _, _ in .json(.ok, "{\"status\":\"ok\"}") }),
         Route(.GET, "/readyz", .work { app, _ throws(ApiError) in await Routes.readiness(app) }),
         Route(.GET, "/metrics", .immediate { app, _ in
-            var response = HTTPResponse.json(.ok, app.metricsText())
+            var response = HTTPResponse.json(.ok, app.metrics.text())
             response.contentType = "text/plain; version=0.0.4"
             return response
         }),

@@ -61,6 +61,7 @@ final class SessionDriver: LiveStream, PresenceWatcher, @unchecked Sendable {  /
         guard !started else { return }
         started = true
         app.streams.add(self)
+        app.metrics.connectionOpened(kind)
         let userStreams = app.streamsPerUser.add(session.actor.sub)
         run(session.registered(revoked: app.revocations.isRevoked(session.actor), userStreams: userStreams))
     }
@@ -79,6 +80,7 @@ final class SessionDriver: LiveStream, PresenceWatcher, @unchecked Sendable {  /
         if started && !released {
             released = true
             app.streamsPerUser.remove(session.actor.sub)
+            app.metrics.connectionClosed(kind)
         }
         app.streams.remove(self)
         run(session.connectionClosed())
@@ -109,7 +111,7 @@ final class SessionDriver: LiveStream, PresenceWatcher, @unchecked Sendable {  /
         case .reply(let reply): transport?.deliver(reply)
         case .fail(let id, let error):
             // A command refused by the connection's rate (a publish over the user's rate is counted where it is refused).
-            if id == nil && error.code == .rateLimited { app.counters.add("rate_limited") }
+            if id == nil && error.code == .rateLimited { app.metrics.count(.rateLimited) }
             transport?.fail(id, error)
         case .open(let channel, let start, let permission):
             transport?.register(channel)
@@ -170,10 +172,10 @@ final class SessionDriver: LiveStream, PresenceWatcher, @unchecked Sendable {  /
         case .close(let reason):
             expiry?.cancel()
             if reason == .slowConsumer {
-                app.counters.add("slow_consumer_closes")
+                app.metrics.count(.slowConsumerCloses)
                 logger.info("closing slow consumer", metadata: ["transport": "\(kind.rawValue)"])
             }
-            if reason == .rateLimited { app.counters.add("rate_limited") }
+            if reason == .rateLimited { app.metrics.count(.rateLimited) }
             transport?.close(reason)
         }
     }

@@ -173,12 +173,12 @@ import Testing
 
             // Redis loses the next PUBLISH and nobody notices; nothing is published after it.
             cluster.gateways[0].server.app.redis?.testLoseNextPublishes(1)
-            let repairsBefore = cluster.gateways[1].server.app.hub.counterValues.reconcileRepairs
+            let repairsBefore = try await cluster.gateways[1].metric("gateway_reconcile_repairs_total")
             async let last = Self.receiveTimed(ws, count: 1, timeout: 20)
             let acked = try await Self.publishTimed(port: a, channel: channel, from: 3, count: 1, token: token, pause: .zero)
             let received = try await last
             #expect(received.map(\.seq) == [4])
-            #expect(cluster.gateways[1].server.app.hub.counterValues.reconcileRepairs > repairsBefore)
+            #expect(try await cluster.gateways[1].metric("gateway_reconcile_repairs_total") > repairsBefore)
             print("lost last message: reached B \(Self.lag(received, acked: acked).max) ms after its ack (reconcile every 1 s)")
             await ws.close()
         }

@@ -95,7 +95,7 @@ enum HTTPTestClient {
         let text = try await request(.GET, port: port, "/metrics", tls: tls).body
         for line in text.split(separator: "\n") where line.hasPrefix(name + "{") || line.hasPrefix(name + " ") {
             if let label, !line.contains(label) { continue }
-            return Int(line.split(separator: " ").last ?? "") ?? 0
+            return Int(Double(line.split(separator: " ").last ?? "") ?? 0)
         }
         return 0
     }
