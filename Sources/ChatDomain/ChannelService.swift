@@ -141,10 +141,7 @@ public final class ChannelService: Sendable {
         }
         let canonical = try JSONText.canonicalBody(body, limit: bodyLimit)
         let started = ContinuousClock.now
-        defer {
-            let (seconds, attoseconds) = (ContinuousClock.now - started).components
-            appendTimer?.recordNanoseconds(seconds * 1_000_000_000 + attoseconds / 1_000_000_000)
-        }
+        defer { appendTimer?.recordNanoseconds((ContinuousClock.now - started).nanoseconds) }
         let result = try await store.append(AppendRequest(channel: channel, sender: actor.sub, requestId: requestId, body: canonical))
         if case .thread(let thread) = channel.kind, !result.replayed { feed?.messagePosted(in: thread, by: actor.sub, message: result.message) }
         return result

@@ -32,12 +32,20 @@ public struct FanoutMetrics: Sendable {
     public var busStalls: CoreMetrics.Counter
     public var busDroppedPublishes: CoreMetrics.Counter
     public var busSealFailures: CoreMetrics.Counter
+    /// Readiness canaries sent and come back, and the age of the newest return in seconds (-1: none yet).
+    public var canariesSent: CoreMetrics.Counter
+    public var canariesReceived: CoreMetrics.Counter
+    public var canaryAge: Recorder
 
     public init(delivered: [CoreMetrics.Counter], publishToDeliver: CoreMetrics.Timer, subscriptions: Meter, channels: Meter,
                 gapRepairs: CoreMetrics.Counter, pollHeadChecks: CoreMetrics.Counter, reconcileHeadChecks: CoreMetrics.Counter,
                 reconcileRepairs: CoreMetrics.Counter, polling: Recorder, batches: CoreMetrics.Counter, batchedMessages: CoreMetrics.Counter,
                 busUp: Recorder, busConnects: CoreMetrics.Counter, busDisconnects: CoreMetrics.Counter, busStalls: CoreMetrics.Counter,
-                busDroppedPublishes: CoreMetrics.Counter, busSealFailures: CoreMetrics.Counter) {
+                busDroppedPublishes: CoreMetrics.Counter, busSealFailures: CoreMetrics.Counter,
+                canariesSent: CoreMetrics.Counter, canariesReceived: CoreMetrics.Counter, canaryAge: Recorder) {
+        self.canariesSent = canariesSent
+        self.canariesReceived = canariesReceived
+        self.canaryAge = canaryAge
         precondition(delivered.count == WireFormat.allCases.count)
         self.delivered = delivered
         self.publishToDeliver = publishToDeliver
@@ -67,6 +75,7 @@ public struct FanoutMetrics: Sendable {
         return FanoutMetrics(delivered: WireFormat.allCases.map { _ in counter() }, publishToDeliver: CoreMetrics.Timer(label: "", dimensions: [], handler: noop, factory: noop),
                              subscriptions: meter(), channels: meter(), gapRepairs: counter(), pollHeadChecks: counter(), reconcileHeadChecks: counter(),
                              reconcileRepairs: counter(), polling: gauge(), batches: counter(), batchedMessages: counter(), busUp: gauge(),
-                             busConnects: counter(), busDisconnects: counter(), busStalls: counter(), busDroppedPublishes: counter(), busSealFailures: counter())
+                             busConnects: counter(), busDisconnects: counter(), busStalls: counter(), busDroppedPublishes: counter(), busSealFailures: counter(),
+                             canariesSent: counter(), canariesReceived: counter(), canaryAge: gauge())
     }
 }

@@ -42,23 +42,32 @@ public final class RedisBus: Bus {
     }
 
     private let seal: BusSeal
+    /// Readiness: a canary to a channel of this instance's own, through the whole pub/sub path.
+    private let canary: NIOLockedValueBox<BusCanary>
+    private let canaryChannel = "gw:_canary:" + UUID().uuidString.lowercased()
+    private let canaryLoop: any EventLoop
+    private let canaryTicker = NIOLockedValueBox<RepeatedTask?>(nil)
 
     /// `endpoint` from `REDIS_URL` (credentials and TLS included); `seal` with the cluster key. Throws when
     /// the TLS settings cannot be used (a CA file that cannot be read).
     private let metrics: FanoutMetrics
 
     public init(endpoint: RedisEndpoint, seal: BusSeal, group: any EventLoopGroup,
-                configuration: RedisConnectionStateMachine.Configuration = .init(), metrics: FanoutMetrics = .none, logger: Logger) throws {
+                configuration: RedisConnectionStateMachine.Configuration = .init(), canary: BusCanary.Configuration = .init(),
+                metrics: FanoutMetrics = .none, logger: Logger) throws {
         self.logger = logger
+        self.canary = NIOLockedValueBox(BusCanary(configuration: canary))
         self.metrics = metrics
         self.seal = seal
         var configuration = configuration
         configuration.credentials = endpoint.credentials
         let tls = try endpoint.tlsContext()
         let loop = group.next()
+        canaryLoop = loop
         subscriber = RedisConnectionDriver(
             endpoint: endpoint, tls: tls, seal: seal, loop: loop, logger: logger,
-            machine: RedisConnectionStateMachine(role: .subscriber(internalChannels: [Self.syncChannel, Self.controlChannel]), configuration: configuration))
+            machine: RedisConnectionStateMachine(role: .subscriber(internalChannels: [Self.syncChannel, Self.controlChannel, canaryChannel]),
+                                                 configuration: configuration))
         publisher = RedisConnectionDriver(
             endpoint: endpoint, tls: tls, seal: seal, loop: group.next(), logger: logger,
             machine: RedisConnectionStateMachine(role: .publisher(syncChannel: Self.syncChannel), configuration: configuration))
@@ -78,10 +87,32 @@ public final class RedisBus: Bus {
     public func start() {
         subscriber.start()
         publisher.start()
+        let interval = canary.withLockedValue { $0.configuration.interval }
+        let tick = TimeAmount.nanoseconds(max(10_000_000, interval.nanoseconds / 4))
+        canaryTicker.withLockedValue {
+            $0 = canaryLoop.scheduleRepeatedTask(initialDelay: .zero, delay: tick) { [weak self] _ in self?.canaryTick() }
+        }
+    }
+
+    private func canaryTick() {
+        guard case .send(let number) = canary.withLockedValue({ $0.tick(now: .now) }) else { return }
+        let name = Array(canaryChannel.utf8)
+        var command = ByteBuffer()
+        RESPCommand.encode([Array("PUBLISH".utf8), name, seal.seal(Array(String(number).utf8), channel: name)], into: &command)
+        publisher.publish(command, count: 1)
+        metrics.canariesSent.increment()
+        let age = canary.withLockedValue { $0.age(now: .now) }
+        metrics.canaryAge.record(age.map { Double($0.nanoseconds) / 1e9 } ?? -1)
+    }
+
+    /// The newest canary's age, and whether it is within the bound (false before the first came back).
+    public var canaryState: (age: Duration?, healthy: Bool) {
+        canary.withLockedValue { ($0.age(now: .now), $0.isHealthy(now: .now)) }
     }
 
     /// Closes both connections; nothing is reported afterwards (the event loops may be shutting down).
     public func stop() {
+        canaryTicker.withLockedValue { $0?.cancel() }
         events.withLockedValue { $0 = nil }
         subscriber.stop()
         publisher.stop()
@@ -183,7 +214,12 @@ public final class RedisBus: Bus {
             return
         }
         let events = self.events.withLockedValue { $0 }
-        if name.readableBytesView.elementsEqual(Self.syncChannel.utf8) {
+        if name.readableBytesView.elementsEqual(canaryChannel.utf8) {
+            if let number = UInt64(String(buffer: payload)) {
+                canary.withLockedValue { $0.received(number, now: .now) }
+                metrics.canariesReceived.increment()
+            }
+        } else if name.readableBytesView.elementsEqual(Self.syncChannel.utf8) {
             events?.syncRequested()
         } else if name.readableBytesView.elementsEqual(Self.controlChannel.utf8) {
             controlReceiver.withLockedValue { $0 }?(String(buffer: payload))

@@ -1,4 +1,5 @@
 import Auth
+import Fanout
 import Foundation
 import Logging
 import NIOCore
@@ -102,6 +103,9 @@ public struct GatewayConfig: Sendable {
     /// and the bus as down (noticed within interval + timeout + 0.5 s: 3 s by default).
     public var redisPingInterval: TimeAmount = .seconds(1)
     public var redisPingTimeout: TimeAmount = .milliseconds(1500)
+    /// Readiness canary: published to this instance's own Redis channel every interval; `/readyz` fails once
+    /// the newest one that came back is older than the max age (a silent pub/sub stall).
+    public var canary = BusCanary.Configuration()
     public var topics: [String: TopicRule] = [:]
     /// How long a publish's request id is remembered (PROTOCOL.md §2: 24 hours).
     public var idempotencyWindow: Duration = .seconds(24 * 3600)
@@ -209,6 +213,8 @@ public struct GatewayConfig: Sendable {
         if let v = try e.int("GATEWAY_STORE_POLL_MS", 1...3_600_000) { c.storePollInterval = .milliseconds(Int64(v)) }
         if let v = try e.int("GATEWAY_REDIS_PING_MS", 1...3_600_000) { c.redisPingInterval = .milliseconds(Int64(v)) }
         if let v = try e.int("GATEWAY_REDIS_PING_TIMEOUT_MS", 1...3_600_000) { c.redisPingTimeout = .milliseconds(Int64(v)) }
+        if let v = try e.int("GATEWAY_CANARY_INTERVAL_MS", 10...600_000) { c.canary.interval = .milliseconds(v) }
+        if let v = try e.int("GATEWAY_CANARY_MAX_AGE_MS", 100...3_600_000) { c.canary.maxAge = .milliseconds(v) }
         c.databaseURL = e.text("DATABASE_URL")
         c.redisURL = e.text("REDIS_URL")
         c.clusterKey = e.text("GATEWAY_CLUSTER_KEY")
@@ -225,6 +231,9 @@ public struct GatewayConfig: Sendable {
             throw ConfigError("GATEWAY_JWT_SECRET", "no HS256 secret and no GATEWAY_JWKS_FILE: set one (make run generates a development secret)")
         }
         if let jwtSecret, jwtSecret.utf8.count < 32 { throw ConfigError("GATEWAY_JWT_SECRET", "must be at least 32 bytes") }
+        guard canary.maxAge > canary.interval else {
+            throw ConfigError("GATEWAY_CANARY_MAX_AGE_MS", "must be longer than GATEWAY_CANARY_INTERVAL_MS (else readiness fails between two canaries)")
+        }
         if redisURL != nil, databaseURL == nil {
             throw ConfigError("REDIS_URL", "set without DATABASE_URL: instances sharing a Redis need the shared Postgres store (each SQLite file would number seqs on its own)")
         }

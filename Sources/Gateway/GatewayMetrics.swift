@@ -21,8 +21,6 @@ final class GatewayMetrics: Sendable {
     private let authFailures: [String: CoreMetrics.Counter]
     /// 1 while the instance drains (readiness answers 503 SHUTTING_DOWN).
     let draining: Recorder
-    /// Age of the newest canary round trip over the bus, in seconds (readiness).
-    let canaryAge: Recorder
     let fanout: FanoutMetrics
     let storeAppend: CoreMetrics.Timer
 
@@ -31,7 +29,7 @@ final class GatewayMetrics: Sendable {
         case published, storeErrors, rateLimited, slowConsumerCloses, revocations
         case jwksReloadOK, jwksReloadFailed, tlsReloadOK, tlsReloadFailed
         case presenceWrites, presenceWriteBytes, presenceReads, presenceEvents, typingReceived, typingThrottled
-        case pollReadsStarted, pollReadsJoined, canariesSent, canariesReceived
+        case pollReadsStarted, pollReadsJoined
 
         var series: (name: String, help: String, labels: [(String, String)]) {
             switch self {
@@ -52,8 +50,6 @@ final class GatewayMetrics: Sendable {
             case .typingThrottled: ("gateway_typing_total", "typing events received from the bus, and typing commands not relayed.", [("result", "throttled")])
             case .pollReadsStarted: ("gateway_poll_store_reads_total", "Store reads of waiting long-polls, started or joined (shared).", [("read", "started")])
             case .pollReadsJoined: ("gateway_poll_store_reads_total", "Store reads of waiting long-polls, started or joined (shared).", [("read", "joined")])
-            case .canariesSent: ("gateway_canaries_total", "Readiness canaries published to the bus, and received back.", [("direction", "sent")])
-            case .canariesReceived: ("gateway_canaries_total", "Readiness canaries published to the bus, and received back.", [("direction", "received")])
             }
         }
     }
@@ -115,7 +111,6 @@ final class GatewayMetrics: Sendable {
             (Self.label($0), counter("gateway_auth_failures_total", "Tokens refused, by reason.", [("reason", Self.label($0))]))
         })
         draining = gauge("gateway_draining", "1 once the instance started draining (SIGTERM): readiness answers 503.")
-        canaryAge = gauge("gateway_canary_age_seconds", "Age of the last readiness canary that came back over the bus.")
         storeAppend = timer("gateway_store_append_seconds", "From a publish handed to the store to its commit (queue and transaction).")
         let reconcileHelp = "Batched reads of channel heads: polling while the bus is down, and the periodic reconcile."
         fanout = FanoutMetrics(
@@ -136,7 +131,10 @@ final class GatewayMetrics: Sendable {
             busDisconnects: counter("gateway_redis_disconnects_total", "Times the Redis bus went down (refused, closed, or stalled)."),
             busStalls: counter("gateway_redis_stalls_total", "Redis heartbeats that went unanswered."),
             busDroppedPublishes: counter("gateway_redis_dropped_publishes_total", "PUBLISHes not sent to Redis (left to the store fallback)."),
-            busSealFailures: counter("gateway_bus_seal_failures_total", "Bus payloads dropped because their MAC (cluster key) did not verify."))
+            busSealFailures: counter("gateway_bus_seal_failures_total", "Bus payloads dropped because their MAC (cluster key) did not verify."),
+            canariesSent: counter("gateway_canaries_total", "Readiness canaries published to the bus, and come back.", [("direction", "sent")]),
+            canariesReceived: counter("gateway_canaries_total", "Readiness canaries published to the bus, and come back.", [("direction", "received")]),
+            canaryAge: gauge("gateway_canary_age_seconds", "Since the newest readiness canary came back over the bus (-1: none yet), at the last send."))
     }
 
     func count(_ event: Event, _ n: Int = 1) { events[event.rawValue].increment(by: n) }

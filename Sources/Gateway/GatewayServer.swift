@@ -97,7 +97,8 @@ public final class GatewayServer: Sendable {
             redisConfig.pingTimeout = config.redisPingTimeout
             let redisBus: RedisBus
             do {
-                redisBus = try RedisBus(endpoint: endpoint, seal: seal, group: group, configuration: redisConfig, metrics: metrics.fanout, logger: logger)
+                redisBus = try RedisBus(endpoint: endpoint, seal: seal, group: group, configuration: redisConfig, canary: config.canary,
+                                        metrics: metrics.fanout, logger: logger)
                 presenceRedis = try RedisCommands(endpoint: endpoint, group: group, configuration: redisConfig, logger: logger)
             } catch {
                 await abandon()
@@ -431,9 +432,4 @@ final class PendingUpgrades: Sendable {
     func take(_ channel: any Channel) -> Upgrade? {
         pending.withLockedValue { $0.removeValue(forKey: ObjectIdentifier(channel)) }
     }
-}
-
-extension Duration {
-    /// Whole milliseconds.
-    var milliseconds: Int64 { components.seconds * 1000 + components.attoseconds / 1_000_000_000_000_000 }
 }

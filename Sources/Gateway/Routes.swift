@@ -10,9 +10,12 @@ enum Routes {
     /// `/readyz`: 200 when the store (and Redis, if configured) answer; else 503 naming what failed.
     static func readiness(_ app: GatewayApp) async -> HTTPResponse {
         let store = await app.store.ping()
-        let redis = app.redis.map { $0.isAvailable }
+        // The bus counts as working when its subscriber connection is up and the newest canary came back in time.
+        let canary = app.redis?.canaryState
+        let redis = app.redis.map { $0.isAvailable && canary?.healthy == true }
         var body = "{\"status\":\"\(store && redis != false ? "ok" : "unavailable")\",\"store\":\"\(store ? "ok" : "failed")\""
         if let redis { body += ",\"redis\":\"\(redis ? "ok" : "failed")\"" }
+        if let canary { body += ",\"canary_age_ms\":" + (canary.age.map { String($0.milliseconds) } ?? "null") }
         body += "}"
         return .json(store && redis != false ? .ok : .serviceUnavailable, body)
     }
