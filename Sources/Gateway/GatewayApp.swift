@@ -38,6 +38,8 @@ public final class GatewayApp: Sendable {
     let presence: Presence
     /// The sessions subscribed to each channel on this instance (WebSocket and SSE), for ephemeral events.
     let channelSessions = ChannelSessions()
+    /// Set once the instance drains (SIGTERM): readiness answers 503 and new sessions are shut at once.
+    private let draining = NIOLockedValueBox(false)
     /// When each (user, thread) last had a `typing` relayed.
     let typingRelayed = NIOLockedValueBox<[String: ContinuousClock.Instant]>([:])
 
@@ -61,6 +63,13 @@ public final class GatewayApp: Sendable {
         self.metrics = metrics
         self.presence = Presence(settings: config.presence, lists: presenceLists, metrics: metrics) { [bus] event in bus.publishControl(event) }
         if !config.testRefuse.isEmpty { logger.warning("TEST SWITCH ON: refusing \(config.testRefuse.sorted()) as a proxy might") }
+    }
+
+    var isDraining: Bool { draining.withLockedValue { $0 } }
+
+    func startDraining() {
+        draining.withLockedValue { $0 = true }
+        metrics.draining.record(1)
     }
 
     /// Verifies a bearer token; every failure is `401 UNAUTHENTICATED` with its reason.

@@ -106,6 +106,10 @@ public struct GatewayConfig: Sendable {
     /// Readiness canary: published to this instance's own Redis channel every interval; `/readyz` fails once
     /// the newest one that came back is older than the max age (a silent pub/sub stall).
     public var canary = BusCanary.Configuration()
+    /// Drain (SIGTERM, SIGINT): how long readiness answers 503 while the listener still accepts (for a load
+    /// balancer to notice; default 0), and how long connections get to finish before they are closed (10 s).
+    public var drainGrace: Duration = .zero
+    public var drainTimeout: Duration = .seconds(10)
     public var topics: [String: TopicRule] = [:]
     /// How long a publish's request id is remembered (PROTOCOL.md §2: 24 hours).
     public var idempotencyWindow: Duration = .seconds(24 * 3600)
@@ -215,6 +219,8 @@ public struct GatewayConfig: Sendable {
         if let v = try e.int("GATEWAY_REDIS_PING_TIMEOUT_MS", 1...3_600_000) { c.redisPingTimeout = .milliseconds(Int64(v)) }
         if let v = try e.int("GATEWAY_CANARY_INTERVAL_MS", 10...600_000) { c.canary.interval = .milliseconds(v) }
         if let v = try e.int("GATEWAY_CANARY_MAX_AGE_MS", 100...3_600_000) { c.canary.maxAge = .milliseconds(v) }
+        if let v = try e.int("GATEWAY_DRAIN_GRACE_MS", 0...600_000) { c.drainGrace = .milliseconds(v) }
+        if let v = try e.int("GATEWAY_DRAIN_TIMEOUT_S", 1...3600) { c.drainTimeout = .seconds(v) }
         c.databaseURL = e.text("DATABASE_URL")
         c.redisURL = e.text("REDIS_URL")
         c.clusterKey = e.text("GATEWAY_CLUSTER_KEY")

@@ -5,6 +5,7 @@ import Foundation
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
+import NIOExtras
 import NIOHTTP1
 import NIOPosix
 import NIOSSL
@@ -17,7 +18,6 @@ public final class GatewayServer: Sendable {
     public let app: GatewayApp
     public let port: Int
     private let group: MultiThreadedEventLoopGroup
-    private let serverChannel: any Channel
     private let lockFD: Int32
 
     /// Starts the instance. A setting that cannot work (see `GatewayConfig.validate`, an unreadable key,
@@ -140,6 +140,7 @@ public final class GatewayServer: Sendable {
         redis?.start()
         presenceRedis?.start()
         let upgrades = PendingUpgrades()
+        let quiescing = ServerQuiescingHelper(group: group)
 
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.backlog, value: 1024)
@@ -160,60 +161,69 @@ public final class GatewayServer: Sendable {
             }
         let serverChannel: any Channel
         do {
-            serverChannel = try await bootstrap.bind(host: config.host, port: config.port).get()
+            serverChannel = try await bootstrap
+                .serverChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(quiescing.makeServerChannelHandler(channel: channel))
+                    }
+                }
+                .bind(host: config.host, port: config.port).get()
         } catch {
             await abandon()
             throw error
         }
-        // Request ids are forgotten once out of their window: prune every hour (or every window, if shorter).
+        // The running instance as services, in dependency order; a graceful shutdown stops them in reverse: the
+        // listener drains, the periodic work stops, the Hub, the bus connections, then the store.
+        let (presenceConnection, busConnection) = (presenceRedis, redis)
         let pruneEvery = min(config.idempotencyWindow, .seconds(3600))
-        let presenceConnection = presenceRedis
-        let stopPresence: @Sendable () -> Void = { presenceConnection?.stop() }
-        let pruning = Task {
-            while !Task.isCancelled {
-                do { try await Task.sleep(for: pruneEvery) } catch { return }
+        let drain = Drain(app: app, serverChannel: serverChannel, quiescing: quiescing)
+        let parts = ServiceGroup(configuration: .init(services: [
+            InstancePart(description: "store") {
+                // Publishes still in flight (their client gone) commit before the store closes.
+                for _ in 0..<100 where await store.appends.waiting > 0 { try? await Task.sleep(for: .milliseconds(50)) }
+                await store.close()
+            },
+            InstancePart(description: "bus") {
+                busConnection?.stop()
+                presenceConnection?.stop()
+            },
+            InstancePart(description: "hub") { startedHub.stop() },
+            // Request ids are forgotten once out of their window: prune every hour (or every window, if shorter).
+            PeriodicWork(description: "idempotency pruning", interval: pruneEvery) {
                 do { try await store.pruneIdempotencyKeys() } catch { logger.warning("pruning request ids failed", metadata: ["error": "\(error)"]) }
-            }
-        }
-        // Revocations the bus lost (Redis down at the time) still arrive: re-read them every few seconds.
-        let revocationRefresh = Task { [weak app] in
-            while !Task.isCancelled {
-                do { try await Task.sleep(for: config.revocationRefresh) } catch { return }
+            },
+            // Revocations and removals the bus lost (Redis down at the time) still arrive.
+            PeriodicWork(description: "revocation refresh", interval: config.revocationRefresh) { [weak app] in
                 try? await app?.refreshRevocations()
                 try? await app?.refreshRemovals()
-            }
-        }
-        // Presence: events for watched channels and this instance's snapshot, every tick.
-        let presenceTicker = Task { [weak app] in
-            while !Task.isCancelled {
-                do { try await Task.sleep(for: config.presence.tick) } catch { return }
-                await app?.presence.tick()
-            }
-        }
+            },
+            // Presence: events for watched channels and this instance's snapshot, every tick.
+            PeriodicWork(description: "presence ticker", interval: config.presence.tick) { [weak app] in await app?.presence.tick() },
+            InstancePart(description: "listener") { await drain.run() },
+        ], logger: logger))
+        let partsRun = Task { try? await parts.run() }
         let port = serverChannel.localAddress?.port ?? config.port
         logger.info("gateway listening", metadata: ["instance": "\(config.instanceName)", "address": "\(config.host):\(port)",
                                                         "mode": "\(config.databaseURL == nil ? "embedded" : "cluster")", "fanout": "\(redis == nil ? "in-process" : "redis")"])
-        return GatewayServer(app: app, port: port, group: group, serverChannel: serverChannel, lockFD: lockFD, tls: tls, stopServices: {
-            pruning.cancel()
-            revocationRefresh.cancel()
-            presenceTicker.cancel()
-            stopPresence()
+        return GatewayServer(app: app, port: port, group: group, lockFD: lockFD, tls: tls, stop: {
+            await parts.triggerGracefulShutdown()
+            await partsRun.value
             await stopServices()
         })
     }
 
-    private let stopServices: @Sendable () async -> Void
+    private let stop: @Sendable () async -> Void
     private let tls: ListenerTLS?
+    private let stopping = NIOLockedValueBox<Task<Void, Never>?>(nil)
 
-    private init(app: GatewayApp, port: Int, group: MultiThreadedEventLoopGroup, serverChannel: any Channel, lockFD: Int32,
-                 tls: ListenerTLS?, stopServices: @escaping @Sendable () async -> Void) {
+    private init(app: GatewayApp, port: Int, group: MultiThreadedEventLoopGroup, lockFD: Int32,
+                 tls: ListenerTLS?, stop: @escaping @Sendable () async -> Void) {
         self.app = app
         self.tls = tls
         self.port = port
         self.group = group
-        self.serverChannel = serverChannel
         self.lockFD = lockFD
-        self.stopServices = stopServices
+        self.stop = stop
     }
 
     /// Reads the JWKS file again (SIGHUP); a file that cannot be read or parsed keeps the keys in use. Counted
@@ -243,22 +253,23 @@ public final class GatewayServer: Sendable {
         }
     }
 
-    /// Stops accepting, closes WebSockets with 1001, ends SSE streams and long-polls, lets publishes in flight
-    /// finish, then releases the store.
+    /// Drains and stops the instance (SIGTERM, SIGINT): readiness 503 `SHUTTING_DOWN` (for `drainGrace` while
+    /// still accepting), then the listener closes, idle connections close, publishes in flight are answered,
+    /// WebSockets close with 1001, SSE streams and long-polls end; connections still open after `drainTimeout`
+    /// are closed. Then the Hub, the bus and the store stop. A second call waits for the first.
     public func shutdown() async {
-        app.logger.info("gateway shutting down")
-        try? await serverChannel.close()
-        for stream in app.streams.all() { stream.shutdown() }
-        for _ in 0..<50 where app.streams.count > 0 { try? await Task.sleep(for: .milliseconds(100)) }
-        // Publishes in flight finish (and are answered) before the store goes.
-        for _ in 0..<100 where await app.store.appends.waiting > 0 { try? await Task.sleep(for: .milliseconds(50)) }
-        try? await Task.sleep(for: .milliseconds(200))
-        app.redis?.stop()
-        app.hub.stop()
-        try? await group.shutdownGracefully()
-        await app.store.close()
-        await stopServices()
-        if lockFD >= 0 { close(lockFD) }
+        let task = stopping.withLockedValue { running -> Task<Void, Never> in
+            if let running { return running }
+            let (stop, group, lockFD) = (self.stop, self.group, self.lockFD)
+            let task = Task {
+                await stop()
+                try? await group.shutdownGracefully()
+                if lockFD >= 0 { close(lockFD) }
+            }
+            running = task
+            return task
+        }
+        await task.value
     }
 
     /// The HTTP pipeline with the WebSocket upgrade for `/v1/ws` (authenticated before the 101) and
@@ -343,7 +354,7 @@ public final class GatewayServer: Sendable {
     }
 
     /// `body`'s result, or `StartDeadlinePassed` once `limit` has passed (`body` is then cancelled).
-    private static func withDeadline<T: Sendable>(_ limit: Duration, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
+    static func withDeadline<T: Sendable>(_ limit: Duration, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
         try await withThrowingTaskGroup(of: T?.self) { group in
             group.addTask { try await body() }
             group.addTask {

@@ -85,7 +85,7 @@ struct RouteTable: Sendable {
     /// The gateway's routes.
     static let gateway = RouteTable(routes: [
         Route(.GET, "/healthz", .immediate { _, _ in .json(.ok, "{\"status\":\"ok\"}") }),
-        Route(.GET, "/readyz", .work { app, _ throws(ApiError) in await Routes.readiness(app) }),
+        Route(.GET, "/readyz", .work { app, _ throws(ApiError) in try await Routes.readiness(app) }),
         Route(.GET, "/metrics", .immediate { app, _ in
             var response = HTTPResponse.json(.ok, app.metrics.text())
             response.contentType = "text/plain; version=0.0.4"

@@ -8,7 +8,8 @@ import Wire
 /// The REST endpoints of the channel API (PROTOCOL.md §4).
 enum Routes {
     /// `/readyz`: 200 when the store (and Redis, if configured) answer; else 503 naming what failed.
-    static func readiness(_ app: GatewayApp) async -> HTTPResponse {
+    static func readiness(_ app: GatewayApp) async throws(ApiError) -> HTTPResponse {
+        guard !app.isDraining else { throw ApiError(.shuttingDown, "the instance is draining") }
         let store = await app.store.ping()
         // The bus counts as working when its subscriber connection is up and the newest canary came back in time.
         let canary = app.redis?.canaryState

@@ -64,6 +64,8 @@ final class SessionDriver: LiveStream, PresenceWatcher, @unchecked Sendable {  /
         app.metrics.connectionOpened(kind)
         let userStreams = app.streamsPerUser.add(session.actor.sub)
         run(session.registered(revoked: app.revocations.isRevoked(session.actor), userStreams: userStreams))
+        // Started while the instance drains (its upgrade or request was read before the listener closed).
+        if app.isDraining { run(session.shutdown()) }
     }
 
     func received(_ text: String) { run(session.received(ClientCommand.decode(text))) }

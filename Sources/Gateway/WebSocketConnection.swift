@@ -203,6 +203,8 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
         connectionEnded()
         flushOutbox()  // what was answered before the close goes before it
         _ = writeAndFlushFrame(WireEncoding.closeFrame(code: code, reason: reason))
+        // Reading may have been paused (a drain answering the publishes it read): the peer's close must be read.
+        context.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
         forcedClose = context.eventLoop.scheduleTask(in: .seconds(10)) { [channel = context.channel] in channel.close(promise: nil) }
     }
 

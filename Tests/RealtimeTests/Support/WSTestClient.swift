@@ -110,6 +110,10 @@ final class WSTestClient: @unchecked Sendable {  // used from one test task at a
             case .connectionClose:
                 var data = frame.unmaskedData
                 closeCode = data.readInteger(as: UInt16.self) ?? 1005
+                // As RFC 6455 §5.5.1 asks: the close is answered (the server then closes the TCP connection).
+                var reply = ByteBuffer()
+                if let code = closeCode, code != 1005 { reply.writeInteger(code) }
+                try? await sendFrame(WebSocketFrame(fin: true, opcode: .connectionClose, maskKey: .random(), data: reply))
                 return nil
             default:
                 continue
