@@ -31,10 +31,15 @@ public enum Resource: Sendable {
 public struct TopicRule: Sendable, Equatable {
     public var subscribe: Set<String>?
     public var publish: Set<String>?
+    /// Retention of the topic's history: at most this many messages, none older than this (nil: no limit).
+    public var maxCount: Int?
+    public var maxAge: Duration?
 
-    public init(subscribe: Set<String>? = nil, publish: Set<String>? = nil) {
+    public init(subscribe: Set<String>? = nil, publish: Set<String>? = nil, maxCount: Int? = nil, maxAge: Duration? = nil) {
         self.subscribe = subscribe
         self.publish = publish
+        self.maxCount = maxCount
+        self.maxAge = maxAge
     }
 }
 
@@ -77,9 +82,9 @@ public struct Policy: Sendable {
 }
 
 extension TopicRule {
-    /// Topic rules from text, one topic per line: `alerts subscribe=ops,admin publish=service` (roles
-    /// comma-separated; a missing side keeps the default; `#` starts a comment). Used for
-    /// `GATEWAY_TOPICS_FILE` and `GATEWAY_TOPICS` (where `;` also separates topics).
+    /// Topic rules from text, one topic per line: `alerts subscribe=ops,admin publish=service max_count=1000
+    /// max_age=7d` (roles comma-separated; a missing side keeps the default; retention limits optional; `#`
+    /// starts a comment). Used for `GATEWAY_TOPICS_FILE` and `GATEWAY_TOPICS` (where `;` also separates topics).
     public static func parse(_ text: String) throws -> [String: TopicRule] {
         var rules: [String: TopicRule] = [:]
         for rawLine in text.split(whereSeparator: { $0 == "\n" || $0 == ";" }) {
@@ -94,11 +99,32 @@ extension TopicRule {
                 switch kv[0] {
                 case "subscribe": rule.subscribe = roles
                 case "publish": rule.publish = roles
+                case "max_count":
+                    guard let n = Int(kv[1]), n > 0 else { throw AuthConfigurationError(description: "topic rule \"\(line)\": max_count must be a positive integer") }
+                    rule.maxCount = n
+                case "max_age":
+                    guard let age = Self.duration(String(kv[1])) else {
+                        throw AuthConfigurationError(description: "topic rule \"\(line)\": max_age must be a positive number of seconds, or with s, m, h or d")
+                    }
+                    rule.maxAge = age
                 default: throw AuthConfigurationError(description: "topic rule \"\(line)\": unknown key \(kv[0])")
                 }
             }
             rules[String(name)] = rule
         }
         return rules
+    }
+
+    /// `90`, `90s`, `15m`, `12h`, `7d` (positive, whole).
+    public static func duration(_ text: String) -> Duration? {
+        let units: [Character: Int64] = ["s": 1, "m": 60, "h": 3600, "d": 86400]
+        var number = Substring(text)
+        var unit: Int64 = 1
+        if let last = text.last, let u = units[last] {
+            unit = u
+            number = number.dropLast()
+        }
+        guard let n = Int64(number), n > 0, n <= Int64.max / unit / 1_000_000_000 else { return nil }
+        return .seconds(n * unit)
     }
 }

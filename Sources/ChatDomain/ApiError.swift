@@ -44,6 +44,8 @@ public struct ApiError: Error, Sendable, Equatable {
         case storeUnavailable = "STORE_UNAVAILABLE"
         case shuttingDown = "SHUTTING_DOWN"
         case notImplemented = "NOT_IMPLEMENTED"
+        /// A cursor older than what the channel's retention keeps (details name the oldest position).
+        case cursorExpired = "CURSOR_EXPIRED"
 
         public var status: Int {
             switch self {
@@ -51,6 +53,7 @@ public struct ApiError: Error, Sendable, Equatable {
             case .unauthenticated, .tokenRevoked: 401
             case .forbidden: 403
             case .notFound: 404
+            case .cursorExpired: 410
             case .methodNotAllowed: 405
             case .notAcceptable: 406
             case .idempotencyConflict, .alreadySubscribed: 409

@@ -129,7 +129,11 @@ public final class ChannelService: Sendable {
         switch start {
         case .live: return (channel, head)
         case .history(let n): return (channel, max(0, head - Int64(n)))
-        case .since: return (channel, try position(of: cursor, in: channel, head: head))
+        case .since:
+            let after = try position(of: cursor, in: channel, head: head)
+            let floor = try await store.floor(of: channel)
+            guard after >= floor else { throw Retention.expired(channel, after: after, floor: floor) }
+            return (channel, after)
         }
     }
 

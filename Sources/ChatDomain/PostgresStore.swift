@@ -107,6 +107,7 @@ public final class PostgresStore: Store {
         """,
         threadMigration,
         removalMigration,
+        "ALTER TABLE channels ADD COLUMN floor_seq BIGINT NOT NULL DEFAULT 0",
     ]
 
     /// Versioned migrations in `schema_migrations`, under an advisory lock so that instances starting at
@@ -191,19 +192,24 @@ public final class PostgresStore: Store {
 
         // 1. Keys seen before, within the window.
         var existing: [Key: Message] = [:]
+        var removed: [Key: Int64] = [:]  // keys whose message the retention removed
         let keyed = batch.indices.filter { batch[$0].requestId != nil }
         if !keyed.isEmpty {
             let channels = keyed.map { batch[$0].channel.rawValue }
             let senders = keyed.map { batch[$0].sender }
             let requestIds = keyed.map { batch[$0].requestId! }
             let rows = try await connection.query("""
-                SELECT i.channel, i.sender, i.request_id, m.id::text, m.seq, m.created_at, m.body
-                FROM idempotency i JOIN messages m ON m.channel = i.channel AND m.seq = i.seq
+                SELECT i.channel, i.sender, i.request_id, i.seq, m.id::text, m.created_at, m.body
+                FROM idempotency i LEFT JOIN messages m ON m.channel = i.channel AND m.seq = i.seq
                 WHERE i.created_at >= \(cutoff)
                   AND (i.channel, i.sender, i.request_id) IN (SELECT * FROM unnest(\(channels)::text[], \(senders)::text[], \(requestIds)::text[]))
                 """, logger: logger)
-            for try await (channel, sender, requestId, id, seq, createdAt, body) in rows.decode((String, String, String, String, Int64, Int64, String).self) {
+            for try await (channel, sender, requestId, seq, id, createdAt, body) in rows.decode((String, String, String, Int64, String?, Int64?, String?).self) {
                 guard let name = try? ChannelName(parsing: channel) else { continue }
+                guard let id, let createdAt, let body else {
+                    removed[Key(channel: channel, sender: sender, requestId: requestId)] = seq
+                    continue
+                }
                 existing[Key(channel: channel, sender: sender, requestId: requestId)] =
                     Message(id: id, channel: name, seq: seq, createdAtMicros: createdAt, sender: sender, requestId: requestId, body: body)
             }
@@ -219,6 +225,8 @@ public final class PostgresStore: Store {
             let key = Key(channel: request.channel.rawValue, sender: request.sender, requestId: requestId)
             if let original = existing[key] {
                 outcomes[index] = replay(original, of: request)
+            } else if let seq = removed[key] {
+                outcomes[index] = .failure(Retention.replayOfRemoved(requestId, seq: seq))
             } else if let first = firstInBatch[key] {
                 repeats.append((index, first))
             } else {
@@ -322,11 +330,98 @@ public final class PostgresStore: Store {
     }
 
     public func messages(in channel: ChannelName, after: Int64, limit: Int) async throws(ApiError) -> Page {
-        let rows = try await read("""
-            SELECT id::text, seq, created_at, sender, request_id, body FROM messages
-            WHERE channel = \(channel.rawValue) AND seq > \(after) ORDER BY seq LIMIT \(limit + 1)
-            """, channel: channel)
-        return Page(messages: Array(rows.prefix(limit)), hasMore: rows.count > limit)
+        // The channel's floor and the rows in one statement (one snapshot): a trim raises the floor before it
+        // deletes, so a page with a hole in it is never answered.
+        let client = self.client
+        let logger = self.logger
+        let name = channel.rawValue
+        let read: (floor: Int64, rows: [Message])
+        do {
+            read = try await Self.bounded(Self.readDeadline) {
+                var floor: Int64 = 0
+                var out: [Message] = []
+                let rows = try await client.query("""
+                    SELECT c.floor_seq, m.id::text, m.seq, m.created_at, m.sender, m.request_id, m.body
+                    FROM channels c LEFT JOIN LATERAL (
+                        SELECT id, seq, created_at, sender, request_id, body FROM messages
+                        WHERE channel = c.name AND seq > \(after) ORDER BY seq LIMIT \(limit + 1)) m ON true
+                    WHERE c.name = \(name) ORDER BY m.seq
+                    """, logger: logger)
+                for try await (floorSeq, id, seq, createdAt, sender, requestId, body) in rows.decode((Int64, String?, Int64?, Int64?, String?, String?, String?).self) {
+                    floor = floorSeq
+                    guard let id, let seq, let createdAt, let sender, let body else { continue }
+                    out.append(Message(id: id, channel: channel, seq: seq, createdAtMicros: createdAt, sender: sender, requestId: requestId, body: body))
+                }
+                return (floor, out)
+            }
+        } catch {
+            logger.error("store read failed", metadata: ["error": "\(String(reflecting: error))"])
+            throw ApiError(.storeUnavailable, "the store did not answer")
+        }
+        guard after >= read.floor else { throw Retention.expired(channel, after: after, floor: read.floor) }
+        return Page(messages: Array(read.rows.prefix(limit)), hasMore: read.rows.count > limit)
+    }
+
+    public func floor(of channel: ChannelName) async throws(ApiError) -> Int64 {
+        try await scalar("SELECT floor_seq FROM channels WHERE name = \(channel.rawValue)") ?? 0
+    }
+
+    public func channels(withPrefix prefix: String) async throws(ApiError) -> [ChannelName] {
+        let client = self.client
+        let logger = self.logger
+        do {
+            return try await Self.bounded(Self.readDeadline) {
+                var out: [ChannelName] = []
+                for try await name in try await client.query("SELECT name FROM channels WHERE starts_with(name, \(prefix))", logger: logger).decode(String.self) {
+                    if let channel = try? ChannelName(parsing: name) { out.append(channel) }
+                }
+                return out
+            }
+        } catch {
+            logger.error("store read failed", metadata: ["error": "\(String(reflecting: error))"])
+            throw ApiError(.storeUnavailable, "the store did not answer")
+        }
+    }
+
+    public func trim(_ channel: ChannelName, retention: Retention, batch: Int) async throws(ApiError) -> Int {
+        guard !retention.keepsEverything else { return 0 }
+        let name = channel.rawValue
+        let ageCutoff = retention.ageCutoffMicros(now: Timestamp.nowMicros())
+        let maxCount = Int64(retention.maxCount ?? -1)
+        // The floor first (committed on its own), then the rows under it, `batch` per statement.
+        guard let floor = try await scalar("""
+            UPDATE channels SET floor_seq = greatest(floor_seq,
+                CASE WHEN \(maxCount) >= 0 THEN greatest(0, last_seq - \(maxCount)) ELSE 0 END,
+                coalesce((SELECT max(seq) FROM messages WHERE channel = \(name) AND created_at < \(ageCutoff)), 0))
+            WHERE name = \(name) RETURNING floor_seq
+            """) else { return 0 }
+        var from = (try await scalar("SELECT min(seq) FROM messages WHERE channel = \(name)") ?? floor + 1) - 1
+        var deleted = 0
+        while from < floor {
+            let to = min(floor, from + Int64(batch))
+            deleted += Int(try await scalar("""
+                WITH gone AS (DELETE FROM messages WHERE channel = \(name) AND seq > \(from) AND seq <= \(to) RETURNING 1)
+                SELECT count(*) FROM gone
+                """) ?? 0)
+            from = to
+        }
+        return deleted
+    }
+
+    /// The first column of the first row (nil: no row, or NULL).
+    private func scalar(_ query: PostgresQuery) async throws(ApiError) -> Int64? {
+        let client = self.client
+        let logger = self.logger
+        do {
+            return try await Self.bounded(Self.readDeadline) {
+                var value: Int64?
+                for try await v in try await client.query(query, logger: logger).decode(Int64?.self) { value = v }
+                return value
+            }
+        } catch {
+            logger.error("store query failed", metadata: ["error": "\(String(reflecting: error))"])
+            throw ApiError(.storeUnavailable, "the store did not answer")
+        }
     }
 
     public func messages(in channel: ChannelName, before: Int64, limit: Int) async throws(ApiError) -> Page {

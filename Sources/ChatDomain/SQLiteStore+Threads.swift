@@ -23,7 +23,7 @@ extension SQLiteStore {
         """
 
     /// Runs `body` in one write transaction on the directory connection.
-    private nonisolated func write<T: Sendable>(_ body: @Sendable (SQLiteConnection) async throws -> T) async throws(ApiError) -> T {
+    nonisolated func write<T: Sendable>(_ body: @Sendable (SQLiteConnection) async throws -> T) async throws(ApiError) -> T {
         let db = directory
         do {
             _ = try await db.query("BEGIN IMMEDIATE")

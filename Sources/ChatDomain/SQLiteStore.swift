@@ -69,6 +69,7 @@ public actor SQLiteStore: Store {
         """,
         threadMigration,
         removalMigration,
+        "ALTER TABLE channels ADD COLUMN floor_seq INTEGER NOT NULL DEFAULT 0",
     ]
 
     /// Applies the migrations past `PRAGMA user_version`, each in its own transaction.
@@ -139,12 +140,13 @@ public actor SQLiteStore: Store {
         if let requestId = request.requestId {
             let rows = try await writer.query(
                 """
-                SELECT m.id, m.seq, m.created_at, m.sender, m.request_id, m.body FROM idempotency i
-                JOIN messages m ON m.channel = i.channel AND m.seq = i.seq
+                SELECT i.seq AS key_seq, m.id, m.seq, m.created_at, m.sender, m.request_id, m.body FROM idempotency i
+                LEFT JOIN messages m ON m.channel = i.channel AND m.seq = i.seq
                 WHERE i.channel = ? AND i.sender = ? AND i.request_id = ? AND i.created_at >= ?
                 """,
                 [.text(channel.rawValue), .text(request.sender), .text(requestId), .integer(Int(now - idempotencyWindow))])
             if let row = rows.first {
+                guard row.column("id")?.string != nil else { return .failed(Retention.replayOfRemoved(requestId, seq: Int64(row.column("key_seq")?.integer ?? 0))) }
                 let original = Self.message(from: row, channel: channel)
                 if original.body == request.body { return .replayed(original) }
                 return .failed(ApiError(.idempotencyConflict, "this request id was used with a different body",
@@ -197,8 +199,53 @@ public actor SQLiteStore: Store {
     public nonisolated func messages(in channel: ChannelName, after: Int64, limit: Int) async throws(ApiError) -> Page {
         let rows = try await read("SELECT \(Self.columns) FROM messages WHERE channel = ? AND seq > ? ORDER BY seq LIMIT ?",
                                   [.text(channel.rawValue), .integer(Int(after)), .integer(limit + 1)])
+        // The floor read after the rows: a trim raises it before it deletes, so a page read while rows below it
+        // went is always caught here (a hole is never answered).
+        let floor = try await floor(of: channel)
+        guard after >= floor else { throw Retention.expired(channel, after: after, floor: floor) }
         let messages = rows.prefix(limit).map { Self.message(from: $0, channel: channel) }
         return Page(messages: messages, hasMore: rows.count > limit)
+    }
+
+    public nonisolated func floor(of channel: ChannelName) async throws(ApiError) -> Int64 {
+        let rows = try await read("SELECT floor_seq FROM channels WHERE name = ?", [.text(channel.rawValue)])
+        return Int64(rows.first?.column("floor_seq")?.integer ?? 0)
+    }
+
+    public nonisolated func channels(withPrefix prefix: String) async throws(ApiError) -> [ChannelName] {
+        let rows = try await read("SELECT name FROM channels WHERE substr(name, 1, ?) = ?", [.integer(prefix.utf8.count), .text(prefix)])
+        return rows.compactMap { $0.column("name")?.string.flatMap { try? ChannelName(parsing: $0) } }
+    }
+
+    public nonisolated func trim(_ channel: ChannelName, retention: Retention, batch: Int) async throws(ApiError) -> Int {
+        guard !retention.keepsEverything else { return 0 }
+        let name = SQLiteData.text(channel.rawValue)
+        let ageCutoff = retention.ageCutoffMicros(now: Timestamp.nowMicros())
+        let maxCount = retention.maxCount ?? -1
+        // The floor first (its own transaction), then the rows under it, a batch per transaction.
+        let (floor, lowest) = try await write { db -> (Int64, Int64) in
+            _ = try await db.query(
+                """
+                UPDATE channels SET floor_seq = max(floor_seq,
+                    CASE WHEN ?2 >= 0 THEN max(0, last_seq - ?2) ELSE 0 END,
+                    coalesce((SELECT max(seq) FROM messages WHERE channel = ?1 AND created_at < ?3), 0))
+                WHERE name = ?1
+                """, [name, .integer(maxCount), .integer(Int(ageCutoff))])
+            let floor = Int64(try await db.query("SELECT floor_seq FROM channels WHERE name = ?", [name]).first?.column("floor_seq")?.integer ?? 0)
+            let lowest = Int64(try await db.query("SELECT min(seq) AS s FROM messages WHERE channel = ?", [name]).first?.column("s")?.integer ?? 0)
+            return (floor, lowest)
+        }
+        var deleted = 0
+        var from = lowest - 1
+        while from < floor {
+            let (start, to) = (from, min(floor, from + Int64(batch)))
+            deleted += try await write { db -> Int in
+                _ = try await db.query("DELETE FROM messages WHERE channel = ? AND seq > ? AND seq <= ?", [name, .integer(Int(start)), .integer(Int(to))])
+                return Int(try await db.query("SELECT changes() AS n").first?.column("n")?.integer ?? 0)
+            }
+            from = to
+        }
+        return deleted
     }
 
     public nonisolated func messages(in channel: ChannelName, before: Int64, limit: Int) async throws(ApiError) -> Page {

@@ -49,6 +49,15 @@ public protocol Store: ThreadStore {
     func setCommitObserver(_ observer: @escaping CommitObserver) async
     /// Forgets request ids older than the idempotency window (run periodically).
     func pruneIdempotencyKeys() async throws
+    /// Applies `retention` to `channel`: raises the channel's floor (the newest seq no longer kept) to what
+    /// the limits allow, then deletes the messages at or below it, `batch` rows per statement. Returns the
+    /// rows deleted. Reads after a position below the floor fail with `CURSOR_EXPIRED` from then on: a reader
+    /// never gets a page with a hole in it.
+    func trim(_ channel: ChannelName, retention: Retention, batch: Int) async throws(ApiError) -> Int
+    /// The newest seq no longer kept (0: every message is).
+    func floor(of channel: ChannelName) async throws(ApiError) -> Int64
+    /// Every channel whose name starts with `prefix` (retention of `thread:` channels).
+    func channels(withPrefix prefix: String) async throws(ApiError) -> [ChannelName]
     /// Whether the store answers (readiness).
     func ping() async -> Bool
     func close() async

@@ -72,9 +72,16 @@ public protocol HubSubscriber: AnyObject, Sendable {
     /// `nil` for receivers that only need to know that something arrived (long-poll).
     var format: WireFormat? { get }
     func hubDelivered(_ batch: EncodedBatch)
+    /// The Hub cannot deliver the channel's next messages (the retention deleted them): end with `error`.
+    func hubFailed(_ error: ApiError)
     /// The channel has reached at least `seq`: a subscriber behind it reads the store (it may have read the
     /// store before the Hub knew of it, or the bus may have lost messages).
     func hubSynced(upTo seq: Int64)
+}
+
+extension HubSubscriber {
+    /// Receivers that read the store themselves (long-poll) learn of it there.
+    public func hubFailed(_ error: ApiError) {}
 }
 
 /// The local subscribers of every channel on this instance. Each channel lives on one home event loop
@@ -462,6 +469,7 @@ final class HubShard: @unchecked Sendable {  // every member is only used on `lo
         let loop = self.loop
         Task {
             let page: Page?
+            var expired: ApiError?
             do {
                 page = try await hub.store.messages(in: channel, after: after, limit: 1000)
                 if page?.messages.isEmpty == false {
@@ -469,12 +477,20 @@ final class HubShard: @unchecked Sendable {  // every member is only used on `lo
                 }
             } catch {
                 page = nil
-                hub.logger.warning("hub store read failed; retrying", metadata: ["channel": "\(channel)"])
+                if let error = error as? ApiError, error.code == .cursorExpired {
+                    expired = error
+                } else {
+                    hub.logger.warning("hub store read failed; retrying", metadata: ["channel": "\(channel)"])
+                }
             }
             guard !hub.stopped.withLockedValue({ $0 }) else { return }
             loop.execute {
                 entry.readInFlight = false
                 guard !entry.closed else { return }
+                if let expired {
+                    self.retentionOvertook(channel, entry, expired, hub: hub)
+                    return
+                }
                 guard let page else {
                     loop.scheduleTask(in: hub.configuration.pollInterval) {
                         if !entry.closed { self.read(channel, entry, after: entry.sequencer.last, hub: hub) }
@@ -494,6 +510,21 @@ final class HubShard: @unchecked Sendable {  // every member is only used on `lo
                 }
             }
         }
+    }
+
+    /// The retention deleted messages this instance had not delivered yet (it fell that far behind): its
+    /// subscribers cannot get them, so each is told (`CURSOR_EXPIRED`, never a silent gap) and ended; the
+    /// channel starts again from its head for whoever subscribes next.
+    private func retentionOvertook(_ channel: ChannelName, _ entry: ChannelEntry, _ error: ApiError, hub: Hub) {
+        hub.logger.warning("retention deleted messages not yet delivered here; ending the channel's subscriptions",
+                           metadata: ["channel": "\(channel)", "delivered": "\(entry.sequencer.last)"])
+        for group in entry.groups.values {
+            let subscribers = Array(group.subscribers.values)
+            group.loop.execute { for subscriber in subscribers { subscriber.hubFailed(error) } }
+        }
+        entry.begun = false
+        entry.sequencer = GaplessSequencer<Message>(capacity: 4096)
+        startFromHead(channel, entry, hub: hub)
     }
 
     private func sync(_ entry: ChannelEntry, upTo seq: Int64) {

@@ -109,6 +109,12 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
         }
     }
 
+    public func hubFailed(_ error: ApiError) {
+        guard !machine.isEnded else { return }
+        failure = error
+        perform(machine.channelFailed())
+    }
+
     public func hubSynced(upTo seq: Int64) {
         perform(machine.synced(upTo: seq))
     }

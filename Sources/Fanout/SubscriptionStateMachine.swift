@@ -163,6 +163,14 @@ public struct SubscriptionStateMachine<Element: Sequenced> {
         return Actions(end: finish(.storeFailed))
     }
 
+    /// The channel's next messages cannot be delivered any more (the retention deleted them before this
+    /// instance did): end, whatever was in flight.
+    public mutating func channelFailed() -> Actions {
+        guard !isEnded else { return Actions() }
+        readInFlight = false
+        return Actions(end: finish(.storeFailed))
+    }
+
     /// Delivers every message up to `seq` (reading the store for any the bus lost), none after it, then ends.
     public mutating func end(after seq: Int64) -> Actions {
         guard !isEnded else { return Actions() }

@@ -186,3 +186,34 @@ extension GatewayApp {
         }
     }
 }
+
+extension GatewayApp {
+    /// One retention run: every topic with limits, and every thread when threads have limits. Failures are
+    /// logged and counted; the next run retries.
+    func applyRetention() async {
+        var work: [(ChannelName, Retention)] = []
+        for (name, rule) in config.topics where rule.maxCount != nil || rule.maxAge != nil {
+            if let channel = try? ChannelName(parsing: "topic:" + name) { work.append((channel, Retention(maxCount: rule.maxCount, maxAge: rule.maxAge))) }
+        }
+        if !config.threadRetention.keepsEverything {
+            do {
+                for channel in try await store.channels(withPrefix: "thread:") { work.append((channel, config.threadRetention)) }
+            } catch {
+                metrics.count(.retentionFailures)
+                logger.warning("retention could not list the threads", metadata: ["error": "\(error.message)"])
+            }
+        }
+        for (channel, retention) in work {
+            do {
+                let deleted = try await store.trim(channel, retention: retention, batch: config.retentionBatch)
+                if deleted > 0 {
+                    metrics.count(.retentionDeleted, deleted)
+                    logger.info("retention deleted messages", metadata: ["channel": "\(channel)", "deleted": "\(deleted)"])
+                }
+            } catch {
+                metrics.count(.retentionFailures)
+                logger.warning("retention failed", metadata: ["channel": "\(channel)", "error": "\(error.message)"])
+            }
+        }
+    }
+}

@@ -1,4 +1,5 @@
 import Auth
+import ChatDomain
 import Fanout
 import Foundation
 import Logging
@@ -111,6 +112,11 @@ public struct GatewayConfig: Sendable {
     public var drainGrace: Duration = .zero
     public var drainTimeout: Duration = .seconds(10)
     public var topics: [String: TopicRule] = [:]
+    /// Retention of every `thread:` channel (`GATEWAY_THREAD_RETENTION="max_count=… max_age=…"`; default: keep all).
+    public var threadRetention = Retention()
+    /// How often retention runs (each run deletes in batches of `retentionBatch` rows).
+    public var retentionInterval: Duration = .seconds(60)
+    public var retentionBatch = 1000
     /// How long a publish's request id is remembered (PROTOCOL.md §2: 24 hours).
     public var idempotencyWindow: Duration = .seconds(24 * 3600)
     /// Set: cluster store (Postgres). Unset: SQLite under `dataDir`.
@@ -179,6 +185,15 @@ public struct GatewayConfig: Sendable {
             do { text = try String(contentsOfFile: path, encoding: .utf8) } catch { throw ConfigError("GATEWAY_TOPICS_FILE", "cannot read \(path)") }
             do { c.topics.merge(try TopicRule.parse(text)) { $1 } } catch { throw ConfigError("GATEWAY_TOPICS_FILE", "\(path): \(error)") }
         }
+        if let v = e.text("GATEWAY_THREAD_RETENTION") {
+            let rule: TopicRule?
+            do { rule = try TopicRule.parse("threads " + v)["threads"] } catch { throw ConfigError("GATEWAY_THREAD_RETENTION", "\(error)") }
+            guard let rule, rule.subscribe == nil, rule.publish == nil else {
+                throw ConfigError("GATEWAY_THREAD_RETENTION", "expected max_count=N and/or max_age=D (s, m, h, d)")
+            }
+            c.threadRetention = Retention(maxCount: rule.maxCount, maxAge: rule.maxAge)
+        }
+        if let v = try e.int("GATEWAY_RETENTION_INTERVAL_MS", 100...86_400_000) { c.retentionInterval = .milliseconds(v) }
         if let v = try e.flag("GATEWAY_ECHO") { c.echo = v }
         if let v = try e.flag("GATEWAY_DEMO") { c.demo = v }
         c.assetsDir = e.text("GATEWAY_ASSETS_DIR")

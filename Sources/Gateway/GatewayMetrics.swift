@@ -29,7 +29,7 @@ final class GatewayMetrics: Sendable {
         case published, storeErrors, rateLimited, slowConsumerCloses, revocations
         case jwksReloadOK, jwksReloadFailed, tlsReloadOK, tlsReloadFailed
         case presenceWrites, presenceWriteBytes, presenceReads, presenceEvents, typingReceived, typingThrottled
-        case pollReadsStarted, pollReadsJoined
+        case pollReadsStarted, pollReadsJoined, retentionDeleted, retentionFailures
 
         var series: (name: String, help: String, labels: [(String, String)]) {
             switch self {
@@ -50,6 +50,8 @@ final class GatewayMetrics: Sendable {
             case .typingThrottled: ("gateway_typing_total", "typing events received from the bus, and typing commands not relayed.", [("result", "throttled")])
             case .pollReadsStarted: ("gateway_poll_store_reads_total", "Store reads of waiting long-polls, started or joined (shared).", [("read", "started")])
             case .pollReadsJoined: ("gateway_poll_store_reads_total", "Store reads of waiting long-polls, started or joined (shared).", [("read", "joined")])
+            case .retentionDeleted: ("gateway_retention_deleted_total", "Messages deleted by the channels' retention limits.", [])
+            case .retentionFailures: ("gateway_retention_failures_total", "Retention runs of a channel that failed (retried at the next run).", [])
             }
         }
     }

@@ -197,6 +197,8 @@ public final class GatewayServer: Sendable {
                 try? await app?.refreshRevocations()
                 try? await app?.refreshRemovals()
             },
+            // Retention: the topics' limits (and the threads', when configured), in batches.
+            PeriodicWork(description: "retention", interval: config.retentionInterval) { [weak app] in await app?.applyRetention() },
             // Presence: events for watched channels and this instance's snapshot, every tick.
             PeriodicWork(description: "presence ticker", interval: config.presence.tick) { [weak app] in await app?.presence.tick() },
             InstancePart(description: "listener") { await drain.run() },
