@@ -16,6 +16,8 @@ fi
 URL="http://${GATEWAY_HOST:-127.0.0.1}:${GATEWAY_PORT:-8080}"
 # The demo page (and its token endpoint) is on in `make run` unless GATEWAY_DEMO=0.
 export GATEWAY_DEMO=${GATEWAY_DEMO:-1}
+# Logs for people here (the binary writes JSON lines by default, for log pipelines).
+export GATEWAY_LOG_FORMAT=${GATEWAY_LOG_FORMAT:-text}
 TOKEN=$("$BIN" token --sub dev --roles admin --ttl 24h)
 cat <<MSG
 ----------------------------------------------------------------------

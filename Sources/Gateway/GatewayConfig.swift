@@ -45,6 +45,9 @@ public struct GatewayConfig: Sendable {
     public var testRefuse: Set<String> = []
     public var instanceId: String?
     public var logLevel: Logger.Level = .info
+    /// `json` (one object per line, for log pipelines) or `text` (swift-log's stream format, for people).
+    public var logFormat: LogFormat = .json
+    public enum LogFormat: String, Sendable { case json, text }
     /// Largest canonical `body` of a message, in bytes.
     public var bodyLimit = 64 * 1024
     /// The most message bytes in one history or long-poll page (`GATEWAY_PAGE_BYTES`); a page cut by size
@@ -202,6 +205,10 @@ public struct GatewayConfig: Sendable {
             guard c.testRefuse.isSubset(of: ["ws", "sse"]) else { throw ConfigError("GATEWAY_TEST_REFUSE", "expected ws, sse or both, got \"\(v)\"") }
         }
         c.instanceId = e.text("GATEWAY_INSTANCE_ID")
+        if let v = e.text("GATEWAY_LOG_FORMAT") {
+            guard let format = LogFormat(rawValue: v) else { throw ConfigError("GATEWAY_LOG_FORMAT", "expected json or text, got \"\(v)\"") }
+            c.logFormat = format
+        }
         if let v = e.text("GATEWAY_LOG_LEVEL") {
             guard let level = Logger.Level(rawValue: v) else { throw ConfigError("GATEWAY_LOG_LEVEL", "expected trace, debug, info, notice, warning, error or critical, got \"\(v)\"") }
             c.logLevel = level

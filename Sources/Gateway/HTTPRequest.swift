@@ -50,7 +50,8 @@ struct HTTPRequest: Sendable {
         self.body = body
         self.keepAlive = head.isKeepAlive
         self.log = RequestLog(requestId: GatewayApp.requestId(from: head.headers.first(name: "x-request-id")), method: head.method,
-                              target: RequestLog.masked(uri), receivedAt: receivedAt, base: app.logger)
+                              target: RequestLog.masked(uri), receivedAt: receivedAt, base: app.logger,
+                              traceparent: RequestLog.traceparent(head.headers.first(name: "traceparent")))
         self.allowOrigin = app.config.corsOrigin(for: head.headers.first(name: "origin"))
     }
 
@@ -97,11 +98,31 @@ struct RequestLog: Sendable {
     let target: String
     let receivedAt: NIODeadline
     let base: Logger
+    /// The W3C `traceparent` of the request, when it sent a well-formed one (logged with every line, with its
+    /// trace id on its own for searching).
+    var traceparent: String? = nil
 
     var logger: Logger {
         var logger = base
-        logger[metadataKey: "request-id"] = "\(requestId)"
+        logger[metadataKey: "request_id"] = "\(requestId)"
+        if let traceparent {
+            logger[metadataKey: "traceparent"] = "\(traceparent)"
+            logger[metadataKey: "trace_id"] = "\(traceparent.split(separator: "-")[1])"
+        }
         return logger
+    }
+
+    /// `header` if it is a W3C trace context `traceparent` (version 00–fe, a non-zero 32-hex trace id, a
+    /// non-zero 16-hex parent id, 2-hex flags), else nil (ignored, as the recommendation asks).
+    static func traceparent(_ header: String?) -> String? {
+        guard let header else { return nil }
+        let parts = header.trimmingCharacters(in: .whitespaces).split(separator: "-", omittingEmptySubsequences: false)
+        guard parts.count >= 4, parts[0] != "ff" || parts.count == 4 else { return nil }
+        let hex = { (s: Substring, n: Int) in s.utf8.count == n && s.utf8.allSatisfy { (0x30...0x39).contains($0) || (0x61...0x66).contains($0) } }
+        guard hex(parts[0], 2), parts[0] != "ff", hex(parts[1], 32), hex(parts[2], 16), hex(parts[3], 2),
+              parts[1].contains(where: { $0 != "0" }), parts[2].contains(where: { $0 != "0" }),
+              parts[0] != "00" || parts.count == 4 else { return nil }
+        return parts[0...3].joined(separator: "-")
     }
 
     /// The access log line of a request answered with `status` (info): method, route template, the target

@@ -56,11 +56,16 @@ struct Serve: AsyncParsableCommand {
         if let jwtIssuer { config.jwtIssuer = jwtIssuer }
         do { try config.validate() } catch { Self.refuse(error) }
 
-        let level = config.logLevel
+        let (level, format) = (config.logLevel, config.logFormat)
         LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = level
-            return handler
+            switch format {
+            case .json:
+                return JSONLogHandler(label: label, level: level)
+            case .text:
+                var handler = StreamLogHandler.standardError(label: label)
+                handler.logLevel = level
+                return handler
+            }
         }
         var logger = Logger(label: "gateway")
         logger[metadataKey: "instance"] = "\(config.instanceName)"

@@ -9,6 +9,8 @@ import Testing
         defer { try? FileManager.default.removeItem(atPath: log) }
         let token = try await TestGateway.token("logger", roles: ["admin"])
         var ids: [String: String] = [:]  // what each request was → the id its answer named
+        let bodyMarker = "body-marker-\(UUID().uuidString)"
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
         try await withStarted({ try await GatewayProcess.start(environment: ["GATEWAY_LOG_LEVEL": "info"], log: log) },
                               stop: { await $0.stop() }) { gateway in
             let port = gateway.port
@@ -16,7 +18,7 @@ import Testing
             // REST: a publish (its id chosen by the client), a history read, a 404, a 401, a bad cursor.
             let published = try await HTTPTestClient.request(.POST, port: port, "/v1/channels/\(channel)/messages",
                                                              headers: [("X-Request-Id", "client-chosen-1"), ("Content-Type", "application/json")],
-                                                             body: "{\"body\":{\"n\":1}}", token: token)
+                                                             body: "{\"body\":{\"n\":\"\(bodyMarker)\"}}", token: token)
             #expect(published.status == 201)
             ids["publish"] = published.headers.first(name: "x-request-id")
             #expect(ids["publish"] == "client-chosen-1")
@@ -32,6 +34,13 @@ import Testing
             let badCursor = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/messages?since=nonsense", token: token)
             #expect(badCursor.status == 400)
             ids["400"] = badCursor.headers.first(name: "x-request-id")
+            // A request with a W3C trace context, and one with a malformed one.
+            let traced = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/messages",
+                                                          headers: [("X-Request-Id", "traced-1"), ("traceparent", traceparent)], token: token)
+            #expect(traced.status == 200)
+            let badlyTraced = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/messages",
+                                                               headers: [("X-Request-Id", "badly-traced-1"), ("traceparent", "00-xyz-00f067aa0ba902b7-01")], token: token)
+            #expect(badlyTraced.status == 200)
             // A long-poll that answers at once, with its token in the query.
             let poll = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/poll?timeout=0&access_token=\(token)")
             #expect(poll.status == 200)
@@ -51,32 +60,44 @@ import Testing
             _ = try await ws.reply("pong")
             await ws.close()
             try await eventually("the WebSocket's close logged") {
-                ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").contains("websocket closed")
+                ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").contains("\"websocket closed\"")
             }
         }
-        let lines = try String(contentsOfFile: log, encoding: .utf8).split(separator: "\n").map(String.init)
-        // The lines of the run: after the listener started, before the shutdown began.
-        let start = try #require(lines.lastIndex { $0.contains("gateway listening") })
-        let end = lines.lastIndex { $0.contains("gateway shutting down") } ?? lines.count
-        let run = Array(lines[(start + 1)..<end])
+        let output = try String(contentsOfFile: log, encoding: .utf8).split(separator: "\n").map(String.init)
+        // Every log line (standard error) is one JSON object (GATEWAY_LOG_FORMAT's default); standard output has
+        // the one line for people that says where it listens.
+        let lines = output.filter { !$0.hasPrefix("gateway listening on ") }
+        #expect(output.count == lines.count + 1)
+        let objects = lines.map { json($0) }
+        #expect(objects.allSatisfy { $0["time"] is String && $0["level"] is String && $0["message"] is String }, "a line that is not a JSON log object")
+        // The lines of the run: after the listener started, before the drain began.
+        let start = try #require(objects.lastIndex { $0["message"] as? String == "gateway listening" })
+        let end = objects.lastIndex { $0["message"] as? String == "gateway draining" } ?? objects.count
+        let run = Array(objects[(start + 1)..<end])
         #expect(run.count >= ids.count, "\(run.count) lines logged during the run")
         for line in run {
-            #expect(line.contains("request-id="), "a line of the run without a request id: \(line)")
+            #expect(line["request_id"] is String, "a line of the run without a request id: \(line)")
         }
         for (what, id) in ids {
             let id = try #require(Optional(id), "\(what): no X-Request-Id")
-            let own = run.filter { $0.contains("request-id=\(id)") }
-            #expect(own.contains { $0.contains(" request") && $0.contains("status=") }, "\(what): no access line with its id \(id)")
+            let own = run.filter { $0["request_id"] as? String == id }
+            #expect(own.contains { $0["message"] as? String == "request" && $0["status"] != nil && $0["route"] != nil && $0["duration_ms"] != nil },
+                    "\(what): no access line with its id \(id)")
         }
-        let wsLines = run.filter { $0.contains("request-id=ws-handshake-1") }
-        #expect(wsLines.contains { $0.contains("status=101") } && wsLines.contains { $0.contains("websocket closed") })
-        // No token, nor its signature, anywhere in the log.
+        let wsLines = run.filter { $0["request_id"] as? String == "ws-handshake-1" }
+        #expect(wsLines.contains { $0["status"] as? String == "101" } && wsLines.contains { $0["message"] as? String == "websocket closed" })
+        // The W3C trace context: every line of the traced request carries it; a malformed one is ignored.
+        let traced = run.filter { $0["request_id"] as? String == "traced-1" }
+        #expect(!traced.isEmpty && traced.allSatisfy { $0["trace_id"] as? String == "4bf92f3577b34da6a3ce929d0e0e4736" && $0["traceparent"] as? String == traceparent })
+        #expect(run.filter { $0["request_id"] as? String == "badly-traced-1" }.allSatisfy { $0["trace_id"] == nil })
+        // No token, nor its signature, nor a message body anywhere in the log.
         let signature = String(token.split(separator: ".").last!)
         #expect(!lines.contains { $0.contains(signature) }, "a token reached the log")
+        #expect(!lines.contains { $0.contains(bodyMarker) }, "a message body reached the log")
         // The target is logged, with the token's value masked.
-        #expect(run.contains { $0.contains("target=/v1/channels/topic:logged/messages?access_token=***") }, "the history request's masked target")
-        #expect(wsLines.contains { $0.contains("target=/v1/ws?access_token=***") && $0.contains("status=101") }, "the WebSocket's masked target")
-        for line in run { print("  " + line) }
+        #expect(run.contains { $0["target"] as? String == "/v1/channels/topic:logged/messages?access_token=***" }, "the history request's masked target")
+        #expect(wsLines.contains { $0["target"] as? String == "/v1/ws?access_token=***" && $0["status"] as? String == "101" }, "the WebSocket's masked target")
+        for line in lines[(start + 1)..<min(end, lines.count)] { print("  " + line) }
         print("request log: \(run.count) lines during the run, each with its request id; \(ids.count) requests found by their id")
     }
 }
