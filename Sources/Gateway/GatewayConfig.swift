@@ -1,6 +1,7 @@
 import Auth
 import ChatDomain
 import Fanout
+import Configuration
 import Foundation
 import Logging
 import NIOCore
@@ -163,13 +164,14 @@ public struct GatewayConfig: Sendable {
         return allowedOrigins.contains(origin.lowercased()) ? origin : nil
     }
 
-    /// Reads the `GATEWAY_*` variables. A variable that is set but malformed (not a number, out of range, a topics
-    /// rule that does not parse, a file that cannot be read) fails with an error naming it: never a silent default.
-    public static func fromEnvironment(_ env: [String: String] = ProcessInfo.processInfo.environment) throws(ConfigError) -> GatewayConfig {
-        let e = EnvironmentReader(env: env)
+    /// Reads every setting (see `GatewayConfig.settings`) through `e`. A setting that is set but malformed (not a
+    /// number, out of range, a topics rule that does not parse, a file that cannot be read) fails with an error
+    /// naming it: never a silent default.
+    static func read(_ e: SettingsReader) throws(ConfigError) -> GatewayConfig {
         var c = GatewayConfig()
         if let v = e.text("GATEWAY_HOST") { c.host = v }
         if let v = try e.int("GATEWAY_PORT", 0...65535) { c.port = v }
+        if let v = try e.int("GATEWAY_THREADS", 1...1024) { c.eventLoops = v }
         if let v = e.text("GATEWAY_DATA_DIR") { c.dataDir = v }
         c.jwtSecret = e.text("GATEWAY_JWT_SECRET")
         c.jwksFile = e.text("GATEWAY_JWKS_FILE")
@@ -179,7 +181,7 @@ public struct GatewayConfig: Sendable {
         if let v = try e.double("GATEWAY_PUBLISH_RATE", 0...1e9) { c.publishRate = v }
         if let v = try e.double("GATEWAY_PUBLISH_BURST", 1...1e9) { c.publishBurst = v }
         c.testFault = e.text("GATEWAY_TEST_FAULT")
-        if let v = env["GATEWAY_RATE_EXEMPT_ROLES"] { c.rateLimitExemptRoles = Set(v.split(separator: ",").map(String.init)) }
+        if let v = e.text("GATEWAY_RATE_EXEMPT_ROLES") { c.rateLimitExemptRoles = Set(v.split(separator: ",").map(String.init)) }
         if let v = e.text("GATEWAY_TOPICS") {
             do { c.topics.merge(try TopicRule.parse(v)) { $1 } } catch { throw ConfigError("GATEWAY_TOPICS", "\(error)") }
         }
@@ -214,7 +216,7 @@ public struct GatewayConfig: Sendable {
             c.logLevel = level
         }
         if let v = try e.int("GATEWAY_BODY_LIMIT", 1...(16 << 20)) { c.bodyLimit = v }
-        if let v = env["GATEWAY_ALLOWED_ORIGINS"] {
+        if let v = e.text("GATEWAY_ALLOWED_ORIGINS") {
             c.allowedOrigins = Set(v.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces).lowercased() }.filter { !$0.isEmpty })
         }
         if let v = try e.double("GATEWAY_CONNECTION_REQUEST_RATE", 0...1e9) { c.connectionRequestRate = v }
@@ -292,12 +294,26 @@ public struct ConfigError: Error, CustomStringConvertible {
 }
 
 /// Typed reads of environment variables: unset or empty is nil, anything else must parse.
-struct EnvironmentReader {
-    let env: [String: String]
+/// The settings by name (`GATEWAY_PORT`), read through swift-configuration's `ConfigReader`: the key of a
+/// name is its lowercased words joined by dots (`gateway.port`), which the environment provider maps back to
+/// `GATEWAY_PORT` and a JSON file spells `{"gateway.port": 8080}` or `{"gateway": {"port": 8080}}`. Strings,
+/// numbers and booleans are all read as text and checked here, so that every source fails the same way.
+final class SettingsReader {
+    let config: ConfigReader
+    /// The names asked for (which must all be in `GatewayConfig.settings`).
+    private(set) var asked: Set<String> = []
+
+    init(_ config: ConfigReader) { self.config = config }
+
+    static func key(_ name: String) -> ConfigKey { ConfigKey(name.lowercased().split(separator: "_").map(String.init)) }
 
     func text(_ name: String) -> String? {
-        guard let v = env[name], !v.isEmpty else { return nil }
-        return v
+        asked.insert(name)
+        let key = Self.key(name)
+        let value = config.string(forKey: key) ?? config.int(forKey: key).map(String.init) ?? config.double(forKey: key).map { "\($0)" }
+            ?? config.bool(forKey: key).map { $0 ? "1" : "0" }
+        guard let value, !value.isEmpty else { return nil }
+        return value
     }
 
     func int(_ name: String, _ range: ClosedRange<Int>) throws(ConfigError) -> Int? {

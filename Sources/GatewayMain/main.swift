@@ -15,7 +15,9 @@ struct GatewayCommand: AsyncParsableCommand {
 }
 
 struct Serve: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Run the gateway (environment variables of PROTOCOL.md §8; flags override them).")
+    static let configuration = CommandConfiguration(
+        abstract: "Run the gateway (settings from flags, the environment of PROTOCOL.md §8, or a JSON file).",
+        discussion: GatewayConfig.settingsHelp)
 
     @Option(help: "Listen address (GATEWAY_HOST).") var host: String?
     @Option(help: "Listen port (GATEWAY_PORT).") var port: Int?
@@ -23,38 +25,34 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "HS256 secret, at least 32 bytes (GATEWAY_JWT_SECRET).") var jwtSecret: String?
     @Option(help: "JWKS file with the RS256 / ES256 public keys, re-read on SIGHUP (GATEWAY_JWKS_FILE).") var jwksFile: String?
     @Flag(help: "Serve /v1/echo for conformance tests (GATEWAY_ECHO=1).") var echo = false
-    @Option(help: "Largest message body in bytes (GATEWAY_BODY_LIMIT).") var bodyLimit: Int?
-    @Option(help: "Bytes queued per connection before it is closed as a slow consumer (GATEWAY_SEND_BUDGET).") var sendBudget: Int?
-    @Option(help: "Event loop threads (default: one per core).") var threads: Int?
+    @Option(help: "Event loop threads (GATEWAY_THREADS).") var threads: Int?
     @Option(help: "Postgres URL: cluster store (DATABASE_URL).") var databaseURL: String?
     @Option(help: "Redis URL: cluster fan-out (REDIS_URL).") var redisURL: String?
     @Option(help: "Name in logs and metrics (GATEWAY_INSTANCE_ID).") var instanceId: String?
-    @Option(help: "Required `aud` of tokens (GATEWAY_JWT_AUDIENCE).") var jwtAudience: String?
-    @Option(help: "Required `iss` of tokens (GATEWAY_JWT_ISSUER).") var jwtIssuer: String?
+    @Option(help: "A JSON file of settings (GATEWAY_CONFIG_FILE).") var configFile: String?
+    @Option(name: .customLong("set"), help: ArgumentHelp("Any setting listed above, as NAME=VALUE (repeatable).", valueName: "NAME=VALUE"))
+    var settings: [String] = []
 
     func run() async throws {
-        // A setting that is wrong stops the start with one line naming it, and exit status 2.
-        var config: GatewayConfig
+        // Flags first, then the environment, then the file. A setting that is wrong stops the start with one
+        // line naming it, and exit status 2.
+        var flags: [String: String] = [:]
+        for pair in settings {
+            guard let equals = pair.firstIndex(of: "=") else { Self.refuse(ConfigError(pair, "expected --set NAME=VALUE")) }
+            flags[String(pair[..<equals])] = String(pair[pair.index(after: equals)...])
+        }
+        let named: [(String, String?)] = [("GATEWAY_HOST", host), ("GATEWAY_PORT", port.map(String.init)), ("GATEWAY_DATA_DIR", dataDir),
+                                          ("GATEWAY_JWT_SECRET", jwtSecret), ("GATEWAY_JWKS_FILE", jwksFile), ("GATEWAY_ECHO", echo ? "1" : nil),
+                                          ("GATEWAY_THREADS", threads.map(String.init)), ("DATABASE_URL", databaseURL), ("REDIS_URL", redisURL),
+                                          ("GATEWAY_INSTANCE_ID", instanceId), ("GATEWAY_CONFIG_FILE", configFile)]
+        for case let (name, value?) in named { flags[name] = value }
+        let config: GatewayConfig
         do {
-            config = try GatewayConfig.fromEnvironment()
+            config = try await GatewayConfig.load(flags: flags)
+            try config.validate()
         } catch {
             Self.refuse(error)
         }
-        if let host { config.host = host }
-        if let port { config.port = port }
-        if let dataDir { config.dataDir = dataDir }
-        if let jwtSecret { config.jwtSecret = jwtSecret }
-        if let jwksFile { config.jwksFile = jwksFile }
-        if echo { config.echo = true }
-        if let bodyLimit { config.bodyLimit = bodyLimit }
-        if let sendBudget { config.sendBudget = sendBudget }
-        if let threads { config.eventLoops = threads }
-        if let databaseURL { config.databaseURL = databaseURL }
-        if let redisURL { config.redisURL = redisURL }
-        if let instanceId { config.instanceId = instanceId }
-        if let jwtAudience { config.jwtAudience = jwtAudience }
-        if let jwtIssuer { config.jwtIssuer = jwtIssuer }
-        do { try config.validate() } catch { Self.refuse(error) }
 
         let (level, format) = (config.logLevel, config.logFormat)
         LoggingSystem.bootstrap { label in
