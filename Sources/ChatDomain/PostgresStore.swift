@@ -70,7 +70,7 @@ public final class PostgresStore: Store {
                             logger: Logger) async throws -> PostgresStore {
         let store = PostgresStore(client: client, maxPending: maxPending, idempotencyWindow: idempotencyWindow, logger: logger)
         try await store.migrate()
-        try await store.pruneIdempotencyKeys()
+        try await store.pruneExpired()
         return store
     }
 
@@ -130,9 +130,11 @@ public final class PostgresStore: Store {
         }
     }
 
-    public func pruneIdempotencyKeys() async throws {
-        let cutoff = Timestamp.nowMicros() - idempotencyWindow
-        try await client.query("DELETE FROM idempotency WHERE created_at < \(cutoff)", logger: logger)
+    public func pruneExpired() async throws {
+        let now = Timestamp.nowMicros()
+        try await client.query("DELETE FROM idempotency WHERE created_at < \(now - idempotencyWindow)", logger: logger)
+        try await client.query("DELETE FROM revocations WHERE until <= \(now / 1_000_000)", logger: logger)
+        try await client.query("DELETE FROM member_removals WHERE at < \(now - removalWindowMicros)", logger: logger)
     }
 
     // MARK: append

@@ -30,3 +30,6 @@ public struct Retention: Sendable, Equatable {
                  details: ["channel": channel.rawValue, "oldest_cursor": Cursor.text(channel: channel, seq: floor), "first_seq": String(floor + 1)])
     }
 }
+
+/// How long a member removal is kept for instances to read (they read new ones every few seconds).
+let removalWindowMicros: Int64 = 24 * 3600 * 1_000_000

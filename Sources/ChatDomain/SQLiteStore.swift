@@ -34,7 +34,7 @@ public actor SQLiteStore: Store {
         _ = try await directory.query("PRAGMA synchronous=FULL")
         _ = try await directory.query("PRAGMA busy_timeout=5000")
         let store = SQLiteStore(writer: writer, reader: reader, directory: directory, maxPending: maxPending, idempotencyWindow: idempotencyWindow, logger: logger)
-        try await store.pruneIdempotencyKeys()
+        try await store.pruneExpired()
         return store
     }
 
@@ -90,8 +90,13 @@ public actor SQLiteStore: Store {
         }
     }
 
-    public func pruneIdempotencyKeys() async throws {
-        _ = try await writer.query("DELETE FROM idempotency WHERE created_at < ?", [.integer(Int(Timestamp.nowMicros() - idempotencyWindow))])
+    public func pruneExpired() async throws {
+        let now = Timestamp.nowMicros()
+        _ = try await writer.query("DELETE FROM idempotency WHERE created_at < ?", [.integer(Int(now - idempotencyWindow))])
+        try await write { db in
+            _ = try await db.query("DELETE FROM revocations WHERE until <= ?", [.integer(Int(now / 1_000_000))])
+            _ = try await db.query("DELETE FROM member_removals WHERE at < ?", [.integer(Int(now - removalWindowMicros))])
+        }
     }
 
     // MARK: append (one transaction per batch)

@@ -47,8 +47,10 @@ public protocol Store: ThreadStore {
     var appends: GroupCommit { get }
     /// Where committed batches go (the bus), in commit order.
     func setCommitObserver(_ observer: @escaping CommitObserver) async
-    /// Forgets request ids older than the idempotency window (run periodically).
-    func pruneIdempotencyKeys() async throws
+    /// Deletes the rows that cannot matter any more (run periodically): request ids older than the
+    /// idempotency window, revocations past their `until` (no token they cover is still valid), member
+    /// removals older than `removalWindow` (every instance has read them long before).
+    func pruneExpired() async throws
     /// Applies `retention` to `channel`: raises the channel's floor (the newest seq no longer kept) to what
     /// the limits allow, then deletes the messages at or below it, `batch` rows per statement. Returns the
     /// rows deleted. Reads after a position below the floor fail with `CURSOR_EXPIRED` from then on: a reader

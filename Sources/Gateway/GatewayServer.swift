@@ -188,9 +188,9 @@ public final class GatewayServer: Sendable {
                 presenceConnection?.stop()
             },
             InstancePart(description: "hub") { startedHub.stop() },
-            // Request ids are forgotten once out of their window: prune every hour (or every window, if shorter).
-            PeriodicWork(description: "idempotency pruning", interval: pruneEvery) {
-                do { try await store.pruneIdempotencyKeys() } catch { logger.warning("pruning request ids failed", metadata: ["error": "\(error)"]) }
+            // Request ids out of their window, revocations past their end, old removals: every hour (or every window).
+            PeriodicWork(description: "pruning", interval: pruneEvery) {
+                do { try await store.pruneExpired() } catch { logger.warning("pruning expired rows failed", metadata: ["error": "\(error)"]) }
             },
             // Revocations and removals the bus lost (Redis down at the time) still arrive.
             PeriodicWork(description: "revocation refresh", interval: config.revocationRefresh) { [weak app] in

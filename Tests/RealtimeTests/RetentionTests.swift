@@ -1,4 +1,6 @@
 import Auth
+@testable import ChatDomain
+import Logging
 import Foundation
 import Gateway
 import NIOConcurrencyHelpers
@@ -110,5 +112,31 @@ import Testing
         #expect(try await HTTPTestClient.metric("gateway_retention_deleted_total", port: port) == 900)
         await live.close()
         print("retention: 1,000 published, the last 100 kept (900 deleted in batches of 64 every 100 ms, while publishing); live subscriber 1…1000 with no gap; 3 catch-up readers never saw a gap (\(restarts) restarts from the oldest position after 410)")
+    }
+}
+
+/// The rows that cannot matter any more are deleted: request ids out of their window, revocations past their end.
+@Suite struct PruningTests {
+    @Test func expiredRequestIdsAndRevocationsArePrunedAndLiveOnesKept() async throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("gw-prune-\(UUID().uuidString).sqlite").path
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let store = try await SQLiteStore.open(path: path, idempotencyWindow: .milliseconds(200), logger: Logger(label: "test-store"))
+        let channel = try ChannelName(parsing: "topic:pruned")
+        _ = try await store.append(AppendRequest(channel: channel, sender: "svc", requestId: "old", body: "{}"))
+        let now = Int64(Date().timeIntervalSince1970)
+        try await store.revoke(Revocation(kind: .sub, value: "gone", at: now - 100, until: now - 1))
+        try await store.revoke(Revocation(kind: .sub, value: "kept", at: now, until: now + 3600))
+        try await Task.sleep(for: .milliseconds(300))
+        _ = try await store.append(AppendRequest(channel: channel, sender: "svc", requestId: "fresh", body: "{}"))
+        func count(_ sql: String) async throws -> Int { try await store.reader.query(sql).first?.column("n")?.integer ?? -1 }
+        #expect(try await count("SELECT count(*) AS n FROM idempotency") == 2)
+        #expect(try await count("SELECT count(*) AS n FROM revocations") == 2)
+        try await store.pruneExpired()
+        #expect(try await count("SELECT count(*) AS n FROM idempotency") == 1, "the request id out of its window is deleted, the fresh one kept")
+        #expect(try await count("SELECT count(*) AS n FROM revocations") == 1, "the revocation past its end is deleted")
+        #expect(try await store.revocations(now: now).map(\.value) == ["kept"])
+        // The messages themselves are not touched by pruning.
+        #expect(try await store.messages(in: channel, after: 0, limit: 10).messages.count == 2)
+        await store.close()
     }
 }
