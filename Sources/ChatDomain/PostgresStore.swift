@@ -70,7 +70,8 @@ public final class PostgresStore: Store {
                             logger: Logger) async throws -> PostgresStore {
         let store = PostgresStore(client: client, maxPending: maxPending, idempotencyWindow: idempotencyWindow, logger: logger)
         try await store.migrate()
-        try await store.pruneExpired()
+        // Pruning is housekeeping: a failure here is logged, and what matters (migrations, revocations) fails on its own.
+        do { try await store.pruneExpired() } catch { logger.warning("pruning expired rows failed", metadata: ["error": "\(String(reflecting: error))"]) }
         return store
     }
 

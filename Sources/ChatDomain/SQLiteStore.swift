@@ -34,7 +34,8 @@ public actor SQLiteStore: Store {
         _ = try await directory.query("PRAGMA synchronous=FULL")
         _ = try await directory.query("PRAGMA busy_timeout=5000")
         let store = SQLiteStore(writer: writer, reader: reader, directory: directory, maxPending: maxPending, idempotencyWindow: idempotencyWindow, logger: logger)
-        try await store.pruneExpired()
+        // Pruning is housekeeping: a failure here is logged, and what matters (migrations, revocations) fails on its own.
+        do { try await store.pruneExpired() } catch { logger.warning("pruning expired rows failed", metadata: ["error": "\(String(reflecting: error))"]) }
         return store
     }
 
