@@ -10,6 +10,12 @@ public struct ChannelName: Hashable, Sendable, CustomStringConvertible {
 
     public let rawValue: String
     public let kind: Kind
+    /// FNV-1a of `rawValue`, the second half of every cursor of the channel (computed once, not per message).
+    public var cursorHash: UInt64 { _cursorHash }
+    private var _cursorHash: UInt64 = 0
+
+    public static func == (a: ChannelName, b: ChannelName) -> Bool { a.rawValue == b.rawValue }
+    public func hash(into hasher: inout Hasher) { hasher.combine(rawValue) }
 
     public var description: String { rawValue }
 
@@ -38,6 +44,7 @@ public struct ChannelName: Hashable, Sendable, CustomStringConvertible {
         } else {
             throw ApiError(.invalidChannel, "channel must be thread:<uuid>, topic:<name> or user:<sub>", details: ["channel": text])
         }
+        _cursorHash = Cursor.hash(rawValue)
     }
 
     /// The personal channel of `sub`, if `sub` can name one.
@@ -45,6 +52,7 @@ public struct ChannelName: Hashable, Sendable, CustomStringConvertible {
         guard ChannelName.isUserSub(Substring(sub)) else { return nil }
         self.rawValue = "user:" + sub
         self.kind = .user(sub: sub)
+        _cursorHash = Cursor.hash(rawValue)
     }
 
     /// Subs that have a personal channel: 1…128 bytes of letters, digits and `._@+-`.
@@ -58,6 +66,7 @@ public struct ChannelName: Hashable, Sendable, CustomStringConvertible {
     public init(thread id: String) {
         self.rawValue = "thread:" + id
         self.kind = .thread(id: id)
+        _cursorHash = Cursor.hash(rawValue)
     }
 
     static func isTopicByte(_ b: UInt8) -> Bool {

@@ -31,7 +31,7 @@ public struct Message: Sendable, Equatable {
         out += "\",\"seq\":"
         out += String(seq)
         out += ",\"cursor\":\""
-        out += Cursor.text(channel: channel, seq: seq)
+        Cursor.append(seq: seq, channelHash: channel.cursorHash, to: &out)
         out += "\",\"created_at\":\""
         out += Timestamp.iso8601(micros: createdAtMicros)
         out += "\",\"sender\":"

@@ -25,7 +25,7 @@ public protocol SubscriptionSink: AnyObject {
 /// hands over to live delivery with no gap and no duplicate. The decisions are the
 /// `SubscriptionStateMachine`'s; this class only carries them out.
 public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutable state is only touched on `eventLoop`
-    public static let catchUpPage = 100
+    public static let catchUpPage = 1000
 
     public let channel: ChannelName
     public let eventLoop: any EventLoop
@@ -36,6 +36,8 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
     private var failure: ApiError?
     /// Catch-up pages hold about one send budget: sized from the last page's messages.
     private var pageLimit: Int
+    /// The catch-up page written before the last one (its reaching the socket lets the next read start).
+    private var previousPage: EventLoopFuture<Void>?
 
     /// `largestMessage`: the most one message may take, which sizes the first page (before the channel's
     /// message size is known) so that it holds no more than one budget.
@@ -123,8 +125,8 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
         guard let sink else { return }
         var written: EventLoopFuture<Void>?
         if let format, !actions.write.isEmpty || flushing {
-            // Pacing: the next page is read once this one reached the socket (not merely the queue), so a client
-            // that reads keeps the queue short, and one that stops reading stops the catch-up.
+            // Pacing: the next page is read once the page before this one reached the socket (not merely the
+            // queue), so a client that reads keeps the queue short, and one that stops reading stops the catch-up.
             let promise = actions.readWhenFlushed != nil && !actions.write.isEmpty ? eventLoop.makePromise(of: Void.self) : nil
             for (index, message) in actions.write.enumerated() {
                 sink.write(message.bytes(format) ?? hub.encoder(message.message, format),
@@ -136,13 +138,17 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
         }
         if let after = actions.read { read(after: after) }
         if let after = actions.readWhenFlushed {
-            // Pace the catch-up: read the next page only once this one reached the socket.
+            // Pace the catch-up: a client that stops reading stops it.
             let next: @Sendable () -> Void = { [weak self] in
                 guard let self, self.machine.startDeferredRead() else { return }
                 self.read(after: after)
             }
             if let written {
-                written.whenComplete { _ in next() }
+                // One page of lookahead: the next page is read while this one is on its way, once the page
+                // before it reached the socket (at most two pages, about half the budget, are queued).
+                let gate = previousPage
+                previousPage = written
+                if let gate { gate.whenComplete { _ in next() } } else { next() }
             } else {
                 // Nothing new came back although more was expected (the store lagging what was received).
                 eventLoop.scheduleTask(in: .milliseconds(20)) { next() }
