@@ -89,7 +89,7 @@ struct ClientSession {
 
     private(set) var actor: Actor
     private let limits: Limits
-    private var subscriptions: [ChannelName: SubscriptionState] = [:]
+    private var subscriptions = SmallMap<ChannelName, SubscriptionState>()
     private var commands: TokenBucket
     private var commandStrikes = 0
     private var publishStrikes = 0

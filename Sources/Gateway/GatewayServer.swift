@@ -150,6 +150,9 @@ public final class GatewayServer: Sendable {
             .childChannelOption(ChannelOptions.writeBufferWaterMark,
                                 value: .init(low: config.sendBudget / 2, high: config.sendBudget))
             .childChannelOption(ChannelOptions.maxMessagesPerRead, value: 16)
+            // NIO keeps each connection's receive buffer for its next read: start it small (an idle WebSocket holds
+            // 512 bytes, not 2 KiB); it grows for clients that send more.
+            .childChannelOption(ChannelOptions.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 512, maximum: 65536))
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try Self.configure(channel, app: app, upgrades: upgrades)

@@ -39,7 +39,7 @@ final class SessionDriver: LiveStream, PresenceWatcher, @unchecked Sendable {  /
     private var started = false
     private var released = false
     /// Channels this session counts in the presence list of (WebSocket and SSE subscriptions).
-    private var present: Set<ChannelName> = []
+    private var present = SmallMap<ChannelName, Void>()
 
     init(app: GatewayApp, actor: Actor, kind: Kind, eventLoop: any EventLoop, log: RequestLog, transport: any SessionTransport) {
         self.app = app
@@ -123,13 +123,14 @@ final class SessionDriver: LiveStream, PresenceWatcher, @unchecked Sendable {  /
             }
         case .begin(let channel, let after):
             transport?.begin(channel, after: after)
-            if kind != .longPoll, present.insert(channel).inserted {
+            if kind != .longPoll, present[channel] == nil {
+                present[channel] = ()
                 app.presence.join(channel, user: session.actor.sub)
                 app.channelSessions.add(channel, self)
             }
         case .cancel(let channel):
             transport?.cancel(channel)
-            if present.remove(channel) != nil {
+            if present.removeValue(forKey: channel) != nil {
                 app.presence.leave(channel, user: session.actor.sub)
                 app.presence.unwatch(channel, self)
                 app.channelSessions.remove(channel, self)

@@ -10,7 +10,7 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, SessionTran
     private let app: GatewayApp
     private var requestId: String { driver.log.requestId }
     private var driver: SessionDriver!
-    private var subscriptions: [ChannelName: Subscription] = [:]
+    private var subscriptions = SmallMap<ChannelName, Subscription>()
     private var ended = false
     /// Only with a test fault (`swap`): a message delivered after the next one.
     private var heldForFault: ByteBuffer?
