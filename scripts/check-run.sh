@@ -37,5 +37,5 @@ kill -TERM -- "-$RUN_PID"
 for _ in $(seq 1 100); do kill -0 "$RUN_PID" 2>/dev/null || break; sleep 0.1; done
 if kill -0 "$RUN_PID" 2>/dev/null; then echo "check-run: gateway did not stop on SIGTERM" >&2; exit 1; fi
 RUN_PID=""
-grep -q "gateway shutting down" "$LOG" || { cat "$LOG"; echo "check-run: no graceful shutdown" >&2; exit 1; }
+grep -q "gateway drained" "$LOG" || { cat "$LOG"; echo "check-run: no graceful shutdown (no \"gateway drained\" in the log)" >&2; exit 1; }
 echo "check-run: make run served, published, streamed and stopped (port $PORT)"

@@ -22,18 +22,21 @@ extension SQLiteStore {
         CREATE INDEX member_removals_at ON member_removals (at)
         """
 
-    /// Runs `body` in one write transaction on the directory connection.
+    /// Runs `body` in one write transaction on the directory connection, one transaction at a time (two
+    /// callers must not interleave their statements on the one connection).
     nonisolated func write<T: Sendable>(_ body: @Sendable (SQLiteConnection) async throws -> T) async throws(ApiError) -> T {
         let db = directory
         do {
-            _ = try await db.query("BEGIN IMMEDIATE")
-            do {
-                let result = try await body(db)
-                _ = try await db.query("COMMIT")
-                return result
-            } catch {
-                _ = try? await db.query("ROLLBACK")
-                throw error
+            return try await directoryWrites.run {
+                _ = try await db.query("BEGIN IMMEDIATE")
+                do {
+                    let result = try await body(db)
+                    _ = try await db.query("COMMIT")
+                    return result
+                } catch {
+                    _ = try? await db.query("ROLLBACK")
+                    throw error
+                }
             }
         } catch let error as ApiError {
             throw error

@@ -14,6 +14,8 @@ public actor SQLiteStore: Store {
     nonisolated let reader: SQLiteConnection
     /// Thread, member, read-cursor and revocation writes (see SQLiteStore+Threads).
     nonisolated let directory: SQLiteConnection
+    /// The directory connection's write transactions, one at a time.
+    nonisolated let directoryWrites = SerialAccess()
     nonisolated let logger: Logger
     /// How long a request id is remembered (PROTOCOL.md: 24 hours).
     private let idempotencyWindow: Int64

@@ -265,6 +265,7 @@ public final class GatewayServer: Sendable {
     public func shutdown() async {
         let task = stopping.withLockedValue { running -> Task<Void, Never> in
             if let running { return running }
+            app.logger.info("gateway shutting down")
             let (stop, group, lockFD) = (self.stop, self.group, self.lockFD)
             let task = Task {
                 await stop()

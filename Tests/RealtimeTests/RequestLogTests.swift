@@ -70,9 +70,9 @@ import Testing
         #expect(output.count == lines.count + 1)
         let objects = lines.map { json($0) }
         #expect(objects.allSatisfy { $0["time"] is String && $0["level"] is String && $0["message"] is String }, "a line that is not a JSON log object")
-        // The lines of the run: after the listener started, before the drain began.
+        // The lines of the run: after the listener started, before the shutdown began.
         let start = try #require(objects.lastIndex { $0["message"] as? String == "gateway listening" })
-        let end = objects.lastIndex { $0["message"] as? String == "gateway draining" } ?? objects.count
+        let end = objects[(start + 1)...].firstIndex { ["gateway shutting down", "gateway draining"].contains($0["message"] as? String ?? "") } ?? objects.count
         let run = Array(objects[(start + 1)..<end])
         #expect(run.count >= ids.count, "\(run.count) lines logged during the run")
         for line in run {

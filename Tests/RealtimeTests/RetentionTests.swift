@@ -140,3 +140,36 @@ import Testing
         await store.close()
     }
 }
+
+/// The embedded store's directory connection runs one write transaction at a time: concurrent thread writes
+/// (and retention's trims) never interleave their statements on it.
+@Suite struct DirectoryWriteTests {
+    @Test func concurrentThreadWritesAndTrimsAllSucceed() async throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("gw-serial-\(UUID().uuidString).sqlite").path
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let store = try await SQLiteStore.open(path: path, logger: Logger(label: "test-store"))
+        let channel = try ChannelName(parsing: "topic:trimmed")
+        for i in 0..<50 { _ = try await store.append(AppendRequest(channel: channel, sender: "svc", requestId: nil, body: "{\"i\":\(i)}")) }
+        let failures = try await withThrowingTaskGroup(of: Int.self) { group in
+            for i in 0..<40 {
+                group.addTask {
+                    do {
+                        if i % 4 == 0 {
+                            _ = try await store.trim(channel, retention: Retention(maxCount: 40 - i / 4), batch: 3)
+                        } else {
+                            try await store.createThread(ChatThread(id: UUID().uuidString.lowercased(), title: "t\(i)", creator: "ann",
+                                                                    createdAtMicros: Timestamp.nowMicros(), members: ["ann", "bob", "carol"]))
+                        }
+                        return 0
+                    } catch {
+                        return 1
+                    }
+                }
+            }
+            return try await group.reduce(0, +)
+        }
+        #expect(failures == 0)
+        #expect(try await store.threads(of: "bob").count == 30)
+        await store.close()
+    }
+}
