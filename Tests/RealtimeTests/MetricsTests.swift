@@ -45,6 +45,11 @@ import Testing
             }
             let beforeA = try await Self.samples(port: a.port)
             let beforeB = try await Self.samples(port: b.port)
+            // Each bus came up once, and nothing polls the store while it is up.
+            for before in [beforeA, beforeB] {
+                #expect(before["gateway_redis_connects_total"] == 1 && before["gateway_redis_disconnects_total", default: 0] == 0)
+                #expect(before["gateway_fanout_polling"] == 0)
+            }
 
             // On B: three WebSocket subscribers and one SSE stream, live.
             var sockets: [WSTestClient] = []
@@ -99,6 +104,8 @@ import Testing
                 "gateway_auth_failures_total{reason=\"expired\"}": 1,
                 "gateway_rate_limited_total": 2,
                 "gateway_redis_dropped_publishes_total": 0,
+                "gateway_store_head_checks_total{reason=\"poll\"}": 0,
+                "gateway_redis_connects_total": 0,
             ]
             for (series, value) in expectedA { #expect(movedA[series, default: 0] == value, "A: \(series)") }
             let expectedB: [String: Double] = [
@@ -110,6 +117,9 @@ import Testing
                 "gateway_publish_to_deliver_seconds_count": 12,
                 "gateway_gap_repairs_total": 1,
                 "gateway_reconcile_repairs_total": 0,
+                "gateway_store_head_checks_total{reason=\"poll\"}": 0,
+                "gateway_store_head_checks_total{reason=\"reconcile\"}": 0,
+                "gateway_redis_disconnects_total": 0,
                 "gateway_auth_failures_total{reason=\"missing\"}": 0,
                 "gateway_rate_limited_total": 0,
             ]
