@@ -89,11 +89,23 @@ public final class ChannelService: Sendable {
     /// Parses a channel name and checks that `actor` may do `action` on it (a thread's membership is read
     /// from the store at every check: subscribe, resume, read and publish).
     public func authorize(_ actor: Actor, _ action: Action, _ name: String) async throws(ApiError) -> ChannelName {
+        try await check(actor, action, name, withEpoch: false).channel
+    }
+
+    /// `authorize`, and for a member's stream of a thread the membership epoch read with the membership: the
+    /// stream must end at any removal with a later epoch. Nil for streams no removal ends (topics, admins).
+    private func check(_ actor: Actor, _ action: Action, _ name: String, withEpoch: Bool) async throws(ApiError) -> (channel: ChannelName, epoch: Int64?) {
         let channel = try ChannelName(parsing: name)
         let resource: Resource
+        var epoch: Int64?
         switch channel.kind {
         case .topic(let topic): resource = .topic(name: topic)
-        case .thread(let id): resource = .thread(id: id, isMember: actor.isAdmin ? true : try await store.isMember(actor.sub, of: id))
+        case .thread(let id) where actor.isAdmin: resource = .thread(id: id, isMember: true)
+        case .thread(let id) where withEpoch:
+            let membership = try await store.membership(of: actor.sub, in: id)
+            epoch = membership.epoch
+            resource = .thread(id: id, isMember: membership.isMember)
+        case .thread(let id): resource = .thread(id: id, isMember: try await store.isMember(actor.sub, of: id))
         case .user(let sub):
             // Written by the gateway only: no client publishes there, admins included.
             if action == .publish { throw ApiError(.forbidden, "user channels are written by the gateway", details: ["channel": channel.rawValue]) }
@@ -102,7 +114,7 @@ public final class ChannelService: Sendable {
         guard policy.can(actor, action, resource) else {
             throw ApiError(.forbidden, "not allowed to \(action.rawValue) on \(channel.rawValue)", details: ["channel": channel.rawValue])
         }
-        return channel
+        return (channel, epoch)
     }
 
     /// Where a stream (a subscription, an SSE stream, a long-poll) starts.
@@ -116,25 +128,34 @@ public final class ChannelService: Sendable {
     }
 
     /// The one way a stream opens, on every transport: the name parsed, `action` allowed through the policy, and
-    /// the position the stream continues after (a cursor checked against the channel and its head).
-    public func open(_ actor: Actor, _ action: Action, _ name: String, from start: StreamStart) async throws(ApiError) -> (channel: ChannelName, after: Int64) {
+    /// the position the stream continues after (a cursor checked against the channel and its head), with the
+    /// membership epoch the permission was read at (nil when no removal can end the stream).
+    public func open(_ actor: Actor, _ action: Action, _ name: String, from start: StreamStart) async throws(ApiError) -> StreamOpening {
         let channel = try ChannelName(parsing: name)
         var cursor: Cursor?
         if case .since(let text) = start { cursor = try Cursor(parsing: text, for: channel) }
         if case .history(let n) = start, !(0...Self.maxPageSize).contains(n) {
             throw ApiError(.badRequest, "history must be an integer in 0...\(Self.maxPageSize)")
         }
-        _ = try await authorize(actor, action, name)
+        let epoch = try await check(actor, action, name, withEpoch: true).epoch
         let head = try await store.head(of: channel)
         switch start {
-        case .live: return (channel, head)
-        case .history(let n): return (channel, max(0, head - Int64(n)))
+        case .live: return StreamOpening(channel: channel, after: head, membershipEpoch: epoch)
+        case .history(let n): return StreamOpening(channel: channel, after: max(0, head - Int64(n)), membershipEpoch: epoch)
         case .since:
             let after = try position(of: cursor, in: channel, head: head)
             let floor = try await store.floor(of: channel)
             guard after >= floor else { throw Retention.expired(channel, after: after, floor: floor) }
-            return (channel, after)
+            return StreamOpening(channel: channel, after: after, membershipEpoch: epoch)
         }
+    }
+
+    public struct StreamOpening: Sendable, Equatable {
+        public let channel: ChannelName
+        /// The position the stream continues after.
+        public let after: Int64
+        /// The thread's membership epoch when the permission was read; nil when no removal ends the stream.
+        public let membershipEpoch: Int64?
     }
 
     /// Validates and commits a publish. `body` is the parsed JSON value of the request's `body`.

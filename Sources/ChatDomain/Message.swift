@@ -14,8 +14,14 @@ public struct Message: Sendable, Equatable {
     public let body: String
     /// The whole message as JSON text.
     public let json: String
+    /// How many members the thread had lost (removals) when the message was committed: 0 for topics. Not
+    /// part of the message's JSON; a live stream of a thread checks for a removal it has not seen yet when
+    /// this passes what it knows (a removal and a later message may reach an instance in either order).
+    public let membershipEpoch: Int64
 
-    public init(id: String, channel: ChannelName, seq: Int64, createdAtMicros: Int64, sender: String, requestId: String?, body: String) {
+    public init(id: String, channel: ChannelName, seq: Int64, createdAtMicros: Int64, sender: String, requestId: String?, body: String,
+                membershipEpoch: Int64 = 0) {
+        self.membershipEpoch = membershipEpoch
         self.id = id
         self.channel = channel
         self.seq = seq

@@ -19,6 +19,15 @@ extension PostgresStore {
         CREATE INDEX member_removals_at ON member_removals (at)
         """
 
+    /// Each thread channel counts its removals (`channels.member_epoch`); every message keeps the count at its
+    /// commit, and every removal the count it set.
+    static let membershipEpochMigration = """
+        ALTER TABLE channels ADD COLUMN member_epoch BIGINT NOT NULL DEFAULT 0;
+        ALTER TABLE messages ADD COLUMN member_epoch BIGINT NOT NULL DEFAULT 0;
+        ALTER TABLE member_removals ADD COLUMN epoch BIGINT NOT NULL DEFAULT 0;
+        CREATE INDEX member_removals_member ON member_removals (thread_id, user_id, epoch)
+        """
+
     /// Runs `body` (one statement or a transaction) within the read deadline; failures are 503.
     private func run<T: Sendable>(_ body: @escaping @Sendable (PostgresClient, Logger) async throws -> T) async throws(ApiError) -> T {
         let client = self.client
@@ -72,6 +81,32 @@ extension PostgresStore {
         }
     }
 
+    public func membership(of user: String, in thread: String) async throws(ApiError) -> (isMember: Bool, epoch: Int64) {
+        try await run { client, logger in
+            var answer = (isMember: false, epoch: Int64(0))
+            for try await (member, epoch) in try await client.query("""
+                SELECT EXISTS (SELECT 1 FROM thread_members WHERE thread_id = \(thread) AND user_id = \(user)),
+                       COALESCE((SELECT member_epoch FROM channels WHERE name = \("thread:" + thread)), 0)
+                """, logger: logger).decode((Bool, Int64).self) {
+                answer = (member, epoch)
+            }
+            return answer
+        }
+    }
+
+    public func removalHead(of user: String, from thread: String, epochs: ClosedRange<Int64>) async throws(ApiError) -> Int64? {
+        try await run { client, logger in
+            var head: Int64?
+            for try await value in try await client.query("""
+                SELECT min(head) FROM member_removals
+                WHERE thread_id = \(thread) AND user_id = \(user) AND epoch BETWEEN \(epochs.lowerBound) AND \(epochs.upperBound)
+                """, logger: logger).decode(Int64?.self) {
+                head = value
+            }
+            return head
+        }
+    }
+
     public func threads(of user: String) async throws(ApiError) -> [ThreadSummary] {
         let rows = try await run { client, logger in
             var rows: [(ChatThread, Int64, Int64)] = []
@@ -113,24 +148,27 @@ extension PostgresStore {
     public func removeMember(_ user: String, from thread: String) async throws(ApiError) -> MemberRemoval? {
         try await run { client, logger in
             try await client.withTransaction(logger: logger) { db in
-                // Lock the channel's row as a publish does: every message is committed either before the
-                // removal (seq ≤ the head read here) or after it.
-                var head: Int64 = 0
-                let channel = "thread:" + thread
-                for try await seq in try await db.query("""
-                    INSERT INTO channels (name, last_seq, last_created_at) VALUES (\(channel), 0, 0)
-                    ON CONFLICT (name) DO UPDATE SET name = excluded.name RETURNING last_seq
-                    """, logger: logger).decode(Int64.self) {
-                    head = seq
-                }
                 var removed = false
                 for try await _ in try await db.query("DELETE FROM thread_members WHERE thread_id = \(thread) AND user_id = \(user) RETURNING 1", logger: logger).decode(Int.self) {
                     removed = true
                 }
                 guard removed else { return nil }
+                // Lock the channel's row as a publish does: every message is committed either before the
+                // removal (seq ≤ the head read here, epoch below this one) or after it (with this epoch or later).
+                var head: Int64 = 0
+                var epoch: Int64 = 0
+                let channel = "thread:" + thread
+                for try await (seq, newEpoch) in try await db.query("""
+                    INSERT INTO channels AS c (name, last_seq, last_created_at, member_epoch) VALUES (\(channel), 0, 0, 1)
+                    ON CONFLICT (name) DO UPDATE SET member_epoch = c.member_epoch + 1 RETURNING last_seq, member_epoch
+                    """, logger: logger).decode((Int64, Int64).self) {
+                    (head, epoch) = (seq, newEpoch)
+                }
                 let now = Timestamp.nowMicros()
-                let removal = MemberRemoval(id: UUIDv7.make(micros: now), thread: thread, user: user, head: head, atMicros: now)
-                try await db.query("INSERT INTO member_removals (id, thread_id, user_id, head, at) VALUES (\(removal.id), \(thread), \(user), \(head), \(now))", logger: logger)
+                let removal = MemberRemoval(id: UUIDv7.make(micros: now), thread: thread, user: user, head: head, atMicros: now, epoch: epoch)
+                try await db.query("""
+                    INSERT INTO member_removals (id, thread_id, user_id, head, at, epoch) VALUES (\(removal.id), \(thread), \(user), \(head), \(now), \(epoch))
+                    """, logger: logger)
                 return removal
             }
         }
@@ -138,12 +176,11 @@ extension PostgresStore {
 
     public func memberRemovals(since atMicros: Int64) async throws(ApiError) -> [MemberRemoval] {
         try await run { client, logger in
-            try await client.query("DELETE FROM member_removals WHERE at < \(Timestamp.nowMicros() - 3_600_000_000)", logger: logger)
             var out: [MemberRemoval] = []
-            for try await (id, thread, user, head, at) in try await client.query(
-                "SELECT id, thread_id, user_id, head, at FROM member_removals WHERE at >= \(atMicros) ORDER BY at", logger: logger
-            ).decode((String, String, String, Int64, Int64).self) {
-                out.append(MemberRemoval(id: id, thread: thread, user: user, head: head, atMicros: at))
+            for try await (id, thread, user, head, at, epoch) in try await client.query(
+                "SELECT id, thread_id, user_id, head, at, epoch FROM member_removals WHERE at >= \(atMicros) ORDER BY at", logger: logger
+            ).decode((String, String, String, Int64, Int64, Int64).self) {
+                out.append(MemberRemoval(id: id, thread: thread, user: user, head: head, atMicros: at, epoch: epoch))
             }
             return out
         }

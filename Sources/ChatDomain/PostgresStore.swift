@@ -109,6 +109,7 @@ public final class PostgresStore: Store {
         threadMigration,
         removalMigration,
         "ALTER TABLE channels ADD COLUMN floor_seq BIGINT NOT NULL DEFAULT 0",
+        membershipEpochMigration,
     ]
 
     /// Versioned migrations in `schema_migrations`, under an advisory lock so that instances starting at
@@ -253,9 +254,9 @@ public final class PostgresStore: Store {
                 ON CONFLICT (name) DO UPDATE SET
                     last_seq = c.last_seq + excluded.last_seq,
                     last_created_at = greatest(excluded.last_created_at, c.last_created_at + excluded.last_seq)
-                RETURNING name, last_seq, last_created_at
+                RETURNING name, last_seq, last_created_at, member_epoch
                 """, logger: logger)
-            for try await (name, lastSeq, lastCreatedAt) in rows.decode((String, Int64, Int64).self) {
+            for try await (name, lastSeq, lastCreatedAt, epoch) in rows.decode((String, Int64, Int64, Int64).self) {
                 guard let indices = byChannel[name] else { continue }
                 let k = Int64(indices.count)
                 for (offset, index) in indices.enumerated() {
@@ -263,7 +264,7 @@ public final class PostgresStore: Store {
                     let seq = lastSeq - k + 1 + Int64(offset)
                     let createdAt = lastCreatedAt - k + 1 + Int64(offset)
                     stored[index] = Message(id: UUIDv7.make(micros: createdAt), channel: request.channel, seq: seq, createdAtMicros: createdAt,
-                                            sender: request.sender, requestId: request.requestId, body: request.body)
+                                            sender: request.sender, requestId: request.requestId, body: request.body, membershipEpoch: epoch)
                 }
             }
             guard stored.count == fresh.count else { throw PostgresStoreError("a channel head was not returned") }
@@ -273,11 +274,11 @@ public final class PostgresStore: Store {
         if !stored.isEmpty {
             let messages = fresh.map { stored[$0]! }
             try await connection.query("""
-                INSERT INTO messages (channel, seq, id, created_at, sender, request_id, body)
-                SELECT c, s, i::uuid, t, u, NULLIF(r, ''), b FROM unnest(
+                INSERT INTO messages (channel, seq, id, created_at, sender, request_id, body, member_epoch)
+                SELECT c, s, i::uuid, t, u, NULLIF(r, ''), b, e FROM unnest(
                     \(messages.map(\.channel.rawValue))::text[], \(messages.map(\.seq))::int8[], \(messages.map(\.id))::text[],
                     \(messages.map(\.createdAtMicros))::int8[], \(messages.map(\.sender))::text[], \(messages.map { $0.requestId ?? "" })::text[],
-                    \(messages.map(\.body))::text[]) AS x(c, s, i, t, u, r, b)
+                    \(messages.map(\.body))::text[], \(messages.map(\.membershipEpoch))::int8[]) AS x(c, s, i, t, u, r, b, e)
                 """, logger: logger)
         }
 
@@ -344,16 +345,17 @@ public final class PostgresStore: Store {
                 var floor: Int64 = 0
                 var out: [Message] = []
                 let rows = try await client.query("""
-                    SELECT c.floor_seq, m.id::text, m.seq, m.created_at, m.sender, m.request_id, m.body
+                    SELECT c.floor_seq, m.id::text, m.seq, m.created_at, m.sender, m.request_id, m.body, m.member_epoch
                     FROM channels c LEFT JOIN LATERAL (
-                        SELECT id, seq, created_at, sender, request_id, body FROM messages
+                        SELECT id, seq, created_at, sender, request_id, body, member_epoch FROM messages
                         WHERE channel = c.name AND seq > \(after) ORDER BY seq LIMIT \(limit + 1)) m ON true
                     WHERE c.name = \(name) ORDER BY m.seq
                     """, logger: logger)
-                for try await (floorSeq, id, seq, createdAt, sender, requestId, body) in rows.decode((Int64, String?, Int64?, Int64?, String?, String?, String?).self) {
+                for try await (floorSeq, id, seq, createdAt, sender, requestId, body, epoch) in rows.decode((Int64, String?, Int64?, Int64?, String?, String?, String?, Int64?).self) {
                     floor = floorSeq
                     guard let id, let seq, let createdAt, let sender, let body else { continue }
-                    out.append(Message(id: id, channel: channel, seq: seq, createdAtMicros: createdAt, sender: sender, requestId: requestId, body: body))
+                    out.append(Message(id: id, channel: channel, seq: seq, createdAtMicros: createdAt, sender: sender, requestId: requestId, body: body,
+                                       membershipEpoch: epoch ?? 0))
                 }
                 return (floor, out)
             }

@@ -22,6 +22,15 @@ extension SQLiteStore {
         CREATE INDEX member_removals_at ON member_removals (at)
         """
 
+    /// Each thread channel counts its removals (`channels.member_epoch`); every message keeps the count at its
+    /// commit, and every removal the count it set.
+    static let membershipEpochMigration = """
+        ALTER TABLE channels ADD COLUMN member_epoch INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE messages ADD COLUMN member_epoch INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE member_removals ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX member_removals_member ON member_removals (thread_id, user_id, epoch)
+        """
+
     /// Runs `body` in one write transaction on the directory connection, one transaction at a time (two
     /// callers must not interleave their statements on the one connection).
     nonisolated func write<T: Sendable>(_ body: @Sendable (SQLiteConnection) async throws -> T) async throws(ApiError) -> T {
@@ -125,25 +134,45 @@ extension SQLiteStore {
             let before = try await db.query("SELECT 1 FROM thread_members WHERE thread_id = ? AND user_id = ?", [.text(thread), .text(user)])
             guard !before.isEmpty else { return nil }
             _ = try await db.query("DELETE FROM thread_members WHERE thread_id = ? AND user_id = ?", [.text(thread), .text(user)])
-            // The write lock is held: no message commits between this read and the removal's commit.
-            let rows = try await db.query("SELECT last_seq FROM channels WHERE name = ?", [.text("thread:" + thread)])
+            // The write lock is held: no message commits between this read and the removal's commit (each one is
+            // before it, with a lower epoch, or after it, with this epoch or later).
+            _ = try await db.query("""
+                INSERT INTO channels (name, last_seq, last_created_at, member_epoch) VALUES (?, 0, 0, 1)
+                ON CONFLICT(name) DO UPDATE SET member_epoch = member_epoch + 1
+                """, [.text("thread:" + thread)])
+            let rows = try await db.query("SELECT last_seq, member_epoch FROM channels WHERE name = ?", [.text("thread:" + thread)])
             let now = Timestamp.nowMicros()
             let removal = MemberRemoval(id: UUIDv7.make(micros: now), thread: thread, user: user,
-                                        head: Int64(rows.first?.column("last_seq")?.integer ?? 0), atMicros: now)
-            _ = try await db.query("INSERT INTO member_removals (id, thread_id, user_id, head, at) VALUES (?, ?, ?, ?, ?)",
-                                   [.text(removal.id), .text(thread), .text(user), .integer(Int(removal.head)), .integer(Int(now))])
+                                        head: Int64(rows.first?.column("last_seq")?.integer ?? 0), atMicros: now,
+                                        epoch: Int64(rows.first?.column("member_epoch")?.integer ?? 0))
+            _ = try await db.query("INSERT INTO member_removals (id, thread_id, user_id, head, at, epoch) VALUES (?, ?, ?, ?, ?, ?)",
+                                   [.text(removal.id), .text(thread), .text(user), .integer(Int(removal.head)), .integer(Int(now)),
+                                    .integer(Int(removal.epoch))])
             return removal
         }
     }
 
     public nonisolated func memberRemovals(since atMicros: Int64) async throws(ApiError) -> [MemberRemoval] {
-        try await write { db in
-            _ = try await db.query("DELETE FROM member_removals WHERE at < ?", [.integer(Int(Timestamp.nowMicros() - 3_600_000_000))])
-        }
-        return try await query("SELECT id, thread_id, user_id, head, at FROM member_removals WHERE at >= ? ORDER BY at", [.integer(Int(atMicros))]).map { row in
+        try await query("SELECT id, thread_id, user_id, head, at, epoch FROM member_removals WHERE at >= ? ORDER BY at", [.integer(Int(atMicros))]).map { row in
             MemberRemoval(id: row.column("id")?.string ?? "", thread: row.column("thread_id")?.string ?? "", user: row.column("user_id")?.string ?? "",
-                          head: Int64(row.column("head")?.integer ?? 0), atMicros: Int64(row.column("at")?.integer ?? 0))
+                          head: Int64(row.column("head")?.integer ?? 0), atMicros: Int64(row.column("at")?.integer ?? 0),
+                          epoch: Int64(row.column("epoch")?.integer ?? 0))
         }
+    }
+
+    public nonisolated func membership(of user: String, in thread: String) async throws(ApiError) -> (isMember: Bool, epoch: Int64) {
+        let rows = try await query("""
+            SELECT EXISTS (SELECT 1 FROM thread_members WHERE thread_id = ?1 AND user_id = ?2) AS member,
+                   COALESCE((SELECT member_epoch FROM channels WHERE name = 'thread:' || ?1), 0) AS epoch
+            """, [.text(thread), .text(user)])
+        return (rows.first?.column("member")?.integer == 1, Int64(rows.first?.column("epoch")?.integer ?? 0))
+    }
+
+    public nonisolated func removalHead(of user: String, from thread: String, epochs: ClosedRange<Int64>) async throws(ApiError) -> Int64? {
+        let rows = try await query("""
+            SELECT min(head) AS head FROM member_removals WHERE thread_id = ? AND user_id = ? AND epoch BETWEEN ? AND ?
+            """, [.text(thread), .text(user), .integer(Int(epochs.lowerBound)), .integer(Int(epochs.upperBound))])
+        return rows.first?.column("head")?.integer.map(Int64.init)
     }
 
     public nonisolated func moveReadCursor(of user: String, in thread: String, to seq: Int64) async throws(ApiError) -> (seq: Int64, unread: Int64) {

@@ -73,6 +73,7 @@ public actor SQLiteStore: Store {
         threadMigration,
         removalMigration,
         "ALTER TABLE channels ADD COLUMN floor_seq INTEGER NOT NULL DEFAULT 0",
+        membershipEpochMigration,
     ]
 
     /// Applies the migrations past `PRAGMA user_version`, each in its own transaction.
@@ -114,11 +115,12 @@ public actor SQLiteStore: Store {
         var outcomes: [Outcome] = []
         outcomes.reserveCapacity(batch.count)
         var touched: [ChannelName: Head] = [:]
+        var epochs: [ChannelName: Int64] = [:]
         do {
             _ = try await writer.query("BEGIN IMMEDIATE")
             let now = Timestamp.nowMicros()
             for request in batch {
-                outcomes.append(try await appendInTransaction(request, now: now, touched: &touched))
+                outcomes.append(try await appendInTransaction(request, now: now, touched: &touched, epochs: &epochs))
             }
             for (channel, head) in touched {
                 _ = try await writer.query(
@@ -143,7 +145,8 @@ public actor SQLiteStore: Store {
         }
     }
 
-    private func appendInTransaction(_ request: AppendRequest, now: Int64, touched: inout [ChannelName: Head]) async throws -> Outcome {
+    private func appendInTransaction(_ request: AppendRequest, now: Int64, touched: inout [ChannelName: Head],
+                                     epochs: inout [ChannelName: Int64]) async throws -> Outcome {
         let channel = request.channel
         if let requestId = request.requestId {
             let rows = try await writer.query(
@@ -168,13 +171,24 @@ public actor SQLiteStore: Store {
             let rows = try await writer.query("SELECT last_seq, last_created_at FROM channels WHERE name = ?", [.text(channel.rawValue)])
             head = Head(seq: Int64(rows.first?.column("last_seq")?.integer ?? 0), createdAt: Int64(rows.first?.column("last_created_at")?.integer ?? 0))
         }
+        // A thread's membership epoch, read in this transaction (removals write it on the directory connection).
+        var epoch: Int64 = 0
+        if case .thread = channel.kind {
+            if let known = epochs[channel] {
+                epoch = known
+            } else {
+                let rows = try await writer.query("SELECT member_epoch FROM channels WHERE name = ?", [.text(channel.rawValue)])
+                epoch = Int64(rows.first?.column("member_epoch")?.integer ?? 0)
+                epochs[channel] = epoch
+            }
+        }
         head.seq += 1
         head.createdAt = max(now, head.createdAt + 1)
         let id = UUIDv7.make(micros: head.createdAt)
         _ = try await writer.query(
-            "INSERT INTO messages (channel, seq, id, created_at, sender, request_id, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO messages (channel, seq, id, created_at, sender, request_id, body, member_epoch) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [.text(channel.rawValue), .integer(Int(head.seq)), .text(id), .integer(Int(head.createdAt)), .text(request.sender),
-             request.requestId.map { .text($0) } ?? .null, .text(request.body)])
+             request.requestId.map { .text($0) } ?? .null, .text(request.body), .integer(Int(epoch))])
         if let requestId = request.requestId {
             _ = try await writer.query(
                 "INSERT OR REPLACE INTO idempotency (channel, sender, request_id, seq, created_at) VALUES (?, ?, ?, ?, ?)",
@@ -182,17 +196,18 @@ public actor SQLiteStore: Store {
         }
         touched[channel] = head
         return .stored(Message(id: id, channel: channel, seq: head.seq, createdAtMicros: head.createdAt, sender: request.sender,
-                               requestId: request.requestId, body: request.body))
+                               requestId: request.requestId, body: request.body, membershipEpoch: epoch))
     }
 
     // MARK: reads (on a second connection, so they never wait behind a commit)
 
-    private static let columns = "id, seq, created_at, sender, request_id, body"
+    private static let columns = "id, seq, created_at, sender, request_id, body, member_epoch"
 
     static func message(from row: SQLiteRow, channel: ChannelName) -> Message {
         Message(id: row.column("id")?.string ?? "", channel: channel, seq: Int64(row.column("seq")?.integer ?? 0),
                 createdAtMicros: Int64(row.column("created_at")?.integer ?? 0), sender: row.column("sender")?.string ?? "",
-                requestId: row.column("request_id")?.string, body: row.column("body")?.string ?? "{}")
+                requestId: row.column("request_id")?.string, body: row.column("body")?.string ?? "{}",
+                membershipEpoch: Int64(row.column("member_epoch")?.integer ?? 0))
     }
 
     private nonisolated func read(_ sql: String, _ binds: [SQLiteData]) async throws(ApiError) -> [SQLiteRow] {

@@ -40,8 +40,11 @@ public struct MemberRemoval: Sendable, Equatable {
     public let user: String
     public let head: Int64
     public let atMicros: Int64
+    /// The thread's membership epoch this removal set (its removals so far, this one included).
+    public let epoch: Int64
 
-    public init(id: String, thread: String, user: String, head: Int64, atMicros: Int64) {
+    public init(id: String, thread: String, user: String, head: Int64, atMicros: Int64, epoch: Int64 = 0) {
+        self.epoch = epoch
         self.id = id
         self.thread = thread
         self.user = user
@@ -56,6 +59,12 @@ public protocol ThreadStore: Sendable {
     /// The thread with its members; nil when it does not exist.
     func thread(_ id: String) async throws(ApiError) -> ChatThread?
     func isMember(_ user: String, of thread: String) async throws(ApiError) -> Bool
+    /// Whether `user` is a member, and the thread's membership epoch, read together (one snapshot): a stream
+    /// opened on this answer must stop at any removal with a later epoch.
+    func membership(of user: String, in thread: String) async throws(ApiError) -> (isMember: Bool, epoch: Int64)
+    /// The lowest head among `user`'s removals from `thread` with an epoch in `epochs`, or nil when there is
+    /// none (kept for a day, like the removals themselves).
+    func removalHead(of user: String, from thread: String, epochs: ClosedRange<Int64>) async throws(ApiError) -> Int64?
     /// Threads `user` is a member of, oldest first.
     func threads(of user: String) async throws(ApiError) -> [ThreadSummary]
     /// False when `user` was a member already.
@@ -63,7 +72,7 @@ public protocol ThreadStore: Sendable {
     /// Removes `user` and records the removal with the thread channel's head at that moment (every message
     /// up to it was committed before the removal, every later one after); nil when `user` was not a member.
     func removeMember(_ user: String, from thread: String) async throws(ApiError) -> MemberRemoval?
-    /// Removals recorded at or after `atMicros` (and forgets those older than an hour).
+    /// Removals recorded at or after `atMicros` (pruning forgets them after a day).
     func memberRemovals(since atMicros: Int64) async throws(ApiError) -> [MemberRemoval]
     /// Moves `user`'s read cursor to `seq` if that is forward; returns the cursor and the unread count.
     func moveReadCursor(of user: String, in thread: String, to seq: Int64) async throws(ApiError) -> (seq: Int64, unread: Int64)

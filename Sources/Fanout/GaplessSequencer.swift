@@ -3,6 +3,12 @@ import ChatDomain
 /// Anything with a position in its channel.
 public protocol Sequenced {
     var seq: Int64 { get }
+    /// The thread's membership epoch at the element's commit (see `Message.membershipEpoch`).
+    var membershipEpoch: Int64 { get }
+}
+
+extension Sequenced {
+    public var membershipEpoch: Int64 { 0 }
 }
 
 extension Message: Sequenced {}

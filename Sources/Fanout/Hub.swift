@@ -31,6 +31,7 @@ public final class EncodedMessage: Sendable, Sequenced {
     }
 
     public var seq: Int64 { message.seq }
+    public var membershipEpoch: Int64 { message.membershipEpoch }
 
     public func bytes(_ format: WireFormat) -> ByteBuffer? { encoded[format.rawValue] }
 }
@@ -41,9 +42,12 @@ public final class EncodedMessage: Sendable, Sequenced {
 public final class EncodedBatch: Sendable {
     public let messages: [EncodedMessage]
     private let joined: [ByteBuffer?]
+    /// The highest membership epoch among the messages.
+    public let membershipEpoch: Int64
 
     public init(_ messages: [EncodedMessage], formats: Set<WireFormat>) {
         self.messages = messages
+        self.membershipEpoch = messages.reduce(0) { max($0, $1.membershipEpoch) }
         var joined = [ByteBuffer?](repeating: nil, count: WireFormat.allCases.count)
         let consecutive = messages.count > 1 && zip(messages, messages.dropFirst()).allSatisfy { $1.seq == $0.seq + 1 }
         if consecutive {

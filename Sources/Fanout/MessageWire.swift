@@ -2,9 +2,10 @@ import ChatDomain
 import NIOCore
 
 /// A committed message as bytes on the bus: a version byte, then the fields, each length-prefixed. The
-/// receiving instance rebuilds the same `Message` (and so the same JSON) without parsing JSON.
+/// receiving instance rebuilds the same `Message` (and so the same JSON) without parsing JSON. Version 2 adds
+/// the membership epoch; version 1 (an instance not yet upgraded) still decodes, with epoch 0.
 public enum MessageWire {
-    static let version: UInt8 = 1
+    static let version: UInt8 = 2
 
     public static func encode(_ message: Message) -> ByteBuffer {
         var out = ByteBuffer()
@@ -12,6 +13,7 @@ public enum MessageWire {
         out.writeInteger(version)
         out.writeInteger(message.seq)
         out.writeInteger(message.createdAtMicros)
+        out.writeInteger(message.membershipEpoch)
         for field in [message.channel.rawValue, message.id, message.sender, message.body] { write(field, into: &out) }
         if let requestId = message.requestId {
             out.writeInteger(UInt8(1))
@@ -25,9 +27,10 @@ public enum MessageWire {
     /// The message, or nil for bytes that are not one (never trusted blindly: the bus is a network peer).
     public static func decode(_ buffer: ByteBuffer) -> Message? {
         var input = buffer
-        guard input.readInteger(as: UInt8.self) == version,
+        guard let version = input.readInteger(as: UInt8.self), version == 1 || version == Self.version,
               let seq = input.readInteger(as: Int64.self),
               let createdAt = input.readInteger(as: Int64.self),
+              let epoch = version == 1 ? 0 : input.readInteger(as: Int64.self),
               let channelText = read(&input), let id = read(&input), let sender = read(&input), let body = read(&input),
               let flag = input.readInteger(as: UInt8.self),
               let channel = try? ChannelName(parsing: channelText)
@@ -37,7 +40,8 @@ public enum MessageWire {
             guard let text = read(&input) else { return nil }
             requestId = text
         }
-        return Message(id: id, channel: channel, seq: seq, createdAtMicros: createdAt, sender: sender, requestId: requestId, body: body)
+        return Message(id: id, channel: channel, seq: seq, createdAtMicros: createdAt, sender: sender, requestId: requestId, body: body,
+                       membershipEpoch: epoch)
     }
 
     private static func write(_ text: String, into out: inout ByteBuffer) {

@@ -24,6 +24,9 @@ public protocol SubscriptionSink: AnyObject {
 /// the store after the start position (page by page, each page written before the next is read), then
 /// hands over to live delivery with no gap and no duplicate. The decisions are the
 /// `SubscriptionStateMachine`'s; this class only carries them out.
+/// The lowest head among this stream's member's removals from its thread at one of `epochs`, or nil.
+public typealias MembershipCheck = @Sendable (_ epochs: ClosedRange<Int64>) async throws(ApiError) -> Int64?
+
 public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutable state is only touched on `eventLoop`
     public static let catchUpPage = 1000
 
@@ -38,6 +41,7 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
     private var pageLimit: Int
     /// The catch-up page written before the last one (its reaching the socket lets the next read start).
     private var previousPage: EventLoopFuture<Void>?
+    private var membershipCheck: MembershipCheck?
 
     /// `largestMessage`: the most one message may take, which sizes the first page (before the channel's
     /// message size is known) so that it holds no more than one budget.
@@ -63,9 +67,12 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
     }
 
     /// Step 2, once the start position is known (and the client told): catch up after it, then go live.
-    public func begin(after position: Int64) {
+    /// A member's stream of a thread passes the membership epoch its permission was read at, and how to ask
+    /// the store for a removal at a later one.
+    public func begin(after position: Int64, membershipEpoch: Int64? = nil, check: MembershipCheck? = nil) {
         eventLoop.preconditionInEventLoop()
-        perform(machine.begin(after: position))
+        membershipCheck = check
+        perform(machine.begin(after: position, membershipEpoch: check == nil ? nil : membershipEpoch))
     }
 
     /// Delivers every message up to `seq` (reading the store for any the bus lost), none after it, then
@@ -83,7 +90,8 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
         guard !machine.isEnded, let sink else { return }
         let writable = sink.isWritable
         // The per-subscriber path: the shared bytes, no allocation. A batch taken whole is one write.
-        if let format, let joined = batch.joined(format), machine.acceptLiveRun(first: batch.first, last: batch.last, writable: writable) {
+        if let format, let joined = batch.joined(format),
+           machine.acceptLiveRun(first: batch.first, last: batch.last, membershipEpoch: batch.membershipEpoch, writable: writable) {
             sink.write(joined, promise: nil)
             sink.flush()
             hub.metrics.delivered[format.rawValue].increment(by: batch.messages.count)
@@ -154,6 +162,7 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
                 eventLoop.scheduleTask(in: .milliseconds(20)) { next() }
             }
         }
+        if let epochs = actions.checkMembership, actions.end == nil { checkMembership(epochs) }
         guard let end = actions.end else { return }
         hub.unsubscribe(channel, self)
         switch end {
@@ -161,6 +170,23 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
         case .slowConsumer: sink.slowConsumer()
         case .storeFailed: sink.subscriptionFailed(channel, failure ?? ApiError(.storeUnavailable, "the store did not answer"))
         case .cancelled: break
+        }
+    }
+
+    private func checkMembership(_ epochs: ClosedRange<Int64>) {
+        guard let check = membershipCheck else { return perform(machine.membershipChecked(removedAt: nil)) }
+        let loop = eventLoop
+        Task {
+            let result: Result<Int64?, ApiError>
+            do throws(ApiError) { result = .success(try await check(epochs)) } catch { result = .failure(error) }
+            loop.execute {
+                switch result {
+                case .success(let head): self.perform(self.machine.membershipChecked(removedAt: head))
+                case .failure(let error):
+                    self.failure = error
+                    self.perform(self.machine.membershipCheckFailed())
+                }
+            }
         }
     }
 

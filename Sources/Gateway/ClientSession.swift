@@ -61,7 +61,8 @@ struct ClientSession {
         /// Register a subscription to `channel` (nothing delivered yet), then ask `ChannelService.open` where it starts.
         case open(ChannelName, from: ChannelService.StreamStart, permission: Auth.Action)
         /// Deliver from after `after`: catch-up, then live.
-        case begin(ChannelName, after: Int64)
+        /// `membershipEpoch`: see `ChannelService.StreamOpening`.
+        case begin(ChannelName, after: Int64, membershipEpoch: Int64? = nil)
         /// Drop the subscription (nothing more delivered).
         case cancel(ChannelName)
         /// Deliver up to `after`, then end with `unsubscribed` / reason `forbidden` (a member removal).
@@ -158,7 +159,7 @@ struct ClientSession {
         return subscribe(id: nil, name, from: start, permission: permission)
     }
 
-    mutating func opened(_ channel: ChannelName, _ result: Result<Int64, ApiError>) -> [Action] {
+    mutating func opened(_ channel: ChannelName, _ result: Result<Int64, ApiError>, membershipEpoch: Int64? = nil) -> [Action] {
         guard !closed, case .opening(let id, let removedAt, let presence) = subscriptions[channel] else { return [] }
         var actions: [Action]
         switch result {
@@ -167,7 +168,7 @@ struct ClientSession {
             actions = [.cancel(channel), .fail(id, error)]
         case .success(let after):
             subscriptions[channel] = .open(presence: presence)
-            actions = [.reply(.subscribed(id: id, channel: channel.rawValue, cursor: Cursor.text(channel: channel, seq: after))), .begin(channel, after: after)]
+            actions = [.reply(.subscribed(id: id, channel: channel.rawValue, cursor: Cursor.text(channel: channel, seq: after))), .begin(channel, after: after, membershipEpoch: membershipEpoch)]
             if presence { actions.append(.watchPresence(channel)) }
             if let removedAt { actions.append(.end(channel, after: removedAt)) }
         }

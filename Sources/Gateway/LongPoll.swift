@@ -63,7 +63,7 @@ final class LongPoll: HubSubscriber, SessionTransport, ConnectionBoundStream, @u
         app.hub.subscribe(channel, self)
     }
 
-    func begin(_ channel: ChannelName, after: Int64) {
+    func begin(_ channel: ChannelName, after: Int64, membershipEpoch: Int64?) {
         guard !finished else { return }
         self.after = after
         waiting = true

@@ -1,5 +1,6 @@
 import Auth
 import ChatDomain
+import Fanout
 import Foundation
 import Logging
 import NIOCore
@@ -12,7 +13,8 @@ protocol SessionTransport: AnyObject {
     func fail(_ id: CommandID?, _ error: ApiError)
     /// Register a subscription (so nothing is missed), not yet delivering.
     func register(_ channel: ChannelName)
-    func begin(_ channel: ChannelName, after: Int64)
+    /// `membershipEpoch`: see `ChannelService.StreamOpening`.
+    func begin(_ channel: ChannelName, after: Int64, membershipEpoch: Int64?)
     func cancel(_ channel: ChannelName)
     func end(_ channel: ChannelName, after: Int64)
     func close(_ reason: ClientSession.Close)
@@ -118,11 +120,11 @@ final class SessionDriver: LiveStream, PresenceWatcher, @unchecked Sendable {  /
         case .open(let channel, let start, let permission):
             transport?.register(channel)
             let (app, actor) = (self.app, session.actor)
-            later({ () async throws(ApiError) in try await app.channels.open(actor, permission, channel.rawValue, from: start).after }) {
-                $0.run($0.session.opened(channel, $1))
+            later({ () async throws(ApiError) in try await app.channels.open(actor, permission, channel.rawValue, from: start) }) {
+                $0.run($0.session.opened(channel, $1.map(\.after), membershipEpoch: try? $1.get().membershipEpoch))
             }
-        case .begin(let channel, let after):
-            transport?.begin(channel, after: after)
+        case .begin(let channel, let after, let epoch):
+            transport?.begin(channel, after: after, membershipEpoch: epoch)
             if kind != .longPoll, present[channel] == nil {
                 present[channel] = ()
                 app.presence.join(channel, user: session.actor.sub)
@@ -181,6 +183,13 @@ final class SessionDriver: LiveStream, PresenceWatcher, @unchecked Sendable {  /
             if reason == .rateLimited { app.metrics.count(.rateLimited) }
             transport?.close(reason)
         }
+    }
+
+    /// How a member's subscription to a thread asks the store for a removal it has not heard of.
+    func membershipCheck(_ channel: ChannelName) -> MembershipCheck? {
+        guard case .thread(let thread) = channel.kind else { return nil }
+        let (store, user) = (app.store, session.actor.sub)
+        return { epochs throws(ApiError) in try await store.removalHead(of: user, from: thread, epochs: epochs) }
     }
 
     /// Runs `work` off the event loop and hands its outcome to `then` back on it.

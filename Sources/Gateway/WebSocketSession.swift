@@ -62,7 +62,9 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, SessionTran
         subscription.register()
     }
 
-    func begin(_ channel: ChannelName, after: Int64) { subscriptions[channel]?.begin(after: after) }
+    func begin(_ channel: ChannelName, after: Int64, membershipEpoch: Int64?) {
+        subscriptions[channel]?.begin(after: after, membershipEpoch: membershipEpoch, check: membershipEpoch == nil ? nil : driver.membershipCheck(channel))
+    }
     func cancel(_ channel: ChannelName) { subscriptions.removeValue(forKey: channel)?.cancel() }
     func end(_ channel: ChannelName, after: Int64) { subscriptions[channel]?.end(after: after) }
     func close(_ reason: ClientSession.Close) { close(code: reason.code, reason: reason.reason) }

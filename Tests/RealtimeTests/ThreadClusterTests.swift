@@ -157,6 +157,73 @@ import Testing
         }
     }
 
+    /// A removal and the next message travel separately (the removal's broadcast, the message's PUBLISH), so an
+    /// instance may get the message first. Here no instance hears of the removal at all (it is written to the
+    /// store directly, and the periodic re-read is 10 minutes away): the messages after it carry the thread's
+    /// next membership epoch, and that alone must end the member's streams at the removal's head.
+    @Test func aRemovalNoInstanceHeardOfStillCutsTheStreamsAtItsHead() async throws {
+        try await withCluster(instances: 2, configure: { $0.revocationRefresh = .seconds(600) }) { cluster in
+            let ports = cluster.ports
+            let alice = try await cluster.token("alice", roles: [])
+            let bob = try await cluster.token("bob", roles: [])
+            let carol = try await cluster.token("carol", roles: [])
+            let thread = try await Self.createThread(port: ports[0], token: alice, members: ["bob", "carol"])
+            let channel = "thread:" + thread
+            var bobs: [WSTestClient] = []
+            var bobStreams: [SSETestClient] = []
+            for port in ports {
+                let ws = try await WSTestClient.connect(port: port, token: bob)
+                try await ws.send(["type": "subscribe", "id": "s", "channel": channel])
+                _ = try await ws.reply("subscribed")
+                bobs.append(ws)
+                let sse = try await SSETestClient.connect(port: port, channel: channel, token: bob)
+                _ = try await sse.guardedNextEvent()
+                bobStreams.append(sse)
+            }
+            let carolWS = try await WSTestClient.connect(port: ports[1], token: carol)
+            try await carolWS.send(["type": "subscribe", "id": "s", "channel": channel])
+            _ = try await carolWS.reply("subscribed")
+            for i in 0..<3 { #expect(try await HTTPTestClient.publish(port: ports[i % 2], channel: channel, body: ["before": i], token: alice).status == 201) }
+            let removal = try await cluster.gateways[0].server.app.store.removeMember("bob", from: thread)
+            #expect(removal?.head == 3)
+            #expect(removal?.epoch == 1)
+            for i in 0..<3 { #expect(try await HTTPTestClient.publish(port: ports[i % 2], channel: channel, body: ["after": i], token: alice).status == 201) }
+            for ws in bobs {
+                var seen: [Int64] = []
+                var reason: String?
+                while let object = try await ws.next(timeout: 20) {
+                    if object["type"] as? String == "message" { seen.append(Received(object["message"] as! [String: Any]).seq) }
+                    if object["type"] as? String == "unsubscribed" { reason = object["reason"] as? String; break }
+                }
+                #expect(seen == [1, 2, 3])
+                #expect(reason == "forbidden")
+            }
+            for sse in bobStreams {
+                var seen: [Int64] = []
+                while let event = try await sse.guardedNextEvent(timeout: 20) {
+                    if event.event == "message", let data = event.data { seen.append(Received(json(data)).seq) }
+                }
+                #expect(seen == [1, 2, 3])
+                #expect(sse.ended)
+            }
+            // Carol, still a member, is not held up: she gets all six (her check found no removal of hers).
+            #expect(try await carolWS.messages(6).map(\.seq) == [1, 2, 3, 4, 5, 6])
+            try await carolWS.send(["type": "ping", "id": "p"])
+            #expect(try await carolWS.reply("pong")["id"] as? String == "p")
+            // Bob back in: a new subscription from the start gets everything again, and the old removal (epoch 1,
+            // before this subscription's permission was read) does not end it.
+            #expect(try await HTTPTestClient.request(.POST, port: ports[0], "/v1/threads/\(thread)/members", body: jsonText(["user": "bob"]), token: alice).status == 200)
+            let back = try await WSTestClient.connect(port: ports[1], token: bob)
+            let zero = try await HTTPTestClient.zeroCursor(port: ports[1], channel: channel, token: bob)
+            try await back.send(["type": "subscribe", "id": "again", "channel": channel, "since": zero])
+            _ = try await back.reply("subscribed")
+            #expect(try await back.messages(6).map(\.seq) == [1, 2, 3, 4, 5, 6])
+            #expect(try await HTTPTestClient.publish(port: ports[0], channel: channel, body: ["back": true], token: alice).status == 201)
+            #expect(try await back.messages(1).map(\.seq) == [7])
+            for ws in bobs + [carolWS, back] { await ws.close() }
+        }
+    }
+
     @Test func aRemovalReachesOtherInstancesThroughTheStoreWhileRedisIsDown() async throws {
         try await withCluster(instances: 2) { cluster in
             let ports = cluster.ports
