@@ -1,4 +1,6 @@
+import ChatDomain
 @testable import Fanout
+import NIOCore
 import Testing
 
 /// The membership gate of a member's stream of a thread, without sockets: an element committed at a later
@@ -210,5 +212,27 @@ struct MembershipGateTests {
                 Issue.record("n \(n) h \(h) cursor \(cursor) page \(page) broadcast \(broadcast): delivered \(output), end \(String(describing: ended))")
             }
         }
+    }
+}
+
+/// The bus carries the epoch (wire version 2); a version-1 message from an instance not yet upgraded still
+/// decodes, with epoch 0.
+struct MessageWireEpochTests {
+    @Test func theEpochCrossesTheBusAndVersionOneStillDecodes() throws {
+        let channel = try ChannelName(parsing: "thread:6f1c2a9e-1b2c-4d3e-8f00-0123456789ab")
+        let message = Message(id: UUIDv7.make(), channel: channel, seq: 42, createdAtMicros: 1_700_000_000_000_000, sender: "alice",
+                              requestId: "k1", body: "{\"x\":1}", membershipEpoch: 3)
+        let decoded = try #require(MessageWire.decode(MessageWire.encode(message)))
+        #expect(decoded == message && decoded.json == message.json && decoded.membershipEpoch == 3)
+        // Version 1: the same fields without the epoch.
+        var v1 = MessageWire.encode(message)
+        var bytes = Array(v1.readableBytesView)
+        bytes.removeSubrange(17..<25)  // version (1) + seq (8) + created_at (8), then the epoch's 8 bytes
+        bytes[0] = 1
+        v1 = ByteBuffer(bytes: bytes)
+        let old = try #require(MessageWire.decode(v1))
+        #expect(old == message && old.membershipEpoch == 0 && old.json == message.json)
+        bytes[0] = 3
+        #expect(MessageWire.decode(ByteBuffer(bytes: bytes)) == nil)
     }
 }

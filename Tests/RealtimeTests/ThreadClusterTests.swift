@@ -224,6 +224,32 @@ import Testing
         }
     }
 
+    /// The same in embedded mode (SQLite, in-process fan-out): the epoch is taken on the directory
+    /// connection by the removal and read in the append's transaction.
+    @Test func aRemovalNoOneHeardOfCutsTheStreamAtItsHeadInEmbeddedMode() async throws {
+        try await withTestGateway(configure: { $0.revocationRefresh = .seconds(600) }) { gateway in
+            let alice = try await gateway.token("alice", roles: [])
+            let bob = try await gateway.token("bob", roles: [])
+            let thread = try await Self.createThread(port: gateway.port, token: alice, members: ["bob"])
+            let channel = "thread:" + thread
+            let ws = try await WSTestClient.connect(port: gateway.port, token: bob)
+            try await ws.send(["type": "subscribe", "id": "s", "channel": channel])
+            _ = try await ws.reply("subscribed")
+            for i in 0..<2 { #expect(try await HTTPTestClient.publish(port: gateway.port, channel: channel, body: ["before": i], token: alice).status == 201) }
+            let removal = try await gateway.server.app.store.removeMember("bob", from: thread)
+            #expect(removal?.head == 2 && removal?.epoch == 1)
+            for i in 0..<2 { #expect(try await HTTPTestClient.publish(port: gateway.port, channel: channel, body: ["after": i], token: alice).status == 201) }
+            var seen: [Int64] = []
+            var reason: String?
+            while let object = try await ws.next(timeout: 20) {
+                if object["type"] as? String == "message" { seen.append(Received(object["message"] as! [String: Any]).seq) }
+                if object["type"] as? String == "unsubscribed" { reason = object["reason"] as? String; break }
+            }
+            #expect(seen == [1, 2] && reason == "forbidden")
+            await ws.close()
+        }
+    }
+
     @Test func aRemovalReachesOtherInstancesThroughTheStoreWhileRedisIsDown() async throws {
         try await withCluster(instances: 2) { cluster in
             let ports = cluster.ports
