@@ -176,11 +176,14 @@ public final class GatewayServer: Sendable {
             throw error
         }
         // The running instance as services, in dependency order; a graceful shutdown stops them in reverse: the
-        // listener drains, the periodic work stops, the Hub, the bus connections, then the store.
+        // listener drains, the periodic work stops, the Hub, the bus connections, the store, then the Postgres
+        // pool (which runs from the start, in a group of its own, because the store's migrations need it; its
+        // stop is this group's last step).
         let (presenceConnection, busConnection) = (presenceRedis, redis)
         let pruneEvery = min(config.idempotencyWindow, .seconds(3600))
         let drain = Drain(app: app, serverChannel: serverChannel, quiescing: quiescing)
         let parts = ServiceGroup(configuration: .init(services: [
+            InstancePart(description: "postgres pool") { await stopServices() },
             InstancePart(description: "store") {
                 // Publishes still in flight (their client gone) commit before the store closes.
                 for _ in 0..<100 where await store.appends.waiting > 0 { try? await Task.sleep(for: .milliseconds(50)) }
@@ -213,7 +216,6 @@ public final class GatewayServer: Sendable {
         return GatewayServer(app: app, port: port, group: group, lockFD: lockFD, tls: tls, stop: {
             await parts.triggerGracefulShutdown()
             await partsRun.value
-            await stopServices()
         })
     }
 

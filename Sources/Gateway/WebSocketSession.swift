@@ -94,5 +94,8 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, SessionTran
 
     func subscriptionEnded(_ channel: ChannelName) { driver.subscriptionEnded(channel, reason: "forbidden") }
 
-    func subscriptionFailed(_ channel: ChannelName, _ error: ApiError) { driver.subscriptionEnded(channel, reason: "store_unavailable") }
+    func subscriptionFailed(_ channel: ChannelName, _ error: ApiError) {
+        // The retention deleted what the subscription had not delivered yet: the client resumes from the oldest position.
+        driver.subscriptionEnded(channel, reason: error.code == .cursorExpired ? "cursor_expired" : "store_unavailable")
+    }
 }

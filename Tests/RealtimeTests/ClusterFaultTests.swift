@@ -81,8 +81,16 @@ import Testing
             let during = window.interval.map { times.count(between: $0.0, and: $0.1) } ?? 0
             #expect(during > 0, "no publish was acked while Redis was down")
             // Live delivery through Redis is back without any client action.
-            try await eventually("redis subscriptions back") {
-                try await HTTPTestClient.request(.GET, port: ports[1], "/readyz").status == 200
+            for port in ports {
+                try await eventually("redis subscriptions back") {
+                    try await HTTPTestClient.request(.GET, port: port, "/readyz").status == 200
+                }
+            }
+            // Each instance's bus went down once (the kill) and came up twice (the start, the reconnect).
+            for gateway in cluster.gateways {
+                #expect(try await gateway.metric("gateway_redis_disconnects_total") == 1)
+                #expect(try await gateway.metric("gateway_redis_connects_total") == 2)
+                #expect(try await gateway.metric("gateway_redis_up") == 1)
             }
             _ = try await Self.steadyPublish(ports: [ports[0]], channel: channel, count: 3, token: token)
             for ws in sockets { #expect(try await ws.messages(3).map(\.seq) == [301, 302, 303]) }

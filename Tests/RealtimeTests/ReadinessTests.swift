@@ -53,9 +53,23 @@ import Testing
                 let response = try await HTTPTestClient.request(.GET, port: port, "/readyz")
                 return (response.status, response.json)
             }
+            /// Canaries sent and come back, from one scrape.
+            @Sendable func canaries() async throws -> (sent: Int, received: Int) {
+                let text = try await HTTPTestClient.request(.GET, port: port, "/metrics").body
+                func value(_ direction: String) -> Int {
+                    let line = text.split(separator: "\n").first { $0.hasPrefix("gateway_canaries_total{") && $0.contains("direction=\"\(direction)\"") }
+                    return Int(Double(line?.split(separator: " ").last ?? "") ?? -1)
+                }
+                return (value("sent"), value("received"))
+            }
             try await eventually("ready once the first canary came back") { try await readiness().0 == 200 }
             let (_, ready) = try await readiness()
             #expect(ready["redis"] as? String == "ok" && ready["canary_age_ms"] is Int)
+            // While Redis answers, every canary comes back: at most the newest one is on its way.
+            try await eventually("canaries counted both ways") {
+                let c = try await canaries()
+                return c.received >= 3 && (0...1).contains(c.sent - c.received)
+            }
 
             cluster.redis.signal(SIGSTOP)
             let stalledAt = Date()
@@ -67,9 +81,20 @@ import Testing
             #expect((stalled["canary_age_ms"] as? Int ?? 0) > 2000)
             // The heartbeat has not noticed: the bus's connection still counts as up.
             #expect(try await gateway.metric("gateway_redis_up") == 1)
+            // Stalled, canaries still go out (one every 250 ms) and not one comes back.
+            let first = try await canaries()
+            try await Task.sleep(for: .milliseconds(800))
+            let second = try await canaries()
+            #expect(second.received == first.received, "a canary came back from a stopped Redis")
+            #expect(second.sent >= first.sent + 2)
 
             cluster.redis.signal(SIGCONT)
             try await eventually("200 again once canaries come back", timeout: 20) { try await readiness().0 == 200 }
+            // The ones sent during the stall were queued in Redis and all come back after it.
+            try await eventually("every canary back") {
+                let c = try await canaries()
+                return c.received > second.received && c.received >= second.sent && (0...1).contains(c.sent - c.received)
+            }
             print("readiness: 503 \(Int(noticed * 1000)) ms after SIGSTOP (canary max age 2 s, PING timeout 60 s); 200 again after SIGCONT")
         }
     }

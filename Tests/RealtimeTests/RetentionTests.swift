@@ -28,6 +28,60 @@ import Testing
         }
     }
 
+    /// An instance that fell behind the retention (the bus lost what it had not delivered, and the retention
+    /// deleted it before the instance repaired the gap) cannot deliver it any more: its subscribers are told
+    /// (`unsubscribed` with reason `cursor_expired`; an SSE stream ends), never handed a silent gap. They
+    /// resume from the oldest position, and the channel goes on live on that instance.
+    @Test func anInstanceTheRetentionOvertookEndsItsSubscriptionsInsteadOfSkipping() async throws {
+        try await withCluster(instances: 2, configure: { config in
+            config.topics["short"] = TopicRule(maxCount: 5)
+            config.retentionInterval = .seconds(600)
+            config.reconcileInterval = .seconds(600)
+        }) { cluster in
+            let token = try await cluster.token()
+            let channel = "topic:short"
+            let (a, b) = (cluster.ports[0], cluster.ports[1])
+            let ws = try await BusEdgeTests.subscribe(port: b, channel: channel, token: token)
+            let sse = try await SSETestClient.connect(port: b, channel: channel, token: token)
+            _ = try await sse.guardedNextEvent()
+            try await eventually("B's channel live on the bus") { await BusEdgeTests.busState(cluster.gateways[1], channel) == .live(subscribers: 2) }
+            for i in 0..<3 { #expect(try await HTTPTestClient.publish(port: a, channel: channel, body: ["i": i], token: token).status == 201) }
+            let early = try await ws.messages(3)
+            #expect(early.map(\.seq) == [1, 2, 3])
+            // B hears nothing of 4…13, and the retention keeps only 9…13 before B learns of them.
+            cluster.gateways[0].server.app.redis?.testLoseNextPublishes(10)
+            for i in 3..<13 { #expect(try await HTTPTestClient.publish(port: a, channel: channel, body: ["i": i], token: token).status == 201) }
+            let deleted = try await cluster.gateways[0].server.app.store.trim(try ChannelName(parsing: channel), retention: Retention(maxCount: 5), batch: 100)
+            #expect(deleted == 8)
+            // 14 reaches B: the gap 4…13 cannot be filled any more.
+            #expect(try await HTTPTestClient.publish(port: a, channel: channel, body: ["i": 13], token: token).status == 201)
+            var later: [Int64] = []
+            var reason: String?
+            while let object = try await ws.next(timeout: 20) {
+                if object["type"] as? String == "message" { later.append(Received(object["message"] as! [String: Any]).seq) }
+                if object["type"] as? String == "unsubscribed" { reason = object["reason"] as? String; break }
+            }
+            #expect(later.isEmpty, "a message after a gap: \(later)")
+            #expect(reason == "cursor_expired")
+            var sseSeen: [Int64] = []
+            while let event = try await sse.guardedNextEvent(timeout: 20) {
+                if event.event == "message", let data = event.data { sseSeen.append(Received(json(data)).seq) }
+            }
+            #expect(sseSeen == [1, 2, 3] && sse.ended)
+            // The client resumes: from its cursor, 410 naming the oldest position; from there, 9…14, then live.
+            try await ws.send(["type": "subscribe", "id": "again", "channel": channel, "since": early.last!.cursor])
+            let refused = try await ws.reply("error")["error"] as? [String: Any]
+            #expect(refused?["code"] as? String == "CURSOR_EXPIRED")
+            let oldest = (refused?["details"] as? [String: Any])?["oldest_cursor"] as? String ?? ""
+            try await ws.send(["type": "subscribe", "id": "resume", "channel": channel, "since": oldest])
+            _ = try await ws.reply("subscribed")
+            #expect(try await ws.messages(6).map(\.seq) == [9, 10, 11, 12, 13, 14])
+            #expect(try await HTTPTestClient.publish(port: a, channel: channel, body: ["i": 14], token: token).status == 201)
+            #expect(try await ws.messages(1).map(\.seq) == [15])
+            await ws.close()
+        }
+    }
+
     /// A reader paging from `cursor` until it has seq `last`: every page continues the one before, or the answer is
     /// 410 and the reader goes on from the oldest position it names. Returns the seqs read and the restarts.
     static func pageThrough(port: Int, channel: String, from cursor: String, until last: Int64, pause: Duration, token: String) async throws -> (seqs: [Int64], restarts: Int) {
