@@ -73,6 +73,12 @@ import Testing
 
             let ws = try await Self.subscribe(port: b, channel: channel, token: token)
             #expect(await Self.busState(cluster.gateways[1], channel) == .storePolling(subscribers: 1))
+            // The metrics say so: polling, the bus not up, never connected.
+            for gateway in cluster.gateways {
+                #expect(try await gateway.metric("gateway_fanout_polling") == 1)
+                #expect(try await gateway.metric("gateway_redis_up") == 0)
+                #expect(try await gateway.metric("gateway_redis_connects_total") == 0)
+            }
             let down = try await Self.publishAndReceive(ws, port: a, channel: channel, from: 0, count: 20, token: token)
             print("redis down at start: 20 messages from A to B through the store, lag median \(down.median) ms, max \(down.max) ms")
 
@@ -82,6 +88,11 @@ import Testing
                 return true
             }
             try await eventually("B's channel live on the bus") { await Self.busState(cluster.gateways[1], channel) == .live(subscribers: 1) }
+            for gateway in cluster.gateways {
+                #expect(try await gateway.metric("gateway_fanout_polling") == 0)
+                #expect(try await gateway.metric("gateway_redis_up") == 1)
+                #expect(try await gateway.metric("gateway_redis_connects_total") == 1)
+            }
             let up = try await Self.publishAndReceive(ws, port: a, channel: channel, from: 20, count: 20, token: token)
             print("redis down at start, then up: 20 more through Redis, lag median \(up.median) ms, max \(up.max) ms")
             await ws.close()
