@@ -62,18 +62,32 @@ public enum Timestamp {
         return Int64(ts.tv_sec) * 1_000_000 + Int64(ts.tv_nsec) / 1_000
     }
 
-    /// `2026-11-21T22:30:00.123456Z`
+    /// `2026-11-21T22:30:00.123456Z` (written into one 27-byte string: every message built from the store
+    /// formats one).
     public static func iso8601(micros: Int64) -> String {
         var seconds = time_t(micros / 1_000_000)
         let fraction = Int(micros % 1_000_000)
         var parts = tm()
         gmtime_r(&seconds, &parts)
-        func pad(_ v: Int, _ width: Int) -> String {
-            let s = String(v)
-            return s.count >= width ? s : String(repeating: "0", count: width - s.count) + s
+        let fields: [(value: Int, width: Int, after: UInt8)] = [
+            (Int(parts.tm_year) + 1900, 4, UInt8(ascii: "-")), (Int(parts.tm_mon) + 1, 2, UInt8(ascii: "-")), (Int(parts.tm_mday), 2, UInt8(ascii: "T")),
+            (Int(parts.tm_hour), 2, UInt8(ascii: ":")), (Int(parts.tm_min), 2, UInt8(ascii: ":")), (Int(parts.tm_sec), 2, UInt8(ascii: ".")),
+            (fraction, 6, UInt8(ascii: "Z")),
+        ]
+        return String(unsafeUninitializedCapacity: 27) { buffer in
+            var at = 0
+            for field in fields {
+                var value = field.value
+                for index in stride(from: at + field.width - 1, through: at, by: -1) {
+                    buffer[index] = UInt8(ascii: "0") + UInt8(value % 10)
+                    value /= 10
+                }
+                at += field.width
+                buffer[at] = field.after
+                at += 1
+            }
+            return at
         }
-        return "\(pad(Int(parts.tm_year) + 1900, 4))-\(pad(Int(parts.tm_mon) + 1, 2))-\(pad(Int(parts.tm_mday), 2))T"
-            + "\(pad(Int(parts.tm_hour), 2)):\(pad(Int(parts.tm_min), 2)):\(pad(Int(parts.tm_sec), 2)).\(pad(fraction, 6))Z"
     }
 }
 

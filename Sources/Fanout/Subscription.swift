@@ -136,9 +136,20 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
             // Pacing: the next page is read once the page before this one reached the socket (not merely the
             // queue), so a client that reads keeps the queue short, and one that stops reading stops the catch-up.
             let promise = actions.readWhenFlushed != nil && !actions.write.isEmpty ? eventLoop.makePromise(of: Void.self) : nil
-            for (index, message) in actions.write.enumerated() {
-                sink.write(message.bytes(format) ?? hub.encoder(message.message, format),
-                           promise: index == actions.write.count - 1 ? promise : nil)
+            if actions.write.count > 1 {
+                // A catch-up page or a repaired gap: the frames joined into one buffer, one write (a thousand
+                // separate writes cost NIO a pending-write entry and its reference counting each).
+                var size = 0
+                for message in actions.write { size += message.bytes(format)?.readableBytes ?? 0 }
+                var joined = ByteBuffer()
+                joined.reserveCapacity(size)
+                for message in actions.write {
+                    var bytes = message.bytes(format) ?? hub.encoder(message.message, format)
+                    joined.writeBuffer(&bytes)
+                }
+                sink.write(joined, promise: promise)
+            } else if let message = actions.write.first {
+                sink.write(message.bytes(format) ?? hub.encoder(message.message, format), promise: promise)
             }
             sink.flush()
             if !actions.write.isEmpty { hub.metrics.delivered[format.rawValue].increment(by: actions.write.count) }

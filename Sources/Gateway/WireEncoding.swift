@@ -48,8 +48,20 @@ enum WireEncoding {
     }
 
     /// `{"type":"message","channel":…,"message":…}` as a text frame.
+    /// The frame written straight into one buffer (no intermediate strings: catch-up encodes every stored
+    /// message it sends).
     static func webSocketMessage(_ message: Message) -> ByteBuffer {
-        frame(.text, text: webSocketMessageText(message))
+        let prefix = "{\"type\":\"message\",\"channel\":\""
+        let middle = "\",\"message\":"
+        let length = prefix.utf8.count + message.channel.rawValue.utf8.count + middle.utf8.count + message.json.utf8.count + 1
+        var out = allocator.buffer(capacity: length + 10)
+        writeHeader(.text, length: length, into: &out)
+        out.writeString(prefix)
+        out.writeString(message.channel.rawValue)
+        out.writeString(middle)
+        out.writeString(message.json)
+        out.writeInteger(UInt8(ascii: "}"))
+        return out
     }
 
     static func webSocketMessageText(_ message: Message) -> String {
