@@ -83,22 +83,12 @@ extension GatewayApp {
     func apply(_ removals: [MemberRemoval]) {
         let now = Timestamp.nowMicros()
         let fresh = appliedRemovals.withLockedValue { seen in
-            seen = seen.filter { now - $0.value.removal.atMicros < Self.removalMemory }
-            return removals.filter { seen.updateValue(AppliedRemoval(removal: $0, appliedAt: now), forKey: $0.id) == nil }
+            seen = seen.filter { now - $0.value.atMicros < Self.removalMemory }
+            return removals.filter { seen.updateValue($0, forKey: $0.id) == nil }
         }
         for removal in fresh {
             let channel = ChannelName(thread: removal.thread)
             for stream in streams.all() { stream.memberRemoved(removal.user, from: channel, at: removal.head) }
-        }
-    }
-
-    /// The thread head at which `user` was removed from `channel`'s thread, if this instance applied such a
-    /// removal at or after `since` (its clock, µs). A stream that checked membership at `since` and registered
-    /// afterwards asks this: a removal applied in between did not find it among the live streams.
-    func removal(of user: String, from channel: ChannelName, appliedSince since: Int64) -> Int64? {
-        guard case .thread(let thread) = channel.kind else { return nil }
-        return appliedRemovals.withLockedValue { seen in
-            seen.values.filter { $0.removal.user == user && $0.removal.thread == thread && $0.appliedAt >= since }.map(\.removal.head).min()
         }
     }
 

@@ -25,7 +25,7 @@ public final class GatewayApp: Sendable {
     public let redis: RedisBus?
     let streams = StreamRegistry()
     /// Member removals already acted on (by id), see `apply(_: [MemberRemoval])`.
-    let appliedRemovals = NIOLockedValueBox<[String: AppliedRemoval]>([:])
+    let appliedRemovals = NIOLockedValueBox<[String: MemberRemoval]>([:])
     let metrics: GatewayMetrics
     /// Live streams per user, and open connections per client IP (the caps of `GatewayConfig`).
     let streamsPerUser = ConnectionCounts()
@@ -95,12 +95,6 @@ public final class GatewayApp: Sendable {
         }
         return newRequestId()
     }
-}
-
-/// A member removal this instance acted on, and when (its own clock, microseconds).
-struct AppliedRemoval: Sendable {
-    let removal: MemberRemoval
-    let appliedAt: Int64
 }
 
 /// Live streams that must be told when the instance shuts down, a token is revoked, or a member removed.
