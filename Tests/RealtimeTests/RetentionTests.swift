@@ -55,19 +55,10 @@ import Testing
             #expect(deleted == 8)
             // 14 reaches B: the gap 4…13 cannot be filled any more.
             #expect(try await HTTPTestClient.publish(port: a, channel: channel, body: ["i": 13], token: token).status == 201)
-            var later: [Int64] = []
-            var reason: String?
-            while let object = try await ws.next(timeout: 20) {
-                if object["type"] as? String == "message" { later.append(Received(object["message"] as! [String: Any]).seq) }
-                if object["type"] as? String == "unsubscribed" { reason = object["reason"] as? String; break }
-            }
+            let (later, reason) = try await ws.seqsUntilUnsubscribed()
             #expect(later.isEmpty, "a message after a gap: \(later)")
             #expect(reason == "cursor_expired")
-            var sseSeen: [Int64] = []
-            while let event = try await sse.guardedNextEvent(timeout: 20) {
-                if event.event == "message", let data = event.data { sseSeen.append(Received(json(data)).seq) }
-            }
-            #expect(sseSeen == [1, 2, 3] && sse.ended)
+            #expect(try await sse.seqsUntilEnd() == [1, 2, 3] && sse.ended)
             // The client resumes: from its cursor, 410 naming the oldest position; from there, 9…14, then live.
             try await ws.send(["type": "subscribe", "id": "again", "channel": channel, "since": early.last!.cursor])
             let refused = try await ws.reply("error")["error"] as? [String: Any]

@@ -189,21 +189,11 @@ import Testing
             #expect(removal?.epoch == 1)
             for i in 0..<3 { #expect(try await HTTPTestClient.publish(port: ports[i % 2], channel: channel, body: ["after": i], token: alice).status == 201) }
             for ws in bobs {
-                var seen: [Int64] = []
-                var reason: String?
-                while let object = try await ws.next(timeout: 20) {
-                    if object["type"] as? String == "message" { seen.append(Received(object["message"] as! [String: Any]).seq) }
-                    if object["type"] as? String == "unsubscribed" { reason = object["reason"] as? String; break }
-                }
-                #expect(seen == [1, 2, 3])
-                #expect(reason == "forbidden")
+                let (seen, reason) = try await ws.seqsUntilUnsubscribed()
+                #expect(seen == [1, 2, 3] && reason == "forbidden")
             }
             for sse in bobStreams {
-                var seen: [Int64] = []
-                while let event = try await sse.guardedNextEvent(timeout: 20) {
-                    if event.event == "message", let data = event.data { seen.append(Received(json(data)).seq) }
-                }
-                #expect(seen == [1, 2, 3])
+                #expect(try await sse.seqsUntilEnd() == [1, 2, 3])
                 #expect(sse.ended)
             }
             // Carol, still a member, is not held up: she gets all six (her check found no removal of hers).
@@ -239,12 +229,7 @@ import Testing
             let removal = try await gateway.server.app.store.removeMember("bob", from: thread)
             #expect(removal?.head == 2 && removal?.epoch == 1)
             for i in 0..<2 { #expect(try await HTTPTestClient.publish(port: gateway.port, channel: channel, body: ["after": i], token: alice).status == 201) }
-            var seen: [Int64] = []
-            var reason: String?
-            while let object = try await ws.next(timeout: 20) {
-                if object["type"] as? String == "message" { seen.append(Received(object["message"] as! [String: Any]).seq) }
-                if object["type"] as? String == "unsubscribed" { reason = object["reason"] as? String; break }
-            }
+            let (seen, reason) = try await ws.seqsUntilUnsubscribed()
             #expect(seen == [1, 2] && reason == "forbidden")
             await ws.close()
         }

@@ -200,6 +200,15 @@ final class SSETestClient: @unchecked Sendable {  // used from one test task at 
         return try await within(timeout, "SSE event") { try await client.nextEvent() }
     }
 
+    /// The seqs of the message events read until the stream ends.
+    func seqsUntilEnd(timeout: Double = 20) async throws -> [Int64] {
+        var seqs: [Int64] = []
+        while let event = try await guardedNextEvent(timeout: timeout) {
+            if event.event == "message", let data = event.data { seqs.append(Received(json(data)).seq) }
+        }
+        return seqs
+    }
+
     /// Reads events until `count` messages have arrived; returns the message JSON objects.
     func messages(_ count: Int, timeout: Double = 60) async throws -> [Received] {
         nonisolated(unsafe) let client = self

@@ -148,6 +148,16 @@ final class WSTestClient: @unchecked Sendable {  // used from one test task at a
     }
 
     /// Collects `count` channel messages (the `message` objects), skipping replies.
+    /// The seqs of the messages read until an `unsubscribed` (or the end of the connection), and its reason.
+    func seqsUntilUnsubscribed(timeout: Double = 20) async throws -> (seqs: [Int64], reason: String?) {
+        var seqs: [Int64] = []
+        while let object = try await next(timeout: timeout) {
+            if object["type"] as? String == "message" { seqs.append(Received(object["message"] as! [String: Any]).seq) }
+            if object["type"] as? String == "unsubscribed" { return (seqs, object["reason"] as? String) }
+        }
+        return (seqs, nil)
+    }
+
     func messages(_ count: Int, timeout: Double = 60) async throws -> [Received] {
         nonisolated(unsafe) let client = self
         let texts = try await within(timeout, "WebSocket messages") {
