@@ -15,6 +15,22 @@ import Testing
         return threads.first { $0["id"] as? String == thread } ?? [:]
     }
 
+    /// `user` subscribed to `channel` on every port: a WebSocket and an SSE stream each, both opened.
+    static func streams(ports: [Int], channel: String, token: String) async throws -> (sockets: [WSTestClient], streams: [SSETestClient]) {
+        var sockets: [WSTestClient] = []
+        var streams: [SSETestClient] = []
+        for port in ports {
+            let ws = try await WSTestClient.connect(port: port, token: token)
+            try await ws.send(["type": "subscribe", "id": "s", "channel": channel])
+            _ = try await ws.reply("subscribed")
+            sockets.append(ws)
+            let sse = try await SSETestClient.connect(port: port, channel: channel, token: token)
+            _ = try await sse.guardedNextEvent()
+            streams.append(sse)
+        }
+        return (sockets, streams)
+    }
+
     @Test func membersOnlyAndUnreadCountsAgreeOnEveryInstance() async throws {
         try await withCluster(instances: 3) { cluster in
             let ports = cluster.ports
@@ -84,17 +100,7 @@ import Testing
             let bob = try await cluster.token("bob", roles: [])
             let thread = try await Self.createThread(port: ports[0], token: alice, members: ["bob"])
             let channel = "thread:" + thread
-            var sockets: [WSTestClient] = []
-            var streams: [SSETestClient] = []
-            for port in ports {
-                let ws = try await WSTestClient.connect(port: port, token: bob)
-                try await ws.send(["type": "subscribe", "id": "s", "channel": channel])
-                _ = try await ws.reply("subscribed")
-                sockets.append(ws)
-                let sse = try await SSETestClient.connect(port: port, channel: channel, token: bob)
-                _ = try await sse.guardedNextEvent()
-                streams.append(sse)
-            }
+            let (sockets, streams) = try await Self.streams(ports: ports, channel: channel, token: bob)
             // Every stream is read as it arrives, noting when it ended.
             let readers = sockets.map { ws in
                 Task { () -> ([Int64], String?, Date) in
@@ -169,17 +175,7 @@ import Testing
             let carol = try await cluster.token("carol", roles: [])
             let thread = try await Self.createThread(port: ports[0], token: alice, members: ["bob", "carol"])
             let channel = "thread:" + thread
-            var bobs: [WSTestClient] = []
-            var bobStreams: [SSETestClient] = []
-            for port in ports {
-                let ws = try await WSTestClient.connect(port: port, token: bob)
-                try await ws.send(["type": "subscribe", "id": "s", "channel": channel])
-                _ = try await ws.reply("subscribed")
-                bobs.append(ws)
-                let sse = try await SSETestClient.connect(port: port, channel: channel, token: bob)
-                _ = try await sse.guardedNextEvent()
-                bobStreams.append(sse)
-            }
+            let (bobs, bobStreams) = try await Self.streams(ports: ports, channel: channel, token: bob)
             let carolWS = try await WSTestClient.connect(port: ports[1], token: carol)
             try await carolWS.send(["type": "subscribe", "id": "s", "channel": channel])
             _ = try await carolWS.reply("subscribed")
