@@ -25,7 +25,7 @@ extension PostgresStore {
         ALTER TABLE channels ADD COLUMN member_epoch BIGINT NOT NULL DEFAULT 0;
         ALTER TABLE messages ADD COLUMN member_epoch BIGINT NOT NULL DEFAULT 0;
         ALTER TABLE member_removals ADD COLUMN epoch BIGINT NOT NULL DEFAULT 0;
-        CREATE INDEX member_removals_member ON member_removals (thread_id, user_id, epoch)
+        CREATE INDEX member_removals_epoch ON member_removals (thread_id, epoch)
         """
 
     /// Runs `body` (one statement or a transaction) within the read deadline; failures are 503.
@@ -94,16 +94,16 @@ extension PostgresStore {
         }
     }
 
-    public func removalHead(of user: String, from thread: String, epochs: ClosedRange<Int64>) async throws(ApiError) -> Int64? {
+    public func removalHeads(from thread: String, epochs: ClosedRange<Int64>) async throws(ApiError) -> [String: Int64] {
         try await run { client, logger in
-            var head: Int64?
-            for try await value in try await client.query("""
-                SELECT min(head) FROM member_removals
-                WHERE thread_id = \(thread) AND user_id = \(user) AND epoch BETWEEN \(epochs.lowerBound) AND \(epochs.upperBound)
-                """, logger: logger).decode(Int64?.self) {
-                head = value
+            var heads: [String: Int64] = [:]
+            for try await (user, head) in try await client.query("""
+                SELECT user_id, min(head) FROM member_removals
+                WHERE thread_id = \(thread) AND epoch BETWEEN \(epochs.lowerBound) AND \(epochs.upperBound) GROUP BY user_id
+                """, logger: logger).decode((String, Int64).self) {
+                heads[user] = head
             }
-            return head
+            return heads
         }
     }
 

@@ -28,7 +28,7 @@ extension SQLiteStore {
         ALTER TABLE channels ADD COLUMN member_epoch INTEGER NOT NULL DEFAULT 0;
         ALTER TABLE messages ADD COLUMN member_epoch INTEGER NOT NULL DEFAULT 0;
         ALTER TABLE member_removals ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
-        CREATE INDEX member_removals_member ON member_removals (thread_id, user_id, epoch)
+        CREATE INDEX member_removals_epoch ON member_removals (thread_id, epoch)
         """
 
     /// Runs `body` in one write transaction on the directory connection, one transaction at a time (two
@@ -168,11 +168,15 @@ extension SQLiteStore {
         return (rows.first?.column("member")?.integer == 1, Int64(rows.first?.column("epoch")?.integer ?? 0))
     }
 
-    public nonisolated func removalHead(of user: String, from thread: String, epochs: ClosedRange<Int64>) async throws(ApiError) -> Int64? {
+    public nonisolated func removalHeads(from thread: String, epochs: ClosedRange<Int64>) async throws(ApiError) -> [String: Int64] {
         let rows = try await query("""
-            SELECT min(head) AS head FROM member_removals WHERE thread_id = ? AND user_id = ? AND epoch BETWEEN ? AND ?
-            """, [.text(thread), .text(user), .integer(Int(epochs.lowerBound)), .integer(Int(epochs.upperBound))])
-        return rows.first?.column("head")?.integer.map(Int64.init)
+            SELECT user_id, min(head) AS head FROM member_removals WHERE thread_id = ? AND epoch BETWEEN ? AND ? GROUP BY user_id
+            """, [.text(thread), .integer(Int(epochs.lowerBound)), .integer(Int(epochs.upperBound))])
+        var heads: [String: Int64] = [:]
+        for row in rows {
+            if let user = row.column("user_id")?.string, let head = row.column("head")?.integer { heads[user] = Int64(head) }
+        }
+        return heads
     }
 
     public nonisolated func moveReadCursor(of user: String, in thread: String, to seq: Int64) async throws(ApiError) -> (seq: Int64, unread: Int64) {

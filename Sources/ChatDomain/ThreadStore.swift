@@ -62,9 +62,9 @@ public protocol ThreadStore: Sendable {
     /// Whether `user` is a member, and the thread's membership epoch, read together (one snapshot): a stream
     /// opened on this answer must stop at any removal with a later epoch.
     func membership(of user: String, in thread: String) async throws(ApiError) -> (isMember: Bool, epoch: Int64)
-    /// The lowest head among `user`'s removals from `thread` with an epoch in `epochs`, or nil when there is
-    /// none (kept for a day, like the removals themselves).
-    func removalHead(of user: String, from thread: String, epochs: ClosedRange<Int64>) async throws(ApiError) -> Int64?
+    /// The removals from `thread` with an epoch in `epochs`: for each user removed, the lowest head (removals
+    /// are kept for a day).
+    func removalHeads(from thread: String, epochs: ClosedRange<Int64>) async throws(ApiError) -> [String: Int64]
     /// Threads `user` is a member of, oldest first.
     func threads(of user: String) async throws(ApiError) -> [ThreadSummary]
     /// False when `user` was a member already.

@@ -42,6 +42,8 @@ public final class GatewayApp: Sendable {
     private let draining = NIOLockedValueBox(false)
     /// When each (user, thread) last had a `typing` relayed.
     let typingRelayed = NIOLockedValueBox<[String: ContinuousClock.Instant]>([:])
+    /// The membership gate's store reads, shared by the thread's local subscribers.
+    let removalLookups: RemovalLookups
 
     init(config: GatewayConfig, verifier: TokenVerifier, channels: ChannelService, threads: ThreadService, revocations: Revocations,
          hub: Hub, bus: any Bus, redis: RedisBus?, presenceLists: (any PresenceLists)? = nil, metrics: GatewayMetrics, logger: Logger) {
@@ -57,6 +59,7 @@ public final class GatewayApp: Sendable {
         self.channels = channels
         self.hub = hub
         self.store = channels.store
+        self.removalLookups = RemovalLookups(store: channels.store)
         self.logger = logger
         self.pageReads = SharedPageReads(channels: channels, metrics: metrics)
         self.assets = BrowserAssets(directory: config.assetsDir, logger: logger)

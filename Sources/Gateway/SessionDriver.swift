@@ -188,8 +188,8 @@ final class SessionDriver: LiveStream, PresenceWatcher, @unchecked Sendable {  /
     /// How a member's subscription to a thread asks the store for a removal it has not heard of.
     func membershipCheck(_ channel: ChannelName) -> MembershipCheck? {
         guard case .thread(let thread) = channel.kind else { return nil }
-        let (store, user) = (app.store, session.actor.sub)
-        return { epochs throws(ApiError) in try await store.removalHead(of: user, from: thread, epochs: epochs) }
+        let (lookups, user) = (app.removalLookups, session.actor.sub)
+        return { epochs throws(ApiError) in try await lookups.heads(from: thread, epochs: epochs)[user] }
     }
 
     /// Runs `work` off the event loop and hands its outcome to `then` back on it.

@@ -1,4 +1,7 @@
 import ChatDomain
+import Foundation
+@testable import Gateway
+import NIOConcurrencyHelpers
 @testable import Fanout
 import NIOCore
 import Testing
@@ -234,5 +237,53 @@ struct MessageWireEpochTests {
         #expect(old == message && old.membershipEpoch == 0 && old.json == message.json)
         bytes[0] = 3
         #expect(MessageWire.decode(ByteBuffer(bytes: bytes)) == nil)
+    }
+}
+
+/// The gate's store reads: the local subscribers of a thread asking at once share one read; a question after
+/// it finished reads again (nothing is cached); a failure reaches everyone who asked.
+struct RemovalLookupsTests {
+    /// A read that waits until the test lets it answer.
+    final class HeldRead: @unchecked Sendable {  // guarded by `lock`
+        private let lock = NSLock()
+        private var waiting: [CheckedContinuation<Void, Never>] = []
+        private var open = false
+        func wait() async {
+            await withCheckedContinuation { continuation in
+                lock.lock()
+                if open { lock.unlock(); continuation.resume() } else { waiting.append(continuation); lock.unlock() }
+            }
+        }
+        func release() {
+            lock.lock()
+            open = true
+            let all = waiting
+            waiting = []
+            lock.unlock()
+            for continuation in all { continuation.resume() }
+        }
+    }
+
+    @Test func subscribersAskingAtOnceShareOneRead() async throws {
+        let held = HeldRead()
+        let fail = NIOLockedValueBox(false)
+        let lookups = RemovalLookups { thread, epochs throws(ApiError) in
+            await held.wait()
+            if fail.withLockedValue({ $0 }) { throw ApiError(.storeUnavailable, "down") }
+            return thread == "t" && epochs == 1...2 ? ["bob": 7] : [:]
+        }
+        let askers = (0..<10).map { i in Task { try await lookups.heads(from: "t", epochs: 1...2)[i == 0 ? "bob" : "carol"] } }
+        try await eventually("nine joined the first one's read") { lookups.counts == (reads: 1, joins: 9) }
+        held.release()
+        var answers: [Int64?] = []
+        for asker in askers { answers.append(try await asker.value) }
+        #expect(answers == [7] + Array(repeating: nil, count: 9))
+        #expect(lookups.counts == (reads: 1, joins: 9))
+        // Finished: the next question reads again, and another range is another read.
+        #expect(try await lookups.heads(from: "t", epochs: 1...2) == ["bob": 7])
+        #expect(try await lookups.heads(from: "t", epochs: 3...3) == [:])
+        #expect(lookups.counts == (reads: 3, joins: 9))
+        fail.withLockedValue { $0 = true }
+        await #expect(throws: ApiError.self) { try await lookups.heads(from: "t", epochs: 1...2) }
     }
 }
