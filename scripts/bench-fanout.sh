@@ -61,7 +61,7 @@ http {
   nchan_redis_url "redis://127.0.0.1:$R_PORT";
   server {
     listen 127.0.0.1:$port;
-    location ~ /sub/(\w+)$ { nchan_subscriber websocket eventsource; nchan_channel_id \$1; nchan_use_redis on; }
+    location ~ /sub/(\w+)$ { nchan_subscriber websocket eventsource longpoll; nchan_channel_id \$1; nchan_use_redis on; }
     location ~ /pub/(\w+)$ { nchan_publisher; nchan_channel_id \$1; nchan_use_redis on; }
   }
 }

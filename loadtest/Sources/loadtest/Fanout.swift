@@ -17,7 +17,7 @@ struct Fanout: AsyncParsableCommand {
         abstract: "Fan-out benchmark: N WebSocket subscribers on one channel, server CPU per delivery (gateway or Nchan).")
 
     enum Target: String, ExpressibleByArgument { case gateway, nchan }
-    enum Kind: String, ExpressibleByArgument { case ws, sse }
+    enum Kind: String, ExpressibleByArgument { case ws, sse, poll }
 
     @Option(help: "gateway (/v1/ws + subscribe, REST publish) or nchan (/sub/<ch>, POST /pub/<ch>).") var target = Target.gateway
     @Option(name: .customLong("server"), help: "Server URL (repeat: subscribers spread over them; the publisher uses the first).") var urls: [String] = []
@@ -28,7 +28,7 @@ struct Fanout: AsyncParsableCommand {
     @Option(help: "HS256 secret to mint tokens (gateway; default GATEWAY_JWT_SECRET).") var secret: String?
     @Option(help: "Comma-separated pids of the server's processes, whose CPU time is measured.") var pids = ""
     @Option(help: "Client event loop threads.") var threads = 1
-    @Option(help: "ws or sse subscribers.") var transport = Kind.ws
+    @Option(help: "ws, sse or poll (long-poll) subscribers.") var transport = Kind.ws
     @Flag(help: "Connect and subscribe, publish nothing: report the server's RSS per connection.") var idle = false
     @Option(help: "Catch-up: subscribe (gateway, WebSocket) from this cursor, publish nothing, and time the arrival of --count messages.") var since: String?
     @Option(help: "With --since: the messages stored after the cursor.") var count = 100_000
@@ -118,7 +118,7 @@ struct Fanout: AsyncParsableCommand {
 
         let perDelivery = delivered > 0 ? cpu / Double(delivered) * 1e6 : 0
         print(String(format: "%@ fan-out, %d %@ subscribers, %.0f msgs/s for %.0f s: %d of %d deliveries (%d publishes acked), %.0f deliveries/s; server CPU %.2f s = %.2f µs/delivery; load generator CPU %.2f s (%.0f%% of one core)",
-                     target.rawValue, subscribers, kind == .ws ? "WebSocket" : "SSE", rate, duration, delivered, expected, acked, Double(delivered) / elapsed, cpu, perDelivery,
+                     target.rawValue, subscribers, kind == .ws ? "WebSocket" : kind == .sse ? "SSE" : "long-poll", rate, duration, delivered, expected, acked, Double(delivered) / elapsed, cpu, perDelivery,
                      clientCPU, clientCPU / elapsed * 100))
         print("RESULT target=\(target.rawValue) transport=\(kind.rawValue) subscribers=\(subscribers) deliveries=\(delivered) expected=\(expected) per_s=\(Int(Double(delivered) / elapsed)) cpu_us_per_delivery=\(String(format: "%.3f", perDelivery)) client_cpu_share=\(String(format: "%.2f", clientCPU / elapsed))")
         if delivered < expected { throw ExitCode(1) }
@@ -186,6 +186,13 @@ struct Fanout: AsyncParsableCommand {
     static func subscribe(_ endpoint: Endpoint, target: Target, kind: Kind, channel: String, token: String,
                           group: any EventLoopGroup, since: String? = nil, presence: Bool = false) async throws -> ((any DeliveryCounter), any Channel) {
         let loop = group.next()
+        if kind == .poll {
+            let counter = PollCounter(loop: loop, target: target, endpoint: endpoint, channel: channel, token: token)
+            let connection = try await ClientBootstrap(group: loop)
+                .channelInitializer { channel in channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(counter) } }
+                .connect(host: endpoint.host, port: endpoint.port).get()
+            return (counter, connection)
+        }
         if kind == .sse {
             let counter = EventCounter(loop: loop)
             let connection = try await ClientBootstrap(group: loop)
@@ -289,6 +296,138 @@ final class EventCounter: ChannelInboundHandler, DeliveryCounter, @unchecked Sen
             return found
         }
         tail = Array(joined.readableBytesView.suffix(n.count - 1))
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        ready.fail(error)
+        context.close(promise: nil)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        ready.fail(ClientError(description: "connection closed"))
+    }
+}
+
+/// A long-poll subscriber: one keep-alive connection, one request at a time, the next sent as soon as an answer
+/// arrived. Gateway: it first reads the channel's position (a history request), then polls from the cursor of
+/// each answer, counting the messages in it (`"seq":`). Nchan: each answer is one message; the next request
+/// carries its `Last-Modified` and `Etag` (Nchan's long-poll protocol).
+final class PollCounter: ChannelInboundHandler, DeliveryCounter, @unchecked Sendable {  // state only touched on `loop`
+    typealias InboundIn = ByteBuffer
+    let loop: any EventLoop
+    let ready: EventLoopPromise<Void>
+    private(set) var frames = 0
+    private let target: Fanout.Target
+    private let endpoint: Endpoint
+    private let channel: String
+    private let token: String
+    private var cursor: String?
+    private var lastModified: String?
+    private var etag: String?
+    private var input = ByteBuffer()
+    private static let seqNeedle = Array("\"seq\":".utf8)
+    private static let cursorNeedle = Array("\"cursor\":\"".utf8)
+
+    init(loop: any EventLoop, target: Fanout.Target, endpoint: Endpoint, channel: String, token: String) {
+        self.loop = loop
+        self.ready = loop.makePromise()
+        self.target = target
+        self.endpoint = endpoint
+        self.channel = channel
+        self.token = token
+    }
+
+    private var nextRequest: ByteBuffer {
+        switch target {
+        case .gateway:
+            let path = cursor.map { "/v1/channels/topic:\(channel)/poll?since=\($0)&timeout=30&limit=100" } ?? "/v1/channels/topic:\(channel)/messages?limit=1"
+            return ByteBuffer(string: "GET \(path) HTTP/1.1\r\nHost: \(endpoint)\r\nAuthorization: Bearer \(token)\r\n\r\n")
+        case .nchan:
+            let since = (lastModified.map { "If-Modified-Since: \($0)\r\n" } ?? "") + (etag.map { "If-None-Match: \($0)\r\n" } ?? "")
+            return ByteBuffer(string: "GET /sub/\(channel) HTTP/1.1\r\nHost: \(endpoint)\r\nAccept: */*\r\n\(since)\r\n")
+        }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        context.writeAndFlush(NIOAny(nextRequest), promise: nil)
+        // Nchan's first poll waits for the channel's first message: in place once sent.
+        if target == .nchan { ready.succeed() }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var bytes = unwrapInboundIn(data)
+        input.writeBuffer(&bytes)
+        while let (status, headers, body) = takeResponse() {
+            guard status == 200 || status == 304 else {
+                ready.fail(ClientError(description: "poll answered \(status)"))
+                context.close(promise: nil)
+                return
+            }
+            switch target {
+            case .gateway:
+                let text = Array(body.readableBytesView)
+                if cursor != nil { frames += Self.occurrences(of: Self.seqNeedle, in: text) }
+                guard let last = Self.lastString(after: Self.cursorNeedle, in: text) else {
+                    ready.fail(ClientError(description: "no cursor in a poll answer"))
+                    context.close(promise: nil)
+                    return
+                }
+                if cursor == nil { ready.succeed() }
+                cursor = last
+            case .nchan:
+                if status == 200 { frames += 1 }
+                lastModified = headers["last-modified"] ?? lastModified
+                etag = headers["etag"] ?? etag
+            }
+            context.writeAndFlush(NIOAny(nextRequest), promise: nil)
+        }
+    }
+
+    /// One whole response (with a `Content-Length` body) from `input`, if it has arrived.
+    private func takeResponse() -> (Int, [String: String], ByteBuffer)? {
+        let view = input.readableBytesView
+        guard let end = view.firstRange(of: Array("\r\n\r\n".utf8)) else { return nil }
+        let head = String(decoding: view[view.startIndex..<end.lowerBound], as: UTF8.self)
+        var lines = head.split(separator: "\r\n")
+        guard !lines.isEmpty else { return nil }
+        let status = Int(lines.removeFirst().split(separator: " ").dropFirst().first ?? "") ?? 0
+        var headers: [String: String] = [:]
+        for line in lines {
+            guard let colon = line.firstIndex(of: ":") else { continue }
+            headers[line[..<colon].lowercased()] = line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
+        }
+        let length = Int(headers["content-length"] ?? "0") ?? 0
+        let headLength = end.upperBound - view.startIndex
+        guard input.readableBytes >= headLength + length else { return nil }
+        input.moveReaderIndex(forwardBy: headLength)
+        let body = input.readSlice(length: length) ?? ByteBuffer()
+        input.discardReadBytes()
+        return (status, headers, body)
+    }
+
+    private static func occurrences(of needle: [UInt8], in text: [UInt8]) -> Int {
+        guard text.count >= needle.count else { return 0 }
+        var found = 0
+        var i = 0
+        while i + needle.count <= text.count {
+            if text[i] == needle[0] && text[i..<(i + needle.count)].elementsEqual(needle) { found += 1; i += needle.count } else { i += 1 }
+        }
+        return found
+    }
+
+    /// The string after the last `needle` (up to the next quote).
+    private static func lastString(after needle: [UInt8], in text: [UInt8]) -> String? {
+        guard text.count >= needle.count else { return nil }
+        var i = text.count - needle.count
+        while i >= 0 {
+            if text[i..<(i + needle.count)].elementsEqual(needle) {
+                let start = i + needle.count
+                guard let quote = text[start...].firstIndex(of: UInt8(ascii: "\"")) else { return nil }
+                return String(decoding: text[start..<quote], as: UTF8.self)
+            }
+            i -= 1
+        }
+        return nil
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
