@@ -15,7 +15,7 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
     /// Where the stream starts, from the request (checked by the session when it opens).
     static func start(_ request: HTTPRequest) throws(ApiError) -> ChannelService.StreamStart {
         if let resume = request.headers.first(name: "last-event-id") ?? request.query["since"] {
-            return .since(resume.trimmingCharacters(in: .whitespaces))
+            return .since(String(Substring(resume).trimmingSpaces))
         }
         let history = try request.intParameter("history", default: 0, range: 0...ChannelService.maxPageSize)
         return history > 0 ? .history(history) : .live
@@ -23,7 +23,7 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
 
     /// `Last-Event-ID` (or `since`) as a cursor of `channel`, surrounding spaces ignored.
     static func resumeCursor(_ text: String, for channel: ChannelName) throws(ApiError) -> Cursor {
-        try Cursor(parsing: text.trimmingCharacters(in: .whitespaces), for: channel)
+        try Cursor(parsing: String(Substring(text).trimmingSpaces), for: channel)
     }
 
     private let app: GatewayApp

@@ -164,7 +164,7 @@ final class RequestGate: ChannelInboundHandler, RemovableChannelHandler {
         }
         // A body is JSON: no Content-Type is taken as JSON, any other type is refused.
         if request.body.readableBytes > 0, let type = request.headers.first(name: "content-type"),
-           type.split(separator: ";").first?.trimmingCharacters(in: .whitespaces).lowercased() != "application/json" {
+           type.split(separator: ";").first?.trimmingSpaces.lowercased() != "application/json" {
             return (ApiError(.unsupportedMediaType, "request bodies are application/json", details: ["content_type": String(type.prefix(100))]), false)
         }
         return nil

@@ -36,13 +36,13 @@ struct HTTPRequest: Sendable {
             queryPart = nil
         }
         self.path = pathPart.split(separator: "/", omittingEmptySubsequences: true).map {
-            String($0).removingPercentEncoding ?? String($0)
+            PercentDecoding.decode($0, plusAsSpace: false) ?? String($0)
         }
         var query: [String: String] = [:]
         for pair in queryPart?.split(separator: "&") ?? [] {
             let kv = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
-            let key = String(kv[0]).replacingOccurrences(of: "+", with: " ").removingPercentEncoding ?? String(kv[0])
-            let value = kv.count > 1 ? (String(kv[1]).replacingOccurrences(of: "+", with: " ").removingPercentEncoding ?? String(kv[1])) : ""
+            let key = PercentDecoding.decode(kv[0], plusAsSpace: true) ?? String(kv[0])
+            let value = kv.count > 1 ? (PercentDecoding.decode(kv[1], plusAsSpace: true) ?? String(kv[1])) : ""
             if query[key] == nil { query[key] = value }
         }
         self.query = query
@@ -73,7 +73,7 @@ struct HTTPRequest: Sendable {
     var bearerToken: String? {
         if let auth = headers.first(name: "authorization") {
             let parts = auth.split(separator: " ", maxSplits: 1)
-            if parts.count == 2, parts[0].lowercased() == "bearer" { return String(parts[1]).trimmingCharacters(in: .whitespaces) }
+            if parts.count == 2, parts[0].lowercased() == "bearer" { return String(parts[1].trimmingSpaces) }
             return ""
         }
         return query["access_token"]
@@ -116,7 +116,7 @@ struct RequestLog: Sendable {
     /// non-zero 16-hex parent id, 2-hex flags), else nil (ignored, as the recommendation asks).
     static func traceparent(_ header: String?) -> String? {
         guard let header else { return nil }
-        let parts = header.trimmingCharacters(in: .whitespaces).split(separator: "-", omittingEmptySubsequences: false)
+        let parts = Substring(header).trimmingSpaces.split(separator: "-", omittingEmptySubsequences: false)
         guard parts.count >= 4, parts[0] != "ff" || parts.count == 4 else { return nil }
         let hex = { (s: Substring, n: Int) in s.utf8.count == n && s.utf8.allSatisfy { (0x30...0x39).contains($0) || (0x61...0x66).contains($0) } }
         guard hex(parts[0], 2), parts[0] != "ff", hex(parts[1], 32), hex(parts[2], 16), hex(parts[3], 2),
@@ -140,7 +140,7 @@ struct RequestLog: Sendable {
         if let q = uri.firstIndex(of: "?") {
             let pairs = uri[uri.index(after: q)...].split(separator: "&", omittingEmptySubsequences: false).map { pair -> String in
                 let name = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)[0]
-                let decoded = String(name).replacingOccurrences(of: "+", with: " ").removingPercentEncoding ?? String(name)
+                let decoded = PercentDecoding.decode(name, plusAsSpace: true) ?? String(name)
                 return decoded == "access_token" ? "\(name)=***" : String(pair)
             }
             out = String(uri[..<q]) + "?" + pairs.joined(separator: "&")
