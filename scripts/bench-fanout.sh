@@ -7,13 +7,13 @@
 # fan-out run and the ratio gateway / Nchan.
 # A benchmark, not a test: nothing here asserts a number.
 #   BIN, LOADTEST: paths of the release binaries.
-#   FANOUT_CASES: "transport:subscribers:rate ..." (default below; empty skips them).  FANOUT_SECONDS: publishing seconds per
+#   FANOUT_CASES: "transport:subscribers:rate ..." (transport ws, sse or poll; default below; empty skips them).  FANOUT_SECONDS: publishing seconds per
 #   case (default 10).  FANOUT_IDLE: idle WebSocket connection counts for the memory figures (default
 #   "10000 19000"; one client process holds at most ~19,900).  BENCH: the bench binary (stores the catch-up
 #   backlog); FANOUT_CATCHUP: messages for the catch-up figure (default 100000; 0 skips it).
 set -euo pipefail
 BIN=${BIN:?gateway binary}; LOADTEST=${LOADTEST:?loadtest binary}; BENCH=${BENCH:-}
-CASES=${FANOUT_CASES-"ws:1000:100 ws:5000:20 sse:1000:100"}
+CASES=${FANOUT_CASES-"ws:1000:100 ws:5000:20 sse:1000:100 poll:200:20"}
 IDLE=${FANOUT_IDLE-"10000 19000"}
 SECONDS_EACH=${FANOUT_SECONDS:-10}
 "$(dirname "$0")/ensure-packages.sh" nginx-light libnginx-mod-nchan redis-server curl
