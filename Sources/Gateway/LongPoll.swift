@@ -32,6 +32,9 @@ final class LongPoll: HubSubscriber, SessionTransport, ConnectionBoundStream, @u
     private var channel: ChannelName?
     private var after: Int64 = 0
     private var waiting = false
+    /// When this poll registered with the Hub: a store read started since then sees every message the Hub
+    /// could not tell it about.
+    private var registeredAt = NIODeadline.now()
     private var finished = false
     private var reading = false
     private var arrivedWhileReading = false
@@ -60,6 +63,7 @@ final class LongPoll: HubSubscriber, SessionTransport, ConnectionBoundStream, @u
 
     func register(_ channel: ChannelName) {
         self.channel = channel
+        registeredAt = .now()
         app.hub.subscribe(channel, self)
     }
 
@@ -68,7 +72,8 @@ final class LongPoll: HubSubscriber, SessionTransport, ConnectionBoundStream, @u
         self.after = after
         waiting = true
         timer = eventLoop.scheduleTask(in: parameters.timeout) { [weak self] in self?.answerEmpty() }
-        read(joinable: false)
+        // Polls arriving together at one position (each answer sends its poller back at once) share a read.
+        read(joiningReadsFrom: registeredAt)
     }
 
     func cancel(_ channel: ChannelName) {
@@ -103,13 +108,13 @@ final class LongPoll: HubSubscriber, SessionTransport, ConnectionBoundStream, @u
     private func somethingArrived() {
         // Before `begin` a notification needs nothing: the first read starts after it.
         guard !finished, waiting else { return }
-        if reading { arrivedWhileReading = true } else { read(joinable: true) }
+        if reading { arrivedWhileReading = true } else { read(joiningReadsFrom: .now()) }
     }
 
-    /// Reads the page after `after`. A read after a notification may join one in flight for the same position
-    /// (started by another poll woken by the same message); if that read began before the message was
-    /// committed it finds nothing, and the poll reads again on its own.
-    private func read(joinable: Bool) {
+    /// Reads the page after `after`, or joins a read in flight for the same position that started at or after
+    /// `from` (this poll's registration, or the notification that woke it): such a read sees every message
+    /// committed before then, and anything later wakes this poll again.
+    private func read(joiningReadsFrom from: NIODeadline) {
         guard let channel else { return }
         reading = true
         arrivedWhileReading = false
@@ -117,18 +122,18 @@ final class LongPoll: HubSubscriber, SessionTransport, ConnectionBoundStream, @u
         Task {
             let result: Result<Page, ApiError>
             do throws(ApiError) {
-                let page = try await app.pageReads.page(in: channel, after: after, limit: limit, joinable: joinable)
+                let page = try await app.pageReads.page(in: channel, after: after, limit: limit, joiningReadsFrom: from)
                 // The permission again (a removal the bus lost): nothing published after it is answered.
                 if !page.messages.isEmpty { _ = try await app.channels.authorize(actor, .read, channel.rawValue) }
                 result = .success(page)
             } catch {
                 result = .failure(error)
             }
-            self.eventLoop.execute { self.answer(result, joined: joinable) }
+            self.eventLoop.execute { self.answer(result) }
         }
     }
 
-    private func answer(_ result: Result<Page, ApiError>, joined: Bool) {
+    private func answer(_ result: Result<Page, ApiError>) {
         reading = false
         guard !finished else { return }
         switch result {
@@ -140,8 +145,8 @@ final class LongPoll: HubSubscriber, SessionTransport, ConnectionBoundStream, @u
         case .success:
             if timedOut {
                 answerEmpty()
-            } else if joined || arrivedWhileReading {
-                read(joinable: false)
+            } else if arrivedWhileReading {
+                read(joiningReadsFrom: .now())
             }
         }
     }
@@ -185,6 +190,7 @@ final class SharedPageReads: Sendable {
     }
     private struct Read {
         let id: UInt64
+        let startedAt: NIODeadline
         let task: Task<Result<Page, ApiError>, Never>
     }
     private struct State {
@@ -200,17 +206,18 @@ final class SharedPageReads: Sendable {
         self.metrics = metrics
     }
 
-    /// The page after `after`; `joinable`: the answer of a read already in flight for the same page will do.
-    func page(in channel: ChannelName, after: Int64, limit: Int, joinable: Bool) async throws(ApiError) -> Page {
+    /// The page after `after`: the answer of a read already in flight for the same page will do if it started at
+    /// or after `from` (it sees every message committed before then).
+    func page(in channel: ChannelName, after: Int64, limit: Int, joiningReadsFrom from: NIODeadline) async throws(ApiError) -> Page {
         let key = Key(channel: channel, after: after, limit: limit)
         let channels = self.channels
         let (read, joined) = state.withLockedValue { state -> (Read, Bool) in
-            if joinable, let read = state.inFlight[key] { return (read, true) }
+            if let read = state.inFlight[key], read.startedAt >= from { return (read, true) }
             state.next += 1
             let task = Task { () -> Result<Page, ApiError> in
                 do throws(ApiError) { return .success(try await channels.page(in: channel, after: after, limit: limit)) } catch { return .failure(error) }
             }
-            let read = Read(id: state.next, task: task)
+            let read = Read(id: state.next, startedAt: .now(), task: task)
             state.inFlight[key] = read
             return (read, false)
         }
