@@ -138,13 +138,14 @@ public final class ChannelService: Sendable {
             throw ApiError(.badRequest, "history must be an integer in 0...\(Self.maxPageSize)")
         }
         let epoch = try await check(actor, action, name, withEpoch: true).epoch
-        let head = try await store.head(of: channel)
+        let (head, floor) = try await store.bounds(of: channel)
         switch start {
         case .live: return StreamOpening(channel: channel, after: head, membershipEpoch: epoch)
-        case .history(let n): return StreamOpening(channel: channel, after: max(0, head - Int64(n)), membershipEpoch: epoch)
+        case .history(let n):
+            // The last n the channel still keeps (retention may keep fewer).
+            return StreamOpening(channel: channel, after: max(floor, head - Int64(n)), membershipEpoch: epoch)
         case .since:
             let after = try position(of: cursor, in: channel, head: head)
-            let floor = try await store.floor(of: channel)
             guard after >= floor else { throw Retention.expired(channel, after: after, floor: floor) }
             return StreamOpening(channel: channel, after: after, membershipEpoch: epoch)
         }

@@ -367,6 +367,24 @@ public final class PostgresStore: Store {
         return Page(messages: Array(read.rows.prefix(limit)), hasMore: read.rows.count > limit)
     }
 
+    public func bounds(of channel: ChannelName) async throws(ApiError) -> (head: Int64, floor: Int64) {
+        let client = self.client
+        let logger = self.logger
+        do {
+            return try await Self.bounded(Self.readDeadline) {
+                var bounds: (head: Int64, floor: Int64) = (0, 0)
+                for try await (head, floor) in try await client.query("SELECT last_seq, floor_seq FROM channels WHERE name = \(channel.rawValue)",
+                                                                      logger: logger).decode((Int64, Int64).self) {
+                    bounds = (head, floor)
+                }
+                return bounds
+            }
+        } catch {
+            logger.error("store read failed", metadata: ["error": "\(String(reflecting: error))"])
+            throw ApiError(.storeUnavailable, "the store did not answer")
+        }
+    }
+
     public func floor(of channel: ChannelName) async throws(ApiError) -> Int64 {
         try await scalar("SELECT floor_seq FROM channels WHERE name = \(channel.rawValue)") ?? 0
     }

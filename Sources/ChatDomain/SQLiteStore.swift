@@ -230,6 +230,11 @@ public actor SQLiteStore: Store {
         return Page(messages: messages, hasMore: rows.count > limit)
     }
 
+    public nonisolated func bounds(of channel: ChannelName) async throws(ApiError) -> (head: Int64, floor: Int64) {
+        let rows = try await read("SELECT last_seq, floor_seq FROM channels WHERE name = ?", [.text(channel.rawValue)])
+        return (Int64(rows.first?.column("last_seq")?.integer ?? 0), Int64(rows.first?.column("floor_seq")?.integer ?? 0))
+    }
+
     public nonisolated func floor(of channel: ChannelName) async throws(ApiError) -> Int64 {
         let rows = try await read("SELECT floor_seq FROM channels WHERE name = ?", [.text(channel.rawValue)])
         return Int64(rows.first?.column("floor_seq")?.integer ?? 0)

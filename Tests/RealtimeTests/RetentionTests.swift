@@ -153,7 +153,17 @@ import Testing
         await sse.close()
         let poll = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/poll?since=\(old)&timeout=1", token: token)
         #expect(poll.status == 410)
-        // Nothing was lost that was kept: a fresh subscriber with `history` gets 901…1000.
+        // Nothing was lost that was kept: a fresh subscriber asking for more history than is kept gets what is
+        // kept, 901…1000 (its `subscribed` cursor is the floor), over WebSocket and SSE.
+        let fresh = try await WSTestClient.connect(port: port, token: token)
+        try await fresh.send(["type": "subscribe", "id": "h", "channel": channel, "history": 500])
+        let subscribed = try await fresh.reply("subscribed")
+        #expect((subscribed["cursor"] as? String)?.hasPrefix("900.") == true, "\(subscribed)")
+        #expect(try await fresh.messages(100).map(\.seq) == Array(901...1000))
+        await fresh.close()
+        let history = try await SSETestClient.connect(port: port, channel: channel, token: token, query: "history=500")
+        #expect(try await history.messages(100).map(\.seq) == Array(901...1000))
+        await history.close()
         #expect(try await HTTPTestClient.metric("gateway_retention_deleted_total", port: port) == 900)
         await live.close()
         print("retention: 1,000 published, the last 100 kept (900 deleted in batches of 64 every 100 ms, while publishing); live subscriber 1…1000 with no gap; 3 catch-up readers never saw a gap (\(restarts) restarts from the oldest position after 410)")
