@@ -15,9 +15,7 @@ import Testing
         let dataDir = FileManager.default.temporaryDirectory.appendingPathComponent("gw-refused-\(UUID().uuidString)").path
         defer { try? FileManager.default.removeItem(atPath: dataDir) }
         let base = ["GATEWAY_PORT": String(TestServices.freePort()), "GATEWAY_DATA_DIR": dataDir, "PATH": "/usr/bin:/bin"]
-        return try await within(60, "gateway start with \(environment.keys.sorted())") {
-            try await TestServices.run(GatewayProcess.binary, ["serve"], environment: base.merging(environment) { $1 })
-        }
+        return try await TestServices.run(GatewayProcess.binary, ["serve"], environment: base.merging(environment) { $1 }, timeout: 60)
     }
 
     static let secret = ["GATEWAY_JWT_SECRET": TestGateway.secret]

@@ -78,10 +78,8 @@ import Testing
     ]) func aBadValueFromAnySourceIsRefusedNamingIt(_ json: String, _ arguments: [String], _ setting: String) async throws {
         let path = try Self.file(json)
         defer { try? FileManager.default.removeItem(atPath: path) }
-        let (status, output) = try await within(60, "refused start") {
-            try await TestServices.run(GatewayProcess.binary, ["serve"] + arguments,
-                                       environment: ["GATEWAY_CONFIG_FILE": path, "PATH": "/usr/bin:/bin"])
-        }
+        let (status, output) = try await TestServices.run(GatewayProcess.binary, ["serve"] + arguments,
+                                                          environment: ["GATEWAY_CONFIG_FILE": path, "PATH": "/usr/bin:/bin"], timeout: 60)
         #expect(status == 2, "\(output)")
         let lines = output.split(separator: "\n").filter { $0.contains("configuration error") }
         #expect(lines.count == 1 && lines[0].contains("configuration error: \(setting):"), "\(output)")

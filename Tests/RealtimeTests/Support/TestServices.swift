@@ -42,11 +42,26 @@ enum TestServices {
 
     /// Runs a command to completion; returns its exit status and output.
     @discardableResult
-    static func run(_ path: String, _ arguments: [String], asPostgres: Bool = false, environment: [String: String]? = nil) async throws -> (Int32, String) {
+    /// Runs a command to its end. `timeout`: past it the process is killed and the run fails (a command that
+    /// should have exited, such as a refused start, must not outlive the test).
+    static func run(_ path: String, _ arguments: [String], asPostgres: Bool = false, environment: [String: String]? = nil,
+                    timeout: Double? = nil) async throws -> (Int32, String) {
         let output = FileManager.default.temporaryDirectory.appendingPathComponent("gw-run-\(UUID().uuidString)").path
         defer { try? FileManager.default.removeItem(atPath: output) }
         let (executable, args) = command(path, arguments, asPostgres: asPostgres)
-        let status = try await ChildProcess(executable, args, environment: environment, output: output).exitStatus()
+        let process = try ChildProcess(executable, args, environment: environment, output: output)
+        let status: Int32
+        if let timeout {
+            do {
+                status = try await within(timeout, "\(path) to exit") { await process.exitStatus() }
+            } catch {
+                kill(process.pid, SIGKILL)
+                _ = await process.exitStatus()
+                throw error
+            }
+        } else {
+            status = await process.exitStatus()
+        }
         return (status, (try? String(contentsOfFile: output, encoding: .utf8)) ?? "")
     }
 
