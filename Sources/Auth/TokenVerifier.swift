@@ -33,6 +33,12 @@ public final class TokenVerifier: Sendable {
     private let audience: String?
     /// When set, a token's `iss` must equal it (`GATEWAY_JWT_ISSUER`).
     private let issuer: String?
+    /// Tokens whose signature and claims were checked: the same token string comes back with every long-poll
+    /// and reconnect, and checking it again (two JSON decodes and an HMAC) was a tenth of a long-poll's CPU.
+    /// Expiry, not-before and revocation are still checked at every use; emptied when the keys change, and
+    /// when it reaches `verifiedCapacity` (bounded).
+    private let verified = NIOLockedValueBox<[String: (actor: Actor, notBefore: Date?)]>([:])
+    static let verifiedCapacity = 10_000
 
     /// `secret` must be at least 32 bytes (jwt-kit refuses shorter HMAC keys). `jwksFile` holds the public
     /// keys for RS256 / ES256. Refuses to start without any key.
@@ -78,10 +84,14 @@ public final class TokenVerifier: Sendable {
         guard let jwksFile else { return }
         let keys = try await Self.loadKeys(jwksFile)
         jwks.withLockedValue { $0 = keys }
+        verified.withLockedValue { $0.removeAll() }
     }
 
     public func verify(_ token: String, now: Date = Date()) async throws(AuthFailure) -> Actor {
         guard !token.isEmpty else { throw .missing }
+        if let known = verified.withLockedValue({ $0[token] }) {
+            return try check(known.actor, notBefore: known.notBefore, now: now)
+        }
         let keys: JWTKeyCollection
         let header = Self.header(of: token)
         switch header?.alg {
@@ -120,6 +130,18 @@ public final class TokenVerifier: Sendable {
         if let issuer, claims.iss?.value != issuer { throw .wrongIssuer }
         let actor = Actor(sub: claims.sub.value, roles: Set(claims.roles ?? []), sid: claims.sid, expiresAt: claims.exp.value,
                           issuedAt: claims.iat?.value)
+        verified.withLockedValue { verified in
+            if verified.count >= Self.verifiedCapacity { verified.removeAll() }
+            verified[token] = (actor, claims.nbf?.value)
+        }
+        if revocations.isRevoked(actor) { throw .revoked }
+        return actor
+    }
+
+    /// What is checked again at every use of a token verified before: its time window and revocation.
+    private func check(_ actor: Actor, notBefore: Date?, now: Date) throws(AuthFailure) -> Actor {
+        if actor.expiresAt.addingTimeInterval(leeway) <= now { throw .expired }
+        if let notBefore, notBefore > now.addingTimeInterval(leeway) { throw .notYetValid }
         if revocations.isRevoked(actor) { throw .revoked }
         return actor
     }

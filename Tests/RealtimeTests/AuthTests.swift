@@ -81,16 +81,40 @@ import Testing
         }
     }
 
+    /// A token verified once is remembered (its signature and claims are not checked again), but its expiry,
+    /// not-before and revocation are checked at every use.
+    @Test func aRememberedTokenIsStillCheckedForExpiryAndRevocation() async throws {
+        let revocations = Revocations()
+        let verifier = try await TokenVerifier(hs256Secret: TestGateway.secret, leeway: 0, revocations: revocations)
+        let issued = Date()
+        let token = try await verifier.mint(sub: "remembered", roles: [], ttl: 60, sid: "s-1")
+        #expect(try await verifier.verify(token, now: issued).sub == "remembered")
+        #expect(try await verifier.verify(token, now: issued.addingTimeInterval(30)).sub == "remembered")
+        await #expect(throws: AuthFailure.expired) { try await verifier.verify(token, now: issued.addingTimeInterval(61)) }
+        revocations.apply([Revocation(kind: .sid, value: "s-1", at: Int64(issued.timeIntervalSince1970), until: Int64(issued.timeIntervalSince1970) + 3600)])
+        await #expect(throws: AuthFailure.revoked) { try await verifier.verify(token, now: issued) }
+        // A token that fails is not remembered: one byte changed in its signature fails every time.
+        var forged = Array(token)
+        let inSignature = token.distance(from: token.startIndex, to: token.lastIndex(of: ".")!) + 5
+        forged[inSignature] = forged[inSignature] == "A" ? "B" : "A"
+        let forgedToken = String(forged)
+        for _ in 0..<2 { await #expect(throws: AuthFailure.badSignature) { try await verifier.verify(forgedToken) } }
+    }
+
     @Test func jwksIsReloadedWithoutARestart() async throws {
         let keys = try await TestKeys.make()
         let other = try await TestKeys.make()
         try await withTestGateway(configure: { $0.jwksFile = keys.jwksFile }) { gateway in
             let token = try await other.rsa.sign(TestClaims())
+            let retired = try await keys.rsa.sign(TestClaims())
             try await Self.expectRefused(token, port: gateway.port, channel: "topic:rotate", "key not yet in the file")
+            try await Self.expectAccepted(retired, port: gateway.port, channel: "topic:rotate", "key in the file")
             try FileManager.default.removeItem(atPath: keys.jwksFile)
             try FileManager.default.copyItem(atPath: other.jwksFile, toPath: keys.jwksFile)
             try await gateway.server.app.verifier.reloadKeys()  // what SIGHUP does in `gateway serve`
             try await Self.expectAccepted(token, port: gateway.port, channel: "topic:rotate", "rotated key")
+            // A token accepted (and remembered as verified) before the rotation is not accepted after it.
+            try await Self.expectRefused(retired, port: gateway.port, channel: "topic:rotate", "key gone from the file")
         }
     }
 
