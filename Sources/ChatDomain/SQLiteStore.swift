@@ -220,14 +220,19 @@ public actor SQLiteStore: Store {
     }
 
     public nonisolated func messages(in channel: ChannelName, after: Int64, limit: Int) async throws(ApiError) -> Page {
-        let rows = try await read("SELECT \(Self.columns) FROM messages WHERE channel = ? AND seq > ? ORDER BY seq LIMIT ?",
-                                  [.text(channel.rawValue), .integer(Int(after)), .integer(limit + 1)])
-        // The floor read after the rows: a trim raises it before it deletes, so a page read while rows below it
-        // went is always caught here (a hole is never answered).
-        let floor = try await floor(of: channel)
+        // The channel's floor and the rows in one statement (one snapshot), as on Postgres: a trim raises the
+        // floor before it deletes, so a page with a hole in it is never answered. One statement, not two: every
+        // subscribe, catch-up page and long-poll reads here.
+        let rows = try await read("""
+            SELECT c.floor_seq, m.id, m.seq, m.created_at, m.sender, m.request_id, m.body, m.member_epoch
+            FROM channels c LEFT JOIN messages m ON m.channel = c.name AND m.seq > ?
+            WHERE c.name = ? ORDER BY m.seq LIMIT ?
+            """, [.integer(Int(after)), .text(channel.rawValue), .integer(limit + 1)])
+        let floor = Int64(rows.first?.column("floor_seq")?.integer ?? 0)
         guard after >= floor else { throw Retention.expired(channel, after: after, floor: floor) }
-        let messages = rows.prefix(limit).map { Self.message(from: $0, channel: channel) }
-        return Page(messages: messages, hasMore: rows.count > limit)
+        let found = rows.filter { $0.column("id")?.string != nil }
+        let messages = found.prefix(limit).map { Self.message(from: $0, channel: channel) }
+        return Page(messages: messages, hasMore: found.count > limit)
     }
 
     public nonisolated func bounds(of channel: ChannelName) async throws(ApiError) -> (head: Int64, floor: Int64) {
