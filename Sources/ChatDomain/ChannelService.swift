@@ -89,23 +89,22 @@ public final class ChannelService: Sendable {
     /// Parses a channel name and checks that `actor` may do `action` on it (a thread's membership is read
     /// from the store at every check: subscribe, resume, read and publish).
     public func authorize(_ actor: Actor, _ action: Action, _ name: String) async throws(ApiError) -> ChannelName {
-        try await check(actor, action, name, withEpoch: false).channel
+        try await check(actor, action, name).channel
     }
 
     /// `authorize`, and for a member's stream of a thread the membership epoch read with the membership: the
     /// stream must end at any removal with a later epoch. Nil for streams no removal ends (topics, admins).
-    private func check(_ actor: Actor, _ action: Action, _ name: String, withEpoch: Bool) async throws(ApiError) -> (channel: ChannelName, epoch: Int64?) {
+    private func check(_ actor: Actor, _ action: Action, _ name: String) async throws(ApiError) -> (channel: ChannelName, epoch: Int64?) {
         let channel = try ChannelName(parsing: name)
         let resource: Resource
         var epoch: Int64?
         switch channel.kind {
         case .topic(let topic): resource = .topic(name: topic)
         case .thread(let id) where actor.isAdmin: resource = .thread(id: id, isMember: true)
-        case .thread(let id) where withEpoch:
+        case .thread(let id):
             let membership = try await store.membership(of: actor.sub, in: id)
             epoch = membership.epoch
             resource = .thread(id: id, isMember: membership.isMember)
-        case .thread(let id): resource = .thread(id: id, isMember: try await store.isMember(actor.sub, of: id))
         case .user(let sub):
             // Written by the gateway only: no client publishes there, admins included.
             if action == .publish { throw ApiError(.forbidden, "user channels are written by the gateway", details: ["channel": channel.rawValue]) }
@@ -137,7 +136,7 @@ public final class ChannelService: Sendable {
         if case .history(let n) = start, !(0...Self.maxPageSize).contains(n) {
             throw ApiError(.badRequest, "history must be an integer in 0...\(Self.maxPageSize)")
         }
-        let epoch = try await check(actor, action, name, withEpoch: true).epoch
+        let epoch = try await check(actor, action, name).epoch
         let (head, floor) = try await store.bounds(of: channel)
         switch start {
         case .live: return StreamOpening(channel: channel, after: head, membershipEpoch: epoch)

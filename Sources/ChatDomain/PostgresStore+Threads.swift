@@ -71,16 +71,6 @@ extension PostgresStore {
         }
     }
 
-    public func isMember(_ user: String, of thread: String) async throws(ApiError) -> Bool {
-        try await run { client, logger in
-            var member = false
-            for try await _ in try await client.query("SELECT 1 FROM thread_members WHERE thread_id = \(thread) AND user_id = \(user)", logger: logger).decode(Int.self) {
-                member = true
-            }
-            return member
-        }
-    }
-
     public func membership(of user: String, in thread: String) async throws(ApiError) -> (isMember: Bool, epoch: Int64) {
         try await run { client, logger in
             var answer = (isMember: false, epoch: Int64(0))

@@ -385,10 +385,6 @@ public final class PostgresStore: Store {
         }
     }
 
-    public func floor(of channel: ChannelName) async throws(ApiError) -> Int64 {
-        try await scalar("SELECT floor_seq FROM channels WHERE name = \(channel.rawValue)") ?? 0
-    }
-
     public func channels(withPrefix prefix: String) async throws(ApiError) -> [ChannelName] {
         let client = self.client
         let logger = self.logger

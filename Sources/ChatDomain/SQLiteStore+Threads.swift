@@ -83,10 +83,6 @@ extension SQLiteStore {
                           members: members.compactMap { $0.column("user_id")?.string })
     }
 
-    public nonisolated func isMember(_ user: String, of thread: String) async throws(ApiError) -> Bool {
-        try await !query("SELECT 1 FROM thread_members WHERE thread_id = ? AND user_id = ?", [.text(thread), .text(user)]).isEmpty
-    }
-
     public nonisolated func threads(of user: String) async throws(ApiError) -> [ThreadSummary] {
         let rows = try await query("""
             SELECT t.id, t.title, t.creator, t.created_at, COALESCE(r.seq, 0) AS read_seq,

@@ -240,11 +240,6 @@ public actor SQLiteStore: Store {
         return (Int64(rows.first?.column("last_seq")?.integer ?? 0), Int64(rows.first?.column("floor_seq")?.integer ?? 0))
     }
 
-    public nonisolated func floor(of channel: ChannelName) async throws(ApiError) -> Int64 {
-        let rows = try await read("SELECT floor_seq FROM channels WHERE name = ?", [.text(channel.rawValue)])
-        return Int64(rows.first?.column("floor_seq")?.integer ?? 0)
-    }
-
     public nonisolated func channels(withPrefix prefix: String) async throws(ApiError) -> [ChannelName] {
         let rows = try await read("SELECT name FROM channels WHERE substr(name, 1, ?) = ?", [.integer(prefix.utf8.count), .text(prefix)])
         return rows.compactMap { $0.column("name")?.string.flatMap { try? ChannelName(parsing: $0) } }

@@ -56,9 +56,8 @@ public protocol Store: ThreadStore {
     /// rows deleted. Reads after a position below the floor fail with `CURSOR_EXPIRED` from then on: a reader
     /// never gets a page with a hole in it.
     func trim(_ channel: ChannelName, retention: Retention, batch: Int) async throws(ApiError) -> Int
-    /// The newest seq no longer kept (0: every message is).
-    func floor(of channel: ChannelName) async throws(ApiError) -> Int64
-    /// The channel's head and floor, read together (one statement): where a stream may start.
+    /// The channel's head and its floor (the newest seq no longer kept; 0: every message is), read together
+    /// (one statement): where a stream may start.
     func bounds(of channel: ChannelName) async throws(ApiError) -> (head: Int64, floor: Int64)
     /// Every channel whose name starts with `prefix` (retention of `thread:` channels).
     func channels(withPrefix prefix: String) async throws(ApiError) -> [ChannelName]

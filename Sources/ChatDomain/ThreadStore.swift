@@ -58,7 +58,6 @@ public protocol ThreadStore: Sendable {
     func createThread(_ thread: ChatThread) async throws(ApiError)
     /// The thread with its members; nil when it does not exist.
     func thread(_ id: String) async throws(ApiError) -> ChatThread?
-    func isMember(_ user: String, of thread: String) async throws(ApiError) -> Bool
     /// Whether `user` is a member, and the thread's membership epoch, read together (one snapshot): a stream
     /// opened on this answer must stop at any removal with a later epoch.
     func membership(of user: String, in thread: String) async throws(ApiError) -> (isMember: Bool, epoch: Int64)
