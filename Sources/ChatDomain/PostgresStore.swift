@@ -110,6 +110,7 @@ public final class PostgresStore: Store {
         removalMigration,
         "ALTER TABLE channels ADD COLUMN floor_seq BIGINT NOT NULL DEFAULT 0",
         membershipEpochMigration,
+        appendFunction,
     ]
 
     /// Versioned migrations in `schema_migrations`, under an advisory lock so that instances starting at
@@ -123,7 +124,9 @@ public final class PostgresStore: Store {
                 applied.insert(version)
             }
             for (index, script) in Self.migrations.enumerated() where !applied.contains(index + 1) {
-                for statement in script.split(separator: ";") where !statement.allSatisfy(\.isWhitespace) {
+                // A function's body has semicolons of its own: such a script is one statement.
+                let statements = script.hasPrefix("CREATE OR REPLACE FUNCTION") ? [Substring(script)] : script.split(separator: ";")
+                for statement in statements where !statement.allSatisfy(\.isWhitespace) {
                     try await connection.query(PostgresQuery(unsafeSQL: String(statement)), logger: logger)
                 }
                 try await connection.query("INSERT INTO schema_migrations (version) VALUES (\(index + 1))", logger: logger)
@@ -145,7 +148,9 @@ public final class PostgresStore: Store {
         try await appends.append(request)
     }
 
-    struct RetryBatch: Error {}
+    /// The SQLSTATE `gateway_append` raises when another instance took one of the batch's request ids while
+    /// it ran: the whole batch rolled back, and runs again (the key is then a replay).
+    static let keyTakenState = "GW409"
     struct Deadline: Error {}
 
     /// How long an operation may wait, mostly for a connection: postgres-nio's pool keeps a lease request
@@ -171,11 +176,9 @@ public final class PostgresStore: Store {
                 let client = self.client
                 let logger = self.logger
                 return try await Self.bounded(Self.commitDeadline) {
-                    try await client.withTransaction(logger: logger) { connection in
-                        try await Self.append(batch, window: window, on: connection, logger: logger)
-                    }
+                    try await Self.append(batch, window: window, on: client, logger: logger)
                 }
-            } catch let error as PostgresTransactionError where error.closureError is RetryBatch {
+            } catch let error as PSQLError where error.serverInfo?[.sqlState] == Self.keyTakenState {
                 logger.debug("idempotency key raced with another instance; retrying the batch", metadata: ["attempt": "\(attempt)"])
             } catch {
                 logger.error("store commit failed", metadata: ["error": "\(String(reflecting: error))"])
@@ -186,119 +189,39 @@ public final class PostgresStore: Store {
         return batch.map { _ in .failure(failure) }
     }
 
-    struct Key: Hashable { let channel: String, sender: String, requestId: String }
-
-    /// One transaction: idempotency look-ups, one locked head update per channel (in name order, so
-    /// concurrent instances never deadlock), one multi-row insert of messages and one of keys.
-    static func append(_ batch: [AppendRequest], window: Int64, on connection: PostgresConnection, logger: Logger) async throws -> [GroupCommit.Outcome] {
+    /// One batch in one statement, so one round trip: `gateway_append` (migration 6) does what a transaction
+    /// of five statements did, and the channels' row locks are held only while the server runs it and commits.
+    static func append(_ batch: [AppendRequest], window: Int64, on client: PostgresClient, logger: Logger) async throws -> [GroupCommit.Outcome] {
         let cutoff = Timestamp.nowMicros() - window
+        let rows = try await client.query("""
+            SELECT o_index, o_kind, o_seq, o_id, o_created_at, o_body, o_epoch FROM gateway_append(
+                \(batch.map(\.channel.rawValue))::text[], \(batch.map(\.sender))::text[], \(batch.map { $0.requestId ?? "" })::text[],
+                \(batch.map(\.body))::text[], \(cutoff))
+            """, logger: logger)
         var outcomes = [GroupCommit.Outcome?](repeating: nil, count: batch.count)
-
-        // 1. Keys seen before, within the window.
-        var existing: [Key: Message] = [:]
-        var removed: [Key: Int64] = [:]  // keys whose message the retention removed
-        let keyed = batch.indices.filter { batch[$0].requestId != nil }
-        if !keyed.isEmpty {
-            let channels = keyed.map { batch[$0].channel.rawValue }
-            let senders = keyed.map { batch[$0].sender }
-            let requestIds = keyed.map { batch[$0].requestId! }
-            let rows = try await connection.query("""
-                SELECT i.channel, i.sender, i.request_id, i.seq, m.id::text, m.created_at, m.body
-                FROM idempotency i LEFT JOIN messages m ON m.channel = i.channel AND m.seq = i.seq
-                WHERE i.created_at >= \(cutoff)
-                  AND (i.channel, i.sender, i.request_id) IN (SELECT * FROM unnest(\(channels)::text[], \(senders)::text[], \(requestIds)::text[]))
-                """, logger: logger)
-            for try await (channel, sender, requestId, seq, id, createdAt, body) in rows.decode((String, String, String, Int64, String?, Int64?, String?).self) {
-                guard let name = try? ChannelName(parsing: channel) else { continue }
-                guard let id, let createdAt, let body else {
-                    removed[Key(channel: channel, sender: sender, requestId: requestId)] = seq
-                    continue
-                }
-                existing[Key(channel: channel, sender: sender, requestId: requestId)] =
-                    Message(id: id, channel: name, seq: seq, createdAtMicros: createdAt, sender: sender, requestId: requestId, body: body)
-            }
-        }
-        var firstInBatch: [Key: Int] = [:]
-        var fresh: [Int] = []
-        var repeats: [(index: Int, of: Int)] = []
-        for (index, request) in batch.enumerated() {
-            guard let requestId = request.requestId else {
-                fresh.append(index)
-                continue
-            }
-            let key = Key(channel: request.channel.rawValue, sender: request.sender, requestId: requestId)
-            if let original = existing[key] {
-                outcomes[index] = replay(original, of: request)
-            } else if let seq = removed[key] {
-                outcomes[index] = .failure(Retention.replayOfRemoved(requestId, seq: seq))
-            } else if let first = firstInBatch[key] {
-                repeats.append((index, first))
-            } else {
-                firstInBatch[key] = index
-                fresh.append(index)
-            }
-        }
-
-        // 2. Heads: one statement locks every channel's row, in name order (so concurrent batches of any
-        //    instance never deadlock), and takes k seqs and k microseconds from each.
-        var byChannel: [String: [Int]] = [:]
-        for index in fresh { byChannel[batch[index].channel.rawValue, default: []].append(index) }
         var stored: [Int: Message] = [:]
-        if !byChannel.isEmpty {
-            let names = byChannel.keys.sorted()
-            let counts = names.map { Int64(byChannel[$0]!.count) }
-            let rows = try await connection.query("""
-                INSERT INTO channels AS c (name, last_seq, last_created_at)
-                SELECT n, k, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint + k - 1
-                FROM unnest(\(names)::text[], \(counts)::int8[]) AS x(n, k) ORDER BY n
-                ON CONFLICT (name) DO UPDATE SET
-                    last_seq = c.last_seq + excluded.last_seq,
-                    last_created_at = greatest(excluded.last_created_at, c.last_created_at + excluded.last_seq)
-                RETURNING name, last_seq, last_created_at, member_epoch
-                """, logger: logger)
-            for try await (name, lastSeq, lastCreatedAt, epoch) in rows.decode((String, Int64, Int64, Int64).self) {
-                guard let indices = byChannel[name] else { continue }
-                let k = Int64(indices.count)
-                for (offset, index) in indices.enumerated() {
-                    let request = batch[index]
-                    let seq = lastSeq - k + 1 + Int64(offset)
-                    let createdAt = lastCreatedAt - k + 1 + Int64(offset)
-                    stored[index] = Message(id: UUIDv7.make(micros: createdAt), channel: request.channel, seq: seq, createdAtMicros: createdAt,
-                                            sender: request.sender, requestId: request.requestId, body: request.body, membershipEpoch: epoch)
-                }
+        var repeats: [(index: Int, of: Int)] = []
+        for try await (position, kind, seq, id, createdAt, body, epoch) in rows.decode((Int, String, Int64, String?, Int64?, String?, Int64).self) {
+            let index = position - 1
+            guard batch.indices.contains(index) else { throw PostgresStoreError("gateway_append answered an unknown index") }
+            let request = batch[index]
+            switch (kind, id, createdAt) {
+            case ("n", let id?, let createdAt?):  // stored now
+                let message = Message(id: id, channel: request.channel, seq: seq, createdAtMicros: createdAt, sender: request.sender,
+                                      requestId: request.requestId, body: request.body, membershipEpoch: epoch)
+                stored[index] = message
+                outcomes[index] = .success(AppendResult(message: message, replayed: false))
+            case ("r", let id?, let createdAt?):  // the key was used before, within the window
+                outcomes[index] = replay(Message(id: id, channel: request.channel, seq: seq, createdAtMicros: createdAt, sender: request.sender,
+                                                 requestId: request.requestId, body: body ?? "{}"), of: request)
+            case ("x", _, _):  // the key's message was removed by the retention
+                outcomes[index] = .failure(Retention.replayOfRemoved(request.requestId ?? "", seq: seq))
+            case ("d", _, _):  // the key came earlier in this batch: seq is that request's index
+                repeats.append((index, Int(seq) - 1))
+            default:
+                throw PostgresStoreError("gateway_append answered kind \(kind)")
             }
-            guard stored.count == fresh.count else { throw PostgresStoreError("a channel head was not returned") }
         }
-
-        // 3. The messages, in one statement.
-        if !stored.isEmpty {
-            let messages = fresh.map { stored[$0]! }
-            try await connection.query("""
-                INSERT INTO messages (channel, seq, id, created_at, sender, request_id, body, member_epoch)
-                SELECT c, s, i::uuid, t, u, NULLIF(r, ''), b, e FROM unnest(
-                    \(messages.map(\.channel.rawValue))::text[], \(messages.map(\.seq))::int8[], \(messages.map(\.id))::text[],
-                    \(messages.map(\.createdAtMicros))::int8[], \(messages.map(\.sender))::text[], \(messages.map { $0.requestId ?? "" })::text[],
-                    \(messages.map(\.body))::text[], \(messages.map(\.membershipEpoch))::int8[]) AS x(c, s, i, t, u, r, b, e)
-                """, logger: logger)
-        }
-
-        // 4. The keys; one taken meanwhile by another instance means: roll back and run the batch again.
-        let newKeys = fresh.compactMap { index -> Message? in batch[index].requestId == nil ? nil : stored[index] }
-        if !newKeys.isEmpty {
-            let rows = try await connection.query("""
-                INSERT INTO idempotency AS i (channel, sender, request_id, seq, created_at)
-                SELECT * FROM unnest(\(newKeys.map(\.channel.rawValue))::text[], \(newKeys.map(\.sender))::text[],
-                                     \(newKeys.map { $0.requestId! })::text[], \(newKeys.map(\.seq))::int8[], \(newKeys.map(\.createdAtMicros))::int8[])
-                ON CONFLICT (channel, sender, request_id) DO UPDATE SET seq = excluded.seq, created_at = excluded.created_at
-                WHERE i.created_at < \(cutoff)
-                RETURNING 1
-                """, logger: logger)
-            var inserted = 0
-            for try await _ in rows { inserted += 1 }
-            if inserted != newKeys.count { throw RetryBatch() }
-        }
-
-        for (index, message) in stored { outcomes[index] = .success(AppendResult(message: message, replayed: false)) }
         for (index, first) in repeats {
             if let original = stored[first] { outcomes[index] = replay(original, of: batch[index]) }
         }

@@ -1,0 +1,146 @@
+import Foundation
+import Testing
+
+/// The Postgres append (one `gateway_append` call per batch) against a real server, where a second writer —
+/// another instance, here a psql session — holds a transaction open at the moment it matters.
+@Suite(.serialized)
+struct PostgresAppendTests {
+    /// A psql session fed line by line: a transaction another instance would hold open.
+    final class Session: @unchecked Sendable {  // driven by one test task
+        let process = Process()
+        let input = Pipe()
+        let output = Pipe()
+
+        init(postgres: PostgresServer) throws {
+            process.executableURL = URL(fileURLWithPath: postgres.binDir + "/psql")
+            process.arguments = ["-h", "127.0.0.1", "-p", String(postgres.port), "-U", "postgres", "-d", "gateway", "-At", "-v", "ON_ERROR_STOP=1"]
+            process.standardInput = input
+            process.standardOutput = output
+            process.standardError = output
+            try process.run()
+        }
+
+        func send(_ sql: String) throws { try input.fileHandleForWriting.write(contentsOf: Data((sql + "\n").utf8)) }
+
+        /// Reads output until a line equals `marker` (psql echoes it with `\echo`).
+        func waitFor(_ marker: String) throws -> String {
+            var seen = ""
+            while !seen.split(separator: "\n").contains(Substring(marker)) {
+                let chunk = output.fileHandleForReading.availableData
+                if chunk.isEmpty { throw ServiceError(description: "psql ended before \(marker): \(seen)") }
+                seen += String(decoding: chunk, as: UTF8.self)
+            }
+            return seen
+        }
+
+        func close() {
+            try? input.fileHandleForWriting.close()
+            process.waitUntilExit()
+        }
+    }
+
+    @Test func aRequestIdTakenByAnotherInstanceMidBatchIsAnsweredAsAReplayWithoutAHole() async throws {
+        let postgres = try await PostgresServer.start()
+        let gateway = try await TestGateway.start { config in
+            config.databaseURL = postgres.url
+            config.singleInstance = true  // no Redis: only the store matters here
+        }
+        do {
+            let token = try await gateway.token()
+            let channel = "topic:held"
+            // Another writer stores a message with alice's key "held" and keeps its transaction open: it holds
+            // the channel's row and the key.
+            let other = try Session(postgres: postgres)
+            try other.send("""
+                BEGIN;
+                SELECT o_kind, o_seq FROM gateway_append(ARRAY['\(channel)'], ARRAY['alice'], ARRAY['held'], ARRAY['{"v":1}'], 0);
+                \\echo held
+                """)
+            #expect(try other.waitFor("held").contains("n|1"))
+
+            // The gateway's publish with the same key waits for that transaction...
+            async let publish = HTTPTestClient.publish(port: gateway.port, channel: channel, body: ["v": 1], token: token, idempotencyKey: "held")
+            var waiting = false
+            for _ in 0..<200 where !waiting {
+                let (_, output) = try await TestServices.run(postgres.binDir + "/psql", [
+                    "-h", "127.0.0.1", "-p", String(postgres.port), "-U", "postgres", "-d", "gateway", "-At", "-c",
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%gateway_append%'",
+                ])
+                waiting = output.trimmingCharacters(in: .whitespacesAndNewlines) == "1"
+                if !waiting { try await Task.sleep(for: .milliseconds(25)) }
+            }
+            #expect(waiting, "the gateway's append never waited for the other transaction")
+            // ...which commits: the key is now the other writer's, so the gateway's batch rolls back and runs
+            // again, and the publish is a replay of the message the other writer stored.
+            try other.send("COMMIT;\n\\echo committed")
+            _ = try other.waitFor("committed")
+            other.close()
+            let replayed = try await publish
+            #expect(replayed.status == 200)
+            #expect(replayed.headers.first(name: "Idempotent-Replayed") == "true")
+            #expect((replayed.json["message"] as? [String: Any])?["seq"] as? Int == 1)
+
+            // The rolled-back attempt left no hole: the next message is 2, and the channel holds exactly 1, 2.
+            let next = try await HTTPTestClient.publish(port: gateway.port, channel: channel, body: ["v": 2], token: token)
+            #expect(next.status == 201 && (next.json["message"] as? [String: Any])?["seq"] as? Int == 2)
+            let history = try await HTTPTestClient.request(.GET, port: gateway.port, "/v1/channels/\(channel)/messages", token: token)
+            #expect((history.json["messages"] as? [[String: Any]])?.compactMap { $0["seq"] as? Int } == [1, 2])
+        } catch {
+            await gateway.stop()
+            await postgres.stop()
+            throw error
+        }
+        await gateway.stop()
+        await postgres.stop()
+    }
+
+    @Test func oneBatchStoresFreshMessagesReplaysKnownKeysAndRepeatsWithinIt() async throws {
+        let postgres = try await PostgresServer.start()
+        let gateway = try await TestGateway.start { config in
+            config.databaseURL = postgres.url
+            config.singleInstance = true
+        }
+        do {
+            let token = try await gateway.token()
+            let first = try await HTTPTestClient.publish(port: gateway.port, channel: "topic:mix", body: ["n": 0], token: token, idempotencyKey: "k0")
+            #expect(first.status == 201)
+            // One call, as one batch would be: a known key, a fresh one twice (the second with another body),
+            // two messages without a key on two channels.
+            let (status, output) = try await TestServices.run(postgres.binDir + "/psql", [
+                "-h", "127.0.0.1", "-p", String(postgres.port), "-U", "postgres", "-d", "gateway", "-At", "-c", """
+                SELECT o_index, o_kind, o_seq, o_id IS NOT NULL, o_body FROM gateway_append(
+                    ARRAY['topic:mix', 'topic:mix', 'topic:mix', 'topic:mix', 'topic:other'], ARRAY['alice', 'alice', 'alice', 'alice', 'alice'],
+                    ARRAY['k0', 'k1', 'k1', '', ''], ARRAY['{"n":0}', '{"n":1}', '{"n":9}', '{"n":2}', '{"n":3}'], 0) ORDER BY o_index
+                """,
+            ])
+            #expect(status == 0)
+            #expect(output.split(separator: "\n").map(String.init) == ["1|r|1|t|{\"n\":0}", "2|n|2|t|", "3|d|2|f|", "4|n|3|t|", "5|n|1|t|"], "\(output)")
+            // The ids are UUIDv7 of each message's created_at.
+            let history = try await HTTPTestClient.request(.GET, port: gateway.port, "/v1/channels/topic:mix/messages", token: token)
+            let messages = history.json["messages"] as? [[String: Any]] ?? []
+            #expect(messages.compactMap { $0["seq"] as? Int } == [1, 2, 3])
+            for message in messages {
+                let id = (message["id"] as? String ?? "").replacingOccurrences(of: "-", with: "")
+                let created = ISO8601DateFormatter.micros(message["created_at"] as? String ?? "")
+                #expect(id.count == 32 && Array(id)[12] == "7" && "89ab".contains(Array(id)[16]), "\(id)")
+                #expect(UInt64(id.prefix(12), radix: 16) == created.map { UInt64($0 / 1000) }, "\(id) \(message["created_at"] ?? "")")
+            }
+        } catch {
+            await gateway.stop()
+            await postgres.stop()
+            throw error
+        }
+        await gateway.stop()
+        await postgres.stop()
+    }
+}
+
+extension ISO8601DateFormatter {
+    /// Microseconds since the epoch of `2026-11-21T22:30:00.123456Z`.
+    static func micros(_ text: String) -> Int64? {
+        guard text.count == 27, let dot = text.firstIndex(of: "."), let fraction = Int64(text[text.index(after: dot)...].dropLast()) else { return nil }
+        let formatter = ISO8601DateFormatter()
+        guard let seconds = formatter.date(from: String(text[..<dot]) + "Z") else { return nil }
+        return Int64(seconds.timeIntervalSince1970) * 1_000_000 + fraction
+    }
+}
