@@ -20,33 +20,6 @@ public final class GatewayServer: Sendable {
     private let group: MultiThreadedEventLoopGroup
     private let lockFD: Int32
 
-    private static let concurrencyOnEventLoops = NIOLockedValueBox(false)
-
-    /// Runs Swift Concurrency's jobs on the gateway's own event loops (NIO's singleton group with `threads`
-    /// loops) instead of a separate thread pool: a request's task then continues on the loop of the connection
-    /// that started it, and its store and bus I/O needs no thread hand-off. Call once, first thing in `main`,
-    /// before anything uses Swift Concurrency's pool or NIO's singleton; every later `start` uses that group.
-    /// Nothing the gateway runs in a task may block (store files go through NIO's thread pool).
-    @discardableResult
-    public static func runConcurrencyOnEventLoops(threads: Int) -> Bool {
-        NIOSingletons.groupLoopCountSuggestion = max(1, threads)
-        let installed = NIOSingletons.unsafeTryInstallSingletonPosixEventLoopGroupAsConcurrencyGlobalExecutor()
-        concurrencyOnEventLoops.withLockedValue { $0 = installed }
-        return installed
-    }
-
-    /// The event loops of a new instance: NIO's singleton group when Swift Concurrency runs on it, else a group
-    /// of its own (tests start several instances in one process).
-    private static func makeLoops(_ config: GatewayConfig) -> MultiThreadedEventLoopGroup {
-        concurrencyOnEventLoops.withLockedValue { $0 } ? .singleton : MultiThreadedEventLoopGroup(numberOfThreads: max(1, config.eventLoops))
-    }
-
-    /// Shuts the loops down unless they are the process's shared ones.
-    private static func release(_ group: MultiThreadedEventLoopGroup) async {
-        guard group !== MultiThreadedEventLoopGroup.singleton else { return }
-        try? await group.shutdownGracefully()
-    }
-
     /// Starts the instance. A setting that cannot work (see `GatewayConfig.validate`, an unreadable key,
     /// certificate or CA file, revocations that cannot be read) throws a `ConfigError` naming it.
     public static func start(config: GatewayConfig, logger: Logger) async throws -> GatewayServer {
@@ -71,7 +44,7 @@ public final class GatewayServer: Sendable {
             throw ConfigError("DATABASE_URL", "expected postgres://user:password@host:port/db[?sslmode=…&sslrootcert=…]")
         }
         let metrics = GatewayMetrics(instance: config.instanceName)
-        let group = Self.makeLoops(config)
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, config.eventLoops))
         let loops = Array(group.makeIterator())
 
         // Background services (the Postgres pool) run in a ServiceGroup owned by this instance.
@@ -94,7 +67,7 @@ public final class GatewayServer: Sendable {
                 }
             } catch {
                 await stopServices()
-                await Self.release(group)
+                try? await group.shutdownGracefully()
                 throw ConfigError("DATABASE_URL", error is StartDeadlinePassed
                     ? "the store did not answer within \(config.storeStartTimeout) (down, refused, or its TLS certificate not trusted: see the log)"
                     : "\(error)")
@@ -113,7 +86,7 @@ public final class GatewayServer: Sendable {
             redis?.stop()
             presenceRedis?.stop()
             hub?.stop()
-            await Self.release(group)
+            try? await group.shutdownGracefully()
             await store.close()
             await stopServices()
             if lockFD >= 0 { close(lockFD) }
@@ -298,7 +271,7 @@ public final class GatewayServer: Sendable {
             let (stop, group, lockFD) = (self.stop, self.group, self.lockFD)
             let task = Task {
                 await stop()
-                await Self.release(group)
+                try? await group.shutdownGracefully()
                 if lockFD >= 0 { close(lockFD) }
             }
             running = task

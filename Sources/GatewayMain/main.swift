@@ -54,9 +54,6 @@ struct Serve: AsyncParsableCommand {
             Self.refuse(error)
         }
 
-        if ProcessInfo.processInfo.environment["GW_EXPERIMENT_NO_TAKEOVER"] == nil {
-            GatewayServer.runConcurrencyOnEventLoops(threads: config.eventLoops)
-        }
         let (level, format) = (config.logLevel, config.logFormat)
         LoggingSystem.bootstrap { label in
             switch format {
