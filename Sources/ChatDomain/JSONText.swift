@@ -2,7 +2,7 @@ import Foundation
 import Wire
 
 /// Small helpers to write JSON text by hand on the hot path (one message is encoded once and shared), and to
-/// parse and canonicalise client JSON with Foundation.
+/// parse and canonicalise client JSON (`JSONReader`).
 public enum JSONText {
     /// Appends `value` as a JSON string literal.
     public static func appendString(_ value: String, to out: inout String) {
@@ -43,10 +43,15 @@ public enum JSONText {
 
     /// Parses a JSON object from bytes into a `JSONValue`, with the same checks as `parseObject`.
     public static func parseValue(_ bytes: some Collection<UInt8>) throws(ApiError) -> JSONValue {
-        if JSONDepth.exceeds(maxDepth, in: bytes) {
-            throw ApiError(.badRequest, "JSON nested deeper than \(maxDepth) levels", details: ["max_depth": String(maxDepth)])
+        let value: JSONValue
+        do {
+            value = try JSONReader.parse(bytes, maxDepth: maxDepth)
+        } catch {
+            if error.tooDeep {
+                throw ApiError(.badRequest, "JSON nested deeper than \(maxDepth) levels", details: ["max_depth": String(maxDepth)])
+            }
+            throw ApiError(.badRequest, "request is not valid JSON")
         }
-        guard let value = try? JSONDecoder().decode(JSONValue.self, from: Data(bytes)) else { throw ApiError(.badRequest, "request is not valid JSON") }
         guard value.isObject else { throw ApiError(.badRequest, "request must be a JSON object") }
         return value
     }

@@ -7,11 +7,19 @@ public enum CommandID: Codable, Sendable, Hashable, CustomStringConvertible {
     case number(Double)
 
     public init(from decoder: any Decoder) throws {
-        switch try JSONValue(from: decoder) {
+        guard let id = CommandID(json: try JSONValue(from: decoder)) else {
+            throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "an id is a string or a number"))
+        }
+        self = id
+    }
+
+    /// A string or a number; nil for any other value.
+    init?(json: JSONValue) {
+        switch json {
         case .integer(let n): self = .integer(n)
         case .number(let n): self = .number(n)
         case .string(let s): self = .string(s)
-        default: throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "an id is a string or a number"))
+        default: return nil
         }
     }
 
@@ -107,63 +115,66 @@ extension ClientCommand: Codable {
     }
 
     public static func decode(bytes: [UInt8]) -> Result<ClientCommand, CommandError> {
-        if JSONDepth.exceeds(maxDepth, in: bytes) {
-            return .failure(CommandError(.badRequest, "JSON nested deeper than \(maxDepth) levels", details: ["max_depth": String(maxDepth)]))
-        }
+        let value: JSONValue
         do {
-            return .success(try JSONDecoder().decode(ClientCommand.self, from: Data(bytes)))
-        } catch let error as CommandError {
-            return .failure(error)
+            value = try JSONReader.parse(bytes, maxDepth: maxDepth)
         } catch {
-            // Not JSON at all, or JSON but not an object.
-            if (try? JSONDecoder().decode(JSONValue.self, from: Data(bytes))) != nil {
-                return .failure(CommandError(.badRequest, "request must be a JSON object"))
+            if error.tooDeep {
+                return .failure(CommandError(.badRequest, "JSON nested deeper than \(maxDepth) levels", details: ["max_depth": String(maxDepth)]))
             }
             return .failure(CommandError(.badRequest, "request is not valid JSON"))
         }
+        guard case .object(let object) = value else { return .failure(CommandError(.badRequest, "request must be a JSON object")) }
+        return Result { () throws(CommandError) in try ClientCommand(object: object) }
     }
 
     public init(from decoder: any Decoder) throws {
-        let object = try decoder.container(keyedBy: Key.self)
-        let id = try? object.decodeIfPresent(CommandID.self, forKey: .id)
-        func field<T: Decodable>(_ type: T.Type, _ key: Key, _ code: CommandError.Code = .badRequest, _ message: String) throws -> T? {
-            guard object.contains(key), !((try? object.decodeNil(forKey: key)) ?? false) else { return nil }
-            guard let value = try? object.decode(T.self, forKey: key) else { throw CommandError(code, message, id: id) }
+        guard case .object(let object) = try JSONValue(from: decoder) else { throw CommandError(.badRequest, "request must be a JSON object") }
+        self = try ClientCommand(object: object)
+    }
+
+    /// The command a JSON object names; every way it can be wrong is a `CommandError` naming it.
+    init(object: [String: JSONValue]) throws(CommandError) {
+        let id = object["id"].flatMap(CommandID.init(json:))
+        /// The member `key`: nil when absent or null; `read` nil for a value of the wrong type throws.
+        func field<T>(_ key: String, _ code: CommandError.Code = .badRequest, _ message: String, _ read: (JSONValue) -> T?) throws(CommandError) -> T? {
+            guard let value = object[key], value != .null else { return nil }
+            guard let typed = read(value) else { throw CommandError(code, message, id: id) }
+            return typed
+        }
+        func required(_ key: String, _ message: String) throws(CommandError) -> String {
+            guard let value = try field(key, .badRequest, message, \.stringValue) else { throw CommandError(.badRequest, message, id: id) }
             return value
         }
-        func required(_ key: Key, _ message: String) throws -> String {
-            guard let value = try field(String.self, key, .badRequest, message) else { throw CommandError(.badRequest, message, id: id) }
-            return value
-        }
-        guard let type = try? object.decode(String.self, forKey: .type) else { throw CommandError(.badRequest, "a command needs a string type", id: id) }
+        guard let type = object["type"]?.stringValue else { throw CommandError(.badRequest, "a command needs a string type", id: id) }
         switch type {
         case "subscribe":
-            let channel = try required(.channel, "subscribe needs a channel")
-            let since = try field(String.self, .since, .invalidCursor, "since must be a cursor string")
-            let history = try field(Int.self, .history, .badRequest, "history must be an integer in 0...\(Self.maxHistory)")
+            let channel = try required("channel", "subscribe needs a channel")
+            let since = try field("since", .invalidCursor, "since must be a cursor string", \.stringValue)
+            let history = try field("history", .badRequest, "history must be an integer in 0...\(Self.maxHistory)", \.intValue)
             if let history, !(0...Self.maxHistory).contains(history) {
                 throw CommandError(.badRequest, "history must be an integer in 0...\(Self.maxHistory)", id: id)
             }
-            let presence = try field(Bool.self, .presence, .badRequest, "presence must be true or false") ?? false
+            let presence = try field("presence", .badRequest, "presence must be true or false", \.boolValue) ?? false
             self = .subscribe(id: id, channel: channel, since: since, history: history, presence: presence)
         case "unsubscribe":
-            self = .unsubscribe(id: id, channel: try required(.channel, "unsubscribe needs a channel"))
+            self = .unsubscribe(id: id, channel: try required("channel", "unsubscribe needs a channel"))
         case "publish":
-            let channel = try required(.channel, "publish needs a channel")
-            let requestId = try field(String.self, .requestId, .badRequest, "request_id must be a string")
-            let body = try object.decodeIfPresent(JSONValue.self, forKey: .body)
+            let channel = try required("channel", "publish needs a channel")
+            let requestId = try field("request_id", .badRequest, "request_id must be a string", \.stringValue)
+            let body = object["body"].flatMap { $0 == .null ? nil : $0 }
             self = .publish(id: id, channel: channel, requestId: requestId, body: body)
         case "read":
-            let channel = try required(.channel, "read needs a channel")
-            self = .read(id: id, channel: channel, cursor: try field(String.self, .cursor, .invalidCursor, "cursor must be a cursor string"))
+            let channel = try required("channel", "read needs a channel")
+            self = .read(id: id, channel: channel, cursor: try field("cursor", .invalidCursor, "cursor must be a cursor string", \.stringValue))
         case "refresh":
-            self = .refresh(id: id, token: try? object.decodeIfPresent(String.self, forKey: .token))
+            self = .refresh(id: id, token: object["token"]?.stringValue)
         case "ping":
             self = .ping(id: id)
         case "presence":
-            self = .presence(id: id, channel: try required(.channel, "presence needs a channel"))
+            self = .presence(id: id, channel: try required("channel", "presence needs a channel"))
         case "typing":
-            self = .typing(id: id, channel: try required(.channel, "typing needs a channel"))
+            self = .typing(id: id, channel: try required("channel", "typing needs a channel"))
         default:
             throw CommandError(.unknownCommand, "unknown command type", details: ["type": String(type.prefix(64))], id: id)
         }

@@ -66,18 +66,14 @@ public enum JSONValue: Codable, Sendable, Hashable {
 
     /// The canonical text: keys sorted, no spaces, slashes unescaped (equal values give equal text).
     public var canonicalText: String {
-        String(decoding: (try? Self.canonicalEncoder.encode(self)) ?? Data("null".utf8), as: UTF8.self)
+        var out = ""
+        appendCanonical(to: &out)
+        return out
     }
-
-    private static let canonicalEncoder: JSONEncoder = {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
-        return encoder
-    }()
 
     /// Parses JSON text (any value at the top).
     public static func parse(_ text: some StringProtocol) throws -> JSONValue {
-        try JSONDecoder().decode(JSONValue.self, from: Data(text.utf8))
+        try JSONReader.parse(text.utf8)
     }
 
     public var isObject: Bool {
@@ -93,6 +89,20 @@ public enum JSONValue: Codable, Sendable, Hashable {
     public var stringValue: String? {
         if case .string(let s) = self { return s }
         return nil
+    }
+
+    public var boolValue: Bool? {
+        if case .bool(let b) = self { return b }
+        return nil
+    }
+
+    /// An integer, or a number that is one exactly (as Foundation decodes an `Int`).
+    public var intValue: Int? {
+        switch self {
+        case .integer(let n): Int(exactly: n)
+        case .number(let n): Int(exactly: n)
+        default: nil
+        }
     }
 }
 
