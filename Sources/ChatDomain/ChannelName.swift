@@ -19,6 +19,11 @@ public struct ChannelName: Hashable, Sendable, CustomStringConvertible {
 
     public var description: String { rawValue }
 
+    public var isThread: Bool {
+        if case .thread = kind { return true }
+        return false
+    }
+
     public init(parsing text: String) throws(ApiError) {
         if text.hasPrefix("thread:") {
             let id = String(text.dropFirst("thread:".count)).lowercased()

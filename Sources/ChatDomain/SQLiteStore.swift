@@ -109,94 +109,143 @@ public actor SQLiteStore: Store {
         try await appends.append(request)
     }
 
-    private enum Outcome { case stored(Message), replayed(Message), failed(ApiError) }
+    private struct Key: Hashable { let channel: ChannelName, sender: String, requestId: String }
+    /// What a request id used within the window names: its message, or the seq of one the retention removed.
+    private enum Known { case message(Message), removed(Int64) }
 
+    /// Rows per multi-row statement: 8 columns each stays far under SQLite's bound-parameter limit.
+    private static let rowsPerStatement = 100
+
+    /// One transaction per batch, in a few statements whatever its size (each statement is a hop to the
+    /// thread pool and back): the known request ids in one read, the heads and epochs of the batch's channels
+    /// not yet cached in one, then one multi-row insert of messages, of keys and of heads per 100 rows.
     private func commit(_ batch: [AppendRequest]) async -> [GroupCommit.Outcome] {
-        var outcomes: [Outcome] = []
-        outcomes.reserveCapacity(batch.count)
+        var outcomes = [GroupCommit.Outcome?](repeating: nil, count: batch.count)
         var touched: [ChannelName: Head] = [:]
-        var epochs: [ChannelName: Int64] = [:]
         do {
             _ = try await writer.query("BEGIN IMMEDIATE")
             let now = Timestamp.nowMicros()
-            for request in batch {
-                outcomes.append(try await appendInTransaction(request, now: now, touched: &touched, epochs: &epochs))
+            let known = try await knownKeys(of: batch, since: now - idempotencyWindow)
+            var fresh: [Int] = []
+            var firstInBatch: [Key: Int] = [:]
+            var repeats: [(index: Int, of: Int)] = []
+            for (index, request) in batch.enumerated() {
+                guard let requestId = request.requestId else {
+                    fresh.append(index)
+                    continue
+                }
+                let key = Key(channel: request.channel, sender: request.sender, requestId: requestId)
+                switch known[key] {
+                case .message(let original)?: outcomes[index] = PostgresStore.replay(original, of: request)
+                case .removed(let seq)?: outcomes[index] = .failure(Retention.replayOfRemoved(requestId, seq: seq))
+                case nil:
+                    if let first = firstInBatch[key] {
+                        repeats.append((index, first))
+                    } else {
+                        firstInBatch[key] = index
+                        fresh.append(index)
+                    }
+                }
             }
-            for (channel, head) in touched {
+            // Heads of channels not cached yet, and every thread's membership epoch, read in this transaction
+            // (removals write the epoch on the directory connection).
+            let channels = Set(fresh.map { batch[$0].channel })
+            let unread = channels.filter { heads[$0] == nil || $0.isThread }
+            let byName = Dictionary(uniqueKeysWithValues: unread.map { ($0.rawValue, $0) })
+            var epochs: [ChannelName: Int64] = [:]
+            for chunk in Array(unread).chunked(Self.rowsPerStatement * 8) {
+                let marks = Array(repeating: "?", count: chunk.count).joined(separator: ",")
+                let rows = try await writer.query("SELECT name, last_seq, last_created_at, member_epoch FROM channels WHERE name IN (\(marks))",
+                                                  chunk.map { .text($0.rawValue) })
+                for row in rows {
+                    guard let name = row.column("name")?.string, let channel = byName[name] else { continue }
+                    if heads[channel] == nil {
+                        touched[channel] = Head(seq: Int64(row.column("last_seq")?.integer ?? 0), createdAt: Int64(row.column("last_created_at")?.integer ?? 0))
+                    }
+                    epochs[channel] = Int64(row.column("member_epoch")?.integer ?? 0)
+                }
+            }
+            var stored: [Int: Message] = [:]
+            var messages: [Message] = []
+            messages.reserveCapacity(fresh.count)
+            for index in fresh {
+                let request = batch[index]
+                var head = touched[request.channel] ?? heads[request.channel] ?? Head(seq: 0, createdAt: 0)
+                head.seq += 1
+                head.createdAt = max(now, head.createdAt + 1)
+                touched[request.channel] = head
+                let message = Message(id: UUIDv7.make(micros: head.createdAt), channel: request.channel, seq: head.seq, createdAtMicros: head.createdAt,
+                                      sender: request.sender, requestId: request.requestId, body: request.body,
+                                      membershipEpoch: request.channel.isThread ? epochs[request.channel] ?? 0 : 0)
+                stored[index] = message
+                messages.append(message)
+                outcomes[index] = .success(AppendResult(message: message, replayed: false))
+            }
+            for chunk in messages.chunked(Self.rowsPerStatement) {
                 _ = try await writer.query(
-                    "INSERT INTO channels (name, last_seq, last_created_at) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET last_seq = excluded.last_seq, last_created_at = excluded.last_created_at",
-                    [.text(channel.rawValue), .integer(Int(head.seq)), .integer(Int(head.createdAt))])
+                    "INSERT INTO messages (channel, seq, id, created_at, sender, request_id, body, member_epoch) VALUES "
+                        + Array(repeating: "(?, ?, ?, ?, ?, ?, ?, ?)", count: chunk.count).joined(separator: ","),
+                    chunk.flatMap { m -> [SQLiteData] in
+                        [.text(m.channel.rawValue), .integer(Int(m.seq)), .text(m.id), .integer(Int(m.createdAtMicros)), .text(m.sender),
+                         m.requestId.map { .text($0) } ?? .null, .text(m.body), .integer(Int(m.membershipEpoch))]
+                    })
+            }
+            for chunk in messages.filter({ $0.requestId != nil }).chunked(Self.rowsPerStatement) {
+                _ = try await writer.query(
+                    "INSERT OR REPLACE INTO idempotency (channel, sender, request_id, seq, created_at) VALUES "
+                        + Array(repeating: "(?, ?, ?, ?, ?)", count: chunk.count).joined(separator: ","),
+                    chunk.flatMap { m -> [SQLiteData] in
+                        [.text(m.channel.rawValue), .text(m.sender), .text(m.requestId!), .integer(Int(m.seq)), .integer(Int(now))]
+                    })
+            }
+            let moved = touched.filter { channels.contains($0.key) }
+            for chunk in Array(moved).chunked(Self.rowsPerStatement) {
+                _ = try await writer.query(
+                    "INSERT INTO channels (name, last_seq, last_created_at) VALUES "
+                        + Array(repeating: "(?, ?, ?)", count: chunk.count).joined(separator: ",")
+                        + " ON CONFLICT(name) DO UPDATE SET last_seq = excluded.last_seq, last_created_at = excluded.last_created_at",
+                    chunk.flatMap { [.text($0.key.rawValue), .integer(Int($0.value.seq)), .integer(Int($0.value.createdAt))] })
             }
             _ = try await writer.query("COMMIT")
+            for (index, first) in repeats {
+                if let original = stored[first] { outcomes[index] = PostgresStore.replay(original, of: batch[index]) }
+            }
         } catch {
             logger.error("store commit failed", metadata: ["error": "\(error)"])
             _ = try? await writer.query("ROLLBACK")
-            for channel in touched.keys { heads[channel] = nil }
             let failure = ApiError(.storeUnavailable, "the store did not commit the message")
             return batch.map { _ in .failure(failure) }
         }
         for (channel, head) in touched { heads[channel] = head }
-        return outcomes.map { outcome in
-            switch outcome {
-            case .stored(let m): .success(AppendResult(message: m, replayed: false))
-            case .replayed(let m): .success(AppendResult(message: m, replayed: true))
-            case .failed(let e): .failure(e)
-            }
-        }
+        return outcomes.map { $0 ?? .failure(ApiError(.internalError, "append left without an outcome")) }
     }
 
-    private func appendInTransaction(_ request: AppendRequest, now: Int64, touched: inout [ChannelName: Head],
-                                     epochs: inout [ChannelName: Int64]) async throws -> Outcome {
-        let channel = request.channel
-        if let requestId = request.requestId {
+    /// The request ids of `batch` used within the window (since `cutoff`), in one read per 100.
+    private func knownKeys(of batch: [AppendRequest], since cutoff: Int64) async throws -> [Key: Known] {
+        var known: [Key: Known] = [:]
+        let keys = Set(batch.compactMap { request in request.requestId.map { Key(channel: request.channel, sender: request.sender, requestId: $0) } })
+        let byName = Dictionary(keys.map { ($0.channel.rawValue, $0.channel) }) { first, _ in first }
+        for chunk in Array(keys).chunked(Self.rowsPerStatement) {
             let rows = try await writer.query(
                 """
-                SELECT i.seq AS key_seq, m.id, m.seq, m.created_at, m.sender, m.request_id, m.body FROM idempotency i
+                WITH k(channel, sender, request_id) AS (VALUES \(Array(repeating: "(?, ?, ?)", count: chunk.count).joined(separator: ",")))
+                SELECT i.channel AS key_channel, i.sender AS key_sender, i.request_id AS key_request, i.seq AS key_seq,
+                       m.id, m.seq, m.created_at, m.sender, m.request_id, m.body, m.member_epoch
+                FROM k JOIN idempotency i ON i.channel = k.channel AND i.sender = k.sender AND i.request_id = k.request_id
                 LEFT JOIN messages m ON m.channel = i.channel AND m.seq = i.seq
-                WHERE i.channel = ? AND i.sender = ? AND i.request_id = ? AND i.created_at >= ?
+                WHERE i.created_at >= ?
                 """,
-                [.text(channel.rawValue), .text(request.sender), .text(requestId), .integer(Int(now - idempotencyWindow))])
-            if let row = rows.first {
-                guard row.column("id")?.string != nil else { return .failed(Retention.replayOfRemoved(requestId, seq: Int64(row.column("key_seq")?.integer ?? 0))) }
-                let original = Self.message(from: row, channel: channel)
-                if original.body == request.body { return .replayed(original) }
-                return .failed(ApiError(.idempotencyConflict, "this request id was used with a different body",
-                                        details: ["request_id": requestId, "message_id": original.id]))
+                chunk.flatMap { [.text($0.channel.rawValue), .text($0.sender), .text($0.requestId)] } + [.integer(Int(cutoff))])
+            for row in rows {
+                guard let name = row.column("key_channel")?.string, let channel = byName[name],
+                      let sender = row.column("key_sender")?.string, let requestId = row.column("key_request")?.string else { continue }
+                let key = Key(channel: channel, sender: sender, requestId: requestId)
+                known[key] = row.column("id")?.string == nil
+                    ? .removed(Int64(row.column("key_seq")?.integer ?? 0))
+                    : .message(Self.message(from: row, channel: channel))
             }
         }
-        var head: Head
-        if let known = touched[channel] ?? heads[channel] {
-            head = known
-        } else {
-            let rows = try await writer.query("SELECT last_seq, last_created_at FROM channels WHERE name = ?", [.text(channel.rawValue)])
-            head = Head(seq: Int64(rows.first?.column("last_seq")?.integer ?? 0), createdAt: Int64(rows.first?.column("last_created_at")?.integer ?? 0))
-        }
-        // A thread's membership epoch, read in this transaction (removals write it on the directory connection).
-        var epoch: Int64 = 0
-        if case .thread = channel.kind {
-            if let known = epochs[channel] {
-                epoch = known
-            } else {
-                let rows = try await writer.query("SELECT member_epoch FROM channels WHERE name = ?", [.text(channel.rawValue)])
-                epoch = Int64(rows.first?.column("member_epoch")?.integer ?? 0)
-                epochs[channel] = epoch
-            }
-        }
-        head.seq += 1
-        head.createdAt = max(now, head.createdAt + 1)
-        let id = UUIDv7.make(micros: head.createdAt)
-        _ = try await writer.query(
-            "INSERT INTO messages (channel, seq, id, created_at, sender, request_id, body, member_epoch) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [.text(channel.rawValue), .integer(Int(head.seq)), .text(id), .integer(Int(head.createdAt)), .text(request.sender),
-             request.requestId.map { .text($0) } ?? .null, .text(request.body), .integer(Int(epoch))])
-        if let requestId = request.requestId {
-            _ = try await writer.query(
-                "INSERT OR REPLACE INTO idempotency (channel, sender, request_id, seq, created_at) VALUES (?, ?, ?, ?, ?)",
-                [.text(channel.rawValue), .text(request.sender), .text(requestId), .integer(Int(head.seq)), .integer(Int(now))])
-        }
-        touched[channel] = head
-        return .stored(Message(id: id, channel: channel, seq: head.seq, createdAtMicros: head.createdAt, sender: request.sender,
-                               requestId: request.requestId, body: request.body, membershipEpoch: epoch))
+        return known
     }
 
     // MARK: reads (on a second connection, so they never wait behind a commit)
@@ -312,5 +361,12 @@ public actor SQLiteStore: Store {
         try? await reader.close()
         try? await directory.close()
         try? await writer.close()
+    }
+}
+
+extension Array {
+    /// The array in consecutive slices of at most `size` elements.
+    func chunked(_ size: Int) -> [ArraySlice<Element>] {
+        stride(from: 0, to: count, by: size).map { self[$0..<Swift.min($0 + size, count)] }
     }
 }

@@ -1,4 +1,6 @@
+import ChatDomain
 import Foundation
+import Logging
 import Testing
 
 /// The Postgres append (one `gateway_append` call per batch) against a real server, where a second writer —
@@ -142,5 +144,68 @@ extension ISO8601DateFormatter {
         let formatter = ISO8601DateFormatter()
         guard let seconds = formatter.date(from: String(text[..<dot]) + "Z") else { return nil }
         return Int64(seconds.timeIntervalSince1970) * 1_000_000 + fraction
+    }
+}
+
+/// The embedded store commits a batch in a few multi-row statements: whatever batches concurrent appends
+/// form, each request id stores one message, its repeats replay it (or conflict on another body), and seqs
+/// stay gapless across channels.
+struct SQLiteBatchAppendTests {
+    @Test func concurrentAppendsWithRepeatedKeysStoreEachKeyOnceAndGaplessly() async throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("gw-batch-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let store = try await SQLiteStore.open(path: dir + "/gateway.sqlite", logger: Logger(label: "test"))
+        let channels = try [ChannelName(parsing: "topic:batch-a"), ChannelName(parsing: "topic:batch-b")]
+        // 10 keys used 5 times each with the same body and once with another; 40 appends without a key.
+        var requests: [AppendRequest] = []
+        for key in 0..<10 {
+            for _ in 0..<5 { requests.append(AppendRequest(channel: channels[key % 2], sender: "alice", requestId: "k\(key)", body: "{\"k\":\(key)}")) }
+            requests.append(AppendRequest(channel: channels[key % 2], sender: "alice", requestId: "k\(key)", body: "{\"other\":true}"))
+        }
+        for n in 0..<40 { requests.append(AppendRequest(channel: channels[n % 2], sender: "bob", requestId: nil, body: "{\"n\":\(n)}")) }
+        requests.shuffle()
+        let results = await withTaskGroup(of: (AppendRequest, Result<AppendResult, ApiError>).self) { group in
+            for request in requests {
+                group.addTask {
+                    do throws(ApiError) {
+                        return (request, .success(try await store.append(request)))
+                    } catch {
+                        return (request, .failure(error))
+                    }
+                }
+            }
+            return await group.reduce(into: []) { $0.append($1) }
+        }
+        let stored: [Message] = results.compactMap { _, result -> Message? in
+            guard case .success(let appended) = result, !appended.replayed else { return nil }
+            return appended.message
+        }
+        #expect(stored.count == 10 + 40)
+        for key in 0..<10 {
+            let name = "k\(key)"
+            let forKey = results.filter { $0.0.requestId == name }
+            let original = stored.filter { $0.requestId == name }
+            #expect(original.count == 1, "\(name): \(original.count) stored")
+            guard let original = original.first else { continue }
+            for (request, result) in forKey {
+                switch result {
+                case .success(let appended):  // the original itself, or a replay of it with the same body
+                    #expect(appended.message.id == original.id && request.body == original.body)
+                case .failure(let error):  // the same key with another body
+                    #expect(error.code == ApiError.Code.idempotencyConflict && request.body != original.body, "\(error)")
+                }
+            }
+        }
+        // Gapless on each channel, and what is read back is what was acknowledged.
+        for channel in channels {
+            let page = try await store.messages(in: channel, after: 0, limit: 1000)
+            let seqs: [Int64] = page.messages.map(\.seq)
+            #expect(seqs == Array(1...Int64(seqs.count)))
+            let read = Set(page.messages.map(\.id))
+            let acknowledged = Set(stored.filter { $0.channel == channel }.map(\.id))
+            #expect(read == acknowledged)
+        }
+        await store.close()
     }
 }
