@@ -165,7 +165,18 @@ struct SQLiteBatchAppendTests {
         }
         for n in 0..<40 { requests.append(AppendRequest(channel: channels[n % 2], sender: "bob", requestId: nil, body: "{\"n\":\(n)}")) }
         requests.shuffle()
-        let results = await withTaskGroup(of: (AppendRequest, Result<AppendResult, ApiError>).self) { group in
+        // Half the keys are stored first, alone, so that later batches find them in the store; the other half
+        // first meet each other within the concurrent batches.
+        var results: [(AppendRequest, Result<AppendResult, ApiError>)] = []
+        for key in stride(from: 0, to: 10, by: 2) {
+            let request = AppendRequest(channel: channels[key % 2], sender: "alice", requestId: "k\(key)", body: "{\"k\":\(key)}")
+            do throws(ApiError) {
+                results.append((request, .success(try await store.append(request))))
+            } catch {
+                results.append((request, .failure(error)))
+            }
+        }
+        results += await withTaskGroup(of: (AppendRequest, Result<AppendResult, ApiError>).self) { group in
             for request in requests {
                 group.addTask {
                     do throws(ApiError) {
