@@ -137,7 +137,10 @@ struct RequestLog: Sendable {
     /// that decodes to it), cut to 256 bytes.
     static func masked(_ uri: String) -> String {
         var out = uri
-        if let q = uri.firstIndex(of: "?") {
+        // Most targets name no token: nothing to look at unless the query has the name or an escape.
+        let query = uri.utf8.firstIndex(of: UInt8(ascii: "?")).map { uri.utf8[$0...] }
+        let mayName = query.map { q in q.contains(UInt8(ascii: "%")) || q.contains(UInt8(ascii: "+")) || uri.contains("access_token") } ?? false
+        if mayName, let q = uri.firstIndex(of: "?") {
             let pairs = uri[uri.index(after: q)...].split(separator: "&", omittingEmptySubsequences: false).map { pair -> String in
                 let name = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)[0]
                 let decoded = PercentDecoding.decode(name, plusAsSpace: true) ?? String(name)

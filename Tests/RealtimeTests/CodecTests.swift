@@ -200,3 +200,14 @@ struct PercentDecodingTests {
         #expect(Substring("  Bearer x \t").trimmingSpaces == "Bearer x" && Substring(" \t ").trimmingSpaces.isEmpty)
     }
 }
+
+/// The request target as logged: every spelling of `access_token` masked, anything else as it came.
+struct RequestTargetMaskingTests {
+    @Test func tokensAreMaskedInAnySpellingAndOtherTargetsPassUnchanged() {
+        #expect(RequestLog.masked("/v1/ws?access_token=secret") == "/v1/ws?access_token=***")
+        #expect(RequestLog.masked("/v1/x/poll?since=1.ab&access%5Ftoken=secret&timeout=5") == "/v1/x/poll?since=1.ab&access%5Ftoken=***&timeout=5")
+        #expect(RequestLog.masked("/v1/x/poll?access+token=a&access_tok%65n=b") == "/v1/x/poll?access+token=a&access_tok%65n=***")
+        #expect(RequestLog.masked("/v1/x/poll?since=1.ab&timeout=5") == "/v1/x/poll?since=1.ab&timeout=5")
+        #expect(RequestLog.masked("/v1/x/messages") == "/v1/x/messages")
+    }
+}
