@@ -105,58 +105,48 @@ public enum JSONReader {
         }
 
         mutating func object() throws(Failure) -> JSONValue {
-            try enter()
             var members: [String: JSONValue] = [:]
-            skipSpace()
-            if at < bytes.count, bytes[at] == UInt8(ascii: "}") {
-                at += 1
-                depth -= 1
-                return .object(members)
-            }
-            while true {
-                skipSpace()
-                guard at < bytes.count, bytes[at] == UInt8(ascii: "\"") else { throw Self.bad }
-                let key = try string()
-                skipSpace()
-                guard at < bytes.count, bytes[at] == UInt8(ascii: ":") else { throw Self.bad }
-                at += 1
-                let value = try value()
+            try elements(until: UInt8(ascii: "}")) { reader throws(Failure) in
+                reader.skipSpace()
+                guard reader.at < reader.bytes.count, reader.bytes[reader.at] == UInt8(ascii: "\"") else { throw Self.bad }
+                let key = try reader.string()
+                reader.skipSpace()
+                guard reader.at < reader.bytes.count, reader.bytes[reader.at] == UInt8(ascii: ":") else { throw Self.bad }
+                reader.at += 1
+                let value = try reader.value()
                 if members[key] == nil { members[key] = value }  // the first of two equal keys, as Foundation
-                skipSpace()
-                guard at < bytes.count else { throw Self.bad }
-                if bytes[at] == UInt8(ascii: "}") { break }
-                guard bytes[at] == UInt8(ascii: ",") else { throw Self.bad }
-                at += 1
-                skipSpace()
-                if at < bytes.count, bytes[at] == UInt8(ascii: "}") { break }  // a trailing comma, as Foundation
             }
-            at += 1
-            depth -= 1
             return .object(members)
         }
 
         mutating func array() throws(Failure) -> JSONValue {
-            try enter()
             var items: [JSONValue] = []
+            try elements(until: UInt8(ascii: "]")) { reader throws(Failure) in items.append(try reader.value()) }
+            return .array(items)
+        }
+
+        /// The comma-separated elements of an array or object (at its opening bracket), through `close`: one
+        /// level deeper, a trailing comma allowed (as Foundation).
+        mutating func elements(until close: UInt8, _ element: (inout Reader) throws(Failure) -> Void) throws(Failure) {
+            try enter()
             skipSpace()
-            if at < bytes.count, bytes[at] == UInt8(ascii: "]") {
+            if at < bytes.count, bytes[at] == close {
                 at += 1
                 depth -= 1
-                return .array(items)
+                return
             }
             while true {
-                items.append(try value())
+                try element(&self)
                 skipSpace()
                 guard at < bytes.count else { throw Self.bad }
-                if bytes[at] == UInt8(ascii: "]") { break }
+                if bytes[at] == close { break }
                 guard bytes[at] == UInt8(ascii: ",") else { throw Self.bad }
                 at += 1
                 skipSpace()
-                if at < bytes.count, bytes[at] == UInt8(ascii: "]") { break }  // a trailing comma, as Foundation
+                if at < bytes.count, bytes[at] == close { break }
             }
             at += 1
             depth -= 1
-            return .array(items)
         }
 
         /// A string literal (at its opening quote): escapes decoded, UTF-8 checked, no raw control character.
@@ -340,33 +330,8 @@ extension JSONValue {
         }
     }
 
-    /// A string literal as `JSONEncoder` writes it: `"` and `\` escaped, control characters as `\b \f \n
-    /// \r \t` or `\u00XX`, everything else (`/` included) as is.
+    /// A string literal as `JSONEncoder` writes it (`WireText`'s escaping is the same).
     static func appendCanonical(string: String, to out: inout String) {
-        out.append("\"")
-        guard string.utf8.contains(where: { $0 < 0x20 || $0 == 0x22 || $0 == 0x5C }) else {
-            out.append(string)
-            out.append("\"")
-            return
-        }
-        for scalar in string.unicodeScalars {
-            switch scalar {
-            case "\"": out.append("\\\"")
-            case "\\": out.append("\\\\")
-            case "\u{08}": out.append("\\b")
-            case "\u{0C}": out.append("\\f")
-            case "\n": out.append("\\n")
-            case "\r": out.append("\\r")
-            case "\t": out.append("\\t")
-            default:
-                if scalar.value < 0x20 {
-                    let hex = String(scalar.value, radix: 16)
-                    out.append("\\u" + String(repeating: "0", count: 4 - hex.count) + hex)
-                } else {
-                    out.unicodeScalars.append(scalar)
-                }
-            }
-        }
-        out.append("\"")
+        WireText.appendString(string, to: &out)
     }
 }

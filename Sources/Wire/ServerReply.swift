@@ -217,7 +217,9 @@ extension ServerReply: Codable {
 
 /// JSON string literals written by hand (the server's replies are fixed shapes).
 public enum WireText {
-    /// Appends `value` as a JSON string literal.
+    /// Appends `value` as a JSON string literal, escaped as `JSONEncoder` does: `"` and `\`, control
+    /// characters as `\b \f \n \r \t` or `\u00XX`, everything else (`/` included) as is. Canonical bodies
+    /// are written with it, so it must stay exactly that.
     public static func appendString(_ value: String, to out: inout String) {
         out.append("\"")
         var needsEscape = false
@@ -232,6 +234,8 @@ public enum WireText {
                 switch scalar {
                 case "\"": out.append("\\\"")
                 case "\\": out.append("\\\\")
+                case "\u{08}": out.append("\\b")
+                case "\u{0C}": out.append("\\f")
                 case "\n": out.append("\\n")
                 case "\r": out.append("\\r")
                 case "\t": out.append("\\t")

@@ -41,13 +41,32 @@ struct PostgresAppendTests {
         }
     }
 
-    @Test func aRequestIdTakenByAnotherInstanceMidBatchIsAnsweredAsAReplayWithoutAHole() async throws {
+    /// A real Postgres and one gateway on it (no Redis: only the store matters here), stopped afterwards.
+    static func withGateway(_ body: (PostgresServer, TestGateway) async throws -> Void) async throws {
         let postgres = try await PostgresServer.start()
-        let gateway = try await TestGateway.start { config in
-            config.databaseURL = postgres.url
-            config.singleInstance = true  // no Redis: only the store matters here
+        let gateway: TestGateway
+        do {
+            gateway = try await TestGateway.start { config in
+                config.databaseURL = postgres.url
+                config.singleInstance = true
+            }
+        } catch {
+            await postgres.stop()
+            throw error
         }
         do {
+            try await body(postgres, gateway)
+        } catch {
+            await gateway.stop()
+            await postgres.stop()
+            throw error
+        }
+        await gateway.stop()
+        await postgres.stop()
+    }
+
+    @Test func aRequestIdTakenByAnotherInstanceMidBatchIsAnsweredAsAReplayWithoutAHole() async throws {
+        try await Self.withGateway { postgres, gateway in
             let token = try await gateway.token()
             let channel = "topic:held"
             // Another writer stores a message with alice's key "held" and keeps its transaction open: it holds
@@ -87,22 +106,11 @@ struct PostgresAppendTests {
             #expect(next.status == 201 && (next.json["message"] as? [String: Any])?["seq"] as? Int == 2)
             let history = try await HTTPTestClient.request(.GET, port: gateway.port, "/v1/channels/\(channel)/messages", token: token)
             #expect((history.json["messages"] as? [[String: Any]])?.compactMap { $0["seq"] as? Int } == [1, 2])
-        } catch {
-            await gateway.stop()
-            await postgres.stop()
-            throw error
         }
-        await gateway.stop()
-        await postgres.stop()
     }
 
     @Test func oneBatchStoresFreshMessagesReplaysKnownKeysAndRepeatsWithinIt() async throws {
-        let postgres = try await PostgresServer.start()
-        let gateway = try await TestGateway.start { config in
-            config.databaseURL = postgres.url
-            config.singleInstance = true
-        }
-        do {
+        try await Self.withGateway { postgres, gateway in
             let token = try await gateway.token()
             let first = try await HTTPTestClient.publish(port: gateway.port, channel: "topic:mix", body: ["n": 0], token: token, idempotencyKey: "k0")
             #expect(first.status == 201)
@@ -127,13 +135,7 @@ struct PostgresAppendTests {
                 #expect(id.count == 32 && Array(id)[12] == "7" && "89ab".contains(Array(id)[16]), "\(id)")
                 #expect(UInt64(id.prefix(12), radix: 16) == created.map { UInt64($0 / 1000) }, "\(id) \(message["created_at"] ?? "")")
             }
-        } catch {
-            await gateway.stop()
-            await postgres.stop()
-            throw error
         }
-        await gateway.stop()
-        await postgres.stop()
     }
 }
 
