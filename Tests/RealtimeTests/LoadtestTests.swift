@@ -32,11 +32,16 @@ import Testing
     @Test func cleanRunOnThreeInstancesReportsNoViolationAndTheLatencies() async throws {
         try await withCluster(instances: 3) { cluster in
             let urls = cluster.ports.flatMap { ["--url", "http://127.0.0.1:\($0)"] }
-            let (status, report, _) = try await Self.run(urls + Self.workload)
+            let (status, report, output) = try await Self.run(urls + Self.workload)
             #expect(status == 0)
             #expect(Self.violations(report)["total"] == 0)
             let published = (report["published"] as? NSNumber)?.intValue ?? 0
             #expect(published > 500)
+            // How busy the machine and the tester were while publishing (a run here keeps both cores partly busy).
+            let busy = (report["machine_busy_share"] as? NSNumber)?.doubleValue ?? -1
+            let tester = (report["tester_core_share"] as? NSNumber)?.doubleValue ?? -1
+            #expect(busy > 0 && busy <= 1 && tester > 0 && tester < Double(ProcessInfo.processInfo.activeProcessorCount), "\(busy) \(tester)")
+            #expect(output.contains("machine while publishing: all cores \(Int((busy * 100).rounded())) % busy"), "\(output)")
             #expect((report["acked"] as? NSNumber)?.intValue == published)
             // 30 subscribers over 5 channels: each message reaches 6 of them.
             #expect((report["deliveries"] as? NSNumber)?.intValue == published * 6)

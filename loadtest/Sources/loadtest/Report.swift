@@ -6,6 +6,8 @@ struct Report {
     let seconds: Double
     let publishSeconds: Double
     let subscribed: Int
+    /// While publishing: the share of all cores busy, and the tester's share of one core (nil off Linux).
+    var load: (busy: Double, tester: Double)? = nil
 
     /// The run itself failed (nothing published, or clients could not connect): not a verdict on ordering.
     var failed: Bool { snapshot.sent == 0 || subscribed == 0 }
@@ -34,6 +36,10 @@ struct Report {
             for example in s.examples { out += "\n    " + example }
         }
         if !s.errors.isEmpty { out += "\n  errors:\n" + s.errors.map { "    " + $0 }.joined(separator: "\n") }
+        if let load {
+            out += "\n  machine while publishing: all cores \(Int((load.busy * 100).rounded())) % busy, the tester \(Int((load.tester * 100).rounded())) % of one core"
+            if load.busy >= 0.9 { out += " (no idle time left: the machine, not only the gateway, sets these latencies)" }
+        }
         return out
     }
 
@@ -53,6 +59,7 @@ struct Report {
             "deliveries": s.received, "deliveries_per_second": Double(s.received) / max(seconds, 0.001), "reconnects": s.reconnects,
             "delivery_latency": histogram(s.delivery), "ack_latency": histogram(s.ack),
             "violations": violations, "examples": s.examples, "errors": s.errors,
+            "machine_busy_share": load?.busy ?? -1, "tester_core_share": load?.tester ?? -1,
         ]
         return String(decoding: (try? JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])) ?? Data(), as: UTF8.self)
     }

@@ -35,10 +35,12 @@ final class Runner: Sendable {
         let readyBy = Date().addingTimeInterval(plan.ramp + 30)
         while ready.withLockedValue({ $0 }) < plan.subscribers && Date() < readyBy { try? await Task.sleep(for: .milliseconds(50)) }
         let publishStart = Date()
+        let loadBefore = MachineLoad.sample()
         await withTaskGroup(of: Void.self) { group in
             for p in 0..<plan.publishers { group.addTask { await self.publisher(p) } }
         }
         let publishSeconds = Date().timeIntervalSince(publishStart)
+        let load = loadBefore.flatMap { before in MachineLoad.sample().map { MachineLoad.between(before, $0) } }
         publishingDone.withLockedValue { $0 = true }
         let drainBy = Date().addingTimeInterval(plan.drain)
         while Date() < drainBy && !caughtUp() { try? await Task.sleep(for: .milliseconds(50)) }
@@ -49,7 +51,7 @@ final class Runner: Sendable {
         printer.cancel()
         for (i, track) in tracks { track.checkComplete(ledger, who: "subscriber \(i) (\(plan.transport(i).rawValue))") }
         return Report(snapshot: ledger.snapshot(), seconds: Date().timeIntervalSince(started), publishSeconds: publishSeconds,
-                      subscribed: tracks.count)
+                      subscribed: tracks.count, load: load)
     }
 
     private func caughtUp() -> Bool {
