@@ -215,8 +215,8 @@ public final class PostgresStore: Store {
                 stored[index] = message
                 outcomes[index] = .success(AppendResult(message: message, replayed: false))
             case ("r", let id?, let createdAt?):  // the key was used before, within the window
-                outcomes[index] = replay(Message(id: id, channel: request.channel, seq: seq, createdAtMicros: createdAt, sender: request.sender,
-                                                 requestId: request.requestId, body: body ?? "{}"), of: request)
+                outcomes[index] = request.replay(Message(id: id, channel: request.channel, seq: seq, createdAtMicros: createdAt, sender: request.sender,
+                                                 requestId: request.requestId, body: body ?? "{}"))
             case ("x", _, _):  // the key's message was removed by the retention
                 outcomes[index] = .failure(Retention.replayOfRemoved(request.requestId ?? "", seq: seq))
             case ("d", _, _):  // the key came earlier in this batch: seq is that request's index
@@ -226,17 +226,9 @@ public final class PostgresStore: Store {
             }
         }
         for (index, first) in repeats {
-            if let original = stored[first] { outcomes[index] = replay(original, of: batch[index]) }
+            if let original = stored[first] { outcomes[index] = batch[index].replay(original) }
         }
         return outcomes.map { $0 ?? .failure(ApiError(.internalError, "append left without an outcome")) }
-    }
-
-    static func replay(_ original: Message, of request: AppendRequest) -> GroupCommit.Outcome {
-        guard original.body == request.body else {
-            return .failure(ApiError(.idempotencyConflict, "this request id was used with a different body",
-                                     details: ["request_id": request.requestId ?? "", "message_id": original.id]))
-        }
-        return .success(AppendResult(message: original, replayed: true))
     }
 
     // MARK: reads

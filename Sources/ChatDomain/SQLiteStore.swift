@@ -136,7 +136,7 @@ public actor SQLiteStore: Store {
                 }
                 let key = Key(channel: request.channel, sender: request.sender, requestId: requestId)
                 switch known[key] {
-                case .message(let original)?: outcomes[index] = PostgresStore.replay(original, of: request)
+                case .message(let original)?: outcomes[index] = request.replay(original)
                 case .removed(let seq)?: outcomes[index] = .failure(Retention.replayOfRemoved(requestId, seq: seq))
                 case nil:
                     if let first = firstInBatch[key] {
@@ -198,8 +198,7 @@ public actor SQLiteStore: Store {
                         [.text(m.channel.rawValue), .text(m.sender), .text(m.requestId!), .integer(Int(m.seq)), .integer(Int(now))]
                     })
             }
-            let moved = touched.filter { channels.contains($0.key) }
-            for chunk in Array(moved).chunked(Self.rowsPerStatement) {
+            for chunk in Array(touched).chunked(Self.rowsPerStatement) {  // only the batch's channels are in it
                 _ = try await writer.query(
                     "INSERT INTO channels (name, last_seq, last_created_at) VALUES "
                         + Array(repeating: "(?, ?, ?)", count: chunk.count).joined(separator: ",")
@@ -208,7 +207,7 @@ public actor SQLiteStore: Store {
             }
             _ = try await writer.query("COMMIT")
             for (index, first) in repeats {
-                if let original = stored[first] { outcomes[index] = PostgresStore.replay(original, of: batch[index]) }
+                if let original = stored[first] { outcomes[index] = batch[index].replay(original) }
             }
         } catch {
             logger.error("store commit failed", metadata: ["error": "\(error)"])

@@ -14,6 +14,18 @@ public struct AppendRequest: Sendable {
     }
 }
 
+extension AppendRequest {
+    /// The answer to this request when its request id already named `original`: a replay of it, or
+    /// `409 IDEMPOTENCY_CONFLICT` when the body differs (both stores, within a batch or across batches).
+    func replay(_ original: Message) -> GroupCommit.Outcome {
+        guard original.body == body else {
+            return .failure(ApiError(.idempotencyConflict, "this request id was used with a different body",
+                                     details: ["request_id": requestId ?? "", "message_id": original.id]))
+        }
+        return .success(AppendResult(message: original, replayed: true))
+    }
+}
+
 public struct AppendResult: Sendable {
     public let message: Message
     /// True when the request id repeated an earlier publish: nothing new was stored.

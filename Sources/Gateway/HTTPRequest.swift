@@ -138,9 +138,8 @@ struct RequestLog: Sendable {
     static func masked(_ uri: String) -> String {
         var out = uri
         // Most targets name no token: nothing to look at unless the query has the name or an escape.
-        let query = uri.utf8.firstIndex(of: UInt8(ascii: "?")).map { uri.utf8[$0...] }
-        let mayName = query.map { q in q.contains(UInt8(ascii: "%")) || q.contains(UInt8(ascii: "+")) || uri.contains("access_token") } ?? false
-        if mayName, let q = uri.firstIndex(of: "?") {
+        if let q = uri.firstIndex(of: "?"),
+           uri.utf8[q...].contains(where: { $0 == UInt8(ascii: "%") || $0 == UInt8(ascii: "+") }) || uri[q...].contains("access_token") {
             let pairs = uri[uri.index(after: q)...].split(separator: "&", omittingEmptySubsequences: false).map { pair -> String in
                 let name = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)[0]
                 let decoded = PercentDecoding.decode(name, plusAsSpace: true) ?? String(name)

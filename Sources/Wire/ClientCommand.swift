@@ -111,10 +111,10 @@ extension ClientCommand: Codable {
 
     /// Reads one command from a text frame; every way it can be wrong is a `CommandError` naming it.
     public static func decode(_ text: some StringProtocol) -> Result<ClientCommand, CommandError> {
-        decode(bytes: Array(text.utf8))
+        decode(bytes: text.utf8)
     }
 
-    public static func decode(bytes: [UInt8]) -> Result<ClientCommand, CommandError> {
+    public static func decode(bytes: some Collection<UInt8>) -> Result<ClientCommand, CommandError> {
         let value: JSONValue
         do {
             value = try JSONReader.parse(bytes, maxDepth: maxDepth)
