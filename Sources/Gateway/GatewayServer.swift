@@ -299,7 +299,8 @@ public final class GatewayServer: Sendable {
                 return
             }
         }
-        let upgrader = NIOWebSocketServerUpgrader(
+        // The handshake's checks and its `101` (the upgrade pipeline handler is not used: `WebSocketUpgrader` adds the session).
+        let handshake = NIOWebSocketServerUpgrader(
             maxFrameSize: app.config.maxMessageBytes,
             automaticErrorHandling: false,
             shouldUpgrade: { channel, head in
@@ -330,19 +331,15 @@ public final class GatewayServer: Sendable {
                     return channel.eventLoop.makeSucceededFuture(nil)
                 }
             },
-            upgradePipelineHandler: { channel, head in
-                channel.eventLoop.makeCompletedFuture {
-                    let sync = channel.pipeline.syncOperations
-                    let upgrade = upgrades.take(channel)
-                    if let upgrade, let actor = upgrade.actor {
-                        try sync.addHandler(WebSocketSession(app: app, actor: actor, log: upgrade.log, eventLoop: channel.eventLoop,
-                                                             deflate: upgrade.deflate))
-                    } else {
-                        try sync.addHandler(EchoSession(maxMessageBytes: app.config.maxMessageBytes, pingInterval: .seconds(app.config.wsPingSeconds),
-                                                        deflate: upgrade?.deflate))
-                    }
-                }
-            })
+            upgradePipelineHandler: { channel, _ in channel.eventLoop.makeSucceededVoidFuture() })
+        let upgrader = WebSocketUpgrader(handshake: handshake) { channel in
+            let upgrade = upgrades.take(channel)
+            if let upgrade, let actor = upgrade.actor {
+                return WebSocketSession(app: app, actor: actor, log: upgrade.log, eventLoop: channel.eventLoop, deflate: upgrade.deflate)
+            }
+            return EchoSession(maxMessageBytes: app.config.maxMessageBytes, pingInterval: .seconds(app.config.wsPingSeconds),
+                               deflate: upgrade?.deflate)
+        }
         try sync.configureHTTPServerPipeline(
             withServerUpgrade: (upgraders: [upgrader], completionHandler: { context in
                 let sync = context.pipeline.syncOperations

@@ -3,15 +3,19 @@ import NIOCore
 import NIOHTTP1
 import NIOWebSocket
 
-/// The transport half of a server WebSocket: applies `WebSocketFraming`, answers pings, pings the client
-/// every interval and drops it after two unanswered pings, and runs the close handshake. Outbound frames
-/// are written as ready-made bytes through the context of NIO's frame encoder (so they pass below it), and
-/// a broadcast frame encoded once is written to every connection as is. Subclasses handle complete
-/// messages.
+/// The transport half of a server WebSocket: reads frames from the connection's bytes
+/// (`WebSocketFrameReader`), applies `WebSocketFraming`, answers pings, pings the client every interval and
+/// drops it after two unanswered pings, and runs the close handshake. Outbound frames are written as
+/// ready-made bytes, and a broadcast frame encoded once is written to every connection as is. Subclasses
+/// handle complete messages.
+///
+/// NIO's frame decoder and encoder handlers are taken out at the upgrade (`removeNIOFrameHandlers`): this
+/// handler reads and writes bytes itself, and an idle connection holds no decoder buffer or handler.
 class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
-    typealias InboundIn = WebSocketFrame
+    typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
+    private var reader: WebSocketFrameReader
     private var framing: WebSocketFraming
     private let pingInterval: TimeAmount
     private var pingTask: RepeatedTask?
@@ -25,7 +29,7 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
     /// The channel's writability as NIO last reported it (its queue under the send budget): read for every
     /// delivery and reply, so kept here rather than asked of the channel each time.
     private(set) var writable = true
-    /// Where frame bytes are written: the frame encoder's context, whose writes go straight to the socket.
+    /// Where frame bytes are written: this handler's context (set while it is in the pipeline).
     private var output: ChannelHandlerContext?
 
     /// Replies made while a read batch is processed (pongs, errors, answers that need no I/O), written as one
@@ -35,12 +39,13 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
     static let outboxChunk = 16 * 1024
     /// Frames written before NIO finished the upgrade would be lost: a close asked for then waits for it.
     private var upgraded = false
-    private var closeAfterUpgrade: (UInt16, String)?
+    private var closeAfterUpgrade: (code: UInt16, reason: String, drop: Bool)?
 
     /// permessage-deflate, when the handshake agreed it.
     let deflate: PermessageDeflate.Agreement?
 
     init(maxMessageBytes: Int, pingInterval: TimeAmount, deflate: PermessageDeflate.Agreement? = nil) {
+        self.reader = WebSocketFrameReader(maxFrameBytes: maxMessageBytes)
         self.framing = WebSocketFraming(maxMessageBytes: maxMessageBytes, inflater: deflate.map(DeflateInflater.init))
         self.pingInterval = pingInterval
         self.deflate = deflate
@@ -49,7 +54,7 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
         self.writable = context.channel.isWritable
-        self.output = (try? context.pipeline.syncOperations.context(handlerType: WebSocketFrameEncoder.self)) ?? context
+        self.output = context
         pingTask = context.eventLoop.scheduleRepeatedTask(initialDelay: pingInterval, delay: pingInterval) { [weak self] _ in
             self?.sendPing()
         }
@@ -86,9 +91,9 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let upgrade = event as? HTTPServerUpgradeEvents, case .upgradeComplete = upgrade {
             upgraded = true
-            if let (code, reason) = closeAfterUpgrade {
+            if let (code, reason, drop) = closeAfterUpgrade {
                 closeAfterUpgrade = nil
-                close(code: code, reason: reason)
+                close(code: code, reason: reason, drop: drop)
             } else {
                 upgradeCompleted()
             }
@@ -146,7 +151,21 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         inReadBatch = true
-        let event = framing.receive(unwrapInboundIn(data))
+        reader.append(unwrapInboundIn(data))
+        while true {
+            switch reader.next() {
+            case .frame(let frame): receive(frame, context: context)
+            case .needMore: return
+            case .fail(let code, let reason):
+                // The byte stream cannot be followed any further: send the close frame, then drop the connection.
+                fail(code: code, reason: reason, context: context)
+                return
+            }
+        }
+    }
+
+    private func receive(_ frame: WebSocketFrame, context: ChannelHandlerContext) {
+        let event = framing.receive(frame)
         if closing {
             if case .close = event { context.close(promise: nil) }
             return
@@ -169,18 +188,20 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
             let channel = context.channel
             writeAndFlushFrame(closeReply)?.whenComplete { _ in channel.close(promise: nil) }
         case .fail(let code, let reason):
-            close(code: code, reason: reason)
+            // RFC 6455 §7.1.7: a failed connection is closed once the close frame is out, without waiting for the peer.
+            close(code: code, reason: reason, drop: true)
         case .none:
             break
         }
     }
 
+    private func fail(code: UInt16, reason: String, context: ChannelHandlerContext) {
+        guard !closing else { return context.close(promise: nil) }
+        close(code: code, reason: reason, drop: true)
+    }
+
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        if let error = error as? NIOWebSocketError {
-            close(code: error == .invalidFrameLength ? 1009 : 1002, reason: "protocol error")
-        } else {
-            context.close(promise: nil)
-        }
+        context.close(promise: nil)
     }
 
     /// Sends a text frame (not flushed when `flush` is false).
@@ -191,18 +212,24 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     /// Starts the close handshake with `code`; the connection is dropped if the peer does not answer within
-    /// 10 seconds (a peer that stopped reading never will).
-    func close(code: UInt16, reason: String = "") {
+    /// 10 seconds (a peer that stopped reading never will), or as soon as the close frame is out with `drop`
+    /// (its bytes cannot be read any further).
+    func close(code: UInt16, reason: String = "", drop: Bool = false) {
         guard let context, !closing else { return }
         guard upgraded else {
-            if closeAfterUpgrade == nil { closeAfterUpgrade = (code, reason) }
+            if closeAfterUpgrade == nil { closeAfterUpgrade = (code, reason, drop) }
             return
         }
         closing = true
         closeCode = code
         connectionEnded()
         flushOutbox()  // what was answered before the close goes before it
-        _ = writeAndFlushFrame(WireEncoding.closeFrame(code: code, reason: reason))
+        let sent = writeAndFlushFrame(WireEncoding.closeFrame(code: code, reason: reason))
+        if drop {
+            let channel = context.channel
+            sent?.whenComplete { _ in channel.close(promise: nil) }
+            return
+        }
         // Reading may have been paused (a drain answering the publishes it read): the peer's close must be read.
         context.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
         forcedClose = context.eventLoop.scheduleTask(in: .seconds(10)) { [channel = context.channel] in channel.close(promise: nil) }
@@ -228,6 +255,29 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
     func handleBinary(_ data: ByteBuffer) {}
     /// The connection is closing or closed: release subscriptions and timers. Called at most twice.
     func connectionEnded() {}
+}
+
+/// The WebSocket upgrade: NIO's upgrader checks the handshake and writes the `101` (its
+/// `buildUpgradeResponse`), and the connection's pipeline gets only the `WebSocketConnection` made by
+/// `handler`, which reads and writes frames itself: no NIO frame decoder or encoder stays per connection.
+struct WebSocketUpgrader: HTTPServerProtocolUpgrader, Sendable {
+    let handshake: NIOWebSocketServerUpgrader
+    let handler: @Sendable (any Channel) throws -> WebSocketConnection
+
+    var supportedProtocol: String { handshake.supportedProtocol }
+    var requiredUpgradeHeaders: [String] { handshake.requiredUpgradeHeaders }
+
+    func buildUpgradeResponse(channel: any Channel, upgradeRequest: HTTPRequestHead,
+                              initialResponseHeaders: HTTPHeaders) -> EventLoopFuture<HTTPHeaders> {
+        handshake.buildUpgradeResponse(channel: channel, upgradeRequest: upgradeRequest, initialResponseHeaders: initialResponseHeaders)
+    }
+
+    func upgrade(context: ChannelHandlerContext, upgradeRequest: HTTPRequestHead) -> EventLoopFuture<Void> {
+        let channel = context.channel
+        return channel.eventLoop.makeCompletedFuture {
+            try channel.pipeline.syncOperations.addHandler(try handler(channel))
+        }
+    }
 }
 
 /// `/v1/echo` (only with echo enabled): echoes every message, for the Autobahn conformance suite.

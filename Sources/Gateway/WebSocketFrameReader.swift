@@ -1,0 +1,131 @@
+import NIOCore
+import NIOWebSocket
+
+/// RFC 6455 §5.2 frame boundaries on a connection's byte stream: the connection appends what it reads and takes
+/// frames out until more bytes are needed. What the frames mean (masking, reserved bits, fragmentation, UTF-8) is
+/// `WebSocketFraming`'s job.
+///
+/// Between frames it holds nothing, so an idle connection keeps no buffer here; the bytes of a frame still
+/// arriving are copied into a buffer of its own (NIO then reuses its read buffer for the next read). A frame
+/// that declares a payload over the limit fails before any of that payload is buffered.
+struct WebSocketFrameReader {
+    enum Next {
+        case frame(WebSocketFrame)
+        case needMore
+        /// The stream is unusable from here: fail the connection with this close code.
+        case fail(code: UInt16, reason: String)
+    }
+
+    let maxFrameBytes: Int
+    private(set) var pending: ByteBuffer?
+    /// Whether `pending` is this reader's own copy (appending to it copies nothing more) or a read buffer.
+    private var ownsPending = false
+    private var failed = false
+
+    init(maxFrameBytes: Int) {
+        self.maxFrameBytes = maxFrameBytes
+    }
+
+    /// Bytes buffered for a frame that is not complete yet.
+    var bufferedBytes: Int { pending?.readableBytes ?? 0 }
+
+    mutating func append(_ bytes: ByteBuffer) {
+        guard !failed else { return }
+        if pending == nil {
+            pending = bytes
+            ownsPending = false
+        } else {
+            var bytes = bytes
+            pending!.writeBuffer(&bytes)
+        }
+    }
+
+    mutating func next() -> Next {
+        guard !failed, var buffer = pending else { return .needMore }
+        pending = nil  // `buffer` is then the only reference: no copy on write below
+        switch Self.header(buffer.readableBytesView, maxFrameBytes: maxFrameBytes) {
+        case .incomplete(let frameLength):
+            keep(buffer, frameLength: frameLength)
+            return .needMore
+        case .invalid(let code, let reason):
+            failed = true
+            return .fail(code: code, reason: reason)
+        case .complete(let head):
+            buffer.moveReaderIndex(forwardBy: head.headerLength)
+            let data = buffer.readSlice(length: head.payloadLength)!
+            let frame = WebSocketFrame(fin: head.first & 0x80 != 0, rsv1: head.first & 0x40 != 0, rsv2: head.first & 0x20 != 0,
+                                       rsv3: head.first & 0x10 != 0, opcode: WebSocketOpcode(encodedWebSocketOpcode: head.first & 0x0F)!,
+                                       maskKey: head.maskKey, data: data)
+            if buffer.readableBytes > 0 {
+                pending = buffer
+            } else {
+                ownsPending = false  // nothing left: hold no buffer
+            }
+            return .frame(frame)
+        }
+    }
+
+    /// Keeps the bytes of an incomplete frame; a read buffer's are copied out (once) into a buffer sized for the frame.
+    private mutating func keep(_ buffer: ByteBuffer, frameLength: Int?) {
+        if ownsPending {
+            pending = buffer
+            return
+        }
+        var own = ByteBuffer()
+        own.reserveCapacity(max(buffer.readableBytes, min(frameLength ?? 0, maxFrameBytes + 14)))
+        var rest = buffer
+        own.writeBuffer(&rest)
+        pending = own
+        ownsPending = true
+    }
+
+    struct Head {
+        var first: UInt8
+        var maskKey: WebSocketMaskingKey?
+        var headerLength: Int
+        var payloadLength: Int
+    }
+
+    enum HeaderResult {
+        /// More bytes are needed; the whole frame's length when the header says it already.
+        case incomplete(frameLength: Int?)
+        case complete(Head)
+        case invalid(code: UInt16, reason: String)
+    }
+
+    /// Reads a frame header at the start of `bytes` and checks that the whole frame is there.
+    static func header(_ bytes: ByteBufferView, maxFrameBytes: Int) -> HeaderResult {
+        guard bytes.count >= 2 else { return .incomplete(frameLength: nil) }
+        var i = bytes.startIndex
+        let first = bytes[i], second = bytes[i + 1]
+        i += 2
+        let masked = second & 0x80 != 0
+        var length = Int(second & 0x7F)
+        if first & 0x08 != 0 && length > 125 {
+            return .invalid(code: 1002, reason: "bad control frame")
+        }
+        if length == 126 {
+            guard bytes.endIndex - i >= 2 else { return .incomplete(frameLength: nil) }
+            length = Int(bytes[i]) << 8 | Int(bytes[i + 1])
+            i += 2
+        } else if length == 127 {
+            guard bytes.endIndex - i >= 8 else { return .incomplete(frameLength: nil) }
+            guard bytes[i] & 0x80 == 0 else { return .invalid(code: 1002, reason: "bad frame length") }
+            var value: UInt64 = 0
+            for k in 0..<8 { value = value << 8 | UInt64(bytes[i + k]) }
+            i += 8
+            guard value <= UInt64(maxFrameBytes) else { return .invalid(code: 1009, reason: "message too big") }
+            length = Int(value)
+        }
+        guard length <= maxFrameBytes else { return .invalid(code: 1009, reason: "message too big") }
+        var maskKey: WebSocketMaskingKey?
+        if masked {
+            guard bytes.endIndex - i >= 4 else { return .incomplete(frameLength: nil) }
+            maskKey = WebSocketMaskingKey(bytes[i..<(i + 4)])
+            i += 4
+        }
+        let headerLength = i - bytes.startIndex
+        guard bytes.count >= headerLength + length else { return .incomplete(frameLength: headerLength + length) }
+        return .complete(Head(first: first, maskKey: maskKey, headerLength: headerLength, payloadLength: length))
+    }
+}

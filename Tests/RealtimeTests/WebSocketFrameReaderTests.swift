@@ -1,0 +1,145 @@
+@testable import Gateway
+import NIOCore
+import NIOWebSocket
+import Testing
+
+/// `WebSocketFrameReader`: frame boundaries on a byte stream, however the bytes are cut, and the limits it
+/// enforces before buffering a payload.
+struct WebSocketFrameReaderTests {
+    struct Sent: Equatable {
+        var fin, rsv1, rsv2, rsv3: Bool
+        var opcode: UInt8
+        var key: [UInt8]?
+        var payload: [UInt8]
+    }
+
+    /// RFC 6455 §5.2 encoding, written here independently of the reader; `wideLength` uses the 16- or 64-bit
+    /// length form even where a shorter one fits (receivers accept it).
+    static func encode(_ f: Sent, wideLength: Int = 0) -> [UInt8] {
+        var out: [UInt8] = [(f.fin ? 0x80 : 0) | (f.rsv1 ? 0x40 : 0) | (f.rsv2 ? 0x20 : 0) | (f.rsv3 ? 0x10 : 0) | f.opcode]
+        let mask: UInt8 = f.key == nil ? 0 : 0x80
+        let n = f.payload.count
+        if n > 0xFFFF || wideLength == 2 {
+            out.append(mask | 127)
+            for shift in stride(from: 56, through: 0, by: -8) { out.append(UInt8(truncatingIfNeeded: UInt64(n) >> UInt64(shift))) }
+        } else if n > 125 || wideLength == 1 {
+            out += [mask | 126, UInt8(n >> 8), UInt8(n & 0xFF)]
+        } else {
+            out.append(mask | UInt8(n))
+        }
+        if let key = f.key {
+            out += key
+            out += f.payload.enumerated().map { $0.element ^ key[$0.offset % 4] }
+        } else {
+            out += f.payload
+        }
+        return out
+    }
+
+    static func received(_ frame: WebSocketFrame) -> Sent {
+        Sent(fin: frame.fin, rsv1: frame.rsv1, rsv2: frame.rsv2, rsv3: frame.rsv3, opcode: UInt8(webSocketOpcode: frame.opcode),
+             key: frame.maskKey.map { Array($0) }, payload: Array(frame.unmaskedData.readableBytesView))
+    }
+
+    /// Feeds `chunks` one by one, taking every frame out after each; returns the frames and the first failure.
+    static func read(_ chunks: [[UInt8]], max: Int, reader: inout WebSocketFrameReader) -> (frames: [Sent], failure: UInt16?) {
+        var frames: [Sent] = []
+        for chunk in chunks {
+            reader.append(ByteBuffer(bytes: chunk))
+            loop: while true {
+                switch reader.next() {
+                case .frame(let frame): frames.append(received(frame))
+                case .needMore: break loop
+                case .fail(let code, _): return (frames, code)
+                }
+            }
+        }
+        return (frames, nil)
+    }
+
+    @Test func framesComeOutWhole_inOrder_howeverTheBytesAreCut() {
+        var random = SplitMix(seed: 7)
+        for _ in 0..<PropertyTests.iterations / 10 {
+            var sent: [Sent] = []
+            var stream: [UInt8] = []
+            var boundaries: Set<Int> = []
+            for _ in 0..<Int.random(in: 1...6, using: &random) {
+                let opcode = UInt8.random(in: 0...15, using: &random)
+                let size: Int = switch Int.random(in: 0..<10, using: &random) {
+                case 0: Int.random(in: 126...70_000, using: &random)
+                default: Int.random(in: 0...125, using: &random)
+                }
+                let frame = Sent(fin: .random(using: &random), rsv1: .random(using: &random), rsv2: .random(using: &random),
+                                 rsv3: .random(using: &random), opcode: opcode,
+                                 key: Int.random(in: 0..<5, using: &random) == 0 ? nil : (0..<4).map { _ in UInt8.random(in: 0...255, using: &random) },
+                                 payload: opcode >= 8 ? Array(repeating: 0x41, count: min(size, 125)) : (0..<size).map { _ in UInt8.random(in: 0...255, using: &random) })
+                sent.append(frame)
+                stream += Self.encode(frame, wideLength: frame.payload.count <= 125 && frame.opcode < 8 ? Int.random(in: 0...2, using: &random) : 0)
+                boundaries.insert(stream.count)
+            }
+            // Random cuts, including single bytes and cuts inside headers.
+            var chunks: [[UInt8]] = []
+            var at = 0
+            while at < stream.count {
+                let n = Int.random(in: 0..<4, using: &random) == 0 ? 1 : Int.random(in: 1...max(1, stream.count / 3), using: &random)
+                chunks.append(Array(stream[at..<min(stream.count, at + n)]))
+                at += n
+            }
+            var reader = WebSocketFrameReader(maxFrameBytes: 100_000)
+            let (frames, failure) = Self.read(chunks, max: 100_000, reader: &reader)
+            #expect(failure == nil)
+            #expect(frames == sent)
+            #expect(reader.pending == nil, "a stream that ends on a frame boundary leaves nothing buffered")
+        }
+    }
+
+    @Test func anIdleConnectionHoldsNoBuffer_andAPartialFrameIsCopiedOutOfTheReadBuffer() {
+        var reader = WebSocketFrameReader(maxFrameBytes: 1000)
+        let ping = Self.encode(Sent(fin: true, rsv1: false, rsv2: false, rsv3: false, opcode: 0x9, key: [1, 2, 3, 4], payload: [7, 7]))
+        let text = Self.encode(Sent(fin: true, rsv1: false, rsv2: false, rsv3: false, opcode: 0x1, key: [9, 8, 7, 6], payload: Array("hello".utf8)))
+        var (frames, failure) = Self.read([ping + text], max: 1000, reader: &reader)
+        #expect(failure == nil && frames.count == 2 && reader.pending == nil)
+
+        // Half a frame: kept in a buffer of the reader's own, so the read buffer is free again.
+        var readBuffer = ByteBuffer(bytes: text[0..<5])
+        reader.append(readBuffer)
+        guard case .needMore = reader.next() else { Issue.record("half a frame is not a frame"); return }
+        #expect(reader.bufferedBytes == 5)
+        #expect(readBuffer.modifyIfUniquelyOwned { _ in true } == true, "the reader must not keep the read buffer")
+        (frames, failure) = Self.read([Array(text[5...])], max: 1000, reader: &reader)
+        #expect(failure == nil && frames.map(\.payload) == [Array("hello".utf8)] && reader.pending == nil)
+    }
+
+    @Test func aFrameOverTheLimitFailsWith1009BeforeItsPayloadArrives() {
+        for length in [1001, 70_000, Int(UInt32.max)] {
+            var reader = WebSocketFrameReader(maxFrameBytes: 1000)
+            var header: [UInt8] = [0x82]
+            if length <= 0xFFFF {
+                header += [0x80 | 126, UInt8(length >> 8), UInt8(length & 0xFF)]
+            } else {
+                header.append(0x80 | 127)
+                for shift in stride(from: 56, through: 0, by: -8) { header.append(UInt8(truncatingIfNeeded: length >> shift)) }
+            }
+            let (frames, failure) = Self.read([header], max: 1000, reader: &reader)
+            #expect(frames.isEmpty && failure == 1009, "declared \(length)")
+            // Failed for good: later bytes are not read as frames.
+            reader.append(ByteBuffer(bytes: [0x81, 0x00]))
+            guard case .needMore = reader.next() else { Issue.record("a failed reader must stay failed"); return }
+        }
+        // Exactly the limit is allowed.
+        var reader = WebSocketFrameReader(maxFrameBytes: 1000)
+        let frame = Sent(fin: true, rsv1: false, rsv2: false, rsv3: false, opcode: 0x2, key: [1, 1, 1, 1], payload: Array(repeating: 3, count: 1000))
+        #expect(Self.read([Self.encode(frame)], max: 1000, reader: &reader).frames == [frame])
+    }
+
+    @Test func malformedHeadersFailWith1002() {
+        // A 64-bit length with its most significant bit set.
+        var reader = WebSocketFrameReader(maxFrameBytes: 1000)
+        #expect(Self.read([[0x82, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 1]], max: 1000, reader: &reader).failure == 1002)
+        // A control frame whose length field says more than 125.
+        for opcode: UInt8 in [0x8, 0x9, 0xA] {
+            reader = WebSocketFrameReader(maxFrameBytes: 1000)
+            #expect(Self.read([[0x80 | opcode, 0x80 | 126, 0, 5]], max: 1000, reader: &reader).failure == 1002)
+        }
+    }
+}
