@@ -11,7 +11,7 @@ import Wire
 /// so a refusal is an ordinary error response; then the stream opens with a comment, `retry:` and an `id:`
 /// naming the position it continues after, sends a comment every keepalive interval, and ends at the
 /// token's expiry, a revocation or a removal.
-final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStream, @unchecked Sendable {  // state only touched on the connection's event loop
+final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStream, LoopTimerOwner, @unchecked Sendable {  // state only touched on the connection's event loop
     /// Where the stream starts, from the request (checked by the session when it opens).
     static func start(_ request: HTTPRequest) throws(ApiError) -> ChannelService.StreamStart {
         if let resume = request.headers.first(name: "last-event-id") ?? request.query["since"] {
@@ -36,7 +36,9 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
     private let refuse: (ApiError) -> Void
     private var subscription: Subscription?
     private var opened = false
-    private var keepalive: RepeatedTask?
+    /// The next keepalive comment in the loop's timer wheel.
+    private var keepalive: TimerWheel.Token?
+    private let timers: LoopTimers
     private var ended = false
     /// Only with a test fault (`swap`): a message delivered after the next one.
     private var heldForFault: ByteBuffer?
@@ -48,6 +50,7 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
         self.context = context
         self.chunks = (try? context.pipeline.syncOperations.context(handlerType: HTTPResponseEncoder.self)) ?? context
         self.refuse = refuse
+        self.timers = app.timers.on(context.eventLoop)
         self.allowOrigin = request.allowOrigin
         self.driver = SessionDriver(app: app, actor: actor, kind: .serverSentEvents, eventLoop: context.eventLoop, log: request.log, transport: self)
         self.writable = context.channel.isWritable
@@ -74,12 +77,16 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
         context.write(NIOAny(HTTPServerResponsePart.head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers))), promise: nil)
         writeText(": stream open\nretry: 2000\nid: \(cursor)\n\n")
         context.flush()
-        let interval = TimeAmount.seconds(app.config.keepaliveSeconds)
-        keepalive = context.eventLoop.scheduleRepeatedTask(initialDelay: interval, delay: interval) { [weak self] _ in
-            guard let self, !self.ended else { return }
-            self.writeText(": keepalive\n\n")
-            self.context.flush()
-        }
+        keepalive = timers.schedule(self, in: .seconds(app.config.keepaliveSeconds))
+    }
+
+    /// The keepalive comment, then the next one.
+    func timerFired() {
+        keepalive = nil
+        guard !ended else { return }
+        writeText(": keepalive\n\n")
+        context.flush()
+        keepalive = timers.schedule(self, in: .seconds(app.config.keepaliveSeconds))
     }
 
     func fail(_ id: CommandID?, _ error: ApiError) {
@@ -173,7 +180,8 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
 
     private func stop() {
         ended = true
-        keepalive?.cancel()
+        timers.cancel(keepalive)
+        keepalive = nil
         driver.connectionClosed()
     }
 

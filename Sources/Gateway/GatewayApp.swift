@@ -44,10 +44,14 @@ public final class GatewayApp: Sendable {
     let typingRelayed = NIOLockedValueBox<[String: ContinuousClock.Instant]>([:])
     /// The membership gate's store reads, shared by the thread's local subscribers.
     let removalLookups: RemovalLookups
+    /// Each event loop's connection timers (pings, token expiry, SSE keepalives).
+    let timers: ConnectionTimers
 
     init(config: GatewayConfig, verifier: TokenVerifier, channels: ChannelService, threads: ThreadService, revocations: Revocations,
-         hub: Hub, bus: any Bus, redis: RedisBus?, presenceLists: (any PresenceLists)? = nil, metrics: GatewayMetrics, logger: Logger) {
+         hub: Hub, bus: any Bus, redis: RedisBus?, presenceLists: (any PresenceLists)? = nil, metrics: GatewayMetrics, loops: [any EventLoop],
+         logger: Logger) {
         self.redis = redis
+        self.timers = ConnectionTimers(loops: loops)
         self.threads = threads
         self.revocations = revocations
         self.bus = bus

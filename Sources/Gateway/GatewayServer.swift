@@ -124,7 +124,7 @@ public final class GatewayServer: Sendable {
         let app = GatewayApp(config: config, verifier: verifier, channels: channels, threads: ThreadService(store: store, policy: policy, feed: feed),
                              revocations: revocations, hub: startedHub, bus: bus, redis: redis,
                              presenceLists: presenceRedis.map { RedisPresenceLists(redis: $0, ttlMillis: config.presence.ttl.milliseconds) },
-                             metrics: metrics, logger: logger)
+                             metrics: metrics, loops: loops, logger: logger)
         bus.setControlReceiver { [weak app] payload in app?.handleControl(payload) }
         startedHub.setStoreReadHook { [weak app] channel in
             guard case .thread = channel.kind else { return }
@@ -193,7 +193,10 @@ public final class GatewayServer: Sendable {
                 busConnection?.stop()
                 presenceConnection?.stop()
             },
-            InstancePart(description: "hub") { startedHub.stop() },
+            InstancePart(description: "hub") {
+                startedHub.stop()
+                app.timers.stop()
+            },
             // Request ids out of their window, revocations past their end, old removals: every hour (or every window).
             PeriodicWork(description: "pruning", interval: pruneEvery) {
                 do { try await store.pruneExpired() } catch { logger.warning("pruning expired rows failed", metadata: ["error": "\(error)"]) }
@@ -338,7 +341,7 @@ public final class GatewayServer: Sendable {
                 return WebSocketSession(app: app, actor: actor, log: upgrade.log, eventLoop: channel.eventLoop, deflate: upgrade.deflate)
             }
             return EchoSession(maxMessageBytes: app.config.maxMessageBytes, pingInterval: .seconds(app.config.wsPingSeconds),
-                               deflate: upgrade?.deflate)
+                               timers: app.timers.on(channel.eventLoop), deflate: upgrade?.deflate)
         }
         try sync.configureHTTPServerPipeline(
             withServerUpgrade: (upgraders: [upgrader], completionHandler: { context in

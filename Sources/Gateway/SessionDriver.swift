@@ -24,7 +24,7 @@ protocol SessionTransport: AnyObject {
 /// Drives one `ClientSession` on one event loop: performs its actions (store and token work off the loop, their
 /// outcomes fed back on it), keeps the expiry timer, and stands for the connection among the live streams, so
 /// that revocations, member removals and shutdown reach the session from the moment the transport starts it.
-final class SessionDriver: LiveStream, PresenceWatcher, @unchecked Sendable {  // state only touched on `eventLoop`
+final class SessionDriver: LiveStream, PresenceWatcher, LoopTimerOwner, @unchecked Sendable {  // state only touched on `eventLoop`
     enum Kind: String, Sendable {
         case webSocket = "ws", serverSentEvents = "sse", longPoll = "poll"
     }
@@ -37,7 +37,9 @@ final class SessionDriver: LiveStream, PresenceWatcher, @unchecked Sendable {  /
     private let app: GatewayApp
     private var session: ClientSession
     private weak var transport: (any SessionTransport)?
-    private var expiry: Scheduled<Void>?
+    /// The token's expiry in the loop's timer wheel.
+    private var expiry: TimerWheel.Token?
+    private let timers: LoopTimers
     private var started = false
     private var released = false
     /// Channels this session counts in the presence list of (WebSocket and SSE subscriptions).
@@ -49,6 +51,7 @@ final class SessionDriver: LiveStream, PresenceWatcher, @unchecked Sendable {  /
         self.eventLoop = eventLoop
         self.log = log
         self.transport = transport
+        self.timers = app.timers.on(eventLoop)
         let config = app.config
         self.session = ClientSession(actor: actor, limits: ClientSession.Limits(
             maxSubscriptions: kind == .webSocket ? config.maxSubscriptionsPerConnection : 1, maxPublishesInFlight: 64,
@@ -79,7 +82,7 @@ final class SessionDriver: LiveStream, PresenceWatcher, @unchecked Sendable {  /
     func sendRefused() { run(session.sendRefused()) }
 
     func connectionClosed() {
-        expiry?.cancel()
+        timers.cancel(expiry)
         expiry = nil
         if started && !released {
             released = true
@@ -166,16 +169,19 @@ final class SessionDriver: LiveStream, PresenceWatcher, @unchecked Sendable {  /
             let app = self.app
             later({ () async throws(ApiError) in try await app.authenticate(token) }) { $0.run($0.session.verified(id, $1)) }
         case .scheduleExpiry(let date):
-            expiry?.cancel()
-            let ms = max(0, Int64(date.timeIntervalSinceNow * 1000))
-            expiry = eventLoop.scheduleTask(in: .milliseconds(ms)) { [weak self] in
-                guard let self else { return }
-                self.run(self.session.tokenExpired())
+            timers.cancel(expiry)
+            expiry = nil
+            if date.timeIntervalSinceNow <= 0 {
+                // Already past: at once, not at the wheel's next tick.
+                eventLoop.execute { self.run(self.session.tokenExpired()) }
+            } else {
+                expiry = timers.schedule(self, at: date)
             }
         case .pauseReading: transport?.setReading(false)
         case .resumeReading: transport?.setReading(true)
         case .close(let reason):
-            expiry?.cancel()
+            timers.cancel(expiry)
+            expiry = nil
             if reason == .slowConsumer {
                 app.metrics.count(.slowConsumerCloses)
                 logger.info("closing slow consumer", metadata: ["transport": "\(kind.rawValue)"])
@@ -183,6 +189,12 @@ final class SessionDriver: LiveStream, PresenceWatcher, @unchecked Sendable {  /
             if reason == .rateLimited { app.metrics.count(.rateLimited) }
             transport?.close(reason)
         }
+    }
+
+    /// The token's expiry.
+    func timerFired() {
+        expiry = nil
+        run(session.tokenExpired())
     }
 
     /// How a member's subscription to a thread asks the store for a removal it has not heard of.

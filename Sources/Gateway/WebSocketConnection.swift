@@ -11,14 +11,16 @@ import NIOWebSocket
 ///
 /// NIO's frame decoder and encoder handlers are taken out at the upgrade (`removeNIOFrameHandlers`): this
 /// handler reads and writes bytes itself, and an idle connection holds no decoder buffer or handler.
-class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
+class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler, LoopTimerOwner {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
     private var reader: WebSocketFrameReader
     private var framing: WebSocketFraming
     private let pingInterval: TimeAmount
-    private var pingTask: RepeatedTask?
+    /// The loop's timer wheel, and this connection's next ping in it.
+    private let timers: LoopTimers
+    private var pingTimer: TimerWheel.Token?
     private var unansweredPings = 0
     private var forcedClose: Scheduled<Void>?
     /// Set once a close frame was sent: nothing but the peer's close is read after it.
@@ -44,7 +46,8 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
     /// permessage-deflate, when the handshake agreed it.
     let deflate: PermessageDeflate.Agreement?
 
-    init(maxMessageBytes: Int, pingInterval: TimeAmount, deflate: PermessageDeflate.Agreement? = nil) {
+    init(maxMessageBytes: Int, pingInterval: TimeAmount, timers: LoopTimers, deflate: PermessageDeflate.Agreement? = nil) {
+        self.timers = timers
         self.reader = WebSocketFrameReader(maxFrameBytes: maxMessageBytes)
         self.framing = WebSocketFraming(maxMessageBytes: maxMessageBytes, inflater: deflate.map(DeflateInflater.init))
         self.pingInterval = pingInterval
@@ -55,9 +58,15 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
         self.context = context
         self.writable = context.channel.isWritable
         self.output = context
-        pingTask = context.eventLoop.scheduleRepeatedTask(initialDelay: pingInterval, delay: pingInterval) { [weak self] _ in
-            self?.sendPing()
-        }
+        pingTimer = timers.schedule(self, in: pingInterval)
+    }
+
+    /// The ping timer: ping, and schedule the next.
+    func timerFired() {
+        pingTimer = nil
+        guard context != nil, !closing else { return }
+        sendPing()
+        if context != nil { pingTimer = timers.schedule(self, in: pingInterval) }
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
@@ -113,8 +122,8 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     private func stopTimers() {
-        pingTask?.cancel()
-        pingTask = nil
+        timers.cancel(pingTimer)
+        pingTimer = nil
         forcedClose?.cancel()
     }
 

@@ -44,8 +44,8 @@ struct WebSocketFrameReader {
         guard !failed, var buffer = pending else { return .needMore }
         pending = nil  // `buffer` is then the only reference: no copy on write below
         switch Self.header(buffer.readableBytesView, maxFrameBytes: maxFrameBytes) {
-        case .incomplete(let frameLength):
-            keep(buffer, frameLength: frameLength)
+        case .incomplete:
+            keep(buffer)
             return .needMore
         case .invalid(let code, let reason):
             failed = true
@@ -65,14 +65,18 @@ struct WebSocketFrameReader {
         }
     }
 
-    /// Keeps the bytes of an incomplete frame; a read buffer's are copied out (once) into a buffer sized for the frame.
-    private mutating func keep(_ buffer: ByteBuffer, frameLength: Int?) {
+    /// Keeps the bytes of an incomplete frame: a read buffer's are copied out into a buffer of the reader's own;
+    /// in its own buffer, the frames already taken out are dropped (a peer that keeps sending never makes it
+    /// grow past one frame and one read).
+    private mutating func keep(_ buffer: ByteBuffer) {
         if ownsPending {
+            var buffer = buffer
+            if buffer.readerIndex > 0 { buffer.discardReadBytes() }
             pending = buffer
             return
         }
         var own = ByteBuffer()
-        own.reserveCapacity(max(buffer.readableBytes, min(frameLength ?? 0, maxFrameBytes + 14)))
+        own.reserveCapacity(buffer.readableBytes)
         var rest = buffer
         own.writeBuffer(&rest)
         pending = own
@@ -87,15 +91,15 @@ struct WebSocketFrameReader {
     }
 
     enum HeaderResult {
-        /// More bytes are needed; the whole frame's length when the header says it already.
-        case incomplete(frameLength: Int?)
+        /// More bytes are needed.
+        case incomplete
         case complete(Head)
         case invalid(code: UInt16, reason: String)
     }
 
     /// Reads a frame header at the start of `bytes` and checks that the whole frame is there.
     static func header(_ bytes: ByteBufferView, maxFrameBytes: Int) -> HeaderResult {
-        guard bytes.count >= 2 else { return .incomplete(frameLength: nil) }
+        guard bytes.count >= 2 else { return .incomplete }
         var i = bytes.startIndex
         let first = bytes[i], second = bytes[i + 1]
         i += 2
@@ -105,11 +109,11 @@ struct WebSocketFrameReader {
             return .invalid(code: 1002, reason: "bad control frame")
         }
         if length == 126 {
-            guard bytes.endIndex - i >= 2 else { return .incomplete(frameLength: nil) }
+            guard bytes.endIndex - i >= 2 else { return .incomplete }
             length = Int(bytes[i]) << 8 | Int(bytes[i + 1])
             i += 2
         } else if length == 127 {
-            guard bytes.endIndex - i >= 8 else { return .incomplete(frameLength: nil) }
+            guard bytes.endIndex - i >= 8 else { return .incomplete }
             guard bytes[i] & 0x80 == 0 else { return .invalid(code: 1002, reason: "bad frame length") }
             var value: UInt64 = 0
             for k in 0..<8 { value = value << 8 | UInt64(bytes[i + k]) }
@@ -120,12 +124,12 @@ struct WebSocketFrameReader {
         guard length <= maxFrameBytes else { return .invalid(code: 1009, reason: "message too big") }
         var maskKey: WebSocketMaskingKey?
         if masked {
-            guard bytes.endIndex - i >= 4 else { return .incomplete(frameLength: nil) }
+            guard bytes.endIndex - i >= 4 else { return .incomplete }
             maskKey = WebSocketMaskingKey(bytes[i..<(i + 4)])
             i += 4
         }
         let headerLength = i - bytes.startIndex
-        guard bytes.count >= headerLength + length else { return .incomplete(frameLength: headerLength + length) }
+        guard bytes.count >= headerLength + length else { return .incomplete }
         return .complete(Head(first: first, maskKey: maskKey, headerLength: headerLength, payloadLength: length))
     }
 }

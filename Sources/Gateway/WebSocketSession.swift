@@ -17,7 +17,8 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, SessionTran
 
     init(app: GatewayApp, actor: Actor, log: RequestLog, eventLoop: any EventLoop, deflate: PermessageDeflate.Agreement? = nil) {
         self.app = app
-        super.init(maxMessageBytes: app.config.maxMessageBytes, pingInterval: .seconds(app.config.wsPingSeconds), deflate: deflate)
+        super.init(maxMessageBytes: app.config.maxMessageBytes, pingInterval: .seconds(app.config.wsPingSeconds),
+                   timers: app.timers.on(eventLoop), deflate: deflate)
         self.driver = SessionDriver(app: app, actor: actor, kind: .webSocket, eventLoop: eventLoop, log: log, transport: self)
     }
 

@@ -49,6 +49,25 @@ struct LifecycleTests {
         }
     }
 
+    /// PROTOCOL.md §6: the server pings (here every second) and drops a connection that answered none of
+    /// two pings; one that answers stays open.
+    @Test func webSocketIsPingedAndDroppedAfterTwoUnansweredPings() async throws {
+        try await withTestGateway(configure: { $0.wsPingSeconds = 1 }) { gateway in
+            let token = try await gateway.token("quiet", roles: [])
+            let silent = try await RawWebSocketClient(port: gateway.port, token: token)
+            let answering = try await WSTestClient.connect(port: gateway.port, token: token)
+            let frames = RawWebSocketClient.frames(try await silent.readToEnd(timeout: 30))
+            #expect(frames.filter { $0.0 == 0x9 }.count >= 2, "pinged before being dropped")
+            // The one that answers pings (WSTestClient does while it reads) is still open after the other was dropped.
+            try await answering.send(["type": "ping", "id": "alive"])
+            #expect(try await answering.reply("pong")["id"] as? String == "alive")
+            try await Task.sleep(for: .seconds(3))
+            try await answering.send(["type": "ping", "id": "still"])
+            #expect(try await answering.reply("pong")["id"] as? String == "still")
+            await answering.close()
+        }
+    }
+
     @Test func webSocketClosesWith4001WhenTheTokenExpiresAndRefreshKeepsItOpen() async throws {
         try await withTestGateway { gateway in
             let expiring = try await WSTestClient.connect(port: gateway.port, token: try await gateway.verifier.mint(sub: "eve", roles: [], ttl: 2))

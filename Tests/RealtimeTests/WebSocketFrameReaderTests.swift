@@ -110,6 +110,23 @@ struct WebSocketFrameReaderTests {
         #expect(failure == nil && frames.map(\.payload) == [Array("hello".utf8)] && reader.pending == nil)
     }
 
+    @Test func aPeerThatKeepsSendingNeverGrowsTheBufferPastAFrameAndARead() {
+        // 20,000 ping frames of 16 bytes, read in pieces of 1,003 bytes: nearly every read ends inside a frame.
+        var stream: [UInt8] = []
+        let ping = Self.encode(Sent(fin: true, rsv1: false, rsv2: false, rsv3: false, opcode: 0x9, key: [1, 2, 3, 4], payload: Array(repeating: 1, count: 10)))
+        for _ in 0..<20_000 { stream += ping }
+        var reader = WebSocketFrameReader(maxFrameBytes: 1000)
+        var frames = 0, largest = 0, at = 0
+        while at < stream.count {
+            reader.append(ByteBuffer(bytes: stream[at..<min(stream.count, at + 1003)]))
+            at += 1003
+            while case .frame = reader.next() { frames += 1 }
+            largest = max(largest, reader.pending?.capacity ?? 0)
+        }
+        #expect(frames == 20_000)
+        #expect(largest <= 4096, "held \(largest) bytes of capacity")
+    }
+
     @Test func aFrameOverTheLimitFailsWith1009BeforeItsPayloadArrives() {
         for length in [1001, 70_000, Int(UInt32.max)] {
             var reader = WebSocketFrameReader(maxFrameBytes: 1000)
