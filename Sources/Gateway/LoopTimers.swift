@@ -27,22 +27,26 @@ final class LoopTimers {
     /// Timers pending (for tests and metrics).
     var count: Int { wheel.count }
 
-    /// A timer `delay` from now.
+    /// A timer about `delay` from now (the nearest whole second: for intervals such as pings, where half a
+    /// second either way does not matter but a second added each round would).
     func schedule(_ owner: any LoopTimerOwner, in delay: TimeAmount) -> TimerWheel.Token {
-        schedule(owner, at: NIODeadline.now() + delay)
+        schedule(owner, atTick: Self.tick(NIODeadline.now() + delay + .milliseconds(500)))
     }
 
-    /// A timer at the wall-clock `date` (a token's `exp`).
+    /// A timer at the wall-clock `date` (a token's `exp`), never before it.
     func schedule(_ owner: any LoopTimerOwner, at date: Date) -> TimerWheel.Token {
         let nanos = max(0, date.timeIntervalSinceNow) * 1e9
-        return schedule(owner, in: .nanoseconds(Int64(min(nanos, 1e18))))
+        return schedule(owner, at: NIODeadline.now() + .nanoseconds(Int64(min(nanos, 1e18))))
     }
 
+    /// A timer at `deadline`, never before it: the first whole second at or after it.
     func schedule(_ owner: any LoopTimerOwner, at deadline: NIODeadline) -> TimerWheel.Token {
-        eventLoop.preconditionInEventLoop()
-        // The first whole second at or after the deadline: never early.
         let nanos = deadline.uptimeNanoseconds
-        let tick = Int64(nanos / 1_000_000_000) + (nanos % 1_000_000_000 == 0 ? 0 : 1)
+        return schedule(owner, atTick: Int64(nanos / 1_000_000_000) + (nanos % 1_000_000_000 == 0 ? 0 : 1))
+    }
+
+    private func schedule(_ owner: any LoopTimerOwner, atTick tick: Int64) -> TimerWheel.Token {
+        eventLoop.preconditionInEventLoop()
         let token = wheel.schedule(at: tick)
         if Int(token.index) == owners.count { owners.append(owner) } else { owners[Int(token.index)] = owner }
         startTicking()

@@ -56,7 +56,7 @@ struct LifecycleTests {
             let token = try await gateway.token("quiet", roles: [])
             // A client that reads (WSTestClient answers pings while it reads) stays open across several pings.
             let answering = try await WSTestClient.connect(port: gateway.port, token: token)
-            for i in 0..<10 {
+            for i in 0..<12 {
                 try await answering.send(["type": "ping", "id": "\(i)"])
                 #expect(try await answering.reply("pong")["id"] as? String == "\(i)")
                 try await Task.sleep(for: .milliseconds(500))
