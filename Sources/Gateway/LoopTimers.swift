@@ -26,11 +26,16 @@ final class LoopTimers {
 
     /// Timers pending (for tests and metrics).
     var count: Int { wheel.count }
+    /// The tick processed last.
+    var currentTick: Int64 { wheel.now }
 
-    /// A timer about `delay` from now (the nearest whole second: for intervals such as pings, where half a
-    /// second either way does not matter but a second added each round would).
+    /// A timer `delay` (rounded to whole seconds, at least one) after the tick being processed: for intervals
+    /// such as pings, where a second either way does not matter but a second added each round would. Ticks run
+    /// a fraction of a second after the clock's whole second, so counting from the clock would add one.
     func schedule(_ owner: any LoopTimerOwner, in delay: TimeAmount) -> TimerWheel.Token {
-        schedule(owner, atTick: Self.tick(NIODeadline.now() + delay + .milliseconds(500)))
+        startTicking()
+        let seconds = max(1, (delay.nanoseconds + 500_000_000) / 1_000_000_000)
+        return schedule(owner, atTick: wheel.now + seconds)
     }
 
     /// A timer at the wall-clock `date` (a token's `exp`), never before it.
@@ -70,6 +75,7 @@ final class LoopTimers {
 
     private func startTicking() {
         guard ticking == nil else { return }
+        advance(to: .now())  // the wheel's clock is the tick at its creation until it ticks: bring it to now
         // Holds this object until `stop()` (or the loop's end).
         ticking = eventLoop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { _ in
             self.advance(to: .now())

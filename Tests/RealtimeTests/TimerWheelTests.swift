@@ -92,4 +92,28 @@ struct LoopTimersTests {
             #expect(timers.count == 0)
         }.get()
     }
+
+    final class Periodic: LoopTimerOwner {
+        let timers: LoopTimers
+        var firedAt: [Int64] = []
+        init(_ timers: LoopTimers) { self.timers = timers }
+        func timerFired() {
+            firedAt.append(timers.currentTick)
+            _ = timers.schedule(self, in: .seconds(20))
+        }
+    }
+
+    /// An interval timer that schedules itself again when it fires keeps its period: 20 s, not 21.
+    @Test func anIntervalTimerKeepsItsPeriod() async throws {
+        let loop = MultiThreadedEventLoopGroup.singleton.next()
+        try await loop.submit {
+            let timers = LoopTimers(eventLoop: loop)
+            defer { timers.stop() }
+            let periodic = Periodic(timers)
+            _ = timers.schedule(periodic, in: .seconds(20))
+            let start = timers.currentTick
+            for second in 1...100 { timers.advance(to: .uptimeNanoseconds(UInt64(start + Int64(second)) * 1_000_000_000 + 700_000_000)) }
+            #expect(periodic.firedAt == [start + 20, start + 40, start + 60, start + 80, start + 100])
+        }.get()
+    }
 }
