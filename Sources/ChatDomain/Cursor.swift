@@ -12,37 +12,17 @@ public struct Cursor: Hashable, Sendable {
     }
 
     public var text: String {
-        var out = ""
-        Cursor.append(seq: seq, channelHash: channelHash, to: &out)
-        return out
+        String(capacity: Self.maxTextBytes) { Self.write(seq: seq, channelHash: channelHash, to: &$0) }
     }
 
-    /// Appends `<seq>.<16 hex digits>` to `out` (the message JSON is built with it, once per message).
-    public static func append(seq: Int64, channelHash: UInt64, to out: inout String) {
-        withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 40) { buffer in
-            var n = 0
-            var digits = 0
-            var value = seq.magnitude
-            repeat {
-                digits += 1
-                value /= 10
-            } while value > 0
-            if seq < 0 { buffer[n] = 0x2D; n += 1 }
-            value = seq.magnitude
-            for i in stride(from: n + digits - 1, through: n, by: -1) {
-                buffer[i] = UInt8(truncatingIfNeeded: 0x30 + value % 10)
-                value /= 10
-            }
-            n += digits
-            buffer[n] = 0x2E
-            n += 1
-            for shift in stride(from: 60, through: 0, by: -4) {
-                let digit = UInt8(truncatingIfNeeded: (channelHash >> UInt64(shift)) & 0xF)
-                buffer[n] = digit < 10 ? 0x30 + digit : 0x57 + digit
-                n += 1
-            }
-            out += String(decoding: UnsafeBufferPointer(rebasing: buffer[0..<n]), as: UTF8.self)
-        }
+    /// The longest cursor text: a sign, 19 digits, the dot, 16 hex digits.
+    static let maxTextBytes = 37
+
+    /// Writes `<seq>.<16 hex digits>` (the message JSON is built with it, once per message).
+    static func write(seq: Int64, channelHash: UInt64, to out: inout TextWriter) {
+        out.integer(seq)
+        out.byte(0x2E)
+        out.hex(channelHash)
     }
 
     public static func text(channel: ChannelName, seq: Int64) -> String {

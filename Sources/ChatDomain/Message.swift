@@ -1,4 +1,5 @@
 import Foundation
+import Wire
 
 /// A committed message. Its JSON (PROTOCOL.md §1) is built once, when the message is made, and shared by
 /// every transport and every subscriber.
@@ -29,28 +30,46 @@ public struct Message: Sendable, Equatable {
         self.sender = sender
         self.requestId = requestId
         self.body = body
-        var out = "{\"id\":\""
-        out.reserveCapacity(body.utf8.count + 220)
-        out += id
-        out += "\",\"channel\":\""
-        out += channel.rawValue
-        out += "\",\"seq\":"
-        out += String(seq)
-        out += ",\"cursor\":\""
-        Cursor.append(seq: seq, channelHash: channel.cursorHash, to: &out)
-        out += "\",\"created_at\":\""
-        out += Timestamp.iso8601(micros: createdAtMicros)
-        out += "\",\"sender\":"
-        JSONText.appendString(sender, to: &out)
-        out += ",\"request_id\":"
-        JSONText.appendOptionalString(requestId, to: &out)
-        out += ",\"body\":"
-        out += body
-        out += "}"
-        self.json = out
+        self.json = Self.json(id: id, channel: channel, seq: seq, createdAtMicros: createdAtMicros, sender: sender,
+                              requestId: requestId, body: body)
     }
 
     public var cursor: String { Cursor.text(channel: channel, seq: seq) }
+
+    /// The message's JSON, written in one pass into one allocation (built for every message committed and
+    /// every message read back). `sender` and `request_id` are escaped only when they need it.
+    static func json(id: String, channel: ChannelName, seq: Int64, createdAtMicros: Int64, sender: String, requestId: String?,
+                     body: String) -> String {
+        let quotedSender = WireText.needsEscape(sender) ? JSONText.quoted(sender) : nil
+        let quotedRequest = requestId.flatMap { WireText.needsEscape($0) ? JSONText.quoted($0) : nil }
+        let senderBytes = quotedSender?.utf8.count ?? sender.utf8.count + 2
+        let requestBytes = requestId.map { quotedRequest?.utf8.count ?? $0.utf8.count + 2 } ?? 4
+        let capacity = 120 + id.utf8.count + channel.rawValue.utf8.count + 2 * Cursor.maxTextBytes + Timestamp.iso8601Bytes
+            + senderBytes + requestBytes + body.utf8.count
+        return String(capacity: capacity) { out in
+            out.ascii("{\"id\":\"")
+            out.text(id)
+            out.ascii("\",\"channel\":\"")
+            out.text(channel.rawValue)
+            out.ascii("\",\"seq\":")
+            out.integer(seq)
+            out.ascii(",\"cursor\":\"")
+            Cursor.write(seq: seq, channelHash: channel.cursorHash, to: &out)
+            out.ascii("\",\"created_at\":\"")
+            Timestamp.writeISO8601(micros: createdAtMicros, to: &out)
+            out.ascii("\",\"sender\":")
+            if let quotedSender { out.text(quotedSender) } else { out.byte(0x22); out.text(sender); out.byte(0x22) }
+            out.ascii(",\"request_id\":")
+            if let requestId {
+                if let quotedRequest { out.text(quotedRequest) } else { out.byte(0x22); out.text(requestId); out.byte(0x22) }
+            } else {
+                out.ascii("null")
+            }
+            out.ascii(",\"body\":")
+            out.text(body)
+            out.byte(0x7D)
+        }
+    }
 
     public static func == (a: Message, b: Message) -> Bool { a.id == b.id && a.seq == b.seq && a.channel == b.channel }
 }
@@ -62,32 +81,32 @@ public enum Timestamp {
         return Int64(ts.tv_sec) * 1_000_000 + Int64(ts.tv_nsec) / 1_000
     }
 
-    /// `2026-11-21T22:30:00.123456Z` (written into one 27-byte string: every message built from the store
-    /// formats one).
+    /// Bytes of `iso8601(micros:)`.
+    static let iso8601Bytes = 27
+
+    /// `2026-11-21T22:30:00.123456Z`.
     public static func iso8601(micros: Int64) -> String {
+        String(capacity: iso8601Bytes) { writeISO8601(micros: micros, to: &$0) }
+    }
+
+    static func writeISO8601(micros: Int64, to out: inout TextWriter) {
         var seconds = time_t(micros / 1_000_000)
-        let fraction = Int(micros % 1_000_000)
         var parts = tm()
         gmtime_r(&seconds, &parts)
-        let fields: [(value: Int, width: Int, after: UInt8)] = [
-            (Int(parts.tm_year) + 1900, 4, UInt8(ascii: "-")), (Int(parts.tm_mon) + 1, 2, UInt8(ascii: "-")), (Int(parts.tm_mday), 2, UInt8(ascii: "T")),
-            (Int(parts.tm_hour), 2, UInt8(ascii: ":")), (Int(parts.tm_min), 2, UInt8(ascii: ":")), (Int(parts.tm_sec), 2, UInt8(ascii: ".")),
-            (fraction, 6, UInt8(ascii: "Z")),
-        ]
-        return String(unsafeUninitializedCapacity: 27) { buffer in
-            var at = 0
-            for field in fields {
-                var value = field.value
-                for index in stride(from: at + field.width - 1, through: at, by: -1) {
-                    buffer[index] = UInt8(ascii: "0") + UInt8(value % 10)
-                    value /= 10
-                }
-                at += field.width
-                buffer[at] = field.after
-                at += 1
-            }
-            return at
-        }
+        out.digits(Int(parts.tm_year) + 1900, width: 4)
+        out.byte(UInt8(ascii: "-"))
+        out.digits(Int(parts.tm_mon) + 1, width: 2)
+        out.byte(UInt8(ascii: "-"))
+        out.digits(Int(parts.tm_mday), width: 2)
+        out.byte(UInt8(ascii: "T"))
+        out.digits(Int(parts.tm_hour), width: 2)
+        out.byte(UInt8(ascii: ":"))
+        out.digits(Int(parts.tm_min), width: 2)
+        out.byte(UInt8(ascii: ":"))
+        out.digits(Int(parts.tm_sec), width: 2)
+        out.byte(UInt8(ascii: "."))
+        out.digits(Int(micros % 1_000_000), width: 6)
+        out.byte(UInt8(ascii: "Z"))
     }
 }
 

@@ -220,14 +220,14 @@ public enum WireText {
     /// Appends `value` as a JSON string literal, escaped as `JSONEncoder` does: `"` and `\`, control
     /// characters as `\b \f \n \r \t` or `\u00XX`, everything else (`/` included) as is. Canonical bodies
     /// are written with it, so it must stay exactly that.
+    /// Whether `value` has a byte that a JSON string literal must escape (a quote, a backslash, a control).
+    public static func needsEscape(_ value: String) -> Bool {
+        value.utf8.contains { $0 < 0x20 || $0 == 0x22 || $0 == 0x5C }
+    }
+
     public static func appendString(_ value: String, to out: inout String) {
         out.append("\"")
-        var needsEscape = false
-        for unit in value.utf8 where unit < 0x20 || unit == 0x22 || unit == 0x5C {
-            needsEscape = true
-            break
-        }
-        if !needsEscape {
+        if !needsEscape(value) {
             out.append(value)
         } else {
             for scalar in value.unicodeScalars {

@@ -64,6 +64,34 @@ struct CursorAndChannelTests {
         #expect((object["body"] as? [String: Any])?["a"] as? Int == 1)
     }
 
+    /// The one-pass writer against the message JSON written out field by field (Foundation's calendar for the
+    /// timestamp), on random senders, request ids (quotes, controls, non-ASCII), sequences and times.
+    @Test func messageJSONMatchesItsFieldsWrittenOneByOne() throws {
+        var random = SplitMix(seed: 3)
+        var calendar = Calendar(identifier: .gregorian)
+        calendar.timeZone = TimeZone(identifier: "UTC")!
+        let pieces = ["a", "é", "\"", "\\", "\n", "\u{01}", "\u{1F}", "水", "🙂", " ", "\u{7F}"]
+        func text() -> String { (0..<Int.random(in: 0...12, using: &random)).map { _ in pieces.randomElement(using: &random)! }.joined() }
+        for _ in 0..<2_000 {
+            let seq = Int64.random(in: 0...Int64.max, using: &random) >> Int64.random(in: 0...62, using: &random)
+            let micros = Int64.random(in: 0...4_102_444_800_000_000, using: &random)
+            let sender = text(), requestId: String? = Bool.random(using: &random) ? text() : nil
+            let body = "{\"k\":" + JSONText.quoted(text()) + "}"
+            let message = Message(id: UUIDv7.make(micros: micros), channel: alerts, seq: seq, createdAtMicros: micros, sender: sender,
+                                  requestId: requestId, body: body)
+            let parts = calendar.dateComponents([.year, .month, .day, .hour, .minute, .second], from: Date(timeIntervalSince1970: Double(micros / 1_000_000)))
+            let time = String(format: "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ", parts.year!, parts.month!, parts.day!, parts.hour!, parts.minute!,
+                              parts.second!, Int(micros % 1_000_000))
+            let cursor = "\(seq)." + String(format: "%016llx", alerts.cursorHash)
+            let expected = "{\"id\":\"\(message.id)\",\"channel\":\"\(alerts.rawValue)\",\"seq\":\(seq),\"cursor\":\"\(cursor)\",\"created_at\":\"\(time)\","
+                + "\"sender\":\(JSONText.quoted(sender)),\"request_id\":\(requestId.map(JSONText.quoted) ?? "null"),\"body\":\(body)}"
+            #expect(message.json == expected)
+            #expect(message.cursor == cursor && Timestamp.iso8601(micros: micros) == time)
+            let object = try #require(json(message.json) as [String: Any]?)
+            #expect(object["sender"] as? String == sender && (object["request_id"] as? String) == requestId)
+        }
+    }
+
     @Test func canonicalBodiesCompareEqualRegardlessOfKeyOrder() throws {
         let a = try JSONText.canonicalBody(JSONText.parseValue(Array("{\"b\":1,\"a\":[1,2]}".utf8)), limit: 100)
         let b = try JSONText.canonicalBody(JSONText.parseValue(Array("{ \"a\" : [1, 2], \"b\" : 1 }".utf8)), limit: 100)
