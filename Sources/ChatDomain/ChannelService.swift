@@ -139,14 +139,14 @@ public final class ChannelService: Sendable {
         let epoch = try await check(actor, action, name).epoch
         let (head, floor) = try await store.bounds(of: channel)
         switch start {
-        case .live: return StreamOpening(channel: channel, after: head, membershipEpoch: epoch)
+        case .live: return StreamOpening(channel: channel, after: head, head: head, membershipEpoch: epoch)
         case .history(let n):
             // The last n the channel still keeps (retention may keep fewer).
-            return StreamOpening(channel: channel, after: max(floor, head - Int64(n)), membershipEpoch: epoch)
+            return StreamOpening(channel: channel, after: max(floor, head - Int64(n)), head: head, membershipEpoch: epoch)
         case .since:
             let after = try position(of: cursor, in: channel, head: head)
             guard after >= floor else { throw Retention.expired(channel, after: after, floor: floor) }
-            return StreamOpening(channel: channel, after: after, membershipEpoch: epoch)
+            return StreamOpening(channel: channel, after: after, head: head, membershipEpoch: epoch)
         }
     }
 
@@ -154,6 +154,9 @@ public final class ChannelService: Sendable {
         public let channel: ChannelName
         /// The position the stream continues after.
         public let after: Int64
+        /// The channel's newest message when the stream opened (read after the caller registered for live
+        /// messages: with `after == head`, everything later reaches it live).
+        public let head: Int64
         /// The thread's membership epoch when the permission was read; nil when no removal ends the stream.
         public let membershipEpoch: Int64?
     }

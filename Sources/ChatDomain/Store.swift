@@ -38,6 +38,11 @@ public struct Page: Sendable {
     /// More messages exist past the page in the direction read (after it for `after`, before it for
     /// `before` and `latest`).
     public let hasMore: Bool
+
+    public init(messages: [Message], hasMore: Bool) {
+        self.messages = messages
+        self.hasMore = hasMore
+    }
 }
 
 /// The durable, ordered store of messages. Order is decided here, once: `seq` is gapless per channel and

@@ -106,7 +106,7 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
         subscription.register()
     }
 
-    func begin(_ channel: ChannelName, after: Int64, membershipEpoch: Int64?) {
+    func begin(_ channel: ChannelName, after: Int64, head: Int64?, membershipEpoch: Int64?) {
         subscription?.begin(after: after, membershipEpoch: membershipEpoch, check: membershipEpoch == nil ? nil : driver.membershipCheck(channel))
     }
     func cancel(_ channel: ChannelName) {

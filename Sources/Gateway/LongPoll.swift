@@ -7,8 +7,10 @@ import Wire
 
 /// `GET /v1/channels/{channel}/poll`, a thin transport of a `ClientSession` with one read: answers at once
 /// when messages after `since` exist, otherwise waits (registered with the Hub) until one is committed, the
-/// timeout passes, or the token expires. The answer is always read from the store, so it is the same on
-/// every instance; polls waiting at the same position share one read (`SharedPageReads`).
+/// timeout passes, or the token expires. A poll that finds messages answers with a store read, so it is the
+/// same on every instance; polls waiting at the same position share one read (`SharedPageReads`). A waiting
+/// poll woken by the Hub with the very next messages answers with those (the same ones, committed, in order)
+/// without reading, and a poll at the channel's head does not read before it waits.
 final class LongPoll: HubSubscriber, SessionTransport, ConnectionBoundStream, @unchecked Sendable {  // state only touched on `eventLoop`
     struct Parameters: Sendable {
         let start: ChannelService.StreamStart
@@ -67,11 +69,14 @@ final class LongPoll: HubSubscriber, SessionTransport, ConnectionBoundStream, @u
         app.hub.subscribe(channel, self)
     }
 
-    func begin(_ channel: ChannelName, after: Int64, membershipEpoch: Int64?) {
+    func begin(_ channel: ChannelName, after: Int64, head: Int64?, membershipEpoch: Int64?) {
         guard !finished else { return }
         self.after = after
         waiting = true
         timer = eventLoop.scheduleTask(in: parameters.timeout) { [weak self] in self?.answerEmpty() }
+        // Nothing after `since` when the opening read the channel's head, which it did after this poll registered
+        // with the Hub: whatever comes later reaches the poll from the Hub. No read needed.
+        if head == after { return }
         // Polls arriving together at one position (each answer sends its poller back at once) share a read.
         read(joiningReadsFrom: registeredAt)
     }
@@ -99,7 +104,37 @@ final class LongPoll: HubSubscriber, SessionTransport, ConnectionBoundStream, @u
 
     // MARK: HubSubscriber
 
-    func hubDelivered(_ batch: EncodedBatch) { somethingArrived() }
+    /// The Hub hands over committed messages in `seq` order without gaps: when they continue right after
+    /// `after`, they are the answer (the same messages a store read would find), and no read is needed.
+    func hubDelivered(_ batch: EncodedBatch) {
+        guard !finished, waiting, !reading, let channel else { return somethingArrived() }
+        var messages: [Message] = []
+        var hasMore = false
+        for encoded in batch.messages where encoded.seq > after {
+            guard encoded.seq == after + 1 + Int64(messages.count) else { return somethingArrived() }  // not next: the store knows
+            if messages.count == parameters.limit {
+                hasMore = true
+                break
+            }
+            messages.append(encoded.message)
+        }
+        guard !messages.isEmpty else { return }  // nothing after this poll's position
+        let page = Page(messages: messages, hasMore: hasMore)
+        guard case .thread = channel.kind else { return answer(.success(page)) }
+        // A thread's membership again (a removal the bus lost), as after a read.
+        reading = true
+        let (app, actor) = (self.app, driver.actor)
+        Task {
+            let result: Result<Page, ApiError>
+            do throws(ApiError) {
+                _ = try await app.channels.authorize(actor, .read, channel.rawValue)
+                result = .success(page)
+            } catch {
+                result = .failure(error)
+            }
+            self.eventLoop.execute { self.answer(result) }
+        }
+    }
 
     func hubSynced(upTo seq: Int64) {
         if seq > after { somethingArrived() }

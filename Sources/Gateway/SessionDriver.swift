@@ -13,8 +13,8 @@ protocol SessionTransport: AnyObject {
     func fail(_ id: CommandID?, _ error: ApiError)
     /// Register a subscription (so nothing is missed), not yet delivering.
     func register(_ channel: ChannelName)
-    /// `membershipEpoch`: see `ChannelService.StreamOpening`.
-    func begin(_ channel: ChannelName, after: Int64, membershipEpoch: Int64?)
+    /// `membershipEpoch`, `head`: see `ChannelService.StreamOpening` (`head` nil when not known).
+    func begin(_ channel: ChannelName, after: Int64, head: Int64?, membershipEpoch: Int64?)
     func cancel(_ channel: ChannelName)
     func end(_ channel: ChannelName, after: Int64)
     func close(_ reason: ClientSession.Close)
@@ -44,6 +44,8 @@ final class SessionDriver: LiveStream, PresenceWatcher, LoopTimerOwner, @uncheck
     private var released = false
     /// Channels this session counts in the presence list of (WebSocket and SSE subscriptions).
     private var present = SmallMap<ChannelName, Void>()
+    /// Each opening channel's head as its opening read it, until the stream begins.
+    private var openedHeads = SmallMap<ChannelName, Int64>()
 
     init(app: GatewayApp, actor: Actor, kind: Kind, eventLoop: any EventLoop, log: RequestLog, transport: any SessionTransport) {
         self.app = app
@@ -124,10 +126,11 @@ final class SessionDriver: LiveStream, PresenceWatcher, LoopTimerOwner, @uncheck
             transport?.register(channel)
             let (app, actor) = (self.app, session.actor)
             later({ () async throws(ApiError) in try await app.channels.open(actor, permission, channel.rawValue, from: start) }) {
+                if let opening = try? $1.get() { $0.openedHeads[channel] = opening.head }
                 $0.run($0.session.opened(channel, $1.map(\.after), membershipEpoch: try? $1.get().membershipEpoch))
             }
         case .begin(let channel, let after, let epoch):
-            transport?.begin(channel, after: after, membershipEpoch: epoch)
+            transport?.begin(channel, after: after, head: openedHeads.removeValue(forKey: channel), membershipEpoch: epoch)
             if kind != .longPoll, present[channel] == nil {
                 present[channel] = ()
                 app.presence.join(channel, user: session.actor.sub)

@@ -63,7 +63,7 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, SessionTran
         subscription.register()
     }
 
-    func begin(_ channel: ChannelName, after: Int64, membershipEpoch: Int64?) {
+    func begin(_ channel: ChannelName, after: Int64, head: Int64?, membershipEpoch: Int64?) {
         subscriptions[channel]?.begin(after: after, membershipEpoch: membershipEpoch, check: membershipEpoch == nil ? nil : driver.membershipCheck(channel))
     }
     func cancel(_ channel: ChannelName) { subscriptions.removeValue(forKey: channel)?.cancel() }
