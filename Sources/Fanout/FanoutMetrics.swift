@@ -14,6 +14,8 @@ public struct FanoutMetrics: Sendable {
     public var channels: Meter
     /// Gaps in `seq` seen on live messages, each repaired from the store before anything later went out.
     public var gapRepairs: CoreMetrics.Counter
+    /// Store reads of subscriptions catching up (a subscribe at the channel's head reads nothing).
+    public var catchUpReads: CoreMetrics.Counter
     /// Batched head reads: polling while the bus is down, and the periodic reconcile.
     public var pollHeadChecks: CoreMetrics.Counter
     public var reconcileHeadChecks: CoreMetrics.Counter
@@ -42,7 +44,8 @@ public struct FanoutMetrics: Sendable {
                 reconcileRepairs: CoreMetrics.Counter, polling: Recorder, batches: CoreMetrics.Counter, batchedMessages: CoreMetrics.Counter,
                 busUp: Recorder, busConnects: CoreMetrics.Counter, busDisconnects: CoreMetrics.Counter, busStalls: CoreMetrics.Counter,
                 busDroppedPublishes: CoreMetrics.Counter, busSealFailures: CoreMetrics.Counter,
-                canariesSent: CoreMetrics.Counter, canariesReceived: CoreMetrics.Counter, canaryAge: Recorder) {
+                canariesSent: CoreMetrics.Counter, canariesReceived: CoreMetrics.Counter, canaryAge: Recorder, catchUpReads: CoreMetrics.Counter) {
+        self.catchUpReads = catchUpReads
         self.canariesSent = canariesSent
         self.canariesReceived = canariesReceived
         self.canaryAge = canaryAge
@@ -76,6 +79,6 @@ public struct FanoutMetrics: Sendable {
                              subscriptions: meter(), channels: meter(), gapRepairs: counter(), pollHeadChecks: counter(), reconcileHeadChecks: counter(),
                              reconcileRepairs: counter(), polling: gauge(), batches: counter(), batchedMessages: counter(), busUp: gauge(),
                              busConnects: counter(), busDisconnects: counter(), busStalls: counter(), busDroppedPublishes: counter(), busSealFailures: counter(),
-                             canariesSent: counter(), canariesReceived: counter(), canaryAge: gauge())
+                             canariesSent: counter(), canariesReceived: counter(), canaryAge: gauge(), catchUpReads: counter())
     }
 }

@@ -69,10 +69,17 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
     /// Step 2, once the start position is known (and the client told): catch up after it, then go live.
     /// A member's stream of a thread passes the membership epoch its permission was read at, and how to ask
     /// the store for a removal at a later one.
-    public func begin(after position: Int64, membershipEpoch: Int64? = nil, check: MembershipCheck? = nil) {
+    /// `head`: the channel's newest message as read after this subscription registered with the Hub (nil when
+    /// not known). With nothing after `position` then, the catch-up read would find nothing the Hub does not
+    /// deliver: it is skipped, as if it had come back empty (a live subscribe costs no store read).
+    public func begin(after position: Int64, head: Int64? = nil, membershipEpoch: Int64? = nil, check: MembershipCheck? = nil) {
         eventLoop.preconditionInEventLoop()
         membershipCheck = check
-        perform(machine.begin(after: position, membershipEpoch: check == nil ? nil : membershipEpoch))
+        var actions = machine.begin(after: position, membershipEpoch: check == nil ? nil : membershipEpoch)
+        guard head == position, actions.read == position else { return perform(actions) }
+        actions.read = nil
+        perform(actions)
+        perform(machine.readCompleted([], hasMore: false))
     }
 
     /// Delivers every message up to `seq` (reading the store for any the bus lost), none after it, then
@@ -208,6 +215,7 @@ public final class Subscription: HubSubscriber, @unchecked Sendable {  // mutabl
         let format = self.format.map { Set([$0]) } ?? []
         let encoder = hub.encoder
         let limit = pageLimit
+        hub.metrics.catchUpReads.increment()
         Task {
             let result: Result<Page, ApiError>
             do throws(ApiError) {

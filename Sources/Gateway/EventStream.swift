@@ -107,7 +107,7 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
     }
 
     func begin(_ channel: ChannelName, after: Int64, head: Int64?, membershipEpoch: Int64?) {
-        subscription?.begin(after: after, membershipEpoch: membershipEpoch, check: membershipEpoch == nil ? nil : driver.membershipCheck(channel))
+        subscription?.begin(after: after, head: head, membershipEpoch: membershipEpoch, check: membershipEpoch == nil ? nil : driver.membershipCheck(channel))
     }
     func cancel(_ channel: ChannelName) {
         subscription?.cancel()

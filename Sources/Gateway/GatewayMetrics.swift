@@ -136,7 +136,8 @@ final class GatewayMetrics: Sendable {
             busSealFailures: counter("gateway_bus_seal_failures_total", "Bus payloads dropped because their MAC (cluster key) did not verify."),
             canariesSent: counter("gateway_canaries_total", "Readiness canaries published to the bus, and come back.", [("direction", "sent")]),
             canariesReceived: counter("gateway_canaries_total", "Readiness canaries published to the bus, and come back.", [("direction", "received")]),
-            canaryAge: gauge("gateway_canary_age_seconds", "Since the newest readiness canary came back over the bus (-1: none yet), at the last send."))
+            canaryAge: gauge("gateway_canary_age_seconds", "Since the newest readiness canary came back over the bus (-1: none yet), at the last send."),
+            catchUpReads: counter("gateway_catch_up_reads_total", "Store reads of WebSocket and SSE subscriptions catching up (pages); a subscribe at the channel's head reads none."))
     }
 
     func count(_ event: Event, _ n: Int = 1) { events[event.rawValue].increment(by: n) }

@@ -64,7 +64,7 @@ final class WebSocketSession: WebSocketConnection, SubscriptionSink, SessionTran
     }
 
     func begin(_ channel: ChannelName, after: Int64, head: Int64?, membershipEpoch: Int64?) {
-        subscriptions[channel]?.begin(after: after, membershipEpoch: membershipEpoch, check: membershipEpoch == nil ? nil : driver.membershipCheck(channel))
+        subscriptions[channel]?.begin(after: after, head: head, membershipEpoch: membershipEpoch, check: membershipEpoch == nil ? nil : driver.membershipCheck(channel))
     }
     func cancel(_ channel: ChannelName) { subscriptions.removeValue(forKey: channel)?.cancel() }
     func end(_ channel: ChannelName, after: Int64) { subscriptions[channel]?.end(after: after) }
