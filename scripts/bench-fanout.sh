@@ -9,12 +9,13 @@
 #   BIN, LOADTEST: paths of the release binaries.
 #   FANOUT_CASES: "transport:subscribers:rate ..." (transport ws, sse or poll; default below; empty skips them).  FANOUT_SECONDS: publishing seconds per
 #   case (default 10).  FANOUT_IDLE: idle WebSocket connection counts for the memory figures (default
-#   "10000 19000"; one client process holds at most ~19,900).  BENCH: the bench binary (stores the catch-up
+#   "10000 19000"; one client process holds at most ~19,900).  FANOUT_IDLE_SSE: the same for idle SSE streams (default "10000").  BENCH: the bench binary (stores the catch-up
 #   backlog); FANOUT_CATCHUP: messages for the catch-up figure (default 100000; 0 skips it).
 set -euo pipefail
 BIN=${BIN:?gateway binary}; LOADTEST=${LOADTEST:?loadtest binary}; BENCH=${BENCH:-}
 CASES=${FANOUT_CASES-"ws:1000:100 ws:5000:20 sse:1000:100 poll:200:20"}
 IDLE=${FANOUT_IDLE-"10000 19000"}
+IDLE_SSE=${FANOUT_IDLE_SSE-"10000"}
 SECONDS_EACH=${FANOUT_SECONDS:-10}
 "$(dirname "$0")/ensure-packages.sh" nginx-light libnginx-mod-nchan redis-server curl
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -88,7 +89,7 @@ run() {  # prints the human line, returns the RESULT line in $OUT
   return 0
 }
 
-echo "== resident memory per idle subscribed WebSocket (fresh server processes for each count) =="
+echo "== resident memory per idle subscribed WebSocket, then per idle SSE stream (fresh server processes for each count) =="
 for n in $IDLE; do
   start_gateway 0
   run --target gateway --server "http://127.0.0.1:$GW_PORT" --pids "$GW_PID" --subscribers "$n" --idle; gi=$(field "$OUT" rss_bytes_per_connection)
@@ -98,6 +99,18 @@ for n in $IDLE; do
   stop_nchan
   [ -n "$gi" ] && [ -n "$ni" ] && awk -v g="$gi" -v n="$ni" -v c="$n" 'BEGIN {
     printf "   %d connections: gateway %d bytes, Nchan (nginx workers) %d bytes per connection: ratio %.2f (target: gateway <= 6000)\n", c, g, n, (n > 0 ? g / n : 0) }'
+done
+
+# The same for idle SSE streams (no target; the issue asks for the figure).
+for n in $IDLE_SSE; do
+  start_gateway 0
+  run --target gateway --server "http://127.0.0.1:$GW_PORT" --pids "$GW_PID" --transport sse --subscribers "$n" --idle; gi=$(field "$OUT" rss_bytes_per_connection)
+  kill -TERM "$GW_PID"; wait "$GW_PID" 2>/dev/null || true
+  start_nchan
+  run --target nchan "${NCHAN_SERVERS[@]}" --pids "$NGINX_WORKERS" --transport sse --subscribers "$n" --idle; ni=$(field "$OUT" rss_bytes_per_connection)
+  stop_nchan
+  [ -n "$gi" ] && [ -n "$ni" ] && awk -v g="$gi" -v n="$ni" -v c="$n" 'BEGIN {
+    printf "   %d SSE streams: gateway %d bytes, Nchan (nginx workers) %d bytes per stream: ratio %.2f\n", c, g, n, (n > 0 ? g / n : 0) }'
 done
 
 # The fan-out runs: gateways (embedded, one process each, the caps meant for the Internet off: one client

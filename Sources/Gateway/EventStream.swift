@@ -32,8 +32,8 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
     private let chunks: ChannelHandlerContext
     private var requestId: String { driver.log.requestId }
     private var driver: SessionDriver!
-    /// Answers the request when the stream is refused before it opened.
-    private let refuse: (ApiError) -> Void
+    /// Answers the request when the stream is refused before it opened (let go once it opened: it holds the request).
+    private var refuse: ((ApiError) -> Void)?
     private var subscription: Subscription?
     private var opened = false
     /// The next keepalive comment in the loop's timer wheel.
@@ -67,6 +67,10 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
         if case .unsubscribed = reply { return end() }
         guard case .subscribed(_, _, let cursor) = reply, !opened, !ended else { return }
         opened = true
+        refuse = nil
+        // The request is over: its idle timer (re-armed every few seconds per connection) has nothing left to watch.
+        let pipeline = context.pipeline.syncOperations
+        if let idle = try? pipeline.handler(type: IdleStateHandler.self) { _ = pipeline.removeHandler(idle) }
         driver.log.answered(.ok, route: "/v1/channels/{channel}/events")
         var headers = HTTPHeaders()
         headers.add(name: "Content-Type", value: "text/event-stream")
@@ -96,7 +100,7 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
             return end()
         }
         stop()
-        refuse(error)
+        refuse?(error)
     }
 
     func register(_ channel: ChannelName) {
