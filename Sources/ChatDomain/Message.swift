@@ -114,18 +114,30 @@ public enum Timestamp {
 public enum UUIDv7 {
     public static func make(micros: Int64 = Timestamp.nowMicros()) -> String {
         var rng = SystemRandomNumberGenerator()
-        let millis = UInt64(micros / 1000)
-        var bytes = [UInt8](repeating: 0, count: 16)
-        for i in 0..<6 { bytes[i] = UInt8(truncatingIfNeeded: millis >> (8 * (5 - UInt64(i)))) }
-        let r1 = rng.next() as UInt64
-        let r2 = rng.next() as UInt64
-        for i in 6..<16 { bytes[i] = UInt8(truncatingIfNeeded: (i < 14 ? r1 >> (8 * UInt64(i - 6)) : r2 >> (8 * UInt64(i - 14)))) }
-        bytes[6] = (bytes[6] & 0x0F) | 0x70
-        bytes[8] = (bytes[8] & 0x3F) | 0x80
-        let hex = bytes.map { b -> String in
-            let s = String(b, radix: 16)
-            return b < 16 ? "0" + s : s
+        let high = UInt64(micros / 1000) << 16 | 0x7000 | ((rng.next() as UInt64) & 0x0FFF)
+        let low = ((rng.next() as UInt64) & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000
+        return UUIDText.format(high: high, low: low)
+    }
+}
+
+/// The 36-character lowercase text of a UUID's 128 bits (8-4-4-4-12 hex digits).
+public enum UUIDText {
+    public static func format(high: UInt64, low: UInt64) -> String {
+        String(capacity: 36) { out in
+            for (index, nibble) in (0..<32).enumerated() {
+                if index == 8 || index == 12 || index == 16 || index == 20 { out.byte(0x2D) }
+                let word = nibble < 16 ? high : low
+                let digit = UInt8(truncatingIfNeeded: (word >> UInt64(60 - 4 * (nibble % 16))) & 0xF)
+                out.byte(digit < 10 ? 0x30 + digit : 0x57 + digit)
+            }
         }
-        return hex[0..<4].joined() + "-" + hex[4..<6].joined() + "-" + hex[6..<8].joined() + "-" + hex[8..<10].joined() + "-" + hex[10..<16].joined()
+    }
+
+    /// A random (version 4) UUID.
+    public static func random() -> String {
+        var rng = SystemRandomNumberGenerator()
+        let high = ((rng.next() as UInt64) & 0xFFFF_FFFF_FFFF_0FFF) | 0x4000
+        let low = ((rng.next() as UInt64) & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000
+        return format(high: high, low: low)
     }
 }

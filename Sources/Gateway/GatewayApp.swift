@@ -93,7 +93,7 @@ public final class GatewayApp: Sendable {
         }
     }
 
-    static func newRequestId() -> String { UUID().uuidString.lowercased() }
+    static func newRequestId() -> String { UUIDText.random() }
 
     /// A client's `X-Request-Id` if it is reasonable (printable ASCII, ≤ 128 bytes), else a new one.
     static func requestId(from header: String?) -> String {

@@ -26,26 +26,7 @@ struct HTTPRequest: Sendable {
         let receivedAt = NIODeadline.now()
         self.method = head.method
         let uri = head.uri
-        let pathPart: Substring
-        let queryPart: Substring?
-        if let q = uri.firstIndex(of: "?") {
-            pathPart = uri[..<q]
-            queryPart = uri[uri.index(after: q)...]
-        } else {
-            pathPart = Substring(uri)
-            queryPart = nil
-        }
-        self.path = pathPart.split(separator: "/", omittingEmptySubsequences: true).map {
-            PercentDecoding.decode($0, plusAsSpace: false) ?? String($0)
-        }
-        var query: [String: String] = [:]
-        for pair in queryPart?.split(separator: "&") ?? [] {
-            let kv = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
-            let key = PercentDecoding.decode(kv[0], plusAsSpace: true) ?? String(kv[0])
-            let value = kv.count > 1 ? (PercentDecoding.decode(kv[1], plusAsSpace: true) ?? String(kv[1])) : ""
-            if query[key] == nil { query[key] = value }
-        }
-        self.query = query
+        (self.path, self.query) = Self.target(uri)
         self.headers = head.headers
         self.body = body
         self.keepAlive = head.isKeepAlive
@@ -53,6 +34,39 @@ struct HTTPRequest: Sendable {
                               target: RequestLog.masked(uri), receivedAt: receivedAt, base: app.logger,
                               traceparent: RequestLog.traceparent(head.headers.first(name: "traceparent")))
         self.allowOrigin = app.config.corsOrigin(for: head.headers.first(name: "origin"))
+    }
+
+    /// The request target's path segments and query parameters, percent-decoded (`+` is a space in the query;
+    /// the first of a repeated name wins; text that does not decode to UTF-8 is kept as it came).
+    static func target(_ uri: String) -> (path: [String], query: [String: String]) {
+        // Split on bytes ('?', '/', '&', '=' are ASCII, so every cut is a character boundary): the request
+        // target is read for every request, and `Character`-level searching and splitting cost more than the rest.
+        let pathPart: Substring
+        let queryPart: Substring?
+        if let q = uri.utf8.firstIndex(of: UInt8(ascii: "?")) {
+            pathPart = uri[..<q]
+            queryPart = uri[uri.utf8.index(after: q)...]
+        } else {
+            pathPart = Substring(uri)
+            queryPart = nil
+        }
+        let path = pathPart.utf8.split(separator: UInt8(ascii: "/"), omittingEmptySubsequences: true).map {
+            let segment = Substring($0)
+            return PercentDecoding.decode(segment, plusAsSpace: false) ?? String(segment)
+        }
+        var query: [String: String] = [:]
+        for pair in queryPart?.utf8.split(separator: UInt8(ascii: "&")) ?? [] {
+            let equals = pair.firstIndex(of: UInt8(ascii: "="))
+            let name = Substring(pair[..<(equals ?? pair.endIndex)])
+            let key = PercentDecoding.decode(name, plusAsSpace: true) ?? String(name)
+            var value = ""
+            if let equals {
+                let text = Substring(pair[pair.index(after: equals)...])
+                value = PercentDecoding.decode(text, plusAsSpace: true) ?? String(text)
+            }
+            if query[key] == nil { query[key] = value }
+        }
+        return (path, query)
     }
 
     /// The CORS headers of an answer to this request (none unless its origin is allowed by name or by `*`).
@@ -138,8 +152,8 @@ struct RequestLog: Sendable {
     static func masked(_ uri: String) -> String {
         var out = uri
         // Most targets name no token: nothing to look at unless the query has the name or an escape.
-        if let q = uri.firstIndex(of: "?"),
-           uri.utf8[q...].contains(where: { $0 == UInt8(ascii: "%") || $0 == UInt8(ascii: "+") }) || uri[q...].contains("access_token") {
+        if let q = uri.utf8.firstIndex(of: UInt8(ascii: "?")),
+           uri.utf8[q...].contains(where: { $0 == UInt8(ascii: "%") || $0 == UInt8(ascii: "+") }) || uri.utf8[q...].containsBytes(of: "access_token") {
             let pairs = uri[uri.index(after: q)...].split(separator: "&", omittingEmptySubsequences: false).map { pair -> String in
                 let name = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)[0]
                 let decoded = PercentDecoding.decode(name, plusAsSpace: true) ?? String(name)
@@ -180,5 +194,20 @@ struct HTTPResponse: Sendable {
         if let retry = error.retryAfter { headers.append(("Retry-After", String(retry))) }
         if error.code == .upgradeRequired { headers.append(("Sec-WebSocket-Version", "13")) }
         return HTTPResponse(status: HTTPResponseStatus(statusCode: error.status), headers: headers, body: error.envelopeJSON(requestId: requestId))
+    }
+}
+
+extension Collection where Element == UInt8 {
+    /// Whether the UTF-8 of `text` occurs in these bytes.
+    func containsBytes(of text: StaticString) -> Bool {
+        text.withUTF8Buffer { needle in
+            guard let first = needle.first, count >= needle.count else { return needle.isEmpty }
+            var start = startIndex
+            while let found = self[start...].firstIndex(of: first) {
+                if self[found...].starts(with: needle) { return true }
+                start = index(after: found)
+            }
+            return false
+        }
     }
 }

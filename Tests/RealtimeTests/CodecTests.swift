@@ -48,6 +48,28 @@ struct CursorAndChannelTests {
         #expect("89ab".contains(chars[19]))
     }
 
+    /// UUIDs as Foundation reads them: v7 carries its millisecond time in the first 48 bits, v4 (request ids)
+    /// is random; both lowercase 8-4-4-4-12 with the RFC 9562 variant.
+    @Test func uuidTextIsWhatFoundationReads() throws {
+        var seen = Set<String>()
+        for micros: Int64 in [0, 1_795_302_600_123_456, 281_474_976_710_655_999] {
+            let id = UUIDv7.make(micros: micros)
+            let uuid = try #require(UUID(uuidString: id))
+            #expect(uuid.uuidString.lowercased() == id)
+            let bytes = withUnsafeBytes(of: uuid.uuid) { Array($0) }
+            #expect(bytes[0..<6].reduce(0) { $0 << 8 | Int64($1) } == micros / 1000)
+            #expect(bytes[6] >> 4 == 7 && bytes[8] >> 6 == 2)
+        }
+        for _ in 0..<100 {
+            let id = UUIDText.random()
+            let uuid = try #require(UUID(uuidString: id))
+            let bytes = withUnsafeBytes(of: uuid.uuid) { Array($0) }
+            #expect(uuid.uuidString.lowercased() == id && bytes[6] >> 4 == 4 && bytes[8] >> 6 == 2)
+            seen.insert(id)
+        }
+        #expect(seen.count == 100)
+    }
+
     @Test func timestampsHaveMicroseconds() {
         #expect(Timestamp.iso8601(micros: 1_795_302_600_123_456) == "2026-11-21T23:10:00.123456Z")
         #expect(Timestamp.iso8601(micros: 0) == "1970-01-01T00:00:00.000000Z")
@@ -226,6 +248,35 @@ struct PercentDecodingTests {
         }
         #expect(PercentDecoding.decode("%ff", plusAsSpace: false) == nil && PercentDecoding.decode("a%c3", plusAsSpace: true) == nil)
         #expect(Substring("  Bearer x \t").trimmingSpaces == "Bearer x" && Substring(" \t ").trimmingSpaces.isEmpty)
+    }
+}
+
+/// The request target split on its bytes, against the same rules written with `Character` splitting (the
+/// implementation before), on random targets.
+struct RequestTargetTests {
+    static func reference(_ uri: String) -> (path: [String], query: [String: String]) {
+        let parts = uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
+        let path = parts[0].split(separator: "/").map { PercentDecoding.decode($0, plusAsSpace: false) ?? String($0) }
+        var query: [String: String] = [:]
+        for pair in parts.count > 1 ? parts[1].split(separator: "&") : [] {
+            let kv = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            let key = PercentDecoding.decode(kv[0], plusAsSpace: true) ?? String(kv[0])
+            let value = kv.count > 1 ? (PercentDecoding.decode(kv[1], plusAsSpace: true) ?? String(kv[1])) : ""
+            if query[key] == nil { query[key] = value }
+        }
+        return (path, query)
+    }
+
+    @Test func targetsSplitAsTheCharacterRulesSplitThem() {
+        var rng = SplitMix(seed: 9)
+        let alphabet = Array("/?&=ab+%2F0é水.~-")
+        var inputs = ["", "/", "/v1/ws", "/v1/channels/topic:a/poll?since=3.ab&timeout=25&limit=100", "/a//b/?x=1&x=2&y&=z&w==v", "?", "/p?a=%2F&b=%E2%82%AC"]
+        for _ in 0..<5000 { inputs.append(String((0..<Int(rng.next() % 24)).map { _ in alphabet[Int(rng.next() % UInt64(alphabet.count))] })) }
+        for uri in inputs {
+            let (path, query) = HTTPRequest.target(uri)
+            let expected = Self.reference(uri)
+            #expect(path == expected.path && query == expected.query, "\(uri)")
+        }
     }
 }
 
