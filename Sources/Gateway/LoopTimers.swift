@@ -75,7 +75,9 @@ final class LoopTimers {
 
     private func startTicking() {
         guard ticking == nil else { return }
-        advance(to: .now())  // the wheel's clock is the tick at its creation until it ticks: bring it to now
+        // The wheel's clock is the tick at its creation until it ticks: bring it to now (with nothing in it, so
+        // nothing fires from inside a `schedule`).
+        if wheel.count == 0 { advance(to: .now()) }
         // Holds this object until `stop()` (or the loop's end).
         ticking = eventLoop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { _ in
             self.advance(to: .now())

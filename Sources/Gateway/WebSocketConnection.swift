@@ -9,8 +9,8 @@ import NIOWebSocket
 /// ready-made bytes, and a broadcast frame encoded once is written to every connection as is. Subclasses
 /// handle complete messages.
 ///
-/// NIO's frame decoder and encoder handlers are taken out at the upgrade (`removeNIOFrameHandlers`): this
-/// handler reads and writes bytes itself, and an idle connection holds no decoder buffer or handler.
+/// NIO's frame decoder and encoder handlers are never added (`WebSocketUpgrader`): this handler reads and
+/// writes bytes itself, and an idle connection holds no decoder buffer or handler.
 class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler, LoopTimerOwner {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
