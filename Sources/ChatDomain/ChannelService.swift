@@ -35,6 +35,12 @@ public final class ChannelService: Sendable {
         max(1, min(left, 100, bytesLeft / max(1, average ?? bodyLimit)))
     }
 
+    /// Whether a page of `count` messages holding `bytes` of JSON takes one more of `size` bytes: at most `limit`
+    /// messages and about `pageBytes`, always at least one.
+    public func pageTakes(count: Int, bytes: Int, size: Int, limit: Int) -> Bool {
+        count == 0 || (bytes + size <= pageBytes && count < limit)
+    }
+
     /// Messages after `after`, ascending: at most `limit` and about `pageBytes` (read from the store in
     /// pieces, so the read itself stays within the byte cap too).
     public func page(in channel: ChannelName, after: Int64, limit: Int) async throws(ApiError) -> Page {
@@ -46,7 +52,7 @@ public final class ChannelService: Sendable {
                                                 limit: chunk(left: limit - out.count, bytesLeft: pageBytes - bytes, average: out.isEmpty ? nil : bytes / out.count))
             for message in page.messages {
                 let size = message.json.utf8.count
-                if !out.isEmpty && (bytes + size > pageBytes || out.count == limit) { return Page(messages: out, hasMore: true) }
+                if !pageTakes(count: out.count, bytes: bytes, size: size, limit: limit) { return Page(messages: out, hasMore: true) }
                 out.append(message)
                 bytes += size
             }

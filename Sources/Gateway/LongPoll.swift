@@ -109,14 +109,18 @@ final class LongPoll: HubSubscriber, SessionTransport, ConnectionBoundStream, @u
     func hubDelivered(_ batch: EncodedBatch) {
         guard !finished, waiting, !reading, let channel else { return somethingArrived() }
         var messages: [Message] = []
+        var bytes = 0
         var hasMore = false
         for encoded in batch.messages where encoded.seq > after {
             guard encoded.seq == after + 1 + Int64(messages.count) else { return somethingArrived() }  // not next: the store knows
-            if messages.count == parameters.limit {
+            let size = encoded.message.json.utf8.count
+            // The page rule of a store read: `limit` messages, about `GATEWAY_PAGE_BYTES`.
+            guard app.channels.pageTakes(count: messages.count, bytes: bytes, size: size, limit: parameters.limit) else {
                 hasMore = true
                 break
             }
             messages.append(encoded.message)
+            bytes += size
         }
         guard !messages.isEmpty else { return }  // nothing after this poll's position
         let page = Page(messages: messages, hasMore: hasMore)

@@ -138,6 +138,7 @@ final class SessionDriver: LiveStream, PresenceWatcher, LoopTimerOwner, @uncheck
             }
         case .cancel(let channel):
             transport?.cancel(channel)
+            _ = openedHeads.removeValue(forKey: channel)  // opened, then cancelled before it began
             if present.removeValue(forKey: channel) != nil {
                 app.presence.leave(channel, user: session.actor.sub)
                 app.presence.unwatch(channel, self)
