@@ -33,7 +33,7 @@ extension PostgresStore {
         let client = self.client
         let logger = self.logger
         do {
-            return try await Self.bounded(Self.commitDeadline) { try await body(client, logger) }
+            return try await withDeadline(Self.commitDeadline) { try await body(client, logger) }
         } catch {
             logger.error("store request failed", metadata: ["error": "\(String(reflecting: error))"])
             throw ApiError(.storeUnavailable, "the store did not answer")

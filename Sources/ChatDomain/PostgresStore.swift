@@ -154,31 +154,18 @@ public final class PostgresStore: Store {
     /// The SQLSTATE `gateway_append` raises when another instance took one of the batch's request ids while
     /// it ran: the whole batch rolled back, and runs again (the key is then a replay).
     static let keyTakenState = "GW409"
-    struct Deadline: Error {}
 
     /// How long an operation may wait, mostly for a connection: postgres-nio's pool keeps a lease request
     /// waiting while the server is down, and a publisher must hear 503 instead.
     static let commitDeadline = Duration.seconds(5)
     static let readDeadline = Duration.seconds(5)
 
-    static func bounded<T: Sendable>(_ deadline: Duration, _ operation: @escaping @Sendable () async throws -> T) async throws -> T {
-        try await withThrowingTaskGroup(of: T.self) { group in
-            group.addTask { try await operation() }
-            group.addTask {
-                try await Task.sleep(for: deadline)
-                throw Deadline()
-            }
-            defer { group.cancelAll() }
-            return try await group.next()!
-        }
-    }
-
     private func commit(_ batch: [AppendRequest], window: Int64) async -> [GroupCommit.Outcome] {
         for attempt in 1...3 {
             do {
                 let client = self.client
                 let logger = self.logger
-                return try await Self.bounded(Self.commitDeadline) {
+                return try await withDeadline(Self.commitDeadline) {
                     try await Self.append(batch, window: window, on: client, logger: logger)
                 }
             } catch let error as PSQLError where error.serverInfo?[.sqlState] == Self.keyTakenState {
@@ -237,7 +224,7 @@ public final class PostgresStore: Store {
         let client = self.client
         let logger = self.logger
         do {
-            return try await Self.bounded(Self.readDeadline) {
+            return try await withDeadline(Self.readDeadline) {
                 var out: [Message] = []
                 let rows = try await client.query(query, logger: logger)
                 for try await (id, seq, createdAt, sender, requestId, body) in rows.decode((String, Int64, Int64, String, String?, String).self) {
@@ -259,7 +246,7 @@ public final class PostgresStore: Store {
         let name = channel.rawValue
         let read: (floor: Int64, rows: [Message])
         do {
-            read = try await Self.bounded(Self.readDeadline) {
+            read = try await withDeadline(Self.readDeadline) {
                 var floor: Int64 = 0
                 var out: [Message] = []
                 let rows = try await client.query("""
@@ -289,7 +276,7 @@ public final class PostgresStore: Store {
         let client = self.client
         let logger = self.logger
         do {
-            return try await Self.bounded(Self.readDeadline) {
+            return try await withDeadline(Self.readDeadline) {
                 var bounds: (head: Int64, floor: Int64) = (0, 0)
                 for try await (head, floor) in try await client.query("SELECT last_seq, floor_seq FROM channels WHERE name = \(channel.rawValue)",
                                                                       logger: logger).decode((Int64, Int64).self) {
@@ -307,7 +294,7 @@ public final class PostgresStore: Store {
         let client = self.client
         let logger = self.logger
         do {
-            return try await Self.bounded(Self.readDeadline) {
+            return try await withDeadline(Self.readDeadline) {
                 var out: [ChannelName] = []
                 for try await name in try await client.query("SELECT name FROM channels WHERE starts_with(name, \(prefix))", logger: logger).decode(String.self) {
                     if let channel = try? ChannelName(parsing: name) { out.append(channel) }
@@ -350,7 +337,7 @@ public final class PostgresStore: Store {
         let client = self.client
         let logger = self.logger
         do {
-            return try await Self.bounded(Self.readDeadline) {
+            return try await withDeadline(Self.readDeadline) {
                 var value: Int64?
                 for try await v in try await client.query(query, logger: logger).decode(Int64?.self) { value = v }
                 return value
@@ -375,7 +362,7 @@ public final class PostgresStore: Store {
         let logger = self.logger
         let names = channels.map(\.rawValue)
         do {
-            return try await Self.bounded(Self.readDeadline) {
+            return try await withDeadline(Self.readDeadline) {
                 var heads: [String: Int64] = [:]
                 for try await (name, seq) in try await client.query("SELECT name, last_seq FROM channels WHERE name = ANY(\(names))", logger: logger).decode((String, Int64).self) {
                     heads[name] = seq
@@ -392,7 +379,7 @@ public final class PostgresStore: Store {
         let client = self.client
         let logger = self.logger
         do {
-            return try await Self.bounded(Self.readDeadline) {
+            return try await withDeadline(Self.readDeadline) {
                 var head: Int64 = 0
                 for try await seq in try await client.query("SELECT last_seq FROM channels WHERE name = \(channel.rawValue)", logger: logger).decode(Int64.self) {
                     head = seq
@@ -408,7 +395,7 @@ public final class PostgresStore: Store {
     public func ping() async -> Bool {
         let client = self.client
         let logger = self.logger
-        return (try? await Self.bounded(.seconds(2)) { _ = try await client.query("SELECT 1", logger: logger) }) != nil
+        return (try? await withDeadline(.seconds(2)) { _ = try await client.query("SELECT 1", logger: logger) }) != nil
     }
 
     /// The client's lifecycle belongs to its service group; nothing to release here.

@@ -62,13 +62,13 @@ public final class GatewayServer: Sendable {
         var lockFD: Int32 = -1
         if let client {
             do {
-                store = try await Self.withDeadline(config.storeStartTimeout) {
+                store = try await withDeadline(config.storeStartTimeout) {
                     try await PostgresStore.open(client: client, idempotencyWindow: config.idempotencyWindow, logger: logger)
                 }
             } catch {
                 await stopServices()
                 try? await group.shutdownGracefully()
-                throw ConfigError("DATABASE_URL", error is StartDeadlinePassed
+                throw ConfigError("DATABASE_URL", error is DeadlinePassed
                     ? "the store did not answer within \(config.storeStartTimeout) (down, refused, or its TLS certificate not trusted: see the log)"
                     : "\(error)")
             }
@@ -360,22 +360,6 @@ public final class GatewayServer: Sendable {
         try sync.addHandlers(RequestReader(app: app, deadline: deadline), RequestGate(app: app), HTTPHandler(app: app))
         channel.closeFuture.whenComplete { _ in _ = upgrades.take(channel) }
     }
-
-    /// `body`'s result, or `StartDeadlinePassed` once `limit` has passed (`body` is then cancelled).
-    static func withDeadline<T: Sendable>(_ limit: Duration, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
-        try await withThrowingTaskGroup(of: T?.self) { group in
-            group.addTask { try await body() }
-            group.addTask {
-                try await Task.sleep(for: limit)
-                return nil
-            }
-            defer { group.cancelAll() }
-            guard let first = try await group.next(), let result = first else { throw StartDeadlinePassed() }
-            return result
-        }
-    }
-
-    struct StartDeadlinePassed: Error {}
 
     /// Takes an exclusive lock on the data folder: one embedded instance per folder.
     private static func lockDataDir(_ dir: String) throws -> Int32 {

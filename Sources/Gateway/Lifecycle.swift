@@ -1,3 +1,4 @@
+import ChatDomain
 import Logging
 import NIOCore
 import NIOExtras
@@ -54,7 +55,7 @@ struct Drain: Sendable {
         quiescing.initiateShutdown(promise: closed)
         for stream in app.streams.all() { stream.shutdown() }
         do {
-            try await GatewayServer.withDeadline(config.drainTimeout) { try await closed.futureResult.get() }
+            try await withDeadline(config.drainTimeout) { try await closed.futureResult.get() }
             app.logger.info("gateway drained: every connection closed")
         } catch {
             app.logger.warning("drain deadline passed; closing the connections still open", metadata: ["streams": "\(app.streams.count)"])
