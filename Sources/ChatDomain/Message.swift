@@ -124,12 +124,15 @@ public enum UUIDv7 {
 public enum UUIDText {
     public static func format(high: UInt64, low: UInt64) -> String {
         String(capacity: 36) { out in
-            for (index, nibble) in (0..<32).enumerated() {
-                if index == 8 || index == 12 || index == 16 || index == 20 { out.byte(0x2D) }
-                let word = nibble < 16 ? high : low
-                let digit = UInt8(truncatingIfNeeded: (word >> UInt64(60 - 4 * (nibble % 16))) & 0xF)
-                out.byte(digit < 10 ? 0x30 + digit : 0x57 + digit)
-            }
+            out.hex(high >> 32, width: 8)
+            out.byte(0x2D)
+            out.hex(high >> 16, width: 4)
+            out.byte(0x2D)
+            out.hex(high, width: 4)
+            out.byte(0x2D)
+            out.hex(low >> 48, width: 4)
+            out.byte(0x2D)
+            out.hex(low, width: 12)
         }
     }
 

@@ -36,20 +36,14 @@ struct TextWriter {
     /// A decimal integer (at most 20 bytes).
     mutating func integer(_ value: Int64) {
         if value < 0 { byte(0x2D) }
-        var magnitude = value.magnitude
-        var digits = 0
-        repeat { digits += 1; magnitude /= 10 } while magnitude > 0
-        precondition(count + digits <= buffer.count)
-        magnitude = value.magnitude
-        for i in stride(from: count + digits - 1, through: count, by: -1) {
-            buffer[i] = UInt8(truncatingIfNeeded: 0x30 + magnitude % 10)
-            magnitude /= 10
-        }
-        count += digits
+        var width = 0
+        var rest = value.magnitude
+        repeat { width += 1; rest /= 10 } while rest > 0
+        digits(value.magnitude, width: width)
     }
 
     /// `value` zero-padded to `width` digits.
-    mutating func digits(_ value: Int, width: Int) {
+    mutating func digits(_ value: some BinaryInteger, width: Int) {
         precondition(count + width <= buffer.count)
         var value = value
         for i in stride(from: count + width - 1, through: count, by: -1) {
@@ -59,9 +53,9 @@ struct TextWriter {
         count += width
     }
 
-    /// 16 lowercase hex digits.
-    mutating func hex(_ value: UInt64) {
-        for shift in stride(from: 60, through: 0, by: -4) {
+    /// The low `width` hex digits of `value`, lowercase.
+    mutating func hex(_ value: UInt64, width: Int = 16) {
+        for shift in stride(from: 4 * (width - 1), through: 0, by: -4) {
             let digit = UInt8(truncatingIfNeeded: (value >> UInt64(shift)) & 0xF)
             byte(digit < 10 ? 0x30 + digit : 0x57 + digit)
         }

@@ -69,8 +69,7 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
         opened = true
         refuse = nil
         // The request is over: its idle timer (re-armed every few seconds per connection) has nothing left to watch.
-        let pipeline = context.pipeline.syncOperations
-        if let idle = try? pipeline.handler(type: IdleStateHandler.self) { _ = pipeline.removeHandler(idle) }
+        context.pipeline.syncOperations.removeIfPresent(IdleStateHandler.self)
         driver.log.answered(.ok, route: "/v1/channels/{channel}/events")
         var headers = HTTPHeaders()
         headers.add(name: "Content-Type", value: "text/event-stream")

@@ -346,11 +346,11 @@ public final class GatewayServer: Sendable {
         try sync.configureHTTPServerPipeline(
             withServerUpgrade: (upgraders: [upgrader], completionHandler: { context in
                 let sync = context.pipeline.syncOperations
-                if let handler = try? sync.handler(type: HTTPHandler.self) { _ = sync.removeHandler(handler) }
-                if let gate = try? sync.handler(type: RequestGate.self) { _ = sync.removeHandler(gate) }
-                if let reader = try? sync.handler(type: RequestReader.self) { _ = sync.removeHandler(reader) }
-                if let idle = try? sync.handler(type: IdleStateHandler.self) { _ = sync.removeHandler(idle) }
-                if let deadline = try? sync.handler(type: RequestDeadline.self) { _ = sync.removeHandler(deadline) }
+                sync.removeIfPresent(HTTPHandler.self)
+                sync.removeIfPresent(RequestGate.self)
+                sync.removeIfPresent(RequestReader.self)
+                sync.removeIfPresent(IdleStateHandler.self)
+                sync.removeIfPresent(RequestDeadline.self)
             }),
             withErrorHandling: true)
         // Read-idle events reach HTTPHandler, which closes a connection that stalls mid-request or idles

@@ -272,3 +272,10 @@ final class RequestDeadline: ChannelInboundHandler, RemovableChannelHandler {
         }
     }
 }
+
+extension ChannelPipeline.SynchronousOperations {
+    /// Takes the handler of `type` out of the pipeline, if it is there.
+    func removeIfPresent<Handler: RemovableChannelHandler>(_ type: Handler.Type) {
+        if let handler = try? self.handler(type: type) { _ = removeHandler(handler) }
+    }
+}

@@ -124,20 +124,9 @@ final class LongPoll: HubSubscriber, SessionTransport, ConnectionBoundStream, @u
         }
         guard !messages.isEmpty else { return }  // nothing after this poll's position
         let page = Page(messages: messages, hasMore: hasMore)
+        // A topic's permission comes from the config alone; a thread's membership is checked again, as after a read.
         guard case .thread = channel.kind else { return answer(.success(page)) }
-        // A thread's membership again (a removal the bus lost), as after a read.
-        reading = true
-        let (app, actor) = (self.app, driver.actor)
-        Task {
-            let result: Result<Page, ApiError>
-            do throws(ApiError) {
-                _ = try await app.channels.authorize(actor, .read, channel.rawValue)
-                result = .success(page)
-            } catch {
-                result = .failure(error)
-            }
-            self.eventLoop.execute { self.answer(result) }
-        }
+        answer(in: channel) { page }
     }
 
     func hubSynced(upTo seq: Int64) {
@@ -155,16 +144,24 @@ final class LongPoll: HubSubscriber, SessionTransport, ConnectionBoundStream, @u
     /// committed before then, and anything later wakes this poll again.
     private func read(joiningReadsFrom from: NIODeadline) {
         guard let channel else { return }
-        reading = true
         arrivedWhileReading = false
-        let (app, actor, after, limit) = (self.app, driver.actor, self.after, parameters.limit)
+        let (app, after, limit) = (self.app, self.after, parameters.limit)
+        answer(in: channel) { () async throws(ApiError) in
+            try await app.pageReads.page(in: channel, after: after, limit: limit, joiningReadsFrom: from)
+        }
+    }
+
+    /// Finds the page off the loop (a read, or the Hub's messages), checks the permission again when it holds
+    /// messages (a removal the bus lost: nothing published after it is answered), then answers on the loop.
+    private func answer(in channel: ChannelName, with page: @escaping @Sendable () async throws(ApiError) -> Page) {
+        reading = true
+        let (app, actor) = (self.app, driver.actor)
         Task {
             let result: Result<Page, ApiError>
             do throws(ApiError) {
-                let page = try await app.pageReads.page(in: channel, after: after, limit: limit, joiningReadsFrom: from)
-                // The permission again (a removal the bus lost): nothing published after it is answered.
-                if !page.messages.isEmpty { _ = try await app.channels.authorize(actor, .read, channel.rawValue) }
-                result = .success(page)
+                let found = try await page()
+                if !found.messages.isEmpty { _ = try await app.channels.authorize(actor, .read, channel.rawValue) }
+                result = .success(found)
             } catch {
                 result = .failure(error)
             }
