@@ -271,16 +271,50 @@ public actor SQLiteStore: Store {
         // The channel's floor and the rows in one statement (one snapshot), as on Postgres: a trim raises the
         // floor before it deletes, so a page with a hole in it is never answered. One statement, not two: every
         // subscribe, catch-up page and long-poll reads here.
-        let rows = try await read("""
-            SELECT c.floor_seq, m.id, m.seq, m.created_at, m.sender, m.request_id, m.body, m.member_epoch
-            FROM channels c LEFT JOIN messages m ON m.channel = c.name AND m.seq > ?
-            WHERE c.name = ? ORDER BY m.seq LIMIT ?
-            """, [.integer(Int(after)), .text(channel.rawValue), .integer(limit + 1)])
-        let floor = Int64(rows.first?.column("floor_seq")?.integer ?? 0)
-        guard after >= floor else { throw Retention.expired(channel, after: after, floor: floor) }
-        let found = rows.filter { $0.column("id")?.string != nil }
-        let messages = found.prefix(limit).map { Self.message(from: $0, channel: channel) }
-        return Page(messages: messages, hasMore: found.count > limit)
+        // Rows are decoded as SQLite steps them (on its thread, by position): a catch-up page of 1,000 is neither
+        // held as rows nor looked up by column name.
+        let page = PageRows(limit: limit, channel: channel)
+        do {
+            try await reader.query("""
+                SELECT c.floor_seq, m.id, m.seq, m.created_at, m.sender, m.request_id, m.body, m.member_epoch
+                FROM channels c LEFT JOIN messages m ON m.channel = c.name AND m.seq > ?
+                WHERE c.name = ? ORDER BY m.seq LIMIT ?
+                """, [.integer(Int(after)), .text(channel.rawValue), .integer(limit + 1)]) { page.add($0) }
+        } catch {
+            logger.error("store read failed", metadata: ["error": "\(error)"])
+            throw ApiError(.storeUnavailable, "the store did not answer")
+        }
+        guard after >= page.floor else { throw Retention.expired(channel, after: after, floor: page.floor) }
+        return Page(messages: page.messages, hasMore: page.found > limit)
+    }
+
+    /// The rows of `messages(in:after:limit:)` as they arrive: `floor_seq`, then the message's columns in
+    /// `columns` order (NULL when the channel has none after the cursor).
+    private final class PageRows: @unchecked Sendable {
+        // @unchecked: one thread at a time touches it — the store's thread while the statement steps, then the
+        // caller once `query` has returned (its completion orders the two).
+        let limit: Int
+        let channel: ChannelName
+        var floor: Int64 = 0
+        var found = 0
+        var messages: [Message] = []
+
+        init(limit: Int, channel: ChannelName) {
+            self.limit = limit
+            self.channel = channel
+            messages.reserveCapacity(min(limit, 1024))
+        }
+
+        func add(_ row: SQLiteRow) {
+            let c = row.columns
+            floor = Int64(c[0].data.integer ?? 0)
+            guard let id = c[1].data.string else { return }
+            found += 1
+            guard found <= limit else { return }
+            messages.append(Message(id: id, channel: channel, seq: Int64(c[2].data.integer ?? 0), createdAtMicros: Int64(c[3].data.integer ?? 0),
+                                    sender: c[4].data.string ?? "", requestId: c[5].data.string, body: c[6].data.string ?? "{}",
+                                    membershipEpoch: Int64(c[7].data.integer ?? 0)))
+        }
     }
 
     public nonisolated func bounds(of channel: ChannelName) async throws(ApiError) -> (head: Int64, floor: Int64) {
