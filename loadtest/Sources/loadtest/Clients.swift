@@ -29,13 +29,18 @@ final class WSClient: @unchecked Sendable {  // used by one task at a time
     private var fragments: ByteBuffer?
     private(set) var closeCode: UInt16?
 
-    static func connect(_ endpoint: Endpoint, token: String, group: any EventLoopGroup) async throws -> WSClient {
+    /// `inline`, when given, sees every whole text message on the connection's event loop as it arrives; the
+    /// ones it returns true for are not handed to `next()`. A subscriber's deliveries are checked there: a task
+    /// woken per message would cost the load generator more than the server spends delivering it.
+    static func connect(_ endpoint: Endpoint, token: String, group: any EventLoopGroup,
+                        inline: (@Sendable (ByteBuffer) -> Bool)? = nil) async throws -> WSClient {
         let upgrade: EventLoopFuture<Upgrade> = try await ClientBootstrap(group: group)
             .connect(host: endpoint.host, port: endpoint.port) { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let upgrader = NIOTypedWebSocketClientUpgrader<Upgrade>(maxFrameSize: 1 << 24, upgradePipelineHandler: { channel, _ in
                         channel.eventLoop.makeCompletedFuture {
-                            .websocket(try NIOAsyncChannel<WebSocketFrame, WebSocketFrame>(wrappingChannelSynchronously: channel))
+                            if let inline { try channel.pipeline.syncOperations.addHandler(InlineMessages(inline)) }
+                            return .websocket(try NIOAsyncChannel<WebSocketFrame, WebSocketFrame>(wrappingChannelSynchronously: channel))
                         }
                     })
                     var headers = HTTPHeaders()
@@ -99,6 +104,21 @@ final class WSClient: @unchecked Sendable {  // used by one task at a time
     deinit {
         channel.outbound.finish()
         channel.channel.close(promise: nil)
+    }
+}
+
+/// Hands whole unfragmented text frames to a closure on the event loop; passes on what it does not take.
+private final class InlineMessages: ChannelInboundHandler, Sendable {
+    typealias InboundIn = WebSocketFrame
+    typealias InboundOut = WebSocketFrame
+    private let take: @Sendable (ByteBuffer) -> Bool
+
+    init(_ take: @escaping @Sendable (ByteBuffer) -> Bool) { self.take = take }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let frame = unwrapInboundIn(data)
+        if frame.opcode == .text, frame.fin, take(frame.unmaskedData) { return }
+        context.fireChannelRead(data)
     }
 }
 

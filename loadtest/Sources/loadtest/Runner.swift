@@ -154,35 +154,58 @@ final class Runner: Sendable {
 
     private func webSocket(_ i: Int, _ endpoint: Endpoint, _ token: String, _ channel: String, _ track: inout Track?, _ cursor: inout String?,
                            _ who: String, _ onReady: (@Sendable () -> Void)?) async throws -> End {
-        let ws = try await WSClient.connect(endpoint, token: token, group: group)
+        // Deliveries are checked on the connection's event loop as they arrive (`take`); the task sees only what
+        // needs it (an error, an unsubscribe) and the end.
+        let live = NIOLockedValueBox(Live(track: track, cursor: cursor))
+        defer { (track, cursor) = live.withLockedValue { ($0.track, $0.cursor) } }
+        let ws = try await WSClient.connect(endpoint, token: token, group: group) { [self] frame in
+            take(frame, i, live, channel: channel, who: who, onReady)
+        }
         ledger.connected(1)
         defer { ledger.connected(-1) }
         let churn = register(i) { await ws.close() }
         defer { churn?.cancel() }
         try await ws.send(ClientCommand.subscribe(id: .string("s"), channel: channel, since: cursor).text)
-        let decoder = JSONDecoder()
         while let frame = try await ws.next() {
-            // Messages (nearly every frame) in one pass; anything else as a reply.
-            if let message = Delivery.scan(frame.readableBytesView) ?? MessageFrame<Delivery>.decode(frame.readableBytesView, with: decoder) {
-                if let next = deliver(message, i, &track, who: who) { cursor = next }
-                continue
-            }
-            guard let reply = try? ServerReply.decode(String(buffer: frame)) else { continue }
-            switch reply {
-            case .message(_, let raw):
-                if let message = try? raw.decode(WireMessage.self), let next = deliver(message, i, &track, who: who) { cursor = next }
-            case .subscribed(_, _, let position):
-                begin(i, &track, channel: channel, at: position, who: who, onReady)
-                if cursor == nil { cursor = position }
-            case .error, .unsubscribed:
-                ledger.error("\(who): \(String(buffer: frame).prefix(300))")
-                await ws.close()
-            default:
-                break
-            }
+            ledger.error("\(who): \(String(buffer: frame).prefix(300))")
+            await ws.close()
         }
         if let code = ws.closeCode, code != 1000, code != 1001, code != 1005 { ledger.error("\(who): closed with \(code)") }
         return isStopping ? .stopped : .closed
+    }
+
+    /// A WebSocket subscriber's position, shared by its task and its connection's event loop.
+    private struct Live {
+        var track: Track?
+        var cursor: String?
+    }
+
+    /// One text message of a WebSocket subscriber, on its event loop: a delivery or the `subscribed` reply is
+    /// taken (true); an error or an unsubscribe is left to the subscriber's task (false).
+    private func take(_ frame: ByteBuffer, _ i: Int, _ live: NIOLockedValueBox<Live>, channel: String, who: String,
+                      _ onReady: (@Sendable () -> Void)?) -> Bool {
+        // Messages (nearly every frame) in one pass; anything else as a reply.
+        if let message = Delivery.scan(frame.readableBytesView) {
+            live.withLockedValue { s in if let next = deliver(message, i, &s.track, who: who) { s.cursor = next } }
+            return true
+        }
+        guard let reply = try? ServerReply.decode(String(buffer: frame)) else { return true }
+        switch reply {
+        case .message(_, let raw):
+            if let message = try? raw.decode(WireMessage.self) {
+                live.withLockedValue { s in if let next = deliver(message, i, &s.track, who: who) { s.cursor = next } }
+            }
+        case .subscribed(_, _, let position):
+            live.withLockedValue { s in
+                begin(i, &s.track, channel: channel, at: position, who: who, onReady)
+                if s.cursor == nil { s.cursor = position }
+            }
+        case .error, .unsubscribed:
+            return false
+        default:
+            break
+        }
+        return true
     }
 
     private func serverSentEvents(_ i: Int, _ endpoint: Endpoint, _ token: String, _ channel: String, _ track: inout Track?,
