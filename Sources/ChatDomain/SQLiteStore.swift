@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import SQLiteNIO
@@ -23,6 +24,10 @@ public actor SQLiteStore: Store {
 
     private struct Head { var seq: Int64; var createdAt: Int64 }
     private var heads: [ChannelName: Head] = [:]
+    /// Heads and floors for opening streams without a read (see `KnownBounds`).
+    nonisolated let known = KnownBounds()
+    /// Statements run on the reader connection (tests count them).
+    nonisolated let readerQueries = NIOLockedValueBox(0)
 
     public static func open(path: String, maxPending: Int = 20_000, idempotencyWindow: Duration = .seconds(24 * 3600), logger: Logger) async throws -> SQLiteStore {
         let loop = MultiThreadedEventLoopGroup.singleton.any()
@@ -216,6 +221,9 @@ public actor SQLiteStore: Store {
             return batch.map { _ in .failure(failure) }
         }
         for (channel, head) in touched { heads[channel] = head }
+        // Before the observer (the Hub) hears of these messages: a stream opened at a head read from memory
+        // must not miss one.
+        known.committed(touched.lazy.map { ($0.key, $0.value.seq) })
         return outcomes.map { $0 ?? .failure(ApiError(.internalError, "append left without an outcome")) }
     }
 
@@ -259,6 +267,7 @@ public actor SQLiteStore: Store {
     }
 
     private nonisolated func read(_ sql: String, _ binds: [SQLiteData]) async throws(ApiError) -> [SQLiteRow] {
+        readerQueries.withLockedValue { $0 += 1 }
         do {
             return try await reader.query(sql, binds)
         } catch {
@@ -274,6 +283,7 @@ public actor SQLiteStore: Store {
         // Rows are decoded as SQLite steps them (on its thread, by position): a catch-up page of 1,000 is neither
         // held as rows nor looked up by column name.
         let page = PageRows(limit: limit, channel: channel)
+        readerQueries.withLockedValue { $0 += 1 }
         do {
             try await reader.query("""
                 SELECT c.floor_seq, m.id, m.seq, m.created_at, m.sender, m.request_id, m.body, m.member_epoch
@@ -318,8 +328,11 @@ public actor SQLiteStore: Store {
     }
 
     public nonisolated func bounds(of channel: ChannelName) async throws(ApiError) -> (head: Int64, floor: Int64) {
+        if let bounds = known.bounds(of: channel) { return bounds }
         let rows = try await read("SELECT last_seq, floor_seq FROM channels WHERE name = ?", [.text(channel.rawValue)])
-        return (Int64(rows.first?.column("last_seq")?.integer ?? 0), Int64(rows.first?.column("floor_seq")?.integer ?? 0))
+        let (head, floor) = (Int64(rows.first?.column("last_seq")?.integer ?? 0), Int64(rows.first?.column("floor_seq")?.integer ?? 0))
+        known.read(channel, head: head, floor: floor)
+        return known.bounds(of: channel) ?? (head, floor)
     }
 
     public nonisolated func channels(withPrefix prefix: String) async throws(ApiError) -> [ChannelName] {
@@ -345,6 +358,7 @@ public actor SQLiteStore: Store {
             let lowest = Int64(try await db.query("SELECT min(seq) AS s FROM messages WHERE channel = ?", [name]).first?.column("s")?.integer ?? 0)
             return (floor, lowest)
         }
+        known.floorRaised(channel, to: floor)
         var deleted = 0
         var from = lowest - 1
         while from < floor {
@@ -366,6 +380,7 @@ public actor SQLiteStore: Store {
     }
 
     public nonisolated func head(of channel: ChannelName) async throws(ApiError) -> Int64 {
+        if let head = known.head(of: channel) { return head }
         let rows = try await read("SELECT last_seq FROM channels WHERE name = ?", [.text(channel.rawValue)])
         return Int64(rows.first?.column("last_seq")?.integer ?? 0)
     }

@@ -1,3 +1,4 @@
+@testable import ChatDomain
 import Foundation
 import NIOCore
 import NIOPosix
@@ -111,6 +112,8 @@ import Wire
             let start = try await HTTPTestClient.request(.GET, port: gateway.port, "/v1/channels/\(channel)/messages", token: token)
             let since = try #require(start.json["cursor"] as? String)
             let waiting = 40
+            let store = try #require(gateway.server.app.store as? SQLiteStore)
+            let queriesBefore = store.readerQueries.withLockedValue { $0 }
             let readsBefore = try await gateway.metric("gateway_poll_store_reads_total", label: "read=\"started\"")
                 + gateway.metric("gateway_poll_store_reads_total", label: "read=\"joined\"")
             let polls = Task {
@@ -127,6 +130,10 @@ import Wire
                 }
             }
             try await eventually("every poll waits") { try await gateway.metric("gateway_connections", label: "transport=\"poll\"") == waiting }
+            // Opening 40 polls reads the channel's head and floor from the store only until one read has landed
+            // (the first openers race), then from memory (KnownBounds): 42 reads without it.
+            let openingQueries = store.readerQueries.withLockedValue { $0 } - queriesBefore
+            #expect(openingQueries < 10, "\(openingQueries) store reads to open \(waiting) polls at the head")
             let published = try await HTTPTestClient.request(.POST, port: gateway.port, "/v1/channels/\(channel)/messages", body: "{\"body\":{\"n\":1}}", token: token)
             #expect(published.status == 201)
             let answers = try await polls.value
