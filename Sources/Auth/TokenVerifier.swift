@@ -89,9 +89,7 @@ public final class TokenVerifier: Sendable {
 
     public func verify(_ token: String, now: Date = Date()) async throws(AuthFailure) -> Actor {
         guard !token.isEmpty else { throw .missing }
-        if let known = verified.withLockedValue({ $0[token] }) {
-            return try check(known.actor, notBefore: known.notBefore, now: now)
-        }
+        if let actor = try verifyKnown(token, now: now) { return actor }
         let keys: JWTKeyCollection
         let header = Self.header(of: token)
         switch header?.alg {
@@ -136,6 +134,13 @@ public final class TokenVerifier: Sendable {
         }
         if revocations.isRevoked(actor) { throw .revoked }
         return actor
+    }
+
+    /// `verify` without waiting, for a token verified before (its time window and revocation checked again);
+    /// nil when it was not (then `verify`).
+    public func verifyKnown(_ token: String, now: Date = Date()) throws(AuthFailure) -> Actor? {
+        guard let known = verified.withLockedValue({ $0[token] }) else { return nil }
+        return try check(known.actor, notBefore: known.notBefore, now: now)
     }
 
     /// What is checked again at every use of a token verified before: its time window and revocation.

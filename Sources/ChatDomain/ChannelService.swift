@@ -102,24 +102,34 @@ public final class ChannelService: Sendable {
     /// stream must end at any removal with a later epoch. Nil for streams no removal ends (topics, admins).
     private func check(_ actor: Actor, _ action: Action, _ name: String) async throws(ApiError) -> (channel: ChannelName, epoch: Int64?) {
         let channel = try ChannelName(parsing: name)
-        let resource: Resource
-        var epoch: Int64?
+        if let resource = try resource(of: channel, for: actor, action) {
+            try permit(actor, action, resource, channel)
+            return (channel, nil)
+        }
+        guard case .thread(let id) = channel.kind else { preconditionFailure("only a member's thread needs a read") }
+        let membership = try await store.membership(of: actor.sub, in: id)
+        try permit(actor, action, .thread(id: id, isMember: membership.isMember), channel)
+        return (channel, membership.epoch)
+    }
+
+    /// The resource `policy.can` decides on, when the configuration alone says what it is; nil for a thread
+    /// whose membership must be read (a non-admin's).
+    private func resource(of channel: ChannelName, for actor: Actor, _ action: Action) throws(ApiError) -> Resource? {
         switch channel.kind {
-        case .topic(let topic): resource = .topic(name: topic)
-        case .thread(let id) where actor.isAdmin: resource = .thread(id: id, isMember: true)
-        case .thread(let id):
-            let membership = try await store.membership(of: actor.sub, in: id)
-            epoch = membership.epoch
-            resource = .thread(id: id, isMember: membership.isMember)
+        case .topic(let topic): return .topic(name: topic)
+        case .thread(let id) where actor.isAdmin: return .thread(id: id, isMember: true)
+        case .thread: return nil
         case .user(let sub):
             // Written by the gateway only: no client publishes there, admins included.
             if action == .publish { throw ApiError(.forbidden, "user channels are written by the gateway", details: ["channel": channel.rawValue]) }
-            resource = .userFeed(owner: sub)
+            return .userFeed(owner: sub)
         }
+    }
+
+    private func permit(_ actor: Actor, _ action: Action, _ resource: Resource, _ channel: ChannelName) throws(ApiError) {
         guard policy.can(actor, action, resource) else {
             throw ApiError(.forbidden, "not allowed to \(action.rawValue) on \(channel.rawValue)", details: ["channel": channel.rawValue])
         }
-        return (channel, epoch)
     }
 
     /// Where a stream (a subscription, an SSE stream, a long-poll) starts.
@@ -136,14 +146,35 @@ public final class ChannelService: Sendable {
     /// the position the stream continues after (a cursor checked against the channel and its head), with the
     /// membership epoch the permission was read at (nil when no removal can end the stream).
     public func open(_ actor: Actor, _ action: Action, _ name: String, from start: StreamStart) async throws(ApiError) -> StreamOpening {
+        let (channel, cursor) = try Self.parse(name, from: start)
+        let epoch = try await check(actor, action, name).epoch
+        let (head, floor) = try await store.bounds(of: channel)
+        return try opening(channel, from: start, cursor: cursor, head: head, floor: floor, epoch: epoch)
+    }
+
+    /// `open` without waiting, when it needs no read: a channel whose permission comes from the configuration
+    /// (a topic, a user's feed, an admin on a thread) and whose bounds the store knows in memory. Nil when it
+    /// needs `open`. The same checks, in the same order, and the same errors.
+    public func openKnown(_ actor: Actor, _ action: Action, _ name: String, from start: StreamStart) throws(ApiError) -> StreamOpening? {
+        let (channel, cursor) = try Self.parse(name, from: start)
+        guard let resource = try resource(of: channel, for: actor, action) else { return nil }
+        try permit(actor, action, resource, channel)
+        guard let (head, floor) = store.knownBounds(of: channel) else { return nil }
+        return try opening(channel, from: start, cursor: cursor, head: head, floor: floor, epoch: nil)
+    }
+
+    private static func parse(_ name: String, from start: StreamStart) throws(ApiError) -> (ChannelName, Cursor?) {
         let channel = try ChannelName(parsing: name)
         var cursor: Cursor?
         if case .since(let text) = start { cursor = try Cursor(parsing: text, for: channel) }
         if case .history(let n) = start, !(0...Self.maxPageSize).contains(n) {
             throw ApiError(.badRequest, "history must be an integer in 0...\(Self.maxPageSize)")
         }
-        let epoch = try await check(actor, action, name).epoch
-        let (head, floor) = try await store.bounds(of: channel)
+        return (channel, cursor)
+    }
+
+    private func opening(_ channel: ChannelName, from start: StreamStart, cursor: Cursor?, head: Int64, floor: Int64,
+                         epoch: Int64?) throws(ApiError) -> StreamOpening {
         switch start {
         case .live: return StreamOpening(channel: channel, after: head, head: head, membershipEpoch: epoch)
         case .history(let n):

@@ -327,6 +327,8 @@ public actor SQLiteStore: Store {
         }
     }
 
+    public nonisolated func knownBounds(of channel: ChannelName) -> (head: Int64, floor: Int64)? { known.bounds(of: channel) }
+
     public nonisolated func bounds(of channel: ChannelName) async throws(ApiError) -> (head: Int64, floor: Int64) {
         if let bounds = known.bounds(of: channel) { return bounds }
         let rows = try await read("SELECT last_seq, floor_seq FROM channels WHERE name = ?", [.text(channel.rawValue)])

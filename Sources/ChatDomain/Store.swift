@@ -76,11 +76,17 @@ public protocol Store: ThreadStore {
     /// The channel's head and its floor (the newest seq no longer kept; 0: every message is), read together
     /// (one statement): where a stream may start.
     func bounds(of channel: ChannelName) async throws(ApiError) -> (head: Int64, floor: Int64)
+    /// `bounds` when the store knows them without a read (the embedded store, see `KnownBounds`); else nil.
+    func knownBounds(of channel: ChannelName) -> (head: Int64, floor: Int64)?
     /// Every channel whose name starts with `prefix` (retention of `thread:` channels).
     func channels(withPrefix prefix: String) async throws(ApiError) -> [ChannelName]
     /// Whether the store answers (readiness).
     func ping() async -> Bool
     func close() async
+}
+
+extension Store {
+    public func knownBounds(of channel: ChannelName) -> (head: Int64, floor: Int64)? { nil }
 }
 
 /// Receives every committed batch of messages, in commit order, exactly once per commit.

@@ -93,6 +93,17 @@ public final class GatewayApp: Sendable {
         }
     }
 
+    /// `authenticate` without waiting, for a token verified before; nil when it needs `authenticate`.
+    func authenticateKnown(_ token: String?) throws(ApiError) -> Actor? {
+        guard let token, !token.isEmpty else { return nil }
+        do {
+            return try verifier.verifyKnown(token)
+        } catch {
+            metrics.authFailed(error)
+            throw ApiError(error == .revoked ? .tokenRevoked : .unauthenticated, error.reason)
+        }
+    }
+
     static func newRequestId() -> String { UUIDText.random() }
 
     /// A client's `X-Request-Id` if it is reasonable (printable ASCII, ≤ 128 bytes), else a new one.

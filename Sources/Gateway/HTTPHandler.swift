@@ -161,9 +161,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     private func startStream(context: ChannelHandlerContext, request: HTTPRequest,
                              _ start: @escaping (Actor, _ finish: @escaping (HTTPResponse) -> Void) throws(ApiError) -> any ConnectionBoundStream) {
         let app = self.app
-        let setup = context.eventLoop.makePromise(of: Actor.self)
-        setup.completeWithTask { () async throws -> Actor in try await app.authenticate(request.bearerToken) }
-        setup.futureResult.assumeIsolated().whenComplete { result in
+        let begin = { (result: Result<Actor, any Error>) in
             let finish: (HTTPResponse) -> Void = { [weak self] response in
                 self?.live = nil
                 self?.write(context: context, response: response, request: request)
@@ -174,6 +172,15 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
                 finish(.error(error as? ApiError ?? ApiError(.internalError, "internal error"), requestId: request.requestId))
             }
         }
+        // A token seen before (every long-poll and reconnect brings the same one) is checked without leaving the loop.
+        do {
+            if let actor = try app.authenticateKnown(request.bearerToken) { return begin(.success(actor)) }
+        } catch {
+            return begin(.failure(error))
+        }
+        let setup = context.eventLoop.makePromise(of: Actor.self)
+        setup.completeWithTask { () async throws -> Actor in try await app.authenticate(request.bearerToken) }
+        setup.futureResult.assumeIsolated().whenComplete(begin)
     }
 
     private func startLongPoll(context: ChannelHandlerContext, request: HTTPRequest, channel name: String) {

@@ -125,9 +125,17 @@ final class SessionDriver: LiveStream, PresenceWatcher, LoopTimerOwner, @uncheck
         case .open(let channel, let start, let permission):
             transport?.register(channel)
             let (app, actor) = (self.app, session.actor)
-            later({ () async throws(ApiError) in try await app.channels.open(actor, permission, channel.rawValue, from: start) }) {
+            let opened: (SessionDriver, Result<ChannelService.StreamOpening, ApiError>) -> Void = {
                 if let opening = try? $1.get() { $0.openedHeads[channel] = opening.head }
                 $0.run($0.session.opened(channel, $1.map(\.after), membershipEpoch: try? $1.get().membershipEpoch))
+            }
+            // Most openings need no read (a topic whose bounds the store keeps in memory): answered on the loop,
+            // after the actions in hand, as a read's answer would be.
+            let known = Result { () throws(ApiError) in try app.channels.openKnown(actor, permission, channel.rawValue, from: start) }
+            if case .success(nil) = known {
+                later({ () async throws(ApiError) in try await app.channels.open(actor, permission, channel.rawValue, from: start) }, then: opened)
+            } else {
+                eventLoop.assumeIsolated().execute { opened(self, known.map { $0! }) }
             }
         case .begin(let channel, let after, let epoch):
             transport?.begin(channel, after: after, head: openedHeads.removeValue(forKey: channel), membershipEpoch: epoch)
