@@ -107,3 +107,20 @@ for _ in 0..<(n / 10) { sink &+= encoder(message, .webSocket).readableBytes }
 let perClientRate = Double(n / 10) / Date().timeIntervalSince(t0)
 print(String(format: "shared buffer per subscriber: %.2f M/s; encoding per subscriber: %.2f M/s; ratio %.0fx (checksum %d)",
              sharedRate / 1e6, perClientRate / 1e6, sharedRate / perClientRate, sink % 7))
+
+print("\n== store deadline: withDeadline (every Postgres batch and read runs under one) around a call that yields once ==")
+func processCPUSeconds() -> Double {
+    var now = timespec()
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &now)
+    return Double(now.tv_sec) + Double(now.tv_nsec) / 1e9
+}
+let deadlineCalls = 200_000
+let cpuBefore = processCPUSeconds()
+let wallBefore = Date()
+await withTaskGroup(of: Void.self) { group in
+    for _ in 0..<16 {
+        group.addTask { for _ in 0..<(deadlineCalls / 16) { _ = try? await withDeadline(.seconds(5)) { await Task.yield(); return 1 } } }
+    }
+}
+print(String(format: "%d calls from 16 tasks: %.2f µs of CPU per call, %.0f calls/s", deadlineCalls,
+             (processCPUSeconds() - cpuBefore) / Double(deadlineCalls) * 1e6, Double(deadlineCalls) / Date().timeIntervalSince(wallBefore)))
