@@ -267,9 +267,14 @@ public actor SQLiteStore: Store {
     }
 
     private nonisolated func read(_ sql: String, _ binds: [SQLiteData]) async throws(ApiError) -> [SQLiteRow] {
+        try await onReader { try await reader.query(sql, binds) }
+    }
+
+    /// One statement on the reader connection: counted, and a failure logged and answered `STORE_UNAVAILABLE`.
+    private nonisolated func onReader<T>(_ statement: () async throws -> T) async throws(ApiError) -> T {
         readerQueries.withLockedValue { $0 += 1 }
         do {
-            return try await reader.query(sql, binds)
+            return try await statement()
         } catch {
             logger.error("store read failed", metadata: ["error": "\(error)"])
             throw ApiError(.storeUnavailable, "the store did not answer")
@@ -283,16 +288,12 @@ public actor SQLiteStore: Store {
         // Rows are decoded as SQLite steps them (on its thread, by position): a catch-up page of 1,000 is neither
         // held as rows nor looked up by column name.
         let page = PageRows(limit: limit, channel: channel)
-        readerQueries.withLockedValue { $0 += 1 }
-        do {
+        try await onReader {
             try await reader.query("""
                 SELECT c.floor_seq, m.id, m.seq, m.created_at, m.sender, m.request_id, m.body, m.member_epoch
                 FROM channels c LEFT JOIN messages m ON m.channel = c.name AND m.seq > ?
                 WHERE c.name = ? ORDER BY m.seq LIMIT ?
                 """, [.integer(Int(after)), .text(channel.rawValue), .integer(limit + 1)]) { page.add($0) }
-        } catch {
-            logger.error("store read failed", metadata: ["error": "\(error)"])
-            throw ApiError(.storeUnavailable, "the store did not answer")
         }
         guard after >= page.floor else { throw Retention.expired(channel, after: after, floor: page.floor) }
         return Page(messages: page.messages, hasMore: page.found > limit)

@@ -131,12 +131,17 @@ final class SessionDriver: LiveStream, PresenceWatcher, LoopTimerOwner, @uncheck
             }
             // Most openings need no read (a topic whose bounds the store keeps in memory): answered on the loop,
             // after the actions in hand, as a read's answer would be.
-            let known = Result { () throws(ApiError) in try app.channels.openKnown(actor, permission, channel.rawValue, from: start) }
-            if case .success(nil) = known {
-                later({ () async throws(ApiError) in try await app.channels.open(actor, permission, channel.rawValue, from: start) }, then: opened)
-            } else {
-                eventLoop.assumeIsolated().execute { opened(self, known.map { $0! }) }
+            let known: Result<ChannelService.StreamOpening, ApiError>
+            do throws(ApiError) {
+                guard let opening = try app.channels.openKnown(actor, permission, channel.rawValue, from: start) else {
+                    return later({ () async throws(ApiError) in try await app.channels.open(actor, permission, channel.rawValue, from: start) },
+                                 then: opened)
+                }
+                known = .success(opening)
+            } catch {
+                known = .failure(error)
             }
+            eventLoop.assumeIsolated().execute { opened(self, known) }
         case .begin(let channel, let after, let epoch):
             transport?.begin(channel, after: after, head: openedHeads.removeValue(forKey: channel), membershipEpoch: epoch)
             if kind != .longPoll, present[channel] == nil {

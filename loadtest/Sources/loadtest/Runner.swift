@@ -184,17 +184,18 @@ final class Runner: Sendable {
     /// taken (true); an error or an unsubscribe is left to the subscriber's task (false).
     private func take(_ frame: ByteBuffer, _ i: Int, _ live: NIOLockedValueBox<Live>, channel: String, who: String,
                       _ onReady: (@Sendable () -> Void)?) -> Bool {
+        func record(_ message: Delivery) {
+            live.withLockedValue { s in if let next = deliver(message, i, &s.track, who: who) { s.cursor = next } }
+        }
         // Messages (nearly every frame) in one pass; anything else as a reply.
         if let message = Delivery.scan(frame.readableBytesView) {
-            live.withLockedValue { s in if let next = deliver(message, i, &s.track, who: who) { s.cursor = next } }
+            record(message)
             return true
         }
         guard let reply = try? ServerReply.decode(String(buffer: frame)) else { return true }
         switch reply {
         case .message(_, let raw):
-            if let message = try? raw.decode(WireMessage.self) {
-                live.withLockedValue { s in if let next = deliver(message, i, &s.track, who: who) { s.cursor = next } }
-            }
+            if let message = try? raw.decode(WireMessage.self) { record(Delivery(message)) }
         case .subscribed(_, _, let position):
             live.withLockedValue { s in
                 begin(i, &s.track, channel: channel, at: position, who: who, onReady)
