@@ -38,7 +38,8 @@ check-run:
 	scripts/check-run.sh
 
 ## Benchmarks (release build): group commit appends/s at 1, 16 and 256 publishers on Postgres and SQLite;
-## then fan-out CPU per delivery (WebSocket, SSE) and memory per idle WebSocket, side by side with Nchan.
+## then fan-out CPU per delivery (WebSocket, SSE) and memory per idle WebSocket, side by side with Nchan;
+## then publish→deliver and publish→ack across three instances (Postgres + Redis) at 500, 1,000 and 2,000 msgs/s.
 bench:
 	@scripts/ensure-packages.sh libhiredis-dev zlib1g-dev postgresql redis-server nginx-light libnginx-mod-nchan
 	swift build -c release --product bench
@@ -47,6 +48,7 @@ bench:
 	@D=/tmp/gw-bench-$$$$; scripts/services.sh start $$D >/dev/null; set -a; . $$D/env; set +a; \
 	  $$(swift build -c release --show-bin-path)/bench; status=$$?; scripts/services.sh stop $$D; [ $$status -eq 0 ] || exit $$status
 	@B=$$(swift build -c release --show-bin-path); BIN=$$B/gateway LOADTEST=$$B/loadtest BENCH=$$B/bench scripts/bench-fanout.sh
+	@B=$$(swift build -c release --show-bin-path); BIN=$$B/gateway LOADTEST=$$B/loadtest scripts/bench-cluster.sh
 
 ## The cost of presence: 1,000 users joining one channel over three instances, with and without watching it.
 bench-presence:
