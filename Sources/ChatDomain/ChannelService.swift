@@ -201,15 +201,44 @@ public final class ChannelService: Sendable {
     /// Validates and commits a publish. `body` is the parsed JSON value of the request's `body`.
     public func publish(_ actor: Actor, to channelName: String, body: JSONValue?, requestId: String?) async throws(ApiError) -> AppendResult {
         let channel = try await authorize(actor, .publish, channelName)
+        let request = try appendRequest(actor, channel, body: body, requestId: requestId)
+        let started = ContinuousClock.now
+        let outcome: Result<AppendResult, ApiError>
+        do throws(ApiError) { outcome = .success(try await store.append(request)) } catch { outcome = .failure(error) }
+        return try appended(outcome, since: started).get()
+    }
+
+    /// `publish` without a task, when the permission needs no read (a topic, an admin on a thread): the same
+    /// checks in the same order, with the same errors (thrown), then the append goes to the store's group
+    /// commit, which gives `answer` the outcome once the transaction committed — on the committing task's
+    /// thread, or at once when the queue is full. False, having done nothing, when the publish needs `publish`
+    /// (a member's thread: the membership is read).
+    public func publishKnown(_ actor: Actor, to channelName: String, body: JSONValue?, requestId: String?,
+                             then answer: @escaping @Sendable (Result<AppendResult, ApiError>) -> Void) throws(ApiError) -> Bool {
+        let channel = try ChannelName(parsing: channelName)
+        guard let resource = try resource(of: channel, for: actor, .publish) else { return false }
+        try permit(actor, .publish, resource, channel)
+        let request = try appendRequest(actor, channel, body: body, requestId: requestId)
+        let started = ContinuousClock.now
+        store.appends.append(request) { answer(self.appended($0, since: started)) }
+        return true
+    }
+
+    /// A publish's request id checked and body made canonical.
+    private func appendRequest(_ actor: Actor, _ channel: ChannelName, body: JSONValue?, requestId: String?) throws(ApiError) -> AppendRequest {
         if let requestId, requestId.isEmpty || requestId.utf8.count > Self.maxRequestIdLength {
             throw ApiError(.badRequest, "request id must be 1 to \(Self.maxRequestIdLength) bytes")
         }
-        let canonical = try JSONText.canonicalBody(body, limit: bodyLimit)
-        let started = ContinuousClock.now
-        defer { appendTimer?.recordNanoseconds((ContinuousClock.now - started).nanoseconds) }
-        let result = try await store.append(AppendRequest(channel: channel, sender: actor.sub, requestId: requestId, body: canonical))
-        if case .thread(let thread) = channel.kind, !result.replayed { feed?.messagePosted(in: thread, by: actor.sub, message: result.message) }
-        return result
+        return AppendRequest(channel: channel, sender: actor.sub, requestId: requestId, body: try JSONText.canonicalBody(body, limit: bodyLimit))
+    }
+
+    /// After an append: its time recorded, and a thread's new message announced to the other members' feeds.
+    private func appended(_ outcome: Result<AppendResult, ApiError>, since started: ContinuousClock.Instant) -> Result<AppendResult, ApiError> {
+        appendTimer?.recordNanoseconds((ContinuousClock.now - started).nanoseconds)
+        if case .success(let result) = outcome, case .thread(let thread) = result.message.channel.kind, !result.replayed {
+            feed?.messagePosted(in: thread, by: result.message.sender, message: result.message)
+        }
+        return outcome
     }
 
     /// Checks that `cursor` is not past the channel's head (a cursor the channel never gave out).

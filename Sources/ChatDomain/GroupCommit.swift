@@ -1,71 +1,98 @@
+import NIOConcurrencyHelpers
+import NIOCore
+
 /// The queue in front of a store's appends: whatever arrives while a transaction runs is committed by the
-/// next one (group commit), and no caller is answered before its transaction committed. Bounded: past
+/// next one (group commit), and no caller is answered before its transaction committed. One transaction at
+/// a time (larger batches measured faster than more transactions in flight, on both stores). Bounded: past
 /// `maxPending` waiting appends, new ones are refused with `503 STORE_UNAVAILABLE`.
-public actor GroupCommit {
+///
+/// A caller hands over a request with the function that takes its answer: no task per append. One task
+/// commits batch after batch while there are appends waiting and ends when there are none; answers come on
+/// its thread (a caller on an event loop hops back itself), a refusal at once on the caller's.
+public final class GroupCommit: Sendable {
     public typealias Outcome = Result<AppendResult, ApiError>
     /// Commits a batch, returning one outcome per request, in order.
     public typealias CommitBatch = @Sendable ([AppendRequest]) async -> [Outcome]
+    /// Takes one append's outcome.
+    public typealias Answer = @Sendable (Outcome) -> Void
+
+    private struct State {
+        var pending = CircularBuffer<(AppendRequest, Answer)>()
+        /// Requests in the running transaction.
+        var committing = 0
+        /// Whether the committing task runs (it clears this when it finds nothing waiting).
+        var running = false
+        var observer: CommitObserver?
+    }
 
     private let maxPending: Int
     private let maxBatch: Int
-    private let maxInFlight: Int
     private let commitBatch: CommitBatch
-    private var observer: CommitObserver?
-    private var pending: [(AppendRequest, CheckedContinuation<Outcome, Never>)] = []
-    private var inFlight = 0
+    private let state = NIOLockedValueBox(State())
 
-    /// `maxInFlight` transactions may run at once. Both stores use 1 (larger batches measured faster on
-    /// Postgres too); more stays correct there, since its row locks keep each channel's order whatever the
-    /// interleaving.
-    public init(maxPending: Int = 20_000, maxBatch: Int = 512, maxInFlight: Int = 1, commit: @escaping CommitBatch) {
+    public init(maxPending: Int = 20_000, maxBatch: Int = 512, commit: @escaping CommitBatch) {
         self.maxPending = maxPending
-        self.maxBatch = maxBatch
-        self.maxInFlight = max(1, maxInFlight)
+        self.maxBatch = max(1, maxBatch)
         self.commitBatch = commit
     }
 
+    /// Hears of every batch's newly stored messages, in commit order, before any of its publishers is answered.
     public func setObserver(_ observer: @escaping CommitObserver) {
-        self.observer = observer
+        state.withLockedValue { $0.observer = observer }
+    }
+
+    /// Queues `request`; `answer` gets its outcome once its transaction committed or failed.
+    public func append(_ request: AppendRequest, then answer: @escaping Answer) {
+        enum Queued { case refused, queued, startCommitting }
+        let queued = state.withLockedValue { state -> Queued in
+            guard state.pending.count < maxPending else { return .refused }
+            state.pending.append((request, answer))
+            if state.running { return .queued }
+            state.running = true
+            return .startCommitting
+        }
+        switch queued {
+        case .refused: answer(.failure(ApiError(.storeUnavailable, "too many publishes waiting for the store")))
+        case .queued: break
+        case .startCommitting: Task { await commitWhileWaiting() }
+        }
     }
 
     public func append(_ request: AppendRequest) async throws(ApiError) -> AppendResult {
-        guard pending.count < maxPending else {
-            throw ApiError(.storeUnavailable, "too many publishes waiting for the store")
-        }
-        let outcome = await withCheckedContinuation { waiter in
-            pending.append((request, waiter))
-            startBatches()
-        }
-        return try outcome.get()
+        try await withCheckedContinuation { waiter in append(request) { waiter.resume(returning: $0) } }.get()
     }
 
-    private func startBatches() {
-        while inFlight < maxInFlight && !pending.isEmpty {
-            let batch = Array(pending.prefix(maxBatch))
-            pending.removeFirst(batch.count)
-            inFlight += 1
-            let commitBatch = self.commitBatch
-            Task {
-                let outcomes = await commitBatch(batch.map(\.0))
-                self.finish(batch, outcomes)
+    private func commitWhileWaiting() async {
+        while let batch = nextBatch() {
+            let outcomes = await commitBatch(batch.map(\.0))
+            // Committed messages go to the bus before any publisher of the batch hears back.
+            let stored = outcomes.compactMap { outcome -> Message? in
+                if case .success(let result) = outcome, !result.replayed { return result.message }
+                return nil
             }
+            if !stored.isEmpty, let observer = state.withLockedValue({ $0.observer }) { observer(stored) }
+            for ((_, answer), outcome) in zip(batch, outcomes) { answer(outcome) }
         }
     }
 
-    private func finish(_ batch: [(AppendRequest, CheckedContinuation<Outcome, Never>)], _ outcomes: [Outcome]) {
-        // Committed messages go to the bus before any publisher of the batch hears back.
-        let stored = outcomes.compactMap { outcome -> Message? in
-            if case .success(let result) = outcome, !result.replayed { return result.message }
-            return nil
+    /// The next batch, or nil (and the task ends) when nothing waits.
+    private func nextBatch() -> [(AppendRequest, Answer)]? {
+        state.withLockedValue { state in
+            let count = min(maxBatch, state.pending.count)
+            state.committing = count
+            guard count > 0 else {
+                state.running = false
+                return nil
+            }
+            var batch: [(AppendRequest, Answer)] = []
+            batch.reserveCapacity(count)
+            for _ in 0..<count { batch.append(state.pending.removeFirst()) }
+            return batch
         }
-        if !stored.isEmpty { observer?(stored) }
-        for ((_, waiter), outcome) in zip(batch, outcomes) { waiter.resume(returning: outcome) }
-        inFlight -= 1
-        startBatches()
     }
 
-    /// Publishes waiting for their commit or in a transaction (for shutdown).
-    public var waiting: Int { pending.count + inFlight }
+    /// Appends waiting for their commit or in the running transaction (for shutdown).
+    public var waiting: Int { state.withLockedValue { $0.pending.count + $0.committing } }
 }
 
 /// A weak reference that can be captured by a `@Sendable` closure made before the referent exists.

@@ -84,7 +84,7 @@ public final class PostgresStore: Store {
         // One batch in flight: what arrives meanwhile makes the next batch larger. Measured here (3 instances,
         // 2,000 publishes/s): ack p50 7.9 ms with 1 in flight, 14 with 2, 19 with 4, and Postgres used 20 % less
         // CPU; 256 publishers on one instance: 26,262 appends/s with 1, 24,390 with 2, 22,652 with 4.
-        self.appends = GroupCommit(maxPending: maxPending, maxInFlight: 1) { requests in
+        self.appends = GroupCommit(maxPending: maxPending) { requests in
             guard let store = box.value else { return requests.map { _ in .failure(ApiError(.storeUnavailable, "the store is closed")) } }
             return await store.commit(requests, window: window)
         }
@@ -92,7 +92,7 @@ public final class PostgresStore: Store {
     }
 
     public func setCommitObserver(_ observer: @escaping CommitObserver) async {
-        await appends.setObserver(observer)
+        appends.setObserver(observer)
     }
 
     // MARK: migrations

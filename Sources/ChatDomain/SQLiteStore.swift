@@ -61,7 +61,7 @@ public actor SQLiteStore: Store {
     }
 
     public nonisolated func setCommitObserver(_ observer: @escaping CommitObserver) async {
-        await appends.setObserver(observer)
+        appends.setObserver(observer)
     }
 
     static let migrations: [String] = [

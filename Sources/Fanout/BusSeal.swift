@@ -8,10 +8,12 @@ import NIOCore
 /// replayed genuine payload is harmless: messages are deduplicated by `seq`, control events are idempotent.
 public struct BusSeal: Sendable {
     static let tagBytes = SHA256.byteCount
-    private let key: SymmetricKey
+    /// An HMAC already keyed, copied for each payload (its hash states are copied on write): keying costs two
+    /// block hashes and a few allocations, per message when done each time.
+    private let keyed: HMAC<SHA256>
 
     public init(key: String) {
-        self.key = SymmetricKey(data: Array(key.utf8))
+        self.keyed = HMAC<SHA256>(key: SymmetricKey(data: Array(key.utf8)))
     }
 
     /// The key of a cluster without `GATEWAY_CLUSTER_KEY`: derived from the HS256 secret every instance shares
@@ -19,7 +21,7 @@ public struct BusSeal: Sendable {
     /// Whoever could forge with it could already mint any token with the secret.
     public init(derivedFromJWTSecret secret: String) {
         let derived = HMAC<SHA256>.authenticationCode(for: Array("realtime-gateway bus seal v1".utf8), using: SymmetricKey(data: Array(secret.utf8)))
-        self.key = SymmetricKey(data: Array(derived))
+        self.keyed = HMAC<SHA256>(key: SymmetricKey(data: Array(derived)))
     }
 
     /// The sealed payload for `channel`.
@@ -38,7 +40,7 @@ public struct BusSeal: Sendable {
               let tag = sealed.getSlice(at: sealed.readerIndex, length: Self.tagBytes),
               let payload = sealed.getSlice(at: sealed.readerIndex + Self.tagBytes, length: sealed.readableBytes - Self.tagBytes)
         else { return nil }
-        var hmac = HMAC<SHA256>(key: key)
+        var hmac = keyed
         channel.withUnsafeReadableBytes { hmac.update(data: $0) }
         hmac.update(data: [0])
         payload.withUnsafeReadableBytes { hmac.update(data: $0) }
@@ -48,10 +50,17 @@ public struct BusSeal: Sendable {
     }
 
     private func authenticationCode(_ payload: some Collection<UInt8>, channel: some Collection<UInt8>) -> HMAC<SHA256>.MAC {
-        var hmac = HMAC<SHA256>(key: key)
-        hmac.update(data: Array(channel))
+        var hmac = keyed
+        Self.update(&hmac, with: channel)
         hmac.update(data: [0])
-        hmac.update(data: Array(payload))
+        Self.update(&hmac, with: payload)
         return hmac.finalize()
+    }
+
+    /// Without a copy of `bytes` when they are contiguous (an array, a buffer's view).
+    private static func update(_ hmac: inout HMAC<SHA256>, with bytes: some Collection<UInt8>) {
+        if bytes.withContiguousStorageIfAvailable({ hmac.update(data: UnsafeRawBufferPointer($0)) }) == nil {
+            hmac.update(data: Array(bytes))
+        }
     }
 }

@@ -179,14 +179,39 @@ extension GatewayApp {
     /// A publish from any transport: the rate limit first (nothing over it is stored), then the channel
     /// service; the outcome is counted.
     func publish(_ actor: Actor, to channel: String, body: JSONValue?, requestId: String?) async -> Result<AppendResult, ApiError> {
-        if actor.roles.isDisjoint(with: config.rateLimitExemptRoles), let wait = rateLimiter.take(actor.sub) {
-            metrics.count(.rateLimited)
-            return .failure(ApiError(.rateLimited, "publish rate limit exceeded", retryAfter: wait))
-        }
+        if let refused = rateLimited(actor) { return .failure(refused) }
         let outcome: Result<AppendResult, ApiError>
         do throws(ApiError) { outcome = .success(try await channels.publish(actor, to: channel, body: body, requestId: requestId)) } catch { outcome = .failure(error) }
         record(outcome)
         return outcome
+    }
+
+    /// `publish` without a task when it needs no read (`ChannelService.publishKnown`): `answer` gets the
+    /// outcome on the committing task's thread, or at once for a refusal. False, having done nothing, when the
+    /// publish needs `publish`.
+    func publishKnown(_ actor: Actor, to channel: String, body: JSONValue?, requestId: String?,
+                      then answer: @escaping @Sendable (Result<AppendResult, ApiError>) -> Void) -> Bool {
+        let refuse = { (error: ApiError) -> Bool in
+            self.record(.failure(error))
+            answer(.failure(error))
+            return true
+        }
+        if let refused = rateLimited(actor) { return refuse(refused) }
+        do throws(ApiError) {
+            return try channels.publishKnown(actor, to: channel, body: body, requestId: requestId) { outcome in
+                self.record(outcome)
+                answer(outcome)
+            }
+        } catch {
+            return refuse(error)
+        }
+    }
+
+    /// A publish over the user's rate (roles in `rateLimitExemptRoles` are never limited), counted.
+    private func rateLimited(_ actor: Actor) -> ApiError? {
+        guard actor.roles.isDisjoint(with: config.rateLimitExemptRoles), let wait = rateLimiter.take(actor.sub) else { return nil }
+        metrics.count(.rateLimited)
+        return ApiError(.rateLimited, "publish rate limit exceeded", retryAfter: wait)
     }
 
     /// Counts the outcome of a publish for `/metrics`.

@@ -186,7 +186,7 @@ public final class GatewayServer: Sendable {
             InstancePart(description: "postgres pool") { await stopServices() },
             InstancePart(description: "store") {
                 // Publishes still in flight (their client gone) commit before the store closes.
-                for _ in 0..<100 where await store.appends.waiting > 0 { try? await Task.sleep(for: .milliseconds(50)) }
+                for _ in 0..<100 where store.appends.waiting > 0 { try? await Task.sleep(for: .milliseconds(50)) }
                 await store.close()
             },
             InstancePart(description: "bus") {

@@ -174,8 +174,15 @@ final class SessionDriver: LiveStream, PresenceWatcher, LoopTimerOwner, @uncheck
         case .end(let channel, let after): transport?.end(channel, after: after)
         case .publish(let id, let channel, let requestId, let body):
             let (app, actor) = (self.app, session.actor)
-            later({ () async throws(ApiError) in try await app.publish(actor, to: channel, body: body, requestId: requestId).get() }) {
-                $0.run($0.session.published(id, $1))
+            let published: (SessionDriver, Result<AppendResult, ApiError>) -> Void = { $0.run($0.session.published(id, $1)) }
+            // A topic's publish goes to the group commit from here; its answer comes back to the loop.
+            let loop = eventLoop
+            nonisolated(unsafe) let answer = published
+            let handedOver = app.publishKnown(actor, to: channel, body: body, requestId: requestId) { outcome in
+                loop.execute { answer(self, outcome) }
+            }
+            if !handedOver {
+                later({ () async throws(ApiError) in try await app.publish(actor, to: channel, body: body, requestId: requestId).get() }, then: published)
             }
         case .markRead(let id, let thread, let cursor):
             let (app, actor) = (self.app, session.actor)
