@@ -168,6 +168,18 @@ import Testing
             try await expectUserRefused()
             #expect(try await HTTPTestClient.publish(port: port, channel: "topic:ops", body: ["a": 1], token: oncall).status == 403)
             #expect(try await HTTPTestClient.publish(port: port, channel: "topic:ops", body: ["a": 1], token: pager).status == 201)
+            // Over WebSocket (a topic's publish goes to the store without a task: `ChannelService.publishKnown`).
+            for (token, answer) in [(oncall, "error"), (user, "error"), (pager, "ack")] {
+                let ws = try await WSTestClient.connect(port: port, token: token)
+                try await ws.send(["type": "publish", "id": "p", "channel": "topic:ops", "body": ["ws": answer]])
+                let reply = try await ws.next()
+                #expect(reply?["type"] as? String == answer)
+                if answer == "error" { #expect((reply?["error"] as? [String: Any])?["code"] as? String == "FORBIDDEN") }
+                await ws.close()
+            }
+            let stored = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/topic:ops/messages", token: oncall)
+            #expect((stored.json["messages"] as? [[String: Any]])?.compactMap { $0["body"] as? [String: Any] }.count == 2)
+            #expect((stored.json["messages"] as? [[String: Any]])?.last.flatMap { $0["body"] as? [String: Any] }?["ws"] as? String == "ack")
             #expect(try await HTTPTestClient.request(.GET, port: port, "/v1/channels/topic:ops/messages", token: oncall).status == 200)
             // Once an allowed stream has opened the topic, its bounds are in memory and a stream opens without
             // leaving the event loop (`ChannelService.openKnown`), the user's token remembered as verified too:
@@ -185,7 +197,9 @@ import Testing
     }
 
     @Test func publishRateLimitRefusesTheExcessAndStoresNothingOverIt() async throws {
-        try await withTestGateway(configure: { $0.publishRate = 0.5; $0.publishBurst = 5; $0.rateLimitStrikes = 10 }) { gateway in
+        try await withTestGateway(configure: {
+            $0.publishRate = 0.5; $0.publishBurst = 5; $0.rateLimitStrikes = 10; $0.topics = try! TopicRule.parse("rl publish=writer")
+        }) { gateway in
             let port = gateway.port
             let admin = try await gateway.token()
             let created = try await HTTPTestClient.request(.POST, port: port, "/v1/threads", body: jsonText(["title": "t", "members": ["rl"]]), token: admin)
@@ -212,6 +226,19 @@ import Testing
             let history = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/messages", token: admin)
             #expect((history.json["messages"] as? [Any])?.count == 5)
             for i in 0..<10 { #expect(try await HTTPTestClient.publish(port: port, channel: channel, body: ["admin": i], token: admin).status == 201) }
+            // A topic's publish over WebSocket (no task: `ChannelService.publishKnown`) is limited the same.
+            let writer = try await gateway.token("w", roles: ["writer"])
+            let topic = try await WSTestClient.connect(port: port, token: writer)
+            var answers: [String] = []
+            for i in 0..<7 {
+                try await topic.send(["type": "publish", "id": "\(i)", "channel": "topic:rl", "body": ["t": i]])
+                let reply = try await topic.next()
+                answers.append(reply?["type"] as? String == "ack" ? "ack" : (reply?["error"] as? [String: Any])?["code"] as? String ?? "?")
+            }
+            #expect(answers == ["ack", "ack", "ack", "ack", "ack", "RATE_LIMITED", "RATE_LIMITED"])
+            await topic.close()
+            let topicHistory = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/topic:rl/messages", token: admin)
+            #expect((topicHistory.json["messages"] as? [Any])?.count == 5)
         }
     }
 }
