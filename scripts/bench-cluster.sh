@@ -4,7 +4,10 @@
 # CLUSTER_RATES (default "500 1000 2000" msgs/s; target p99 publish→deliver <= 20 ms at 2,000). Prints the
 # tester's own figures (latencies, ordering violations, how busy the machine and the tester were: on this
 # 2-core machine the tester and Postgres share the cores with the three instances) and the servers' CPU
-# per delivery. A benchmark, not a test: nothing here asserts a number.
+# per delivery. Then the same workload against Nchan (3 nginx instances, 1 worker each, one Redis; no
+# durable store), driven by `loadtest fanout --latency` (its publishers POST over HTTP; send times stamped
+# in the bodies), and the gateway / Nchan ratio of the p99s.
+# A benchmark, not a test: nothing here asserts a number.
 #   BIN, LOADTEST: paths of the release binaries.  CLUSTER_SECONDS: publishing seconds per rate (default 20).
 #   CLUSTER_THREADS: event loops per instance (GATEWAY_THREADS; default 1: three instances share 2 cores,
 #   and more loops than the cores an instance has only add thread switches — p99 at 1,000 msgs/s measured
@@ -16,8 +19,17 @@ SECONDS_EACH=${CLUSTER_SECONDS:-20}
 [ -n "$RATES" ] || exit 0
 [ "$SECONDS_EACH" -ge 5 ] || { echo "CLUSTER_SECONDS: at least 5"; exit 2; }
 export GATEWAY_THREADS=${CLUSTER_THREADS:-1} GATEWAY_LOG_LEVEL=${GATEWAY_LOG_LEVEL:-warning}
-CLUSTER_CPU=$(mktemp); trap 'rm -f "$CLUSTER_CPU"' EXIT
-export LOADTEST RATES SECONDS_EACH CLUSTER_CPU
+DIR=$(mktemp -d /tmp/gw-bench-cluster-XXXXXX)
+PIDS=()
+stop() {
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$DIR"
+}
+trap stop EXIT INT TERM
+ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+CLUSTER_CPU=$DIR/cpu; CLUSTER_P99=$DIR/p99
+export LOADTEST RATES SECONDS_EACH CLUSTER_CPU CLUSTER_P99
 echo "== 3 instances (Postgres + Redis, $GATEWAY_THREADS event loop(s) each): 5000 WebSocket subscribers, 200 channels, 8 publishers, ${SECONDS_EACH} s per rate =="
 BIN=$BIN "$(dirname "$0")/cluster.sh" bash -c '
   cpu() {  # CPU ms (user + system) of the processes named $@
@@ -26,6 +38,7 @@ BIN=$BIN "$(dirname "$0")/cluster.sh" bash -c '
     echo $((t * 1000 / $(getconf CLK_TCK)))
   }
   status=0
+  : >"$CLUSTER_P99"
   for rate in $RATES; do
     echo "-- $rate msgs/s"
     # Server CPU over a window inside the publishing (from 2 s after the 5-s ramp to 1 s before the end):
@@ -40,5 +53,23 @@ BIN=$BIN "$(dirname "$0")/cluster.sh" bash -c '
     wait
     echo "$out" | sed "s/^/  /"
     cat "$CLUSTER_CPU"
+    echo "$rate $(echo "$out" | sed -n "s/.*publish → deliver (ms):.* p99 \([0-9.]*\).*/\1/p") $(echo "$out" | sed -n "s/.*publish → ack (ms):.* p99 \([0-9.]*\).*/\1/p")" >>"$CLUSTER_P99"
   done
-  exit $status'
+  exit $status' || status=$?
+
+echo "== the same against Nchan: 3 nginx instances (1 worker each), one Redis; 5000 WebSocket subscribers, 200 channels, 8 HTTP publishers =="
+. "$(dirname "$0")/nchan-lib.sh"
+start_nchan_redis
+start_nchan 3
+for rate in $RATES; do
+  echo "-- $rate msgs/s"
+  out=$("$LOADTEST" fanout --target nchan "${NCHAN_SERVERS[@]}" --pids "$NCHAN_PIDS" --subscribers 5000 --channels 200 --publishers 8 \
+          --rate "$rate" --duration "$SECONDS_EACH" --latency 2>&1) || true
+  echo "$out" | grep -v '^RESULT' | sed 's/^/  /'
+  nd=$(echo "$out" | sed -n 's/.*deliver_p99_ms=\([0-9.]*\).*/\1/p'); na=$(echo "$out" | sed -n 's/.*ack_p99_ms=\([0-9.]*\).*/\1/p')
+  read -r _ gd ga < <(grep "^$rate " "$CLUSTER_P99" || echo "$rate")
+  [ -n "$nd" ] && [ -n "${gd:-}" ] && awk -v gd="$gd" -v ga="${ga:-0}" -v nd="$nd" -v na="${na:-0}" 'BEGIN {
+    printf "   p99 publish→deliver: gateway %.2f ms, Nchan %.2f ms: ratio %.2f; p99 publish→ack: gateway %.2f ms, Nchan %.2f ms\n", gd, nd, (nd > 0 ? gd / nd : 0), ga, na }'
+done
+stop_nchan
+exit ${status:-0}

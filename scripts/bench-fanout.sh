@@ -18,7 +18,6 @@ IDLE=${FANOUT_IDLE-"10000 19000"}
 IDLE_SSE=${FANOUT_IDLE_SSE-"10000"}
 SECONDS_EACH=${FANOUT_SECONDS:-10}
 "$(dirname "$0")/ensure-packages.sh" nginx-light libnginx-mod-nchan redis-server curl
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 DIR=$(mktemp -d /tmp/gw-fanout-XXXXXX)
 PIDS=()
 stop() {
@@ -39,46 +38,8 @@ start_gateway() {  # $1: write delay in ms, $2: data folder (default: a new one)
 }
 
 # Nchan: one Redis, two nginx instances (1 worker each) sharing it.
-R_PORT=$(free_port)
-redis-server --port "$R_PORT" --bind 127.0.0.1 --save "" --appendonly no >"$DIR/redis.log" 2>&1 &
-R_PID=$!; PIDS+=($R_PID)
-NGINX_MASTERS=()
-start_nchan() {  # sets NCHAN_SERVERS, NCHAN_PIDS (workers and Redis), NGINX_WORKERS
-  local ports=() i port
-  NGINX_MASTERS=()
-  for i in 1 2; do
-    port=$(free_port); ports+=("$port"); rm -rf "$DIR/nginx-$i"; mkdir -p "$DIR/nginx-$i"
-    cat >"$DIR/nginx-$i/nginx.conf" <<CONF
-load_module /usr/lib/nginx/modules/ngx_nchan_module.so;
-worker_processes 1;
-worker_rlimit_nofile 20000;
-daemon off;
-pid $DIR/nginx-$i/nginx.pid;
-error_log $DIR/nginx-$i/error.log warn;
-events { worker_connections 19500; }
-http {
-  access_log off;
-  client_body_temp_path $DIR/nginx-$i;
-  nchan_redis_url "redis://127.0.0.1:$R_PORT";
-  server {
-    listen 127.0.0.1:$port;
-    location ~ /sub/(\w+)$ { nchan_subscriber websocket eventsource longpoll; nchan_channel_id \$1; nchan_use_redis on; }
-    location ~ /pub/(\w+)$ { nchan_publisher; nchan_channel_id \$1; nchan_use_redis on; }
-  }
-}
-CONF
-    nginx -c "$DIR/nginx-$i/nginx.conf" -p "$DIR/nginx-$i" >"$DIR/nginx-$i/out.log" 2>&1 &
-    NGINX_MASTERS+=($!); PIDS+=($!)
-  done
-  sleep 1
-  NCHAN_PIDS="$R_PID"; NGINX_WORKERS=""
-  for i in 1 2; do
-    local workers; workers=$(pgrep -P "$(cat "$DIR/nginx-$i/nginx.pid")" | paste -sd,)
-    NCHAN_PIDS="$NCHAN_PIDS,$workers"; NGINX_WORKERS="${NGINX_WORKERS:+$NGINX_WORKERS,}$workers"
-  done
-  NCHAN_SERVERS=(--server "http://127.0.0.1:${ports[0]}" --server "http://127.0.0.1:${ports[1]}")
-}
-stop_nchan() { for pid in "${NGINX_MASTERS[@]}"; do kill -QUIT "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done; }
+. "$(dirname "$0")/nchan-lib.sh"
+start_nchan_redis
 
 field() { echo "$1" | sed -n "s/.*$2=\([0-9.]*\).*/\1/p"; }
 run() {  # prints the human line, returns the RESULT line in $OUT

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Auth
 import Foundation
+import Histogram
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
@@ -35,6 +36,9 @@ struct Fanout: AsyncParsableCommand {
     @Option(help: "The channel (default: a new one).") var channel: String?
     @Flag(help: "Gateway: each subscriber its own user (its own line in the channel's presence list).") var distinctUsers = false
     @Flag(help: "Gateway: subscribe with presence (join/leave events); implies --distinct-users.") var presence = false
+    @Option(help: "Channels: subscriber i on channel i mod N; the messages go to the channels in turn.") var channels = 1
+    @Option(help: "Publisher connections, spread over the servers, sharing the rate.") var publishers = 1
+    @Flag(help: "Stamp each message with its send time: publish→deliver (WebSocket subscribers) and publish→ack percentiles.") var latency = false
 
     func run() async throws {
         let endpoints = urls.compactMap(Endpoint.init(url:))
@@ -52,10 +56,16 @@ struct Fanout: AsyncParsableCommand {
             for i in 0..<subscribers { userTokens.append(try await verifier.mint(sub: "fanout-\(i)", roles: ["service"], ttl: 3600)) }
         }
         let channel = self.channel ?? "fanout\(UInt32.random(in: 0...UInt32.max))"
+        guard channels >= 1, publishers >= 1 else { throw ValidationError("--channels and --publishers: at least 1") }
+        guard !latency || transport == .ws else { throw ValidationError("--latency: WebSocket subscribers only") }
+        let names = channels == 1 ? [channel] : (0..<channels).map { "\(channel)x\($0)" }
         if let since {
             return try await catchUp(endpoints[0], channel: channel, since: since, token: token)
         }
         let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, threads))
+        // With --latency: one recorder per client loop, written only there.
+        var recorders: [ObjectIdentifier: LatencyRecorder] = [:]
+        if latency { for loop in group.makeIterator() { recorders[ObjectIdentifier(loop)] = LatencyRecorder() } }
 
         // Subscribers, connected a few hundred at a time.
         var counters: [any DeliveryCounter] = []
@@ -68,8 +78,11 @@ struct Fanout: AsyncParsableCommand {
                 for i in batch..<min(subscribers, batch + 200) {
                     let endpoint = endpoints[i % endpoints.count]
                     let subscriberToken = userTokens.isEmpty ? token : userTokens[i]
+                    let (name, loop) = (names[i % names.count], group.next())
+                    let recorder = recorders[ObjectIdentifier(loop)]
                     tasks.addTask {
-                        try await Self.subscribe(endpoint, target: target, kind: kind, channel: channel, token: subscriberToken, group: group, presence: presence)
+                        try await Self.subscribe(endpoint, target: target, kind: kind, channel: name, token: subscriberToken, group: loop,
+                                                 presence: presence, stamps: recorder)
                     }
                 }
                 return try await tasks.reduce(into: []) { $0.append($1) }
@@ -95,12 +108,23 @@ struct Fanout: AsyncParsableCommand {
             return
         }
 
-        let publisher = try await Publisher.connect(endpoints[0], target: target, channel: channel, token: token, size: size, group: group)
-        let expected = Int(rate * duration) * subscribers
+        var publishing: [Publisher] = []
+        for p in 0..<publishers {
+            publishing.append(try await Publisher.connect(endpoints[p % endpoints.count], target: target, channels: names, index: p, of: publishers,
+                                                          token: token, size: size, stamped: latency, group: group))
+        }
+        // Message n (publisher n mod P's) goes to channel n mod C, which subscriber i listens to when i mod C matches.
+        let each = Int(rate / Double(publishers) * duration)
+        let expected = (0..<(each * publishers)).reduce(0) { total, n in
+            total + subscribers / names.count + (n % names.count < subscribers % names.count ? 1 : 0)
+        }
         let cpuBefore = Self.cpuSeconds(serverPids)
         let clientBefore = Self.ownCPUSeconds()
         let start = NIODeadline.now()
-        try await publisher.publish(rate: rate, duration: duration)
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            for publisher in publishing { tasks.addTask { try await publisher.publish(count: each, rate: rate / Double(self.publishers)) } }
+            try await tasks.waitForAll()
+        }
         // Until every delivery arrived, or 10 s more.
         var delivered = 0
         let drainEnd = NIODeadline.now() + .seconds(10)
@@ -111,9 +135,14 @@ struct Fanout: AsyncParsableCommand {
         let elapsed = Double((NIODeadline.now() - start).nanoseconds) / 1e9
         let cpu = Self.cpuSeconds(serverPids) - cpuBefore
         let clientCPU = Self.ownCPUSeconds() - clientBefore
-        let acked = publisher.acked.withLockedValue { $0 }
+        let acked = publishing.reduce(0) { $0 + $1.acked.withLockedValue { $0 } }
+        var deliver = LatencyRecorder.empty, ack = LatencyRecorder.empty
+        for loop in group.makeIterator() {
+            if let recorder = recorders[ObjectIdentifier(loop)] { deliver.add(try await loop.submit { recorder.histogram }.get()) }
+        }
+        for publisher in publishing { ack.add(publisher.ackLatency.withLockedValue { $0.histogram }) }
         for connection in connections { connection.close(promise: nil) }
-        try? await publisher.channel.close()
+        for publisher in publishing { try? await publisher.channel.close() }
         try? await group.shutdownGracefully()
 
         let perDelivery = delivered > 0 ? cpu / Double(delivered) * 1e6 : 0
@@ -121,6 +150,12 @@ struct Fanout: AsyncParsableCommand {
                      target.rawValue, subscribers, kind == .ws ? "WebSocket" : kind == .sse ? "SSE" : "long-poll", rate, duration, delivered, expected, acked, Double(delivered) / elapsed, cpu, perDelivery,
                      clientCPU, clientCPU / elapsed * 100))
         print("RESULT target=\(target.rawValue) transport=\(kind.rawValue) subscribers=\(subscribers) deliveries=\(delivered) expected=\(expected) per_s=\(Int(Double(delivered) / elapsed)) cpu_us_per_delivery=\(String(format: "%.3f", perDelivery)) client_cpu_share=\(String(format: "%.2f", clientCPU / elapsed))")
+        if latency {
+            func ms(_ h: Histogram<UInt64>, _ p: Double) -> String { String(format: "%.2f", Double(h.valueAtPercentile(p)) / 1000) }
+            print("  publish → deliver (ms): p50 \(ms(deliver, 50))  p99 \(ms(deliver, 99))  max \(ms(deliver, 100))  (\(deliver.totalCount) deliveries)")
+            print("  publish → ack (ms):     p50 \(ms(ack, 50))  p99 \(ms(ack, 99))  max \(ms(ack, 100))  (\(ack.totalCount) publishes)")
+            print("RESULT target=\(target.rawValue) deliver_p50_ms=\(ms(deliver, 50)) deliver_p99_ms=\(ms(deliver, 99)) ack_p50_ms=\(ms(ack, 50)) ack_p99_ms=\(ms(ack, 99))")
+        }
         if delivered < expected { throw ExitCode(1) }
     }
 
@@ -184,7 +219,8 @@ struct Fanout: AsyncParsableCommand {
     }
 
     static func subscribe(_ endpoint: Endpoint, target: Target, kind: Kind, channel: String, token: String,
-                          group: any EventLoopGroup, since: String? = nil, presence: Bool = false) async throws -> ((any DeliveryCounter), any Channel) {
+                          group: any EventLoopGroup, since: String? = nil, presence: Bool = false,
+                          stamps: LatencyRecorder? = nil) async throws -> ((any DeliveryCounter), any Channel) {
         let loop = group.next()
         if kind == .poll {
             let counter = PollCounter(loop: loop, target: target, endpoint: endpoint, channel: channel, token: token)
@@ -203,7 +239,7 @@ struct Fanout: AsyncParsableCommand {
             try await connection.writeAndFlush(ByteBuffer(string: "GET \(path) HTTP/1.1\r\nHost: \(endpoint)\r\nAccept: text/event-stream\r\n\(auth)\r\n"))
             return (counter, connection)
         }
-        let counter = FrameCounter(loop: loop, waitForReply: target == .gateway)
+        let counter = FrameCounter(loop: loop, waitForReply: target == .gateway, stamps: stamps)
         let connection = try await ClientBootstrap(group: loop)
             .channelInitializer { channel in channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(counter) } }
             .connect(host: endpoint.host, port: endpoint.port).get()
@@ -440,7 +476,33 @@ final class PollCounter: ChannelInboundHandler, DeliveryCounter, @unchecked Send
     }
 }
 
-/// Counts the text frames a server sends after its `101`, reading only frame headers.
+/// Send-to-arrival times of stamped messages (µs): `"t":` and the send time (`NIODeadline` nanoseconds) in the
+/// body. One per client loop, touched only there (or one per publisher, under its lock).
+final class LatencyRecorder: @unchecked Sendable {
+    static var empty: Histogram<UInt64> { Histogram(highestTrackableValue: 60_000_000, numberOfSignificantValueDigits: .three) }
+    var histogram = LatencyRecorder.empty
+    private static let needle = Array("\"t\":".utf8)
+
+    static func stamp(in bytes: some Collection<UInt8>) -> UInt64? {
+        guard let found = bytes.firstRange(of: needle) else { return nil }
+        var value: UInt64 = 0
+        var any = false
+        for byte in bytes[found.upperBound...] {
+            guard byte >= 0x30 && byte <= 0x39 else { break }
+            value = value &* 10 &+ UInt64(byte - 0x30)
+            any = true
+        }
+        return any ? value : nil
+    }
+
+    func record(sentAt: UInt64) {
+        let now = NIODeadline.now().uptimeNanoseconds
+        _ = histogram.record(now > sentAt ? (now - sentAt) / 1000 : 0)
+    }
+}
+
+/// Counts the text frames a server sends after its `101`, reading only frame headers (with `stamps`, each text
+/// frame whole, for the send time in its payload).
 final class FrameCounter: ChannelInboundHandler, DeliveryCounter, @unchecked Sendable {  // state only touched on `loop`
     typealias InboundIn = ByteBuffer
     let loop: any EventLoop
@@ -452,11 +514,13 @@ final class FrameCounter: ChannelInboundHandler, DeliveryCounter, @unchecked Sen
     private var skip = 0
     private(set) var frames = 0
     private var readyDone = false
+    private let stamps: LatencyRecorder?
 
-    init(loop: any EventLoop, waitForReply: Bool) {
+    init(loop: any EventLoop, waitForReply: Bool, stamps: LatencyRecorder? = nil) {
         self.loop = loop
         self.ready = loop.makePromise()
         self.waitForReply = waitForReply
+        self.stamps = stamps
     }
 
     static func maskedText(_ text: String) -> ByteBuffer {
@@ -513,16 +577,19 @@ final class FrameCounter: ChannelInboundHandler, DeliveryCounter, @unchecked Sen
                 length = (0..<8).reduce(0) { $0 << 8 | Int(view[view.startIndex + 2 + $1]) }
                 headerLength = 10
             }
-            bytes.moveReaderIndex(forwardBy: headerLength)
-            skip = length
+            if stamps != nil && view.count < headerLength + length { break }  // read whole: wait for the rest
             if first & 0x0F == 0x1 {
                 if waitForReply && !readyDone {
                     readyDone = true  // the `subscribed` reply
                     ready.succeed()
                 } else {
                     frames += 1
+                    let payload = view.startIndex + headerLength
+                    if let stamps, let sent = LatencyRecorder.stamp(in: view[payload..<(payload + length)]) { stamps.record(sentAt: sent) }
                 }
             }
+            bytes.moveReaderIndex(forwardBy: headerLength)
+            skip = length
         }
         if bytes.readableBytes > 0 { partial = bytes }
     }
@@ -538,30 +605,41 @@ final class FrameCounter: ChannelInboundHandler, DeliveryCounter, @unchecked Sen
 }
 
 /// One HTTP/1.1 keep-alive connection that POSTs messages at a fixed rate (pipelined), counting 2xx answers.
-final class Publisher: ChannelInboundHandler, @unchecked Sendable {  // written on its loop
+/// Publisher `index` of `count` sends messages index, index + count, …; message n goes to channel n mod C.
+/// With `stamped`, each body carries its send time and each answer's delay is recorded (answers come in order).
+final class Publisher: ChannelInboundHandler, @unchecked Sendable {  // `pending` only touched on its loop
     typealias InboundIn = ByteBuffer
     let channel: any Channel
     let acked = NIOLockedValueBox(0)
-    private let request: (Int) -> ByteBuffer
+    /// Send times of the requests not answered yet, and the answers' delays.
+    let ackLatency = NIOLockedValueBox((sent: CircularBuffer<UInt64>(), histogram: LatencyRecorder.empty))
+    private let request: (Int, UInt64?) -> ByteBuffer
+    private let index: Int, count: Int
+    private let stamped: Bool
     private var pending = ""
 
-    private init(channel: any Channel, request: @escaping (Int) -> ByteBuffer) {
+    private init(channel: any Channel, index: Int, count: Int, stamped: Bool, request: @escaping (Int, UInt64?) -> ByteBuffer) {
         self.channel = channel
         self.request = request
+        self.index = index
+        self.count = count
+        self.stamped = stamped
     }
 
-    static func connect(_ endpoint: Endpoint, target: Fanout.Target, channel name: String, token: String, size: Int,
-                        group: any EventLoopGroup) async throws -> Publisher {
+    static func connect(_ endpoint: Endpoint, target: Fanout.Target, channels names: [String], index: Int = 0, of count: Int = 1, token: String,
+                        size: Int, stamped: Bool = false, group: any EventLoopGroup) async throws -> Publisher {
         let pad = String(repeating: "x", count: max(0, size - 40))
-        let path = target == .gateway ? "/v1/channels/topic:\(name)/messages" : "/pub/\(name)"
         let auth = target == .gateway ? "Authorization: Bearer \(token)\r\n" : ""
-        let request: (Int) -> ByteBuffer = { n in
-            let body = target == .gateway ? "{\"body\":{\"n\":\(n),\"pad\":\"\(pad)\"}}" : "{\"n\":\(n),\"pad\":\"\(pad)\"}"
+        let request: (Int, UInt64?) -> ByteBuffer = { n, sentAt in
+            let name = names[n % names.count]
+            let path = target == .gateway ? "/v1/channels/topic:\(name)/messages" : "/pub/\(name)"
+            let fields = "\"n\":\(n),\"pad\":\"\(pad)\"" + (sentAt.map { ",\"t\":\($0)" } ?? "")
+            let body = target == .gateway ? "{\"body\":{\(fields)}}" : "{\(fields)}"
             return ByteBuffer(string: "POST \(path) HTTP/1.1\r\nHost: \(endpoint)\r\n\(auth)Content-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)")
         }
         let connection = try await ClientBootstrap(group: group)
             .connect(host: endpoint.host, port: endpoint.port).get()
-        let publisher = Publisher(channel: connection, request: request)
+        let publisher = Publisher(channel: connection, index: index, count: count, stamped: stamped, request: request)
         try await connection.pipeline.addHandler(publisher).get()
         return publisher
     }
@@ -574,20 +652,31 @@ final class Publisher: ChannelInboundHandler, @unchecked Sendable {  // written 
             pending = String(pending[range.upperBound...])
         }
         if pending.count > 64 * 1024 { pending = String(pending.suffix(64)) }
-        if answered > 0 { acked.withLockedValue { $0 += answered } }
+        guard answered > 0 else { return }
+        acked.withLockedValue { $0 += answered }
+        if stamped {
+            let now = NIODeadline.now().uptimeNanoseconds
+            ackLatency.withLockedValue { state in
+                for _ in 0..<answered {
+                    guard let sent = state.sent.popFirst() else { break }
+                    _ = state.histogram.record(now > sent ? (now - sent) / 1000 : 0)
+                }
+            }
+        }
     }
 
-    /// Sends `rate` requests a second for `duration` seconds, in 10 ms ticks.
-    func publish(rate: Double, duration: Double) async throws {
+    /// Sends `total` requests at `rate` a second, in 10 ms ticks.
+    func publish(count total: Int, rate: Double) async throws {
         let start = NIODeadline.now()
         var sent = 0
-        let total = Int(rate * duration)
         while sent < total {
             let elapsed = Double((NIODeadline.now() - start).nanoseconds) / 1e9
             let due = min(total, Int(elapsed * rate) + 1)
             if due > sent {
                 var batch = ByteBuffer()
-                for n in sent..<due { var one = request(n); batch.writeBuffer(&one) }
+                let now = NIODeadline.now().uptimeNanoseconds
+                for k in sent..<due { var one = request(k * count + index, stamped ? now : nil); batch.writeBuffer(&one) }
+                if stamped { ackLatency.withLockedValue { for _ in sent..<due { $0.sent.append(now) } } }
                 sent = due
                 try await channel.writeAndFlush(batch)
             }
