@@ -60,9 +60,12 @@ public final class PostgresStore: Store {
 
     /// The connection pool for `url`. It is a swift-service-lifecycle `Service`: run it in the instance's
     /// `ServiceGroup` before opening the store.
-    public static func makeClient(url: String, logger: Logger) throws -> PostgresClient {
+    /// `group`: the event loops its connections live on — an instance passes its own, so that a commit's
+    /// answer is read on a thread the instance already keeps busy (default: NIO's shared singleton group).
+    public static func makeClient(url: String, group: (any EventLoopGroup)? = nil, logger: Logger) throws -> PostgresClient {
         guard let config = configuration(from: url) else { throw PostgresStoreError("DATABASE_URL must be postgres://user:pass@host:port/db[?sslmode=…&sslrootcert=…]") }
-        return PostgresClient(configuration: config, backgroundLogger: logger)
+        guard let group else { return PostgresClient(configuration: config, backgroundLogger: logger) }
+        return PostgresClient(configuration: config, eventLoopGroup: group, backgroundLogger: logger)
     }
 
     /// Applies the migrations (once, even when several instances start together) through a running client.

@@ -49,7 +49,7 @@ public final class GatewayServer: Sendable {
 
         // Background services (the Postgres pool) run in a ServiceGroup owned by this instance.
         var services: [any Service] = []
-        let client = try config.databaseURL.map { try PostgresStore.makeClient(url: $0, logger: logger) }
+        let client = try config.databaseURL.map { try PostgresStore.makeClient(url: $0, group: group, logger: logger) }
         if let client { services.append(client) }
         let serviceGroup = ServiceGroup(configuration: .init(services: services, logger: logger))
         let servicesTask = Task { try? await serviceGroup.run() }
