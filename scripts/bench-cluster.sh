@@ -19,15 +19,8 @@ SECONDS_EACH=${CLUSTER_SECONDS:-20}
 [ -n "$RATES" ] || exit 0
 [ "$SECONDS_EACH" -ge 5 ] || { echo "CLUSTER_SECONDS: at least 5"; exit 2; }
 export GATEWAY_THREADS=${CLUSTER_THREADS:-1} GATEWAY_LOG_LEVEL=${GATEWAY_LOG_LEVEL:-warning}
-DIR=$(mktemp -d /tmp/gw-bench-cluster-XXXXXX)
-PIDS=()
-stop() {
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$DIR"
-}
-trap stop EXIT INT TERM
-ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+. "$(dirname "$0")/bench-lib.sh"
+bench_scratch gw-bench-cluster
 CLUSTER_CPU=$DIR/cpu; CLUSTER_P99=$DIR/p99
 export LOADTEST RATES SECONDS_EACH CLUSTER_CPU CLUSTER_P99
 echo "== 3 instances (Postgres + Redis, $GATEWAY_THREADS event loop(s) each): 5000 WebSocket subscribers, 200 channels, 8 publishers, ${SECONDS_EACH} s per rate =="
@@ -58,7 +51,6 @@ BIN=$BIN "$(dirname "$0")/cluster.sh" bash -c '
   exit $status' || status=$?
 
 echo "== the same against Nchan: 3 nginx instances (1 worker each), one Redis; 5000 WebSocket subscribers, 200 channels, 8 HTTP publishers =="
-. "$(dirname "$0")/nchan-lib.sh"
 start_nchan_redis
 start_nchan 3
 for rate in $RATES; do

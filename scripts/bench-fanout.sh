@@ -18,15 +18,8 @@ IDLE=${FANOUT_IDLE-"10000 19000"}
 IDLE_SSE=${FANOUT_IDLE_SSE-"10000"}
 SECONDS_EACH=${FANOUT_SECONDS:-10}
 "$(dirname "$0")/ensure-packages.sh" nginx-light libnginx-mod-nchan redis-server curl
-DIR=$(mktemp -d /tmp/gw-fanout-XXXXXX)
-PIDS=()
-stop() {
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$DIR"
-}
-trap stop EXIT INT TERM
-ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+. "$(dirname "$0")/bench-lib.sh"
+bench_scratch gw-fanout
 export GATEWAY_JWT_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
 
 start_gateway() {  # $1: write delay in ms, $2: data folder (default: a new one); sets GW_PORT, GW_PID
@@ -38,7 +31,6 @@ start_gateway() {  # $1: write delay in ms, $2: data folder (default: a new one)
 }
 
 # Nchan: one Redis, two nginx instances (1 worker each) sharing it.
-. "$(dirname "$0")/nchan-lib.sh"
 start_nchan_redis
 
 field() { echo "$1" | sed -n "s/.*$2=\([0-9.]*\).*/\1/p"; }

@@ -34,6 +34,12 @@ import Testing
             held.withLockedValue { $0.removeFirst() }.resume()
         }
 
+        /// Appends `body` and waits until its transaction runs (what comes next waits for the one after).
+        func appendFirst(_ commits: GroupCommit, _ body: String) async throws {
+            append(commits, body)
+            try await eventually("the first transaction") { self.batches.withLockedValue { $0.count == 1 } }
+        }
+
         func append(_ commits: GroupCommit, _ body: String, requestId: String? = nil) {
             commits.append(AppendRequest(channel: try! ChannelName(parsing: "topic:gc"), sender: "u", requestId: requestId, body: body)) { outcome in
                 let text: String
@@ -55,8 +61,7 @@ import Testing
     @Test func whatArrivesDuringATransactionIsCommittedByTheNextInOrder() async throws {
         let store = HeldCommits()
         let commits = Self.make(store)
-        store.append(commits, "a")
-        try await eventually("the first transaction") { store.batches.withLockedValue { $0.count == 1 } }
+        try await store.appendFirst(commits, "a")
         for body in ["b", "c", "d", "e"] { store.append(commits, body) }
         #expect(commits.waiting == 5)
         try await store.finishRunning()
@@ -81,8 +86,7 @@ import Testing
     @Test func replaysAndFailuresAreAnsweredButNotObserved() async throws {
         let store = HeldCommits()
         let commits = Self.make(store, maxBatch: 10)
-        store.append(commits, "first")
-        try await eventually("the first transaction") { store.batches.withLockedValue { $0.count == 1 } }
+        try await store.appendFirst(commits, "first")
         store.append(commits, "new")
         store.append(commits, "again", requestId: "replay")
         store.append(commits, "lost", requestId: "fails")
@@ -98,8 +102,7 @@ import Testing
     @Test func pastMaxPendingAnAppendIsRefusedAtOnceAndNeverStored() async throws {
         let store = HeldCommits()
         let commits = Self.make(store, maxPending: 2)
-        store.append(commits, "a")
-        try await eventually("the first transaction") { store.batches.withLockedValue { $0.count == 1 } }
+        try await store.appendFirst(commits, "a")
         store.append(commits, "b")
         store.append(commits, "c")
         store.append(commits, "d")

@@ -1,6 +1,18 @@
-# Nchan for the benchmarks (sourced by bench-fanout.sh and bench-cluster.sh): one Redis and N nginx instances
-# (1 worker each) sharing it, on free loopback ports. The caller sets DIR (a scratch folder) and PIDS (an
-# array its exit trap stops); nginx-light and libnginx-mod-nchan must be installed.
+# What the benchmark scripts share (sourced by bench-fanout.sh and bench-cluster.sh): a scratch folder and the
+# processes stopped at exit, free loopback ports, and Nchan — one Redis and N nginx instances (1 worker each)
+# sharing it (nginx-light and libnginx-mod-nchan must be installed).
+bench_scratch() {  # $1: name prefix; sets DIR (removed at exit) and PIDS (stopped at exit); raises the open-files limit
+  DIR=$(mktemp -d "/tmp/$1-XXXXXX")
+  PIDS=()
+  trap bench_stop EXIT INT TERM
+  ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+}
+bench_stop() {
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$DIR"
+}
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 start_nchan_redis() {  # sets R_PORT, R_PID
