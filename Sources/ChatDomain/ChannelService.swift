@@ -224,6 +224,13 @@ public final class ChannelService: Sendable {
         return true
     }
 
+    /// Whether `publishKnown` would leave a publish to `name` to `publish`: the permission needs a read (a
+    /// member's thread). A name that does not parse, or a refusal the configuration decides, needs none.
+    public func publishNeedsRead(_ actor: Actor, _ name: String) -> Bool {
+        guard let channel = try? ChannelName(parsing: name) else { return false }
+        do { return try resource(of: channel, for: actor, .publish) == nil } catch { return false }
+    }
+
     /// A publish's request id checked and body made canonical.
     private func appendRequest(_ actor: Actor, _ channel: ChannelName, body: JSONValue?, requestId: String?) throws(ApiError) -> AppendRequest {
         if let requestId, requestId.isEmpty || requestId.utf8.count > Self.maxRequestIdLength {

@@ -196,6 +196,8 @@ extension GatewayApp {
             answer(.failure(error))
             return true
         }
+        // Decided before the rate limit takes its token: `publish` takes it once more.
+        guard !channels.publishNeedsRead(actor, channel) else { return false }
         if let refused = rateLimited(actor) { return refuse(refused) }
         do throws(ApiError) {
             return try channels.publishKnown(actor, to: channel, body: body, requestId: requestId) { outcome in

@@ -239,6 +239,19 @@ import Testing
             await topic.close()
             let topicHistory = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/topic:rl/messages", token: admin)
             #expect((topicHistory.json["messages"] as? [Any])?.count == 5)
+            // A member's thread publish over WebSocket (its membership read in a task) takes one token, not two.
+            let member = try await gateway.token("m2", roles: [])
+            _ = try await HTTPTestClient.request(.POST, port: port, "/v1/threads/\(channel.dropFirst("thread:".count))/members",
+                                                 body: jsonText(["user": "m2"]), token: admin)
+            let memberWS = try await WSTestClient.connect(port: port, token: member)
+            var memberAnswers: [String] = []
+            for i in 0..<7 {
+                try await memberWS.send(["type": "publish", "id": "m\(i)", "channel": channel, "body": ["m": i]])
+                let reply = try await memberWS.next()
+                memberAnswers.append(reply?["type"] as? String == "ack" ? "ack" : (reply?["error"] as? [String: Any])?["code"] as? String ?? "?")
+            }
+            #expect(memberAnswers == ["ack", "ack", "ack", "ack", "ack", "RATE_LIMITED", "RATE_LIMITED"])
+            await memberWS.close()
         }
     }
 }
