@@ -88,8 +88,7 @@ import Testing
                 try await alicePage.waitFor("bob typing at alice", "window.demo.typing.includes('bob')")
                 #expect(try await alicePage.evaluate("document.getElementById('typing').textContent") as? String == "bob is typing…")
                 #expect(try await bobPage.evaluate("window.demo.typing.length") as? Int == 0)
-                _ = try? await bobPage.call("Page.close")  // bob's tab closes, and its WebSocket with it
-                await bobPage.close()
+                try await browser.closeTab(bobPage)  // bob's tab closes, and its WebSocket with it
                 try await alicePage.waitFor("bob left", "[...window.demo.here].join(',') === 'alice'")
                 await alicePage.close()
             }

@@ -56,10 +56,18 @@ final class Browser: @unchecked Sendable {  // used from one test task
               let address = target["webSocketDebuggerUrl"] as? String, let url = URL(string: address)
         else { throw ServiceError(description: "no DevTools target: \(created.body)") }
         let socket = try await WSTestClient.connect(port: port, token: nil, path: url.path)
-        let page = BrowserPage(socket: socket)
+        let page = BrowserPage(socket: socket, targetId: target["id"] as? String ?? "")
         _ = try await page.call("Page.enable")
         _ = try await page.call("Runtime.enable")
         return page
+    }
+
+    /// Closes `page`'s tab as a user would (its connections with it), through DevTools' HTTP endpoint: unlike
+    /// `Page.close`, which asks the page and may leave it open, the target is closed.
+    func closeTab(_ page: BrowserPage) async throws {
+        let answer = try await HTTPTestClient.request(.GET, port: port, "/json/close/\(page.targetId)")
+        guard answer.status == 200 else { throw ServiceError(description: "DevTools did not close the tab: \(answer.status) \(answer.body)") }
+        await page.close()
     }
 
     func close() async {
@@ -73,11 +81,14 @@ final class Browser: @unchecked Sendable {  // used from one test task
 final class BrowserPage: @unchecked Sendable {  // used from one test task
     private let socket: WSTestClient
     private var nextId = 1
+    /// Its DevTools target.
+    let targetId: String
     /// What the page printed and threw (`console.*`, uncaught exceptions), for failure messages.
     private(set) var console: [String] = []
 
-    init(socket: WSTestClient) {
+    init(socket: WSTestClient, targetId: String) {
         self.socket = socket
+        self.targetId = targetId
     }
 
     /// Sends one DevTools command and returns its `result` (events read meanwhile are kept as console lines).
