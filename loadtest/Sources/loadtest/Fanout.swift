@@ -136,11 +136,11 @@ struct Fanout: AsyncParsableCommand {
         let cpu = Self.cpuSeconds(serverPids) - cpuBefore
         let clientCPU = Self.ownCPUSeconds() - clientBefore
         let acked = publishing.reduce(0) { $0 + $1.acked.withLockedValue { $0 } }
-        var deliver = LatencyRecorder.empty, ack = LatencyRecorder.empty
+        var deliver = Histogram<UInt64>.latencyMicros, ack = Histogram<UInt64>.latencyMicros
         for loop in group.makeIterator() {
             if let recorder = recorders[ObjectIdentifier(loop)] { deliver.add(try await loop.submit { recorder.histogram }.get()) }
         }
-        for publisher in publishing { ack.add(publisher.ackLatency.withLockedValue { $0.histogram }) }
+        for publisher in publishing { ack.add(publisher.ackLatency.withLockedValue { $0.recorder.histogram }) }
         for connection in connections { connection.close(promise: nil) }
         for publisher in publishing { try? await publisher.channel.close() }
         try? await group.shutdownGracefully()
@@ -479,8 +479,7 @@ final class PollCounter: ChannelInboundHandler, DeliveryCounter, @unchecked Send
 /// Send-to-arrival times of stamped messages (µs): `"t":` and the send time (`NIODeadline` nanoseconds) in the
 /// body. One per client loop, touched only there (or one per publisher, under its lock).
 final class LatencyRecorder: @unchecked Sendable {
-    static var empty: Histogram<UInt64> { Histogram(highestTrackableValue: 60_000_000, numberOfSignificantValueDigits: .three) }
-    var histogram = LatencyRecorder.empty
+    var histogram = Histogram<UInt64>.latencyMicros
     private static let needle = Array("\"t\":".utf8)
 
     static func stamp(in bytes: some Collection<UInt8>) -> UInt64? {
@@ -495,8 +494,7 @@ final class LatencyRecorder: @unchecked Sendable {
         return any ? value : nil
     }
 
-    func record(sentAt: UInt64) {
-        let now = NIODeadline.now().uptimeNanoseconds
+    func record(sentAt: UInt64, now: UInt64 = NIODeadline.now().uptimeNanoseconds) {
         _ = histogram.record(now > sentAt ? (now - sentAt) / 1000 : 0)
     }
 }
@@ -612,7 +610,7 @@ final class Publisher: ChannelInboundHandler, @unchecked Sendable {  // `pending
     let channel: any Channel
     let acked = NIOLockedValueBox(0)
     /// Send times of the requests not answered yet, and the answers' delays.
-    let ackLatency = NIOLockedValueBox((sent: CircularBuffer<UInt64>(), histogram: LatencyRecorder.empty))
+    let ackLatency = NIOLockedValueBox((sent: CircularBuffer<UInt64>(), recorder: LatencyRecorder()))
     private let request: (Int, UInt64?) -> ByteBuffer
     private let index: Int, count: Int
     private let stamped: Bool
@@ -659,7 +657,7 @@ final class Publisher: ChannelInboundHandler, @unchecked Sendable {  // `pending
             ackLatency.withLockedValue { state in
                 for _ in 0..<answered {
                     guard let sent = state.sent.popFirst() else { break }
-                    _ = state.histogram.record(now > sent ? (now - sent) / 1000 : 0)
+                    state.recorder.record(sentAt: sent, now: now)
                 }
             }
         }

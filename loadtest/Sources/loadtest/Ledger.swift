@@ -14,8 +14,8 @@ final class Ledger: Sendable {
         var acked: [String: Set<Int64>] = [:]
         var counts: [Violation: Int] = [:]
         var examples: [String] = []
-        var delivery = Histogram<UInt64>(highestTrackableValue: 60_000_000, numberOfSignificantValueDigits: .three)
-        var ack = Histogram<UInt64>(highestTrackableValue: 60_000_000, numberOfSignificantValueDigits: .three)
+        var delivery = Histogram<UInt64>.latencyMicros
+        var ack = Histogram<UInt64>.latencyMicros
         var sent = 0
         var received = 0
         var connections = 0
@@ -127,3 +127,8 @@ func seq(ofCursor cursor: String) -> Int64? {
 }
 
 func nowNanos() -> UInt64 { DispatchTime.now().uptimeNanoseconds }
+
+extension Histogram where Count == UInt64 {
+    /// Latencies in µs, up to a minute, three significant digits (every latency the tools report).
+    static var latencyMicros: Self { Histogram(highestTrackableValue: 60_000_000, numberOfSignificantValueDigits: .three) }
+}
