@@ -90,7 +90,7 @@ let package = Package(
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
         ], path: "loadtest/Sources/loadtest"),
         .executableTarget(name: "bench", dependencies: [
-            "ChatDomain", "Fanout",
+            "Auth", "ChatDomain", "Fanout", "Wire",
             .product(name: "PostgresNIO", package: "postgres-nio"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "NIOCore", package: "swift-nio"),

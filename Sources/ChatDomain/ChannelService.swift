@@ -93,7 +93,7 @@ public final class ChannelService: Sendable {
     }
 
     /// Parses a channel name and checks that `actor` may do `action` on it (a thread's membership is read
-    /// from the store at every check: subscribe, resume, read and publish).
+    /// from the store at every check: subscribe, resume and read; a publish's is checked by its append).
     public func authorize(_ actor: Actor, _ action: Action, _ name: String) async throws(ApiError) -> ChannelName {
         try await check(actor, action, name).channel
     }
@@ -127,9 +127,22 @@ public final class ChannelService: Sendable {
     }
 
     private func permit(_ actor: Actor, _ action: Action, _ resource: Resource, _ channel: ChannelName) throws(ApiError) {
-        guard policy.can(actor, action, resource) else {
-            throw ApiError(.forbidden, "not allowed to \(action.rawValue) on \(channel.rawValue)", details: ["channel": channel.rawValue])
+        guard policy.can(actor, action, resource) else { throw ApiError.notAllowed(action, on: channel) }
+    }
+
+    /// A publish's permission, decided without a read: thrown when the configuration refuses it; true when it
+    /// holds only if the sender is a member of the thread, which the store checks in the append's transaction
+    /// (refused there with the same error). So a member's publish costs no read of its own, and a removal
+    /// committed before the append always refuses it.
+    private func publishPermit(_ actor: Actor, _ channel: ChannelName) throws(ApiError) -> Bool {
+        if let resource = try resource(of: channel, for: actor, .publish) {
+            try permit(actor, .publish, resource, channel)
+            return false
         }
+        guard case .thread(let id) = channel.kind else { preconditionFailure("only a member's thread needs a read") }
+        if policy.can(actor, .publish, .thread(id: id, isMember: false)) { return false }
+        try permit(actor, .publish, .thread(id: id, isMember: true), channel)
+        return true
     }
 
     /// Where a stream (a subscription, an SSE stream, a long-poll) starts.
@@ -200,43 +213,32 @@ public final class ChannelService: Sendable {
 
     /// Validates and commits a publish. `body` is the parsed JSON value of the request's `body`.
     public func publish(_ actor: Actor, to channelName: String, body: JSONValue?, requestId: String?) async throws(ApiError) -> AppendResult {
-        let channel = try await authorize(actor, .publish, channelName)
-        let request = try appendRequest(actor, channel, body: body, requestId: requestId)
+        let request = try appendRequest(actor, to: channelName, body: body, requestId: requestId)
         let started = ContinuousClock.now
         let outcome: Result<AppendResult, ApiError>
         do throws(ApiError) { outcome = .success(try await store.append(request)) } catch { outcome = .failure(error) }
         return try appended(outcome, since: started).get()
     }
 
-    /// `publish` without a task, when the permission needs no read (a topic, an admin on a thread): the same
-    /// checks in the same order, with the same errors (thrown), then the append goes to the store's group
-    /// commit, which gives `answer` the outcome once the transaction committed — on the committing task's
-    /// thread, or at once when the queue is full. False, having done nothing, when the publish needs `publish`
-    /// (a member's thread: the membership is read).
-    public func publishKnown(_ actor: Actor, to channelName: String, body: JSONValue?, requestId: String?,
-                             then answer: @escaping @Sendable (Result<AppendResult, ApiError>) -> Void) throws(ApiError) -> Bool {
-        let channel = try ChannelName(parsing: channelName)
-        guard let resource = try resource(of: channel, for: actor, .publish) else { return false }
-        try permit(actor, .publish, resource, channel)
-        let request = try appendRequest(actor, channel, body: body, requestId: requestId)
+    /// `publish` without a task: the same checks in the same order, with the same errors (thrown), then the
+    /// append goes to the store's group commit, which gives `answer` the outcome once the transaction committed
+    /// — on the committing task's thread, or at once when the queue is full.
+    public func publish(_ actor: Actor, to channelName: String, body: JSONValue?, requestId: String?,
+                        then answer: @escaping @Sendable (Result<AppendResult, ApiError>) -> Void) throws(ApiError) {
+        let request = try appendRequest(actor, to: channelName, body: body, requestId: requestId)
         let started = ContinuousClock.now
         store.appends.append(request) { answer(self.appended($0, since: started)) }
-        return true
     }
 
-    /// Whether `publishKnown` would leave a publish to `name` to `publish`: the permission needs a read (a
-    /// member's thread). A name that does not parse, or a refusal the configuration decides, needs none.
-    public func publishNeedsRead(_ actor: Actor, _ name: String) -> Bool {
-        guard let channel = try? ChannelName(parsing: name) else { return false }
-        do { return try resource(of: channel, for: actor, .publish) == nil } catch { return false }
-    }
-
-    /// A publish's request id checked and body made canonical.
-    private func appendRequest(_ actor: Actor, _ channel: ChannelName, body: JSONValue?, requestId: String?) throws(ApiError) -> AppendRequest {
+    /// A publish checked (the channel's name, the permission, the request id) and its body made canonical.
+    private func appendRequest(_ actor: Actor, to channelName: String, body: JSONValue?, requestId: String?) throws(ApiError) -> AppendRequest {
+        let channel = try ChannelName(parsing: channelName)
+        let membersOnly = try publishPermit(actor, channel)
         if let requestId, requestId.isEmpty || requestId.utf8.count > Self.maxRequestIdLength {
             throw ApiError(.badRequest, "request id must be 1 to \(Self.maxRequestIdLength) bytes")
         }
-        return AppendRequest(channel: channel, sender: actor.sub, requestId: requestId, body: try JSONText.canonicalBody(body, limit: bodyLimit))
+        return AppendRequest(channel: channel, sender: actor.sub, requestId: requestId, body: try JSONText.canonicalBody(body, limit: bodyLimit),
+                             senderMustBeMember: membersOnly)
     }
 
     /// After an append: its time recorded, and a thread's new message announced to the other members' feeds.
@@ -287,5 +289,13 @@ public final class ChannelService: Sendable {
             let page = try await page(in: channel, before: head + 1, limit: limit)
             return History(messages: page.messages, cursor: Cursor.text(channel: channel, seq: head), hasMore: page.hasMore)
         }
+    }
+}
+
+extension ApiError {
+    /// `403 FORBIDDEN` for an action the policy refuses on a channel (a non-member's publish to a thread
+    /// included, refused by the store's append).
+    static func notAllowed(_ action: Action, on channel: ChannelName) -> ApiError {
+        ApiError(.forbidden, "not allowed to \(action.rawValue) on \(channel.rawValue)", details: ["channel": channel.rawValue])
     }
 }

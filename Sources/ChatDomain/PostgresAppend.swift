@@ -1,10 +1,15 @@
 extension PostgresStore {
-    /// Migration 6: one append batch as one function call, so one round trip and one implicit transaction
-    /// (it was five statements in an explicit transaction: seven round trips with BEGIN and COMMIT, and the
+    /// Migrations 6 and 7 both run this text: 6 once made it without the membership check (`p_member`), and
+    /// 7 adds the signature with it beside that one, which an instance not yet upgraded keeps calling.
+    /// One append batch as one function call, so one round trip and one implicit transaction (it was five statements in an explicit transaction: seven round trips with BEGIN and COMMIT, and the
     /// channels' rows stayed locked across all of them, so other instances' batches queued behind).
     ///
-    /// Arguments: per request (1-based, in batch order) its channel, sender, request id (`''` for none) and
-    /// canonical body; the oldest `created_at` a request id is remembered from. One row per request:
+    /// Arguments: per request (1-based, in batch order) its channel, sender, request id (`''` for none),
+    /// canonical body and whether the sender must be a member of the thread; the oldest `created_at` a request
+    /// id is remembered from. One row per request:
+    /// - `f`: refused: the sender is not a member of the thread (checked first, after locking the sender's
+    ///   membership row: a removal deletes that row, so it either committed before this read or waits for this
+    ///   commit, and then takes the channel's head after this batch's messages);
     /// - `n`: stored now, with its seq, id (UUIDv7 of its `created_at`), `created_at` and membership epoch;
     /// - `r`: the request id was used within the window: the original's seq, id, `created_at` and body;
     /// - `x`: the request id's message was removed by the retention (`o_seq` is its seq);
@@ -12,7 +17,8 @@ extension PostgresStore {
     /// Heads are taken in channel-name order, so concurrent batches never deadlock. A request id taken by
     /// another transaction meanwhile raises `GW409`: the statement rolls back and the caller runs it again.
     static let appendFunction = """
-        CREATE OR REPLACE FUNCTION gateway_append(p_channel text[], p_sender text[], p_request text[], p_body text[], p_cutoff bigint)
+        CREATE OR REPLACE FUNCTION gateway_append(p_channel text[], p_sender text[], p_request text[], p_body text[], p_member boolean[],
+                                                  p_cutoff bigint)
         RETURNS TABLE (o_index int, o_kind text, o_seq bigint, o_id text, o_created_at bigint, o_body text, o_epoch bigint)
         LANGUAGE plpgsql AS $fn$
         DECLARE
@@ -21,19 +27,34 @@ extension PostgresStore {
             keyed bigint;
             r record;
         BEGIN
+            -- 0. Members' publishes to threads: the membership rows locked (a removal's DELETE waits for this
+            --    commit, or this waits for the removal's), then read in a statement of their own (its snapshot
+            --    sees a removal committed meanwhile). A sender who is not a member is refused.
+            PERFORM 1 FROM unnest(p_channel, p_sender, p_member) AS x(c, s, m)
+                JOIN thread_members t ON t.thread_id = substr(x.c, 8) AND t.user_id = x.s
+                WHERE x.m FOR KEY SHARE OF t;
+            FOR r IN
+                SELECT x.i::int AS i FROM unnest(p_channel, p_sender, p_member) WITH ORDINALITY AS x(c, s, m, i)
+                WHERE x.m AND NOT EXISTS (SELECT 1 FROM thread_members t WHERE t.thread_id = substr(x.c, 8) AND t.user_id = x.s)
+            LOOP
+                kind[r.i] := 'f';
+                o_index := r.i; o_kind := 'f'; o_seq := 0; o_id := NULL; o_created_at := NULL; o_body := NULL; o_epoch := 0;
+                RETURN NEXT;
+            END LOOP;
             -- 1. Request ids seen before, within the window.
             FOR r IN
                 SELECT x.i::int AS i, k.seq, m.id::text AS mid, m.created_at, m.body
                 FROM unnest(p_channel, p_sender, p_request) WITH ORDINALITY AS x(c, s, q, i)
                 JOIN idempotency k ON k.channel = x.c AND k.sender = x.s AND k.request_id = x.q AND k.created_at >= p_cutoff
                 LEFT JOIN messages m ON m.channel = k.channel AND m.seq = k.seq
-                WHERE x.q <> ''
+                WHERE x.q <> '' AND kind[x.i] = 'n'
             LOOP
                 kind[r.i] := CASE WHEN r.mid IS NULL THEN 'x' ELSE 'r' END;
                 o_index := r.i; o_kind := kind[r.i]; o_seq := r.seq; o_id := r.mid; o_created_at := r.created_at; o_body := r.body; o_epoch := 0;
                 RETURN NEXT;
             END LOOP;
-            -- 2. A request id twice in this batch: the first is stored, the later ones replay it.
+            -- 2. A request id twice in this batch: the first is stored, the later ones replay it (a refused
+            --    sender's repeats are refused too: same channel, same sender).
             FOR r IN
                 SELECT y.i, y.first FROM (
                     SELECT x.i::int AS i, (min(x.i) OVER (PARTITION BY x.c, x.s, x.q))::int AS first

@@ -117,6 +117,7 @@ public final class PostgresStore: Store {
         "ALTER TABLE channels ADD COLUMN floor_seq BIGINT NOT NULL DEFAULT 0",
         membershipEpochMigration,
         appendFunction,
+        appendFunction,
     ]
 
     /// Versioned migrations in `schema_migrations`, under an advisory lock so that instances starting at
@@ -182,14 +183,14 @@ public final class PostgresStore: Store {
         return batch.map { _ in .failure(failure) }
     }
 
-    /// One batch in one statement, so one round trip: `gateway_append` (migration 6) does what a transaction
+    /// One batch in one statement, so one round trip: `gateway_append` (migrations 6 and 7) does what a transaction
     /// of five statements did, and the channels' row locks are held only while the server runs it and commits.
     static func append(_ batch: [AppendRequest], window: Int64, on client: PostgresClient, logger: Logger) async throws -> [GroupCommit.Outcome] {
         let cutoff = Timestamp.nowMicros() - window
         let rows = try await client.query("""
             SELECT o_index, o_kind, o_seq, o_id, o_created_at, o_body, o_epoch FROM gateway_append(
                 \(batch.map(\.channel.rawValue))::text[], \(batch.map(\.sender))::text[], \(batch.map { $0.requestId ?? "" })::text[],
-                \(batch.map(\.body))::text[], \(cutoff))
+                \(batch.map(\.body))::text[], \(batch.map(\.senderMustBeMember))::boolean[], \(cutoff))
             """, logger: logger)
         var outcomes = [GroupCommit.Outcome?](repeating: nil, count: batch.count)
         var stored: [Int: Message] = [:]
@@ -207,6 +208,8 @@ public final class PostgresStore: Store {
             case ("r", let id?, let createdAt?):  // the key was used before, within the window
                 outcomes[index] = request.replay(Message(id: id, channel: request.channel, seq: seq, createdAtMicros: createdAt, sender: request.sender,
                                                  requestId: request.requestId, body: body ?? "{}"))
+            case ("f", _, _):  // the sender is not a member of the thread
+                outcomes[index] = request.notAMember
             case ("x", _, _):  // the key's message was removed by the retention
                 outcomes[index] = .failure(Retention.replayOfRemoved(request.requestId ?? "", seq: seq))
             case ("d", _, _):  // the key came earlier in this batch: seq is that request's index

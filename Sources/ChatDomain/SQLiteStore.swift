@@ -130,11 +130,18 @@ public actor SQLiteStore: Store {
         do {
             _ = try await writer.query("BEGIN IMMEDIATE")
             let now = Timestamp.nowMicros()
+            // Members' publishes to threads: the membership read in this transaction, so after any removal
+            // committed before it (removals take the same write lock).
+            let refused = try await nonMembers(in: batch)
             let known = try await knownKeys(of: batch, since: now - idempotencyWindow)
             var fresh: [Int] = []
             var firstInBatch: [Key: Int] = [:]
             var repeats: [(index: Int, of: Int)] = []
             for (index, request) in batch.enumerated() {
+                if refused.contains(index) {
+                    outcomes[index] = request.notAMember
+                    continue
+                }
                 guard let requestId = request.requestId else {
                     fresh.append(index)
                     continue
@@ -225,6 +232,29 @@ public actor SQLiteStore: Store {
         // must not miss one.
         known.committed(touched.lazy.map { ($0.key, $0.value.seq) })
         return outcomes.map { $0 ?? .failure(ApiError(.internalError, "append left without an outcome")) }
+    }
+
+    /// The indices of `batch`'s requests whose sender must be, and is not, a member of the thread, in one read
+    /// per 100.
+    private func nonMembers(in batch: [AppendRequest]) async throws -> Set<Int> {
+        struct Pair: Hashable { let thread: String, user: String }
+        var asked: [Pair: [Int]] = [:]
+        for (index, request) in batch.enumerated() where request.senderMustBeMember {
+            guard case .thread(let thread) = request.channel.kind else { continue }
+            asked[Pair(thread: thread, user: request.sender), default: []].append(index)
+        }
+        guard !asked.isEmpty else { return [] }
+        var members: Set<Pair> = []
+        for chunk in Array(asked.keys).chunked(Self.rowsPerStatement) {
+            let rows = try await writer.query(
+                "SELECT thread_id, user_id FROM thread_members WHERE (thread_id, user_id) IN (VALUES "
+                    + Array(repeating: "(?, ?)", count: chunk.count).joined(separator: ",") + ")",
+                chunk.flatMap { [SQLiteData.text($0.thread), .text($0.user)] })
+            for row in rows {
+                if let thread = row.column("thread_id")?.string, let user = row.column("user_id")?.string { members.insert(Pair(thread: thread, user: user)) }
+            }
+        }
+        return Set(asked.filter { !members.contains($0.key) }.values.joined())
     }
 
     /// The request ids of `batch` used within the window (since `cutoff`), in one read per 100.

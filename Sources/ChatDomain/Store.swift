@@ -5,16 +5,24 @@ public struct AppendRequest: Sendable {
     public let requestId: String?
     /// Canonical JSON text of the body.
     public let body: String
+    /// The sender must be a member of the channel's thread when the append commits: checked in its
+    /// transaction, after any removal committed before it; refused with `403 FORBIDDEN`, storing nothing.
+    public let senderMustBeMember: Bool
 
-    public init(channel: ChannelName, sender: String, requestId: String?, body: String) {
+    public init(channel: ChannelName, sender: String, requestId: String?, body: String, senderMustBeMember: Bool = false) {
+        precondition(!senderMustBeMember || channel.isThread, "only a thread has members")
         self.channel = channel
         self.sender = sender
         self.requestId = requestId
         self.body = body
+        self.senderMustBeMember = senderMustBeMember
     }
 }
 
 extension AppendRequest {
+    /// The answer when `senderMustBeMember` and the sender is not a member at the commit.
+    var notAMember: GroupCommit.Outcome { .failure(.notAllowed(.publish, on: channel)) }
+
     /// The answer to this request when its request id already named `original`: a replay of it, or
     /// `409 IDEMPOTENCY_CONFLICT` when the body differs (both stores, within a batch or across batches).
     func replay(_ original: Message) -> GroupCommit.Outcome {

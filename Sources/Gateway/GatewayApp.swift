@@ -186,26 +186,19 @@ extension GatewayApp {
         return outcome
     }
 
-    /// `publish` without a task when it needs no read (`ChannelService.publishKnown`): `answer` gets the
-    /// outcome on the committing task's thread, or at once for a refusal. False, having done nothing, when the
-    /// publish needs `publish`.
-    func publishKnown(_ actor: Actor, to channel: String, body: JSONValue?, requestId: String?,
-                      then answer: @escaping @Sendable (Result<AppendResult, ApiError>) -> Void) -> Bool {
-        let refuse = { (error: ApiError) -> Bool in
-            self.record(.failure(error))
-            answer(.failure(error))
-            return true
+    /// `publish` without a task (`ChannelService.publish(…then:)`): `answer` gets the outcome on the committing
+    /// task's thread, or at once for a refusal.
+    func publish(_ actor: Actor, to channel: String, body: JSONValue?, requestId: String?,
+                 then answer: @escaping @Sendable (Result<AppendResult, ApiError>) -> Void) {
+        let outcome: @Sendable (Result<AppendResult, ApiError>) -> Void = { outcome in
+            self.record(outcome)
+            answer(outcome)
         }
-        // Decided before the rate limit takes its token: `publish` takes it once more.
-        guard !channels.publishNeedsRead(actor, channel) else { return false }
-        if let refused = rateLimited(actor) { return refuse(refused) }
+        if let refused = rateLimited(actor) { return outcome(.failure(refused)) }
         do throws(ApiError) {
-            return try channels.publishKnown(actor, to: channel, body: body, requestId: requestId) { outcome in
-                self.record(outcome)
-                answer(outcome)
-            }
+            try channels.publish(actor, to: channel, body: body, requestId: requestId, then: outcome)
         } catch {
-            return refuse(error)
+            outcome(.failure(error))
         }
     }
 

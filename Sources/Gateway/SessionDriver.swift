@@ -173,16 +173,10 @@ final class SessionDriver: LiveStream, PresenceWatcher, LoopTimerOwner, @uncheck
             }) { $0.run($0.session.answered(id, $1)) }
         case .end(let channel, let after): transport?.end(channel, after: after)
         case .publish(let id, let channel, let requestId, let body):
-            let (app, actor) = (self.app, session.actor)
-            let published: (SessionDriver, Result<AppendResult, ApiError>) -> Void = { $0.run($0.session.published(id, $1)) }
-            // A topic's publish goes to the group commit from here; its answer comes back to the loop.
+            // The publish goes to the group commit from here; its answer comes back to the loop.
             let loop = eventLoop
-            nonisolated(unsafe) let answer = published
-            let handedOver = app.publishKnown(actor, to: channel, body: body, requestId: requestId) { outcome in
-                loop.execute { answer(self, outcome) }
-            }
-            if !handedOver {
-                later({ () async throws(ApiError) in try await app.publish(actor, to: channel, body: body, requestId: requestId).get() }, then: published)
+            app.publish(session.actor, to: channel, body: body, requestId: requestId) { outcome in
+                loop.execute { self.run(self.session.published(id, outcome)) }
             }
         case .markRead(let id, let thread, let cursor):
             let (app, actor) = (self.app, session.actor)

@@ -74,7 +74,7 @@ struct PostgresAppendTests {
             let other = try Session(postgres: postgres)
             try other.send("""
                 BEGIN;
-                SELECT o_kind, o_seq FROM gateway_append(ARRAY['\(channel)'], ARRAY['alice'], ARRAY['held'], ARRAY['{"v":1}'], 0);
+                SELECT o_kind, o_seq FROM gateway_append(ARRAY['\(channel)'], ARRAY['alice'], ARRAY['held'], ARRAY['{"v":1}'], ARRAY[false], 0);
                 \\echo held
                 """)
             #expect(try other.waitFor("held").contains("n|1"))
@@ -114,17 +114,30 @@ struct PostgresAppendTests {
             let token = try await gateway.token()
             let first = try await HTTPTestClient.publish(port: gateway.port, channel: "topic:mix", body: ["n": 0], token: token, idempotencyKey: "k0")
             #expect(first.status == 201)
+            let bob = try await gateway.token("bob", roles: [])
+            let thread = try await ThreadClusterTests.createThread(port: gateway.port, token: bob, members: ["bob"])
             // One call, as one batch would be: a known key, a fresh one twice (the second with another body),
-            // two messages without a key on two channels.
+            // two messages without a key on two channels, and two publishes to a thread that need their sender
+            // to be a member: bob's (stored) and alice's (refused; she is not one, and her key is not kept).
             let (status, output) = try await TestServices.run(postgres.binDir + "/psql", [
                 "-h", "127.0.0.1", "-p", String(postgres.port), "-U", "postgres", "-d", "gateway", "-At", "-c", """
                 SELECT o_index, o_kind, o_seq, o_id IS NOT NULL, o_body FROM gateway_append(
-                    ARRAY['topic:mix', 'topic:mix', 'topic:mix', 'topic:mix', 'topic:other'], ARRAY['alice', 'alice', 'alice', 'alice', 'alice'],
-                    ARRAY['k0', 'k1', 'k1', '', ''], ARRAY['{"n":0}', '{"n":1}', '{"n":9}', '{"n":2}', '{"n":3}'], 0) ORDER BY o_index
+                    ARRAY['topic:mix', 'topic:mix', 'topic:mix', 'topic:mix', 'topic:other', 'thread:\(thread)', 'thread:\(thread)'],
+                    ARRAY['alice', 'alice', 'alice', 'alice', 'alice', 'alice', 'bob'],
+                    ARRAY['k0', 'k1', 'k1', '', '', 'k2', ''], ARRAY['{"n":0}', '{"n":1}', '{"n":9}', '{"n":2}', '{"n":3}', '{"n":4}', '{"n":5}'],
+                    ARRAY[false, false, false, false, false, true, true], 0) ORDER BY o_index
                 """,
             ])
             #expect(status == 0)
-            #expect(output.split(separator: "\n").map(String.init) == ["1|r|1|t|{\"n\":0}", "2|n|2|t|", "3|d|2|f|", "4|n|3|t|", "5|n|1|t|"], "\(output)")
+            #expect(output.split(separator: "\n").map(String.init) == ["1|r|1|t|{\"n\":0}", "2|n|2|t|", "3|d|2|f|", "4|n|3|t|", "5|n|1|t|", "6|f|0|f|", "7|n|1|t|"],
+                    "\(output)")
+            let threadHistory = try await HTTPTestClient.request(.GET, port: gateway.port, "/v1/channels/thread:\(thread)/messages", token: bob)
+            #expect((threadHistory.json["messages"] as? [[String: Any]])?.map { "\($0["sender"] ?? "") \($0["seq"] ?? "")" } == ["bob 1"])
+            let (_, keys) = try await TestServices.run(postgres.binDir + "/psql", [
+                "-h", "127.0.0.1", "-p", String(postgres.port), "-U", "postgres", "-d", "gateway", "-At", "-c",
+                "SELECT count(*) FROM idempotency WHERE request_id = 'k2'",
+            ])
+            #expect(keys.trimmingCharacters(in: .whitespacesAndNewlines) == "0")
             // The ids are UUIDv7 of each message's created_at.
             let history = try await HTTPTestClient.request(.GET, port: gateway.port, "/v1/channels/topic:mix/messages", token: token)
             let messages = history.json["messages"] as? [[String: Any]] ?? []
@@ -135,6 +148,54 @@ struct PostgresAppendTests {
                 #expect(id.count == 32 && Array(id)[12] == "7" && "89ab".contains(Array(id)[16]), "\(id)")
                 #expect(UInt64(id.prefix(12), radix: 16) == created.map { UInt64($0 / 1000) }, "\(id) \(message["created_at"] ?? "")")
             }
+        }
+    }
+
+    /// A member's publish racing their removal on another instance: the removal (a psql session here, doing
+    /// what `removeMember` does) has deleted the membership and holds its transaction open; the gateway's
+    /// publish by that member waits for it, and once it commits the publish is refused (403) and nothing is
+    /// stored — no message of a removed member lands after the removal's head.
+    @Test func aPublishRacingTheSendersRemovalWaitsForItAndIsRefused() async throws {
+        try await Self.withGateway { postgres, gateway in
+            let bob = try await gateway.token("bob", roles: [])
+            let carol = try await gateway.token("carol", roles: [])
+            let thread = try await ThreadClusterTests.createThread(port: gateway.port, token: bob, members: ["bob", "carol"])
+            let channel = "thread:\(thread)"
+            #expect(try await HTTPTestClient.publish(port: gateway.port, channel: channel, body: ["n": 1], token: carol).status == 201)
+
+            let other = try Session(postgres: postgres)
+            try other.send("""
+                BEGIN;
+                DELETE FROM thread_members WHERE thread_id = '\(thread)' AND user_id = 'carol';
+                INSERT INTO channels AS c (name, last_seq, last_created_at, member_epoch) VALUES ('\(channel)', 0, 0, 1)
+                    ON CONFLICT (name) DO UPDATE SET member_epoch = c.member_epoch + 1 RETURNING 'head', last_seq;
+                \\echo removing
+                """)
+            #expect(try other.waitFor("removing").contains("head|1"))
+
+            async let publish = HTTPTestClient.publish(port: gateway.port, channel: channel, body: ["n": 2], token: carol)
+            var waiting = false
+            for _ in 0..<200 where !waiting {
+                let (_, output) = try await TestServices.run(postgres.binDir + "/psql", [
+                    "-h", "127.0.0.1", "-p", String(postgres.port), "-U", "postgres", "-d", "gateway", "-At", "-c",
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%gateway_append%'",
+                ])
+                waiting = output.trimmingCharacters(in: .whitespacesAndNewlines) == "1"
+                if !waiting { try await Task.sleep(for: .milliseconds(25)) }
+            }
+            #expect(waiting, "the publish never waited for the removal")
+            try other.send("COMMIT;\n\\echo committed")
+            _ = try other.waitFor("committed")
+            other.close()
+            let refused = try await publish
+            #expect(refused.status == 403, "\(refused.body)")
+            #expect(refused.json["code"] as? String == "FORBIDDEN")
+
+            // Only carol's first message; bob's next one is 2 (no hole).
+            #expect(try await HTTPTestClient.publish(port: gateway.port, channel: channel, body: ["n": 3], token: bob).json["message"]
+                .flatMap { ($0 as? [String: Any])?["seq"] as? Int } == 2)
+            let history = try await HTTPTestClient.request(.GET, port: gateway.port, "/v1/channels/\(channel)/messages", token: bob)
+            #expect((history.json["messages"] as? [[String: Any]])?.map { "\($0["sender"] ?? "") \($0["seq"] ?? "")" } == ["carol 1", "bob 2"])
         }
     }
 }
@@ -219,6 +280,61 @@ struct SQLiteBatchAppendTests {
             let acknowledged = Set(stored.filter { $0.channel == channel }.map(\.id))
             #expect(read == acknowledged)
         }
+        await store.close()
+    }
+
+    /// Members' publishes to a thread, checked by the embedded store's append: whatever batches concurrent
+    /// appends form, a member's are stored (gapless) and a non-member's are refused with `403` and store
+    /// nothing, their request ids included; after a removal the removed member's next publish is refused too,
+    /// and a publish that needs no membership (the configuration allows it) is stored whoever sends it.
+    @Test func appendsCheckTheSendersMembershipInTheirTransaction() async throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("gw-members-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let store = try await SQLiteStore.open(path: dir + "/gateway.sqlite", logger: Logger(label: "test"))
+        let thread = UUID().uuidString.lowercased()
+        try await store.createThread(ChatThread(id: thread, title: "t", creator: "bob", createdAtMicros: Timestamp.nowMicros(), members: ["bob", "carol"]))
+        let channel = ChannelName(thread: thread)
+        let requests = (0..<40).map { n in
+            AppendRequest(channel: channel, sender: ["bob", "carol", "dave"][n % 3], requestId: "r\(n)", body: "{\"n\":\(n)}", senderMustBeMember: true)
+        }
+        let results = await withTaskGroup(of: (AppendRequest, Result<AppendResult, ApiError>).self) { group in
+            for request in requests {
+                group.addTask {
+                    do throws(ApiError) { return (request, .success(try await store.append(request))) } catch { return (request, .failure(error)) }
+                }
+            }
+            return await group.reduce(into: []) { $0.append($1) }
+        }
+        for (request, result) in results {
+            switch (request.sender, result) {
+            case ("dave", .failure(let error)): #expect(error.code == ApiError.Code.forbidden && error.status == 403, "\(error)")
+            case ("dave", .success): Issue.record("a non-member's publish was stored")
+            case (_, .success(let appended)): #expect(!appended.replayed && appended.message.body == request.body)
+            case (_, .failure(let error)): Issue.record("a member's publish failed: \(error)")
+            }
+        }
+        var page = try await store.messages(in: channel, after: 0, limit: 1000)
+        #expect(page.messages.map(\.seq) == Array(1...27))
+        #expect(!page.messages.contains { $0.sender == "dave" })
+
+        // Dave's request ids were not kept: once he is a member, the same id stores a new message.
+        _ = try await store.addMember("dave", to: thread)
+        let retried = try await store.append(AppendRequest(channel: channel, sender: "dave", requestId: "r2", body: "{\"n\":2}", senderMustBeMember: true))
+        #expect(!retried.replayed && retried.message.seq == 28)
+
+        // Carol removed: her next publish is refused; the same without the membership requirement is stored.
+        _ = try await store.removeMember("carol", from: thread)
+        do throws(ApiError) {
+            _ = try await store.append(AppendRequest(channel: channel, sender: "carol", requestId: nil, body: "{\"late\":true}", senderMustBeMember: true))
+            Issue.record("a removed member's publish was stored")
+        } catch {
+            #expect(error.code == ApiError.Code.forbidden)
+        }
+        let unchecked = try await store.append(AppendRequest(channel: channel, sender: "carol", requestId: nil, body: "{\"late\":true}"))
+        #expect(unchecked.message.seq == 29)
+        page = try await store.messages(in: channel, after: 27, limit: 1000)
+        #expect(page.messages.map(\.sender) == ["dave", "carol"])
         await store.close()
     }
 }

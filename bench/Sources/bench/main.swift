@@ -1,7 +1,9 @@
 // `make bench`: throughput figures of the store's group commit and of the fan-out encoding, printed with
 // ratios. Not a test: nothing here asserts a number.
+import Auth
 import ChatDomain
 import Fanout
+import Wire
 import Foundation
 import Logging
 import NIOCore
@@ -19,6 +21,39 @@ func measure(_ store: any Store, publishers: Int, seconds: Double, channels: Int
                 while Date() < deadline {
                     let request = AppendRequest(channel: channel, sender: "bench", requestId: nil, body: "{\"p\":\(p),\"n\":\(done),\"text\":\"a chat-sized message body of about a hundred bytes......\"}")
                     if (try? await store.append(request)) != nil { done += 1 }
+                }
+                return done
+            }
+        }
+        return await group.reduce(0, +)
+    }
+    return (count, Double(count) / Date().timeIntervalSince(start))
+}
+
+/// Members publishing to chat threads through `ChannelService.publish` (the permission, then the append): each
+/// publisher a member of its thread, `threads` threads, one publish at a time per publisher.
+func measureThreadPublishes(_ store: any Store, publishers: Int, seconds: Double, threads: Int) async throws -> (count: Int, rate: Double) {
+    let service = ChannelService(store: store, policy: Policy(), bodyLimit: 64 * 1024)
+    var ids: [String] = []
+    for t in 0..<threads {
+        let id = UUID().uuidString.lowercased()
+        let members = (0..<publishers).filter { $0 % threads == t }.map { "member-\($0)" }
+        try await store.createThread(ChatThread(id: id, title: "bench \(t)", creator: members.first ?? "member-0", createdAtMicros: Timestamp.nowMicros(),
+                                                members: members))
+        ids.append(id)
+    }
+    let channels = ids.map { "thread:" + $0 }
+    let deadline = Date().addingTimeInterval(seconds)
+    let start = Date()
+    let count = await withTaskGroup(of: Int.self) { group in
+        for p in 0..<publishers {
+            group.addTask {
+                var done = 0
+                let actor = Actor(sub: "member-\(p)", roles: [], expiresAt: Date().addingTimeInterval(3600))
+                let channel = channels[p % threads]
+                while Date() < deadline {
+                    let body = JSONValue.object(["p": .number(Double(p)), "n": .number(Double(done)), "text": .string("a chat-sized message body of about a hundred bytes.....")])
+                    if (try? await service.publish(actor, to: channel, body: body, requestId: nil)) != nil { done += 1 }
                 }
                 return done
             }
@@ -67,6 +102,10 @@ if let url = env["DATABASE_URL"] {
         print(String(format: "postgres  %4d publishers: %8.0f appends/s  (%d appends)", publishers, rate, count))
         results.append(("postgres-\(publishers)", rate))
     }
+    for publishers in [1, 16] {
+        let (count, rate) = try await measureThreadPublishes(store, publishers: publishers, seconds: seconds, threads: 8)
+        print(String(format: "postgres  %4d members publishing to threads: %8.0f publishes/s  (%d publishes)", publishers, rate, count))
+    }
     await services.triggerGracefulShutdown()
     await running.value
 }
@@ -77,6 +116,10 @@ for publishers in [1, 16, 256] {
     let (count, rate) = await measure(sqlite, publishers: publishers, seconds: seconds, channels: 8)
     print(String(format: "sqlite    %4d publishers: %8.0f appends/s  (%d appends)", publishers, rate, count))
     results.append(("sqlite-\(publishers)", rate))
+}
+for publishers in [1, 16] {
+    let (count, rate) = try await measureThreadPublishes(sqlite, publishers: publishers, seconds: seconds, threads: 8)
+    print(String(format: "sqlite    %4d members publishing to threads: %8.0f publishes/s  (%d publishes)", publishers, rate, count))
 }
 await sqlite.close()
 try? FileManager.default.removeItem(atPath: dir)
