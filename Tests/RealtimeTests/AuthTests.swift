@@ -168,7 +168,7 @@ import Testing
             try await expectUserRefused()
             #expect(try await HTTPTestClient.publish(port: port, channel: "topic:ops", body: ["a": 1], token: oncall).status == 403)
             #expect(try await HTTPTestClient.publish(port: port, channel: "topic:ops", body: ["a": 1], token: pager).status == 201)
-            // Over WebSocket (a topic's publish goes to the store without a task: `ChannelService.publishKnown`).
+            // Over WebSocket (a publish goes to the store's group commit without a task).
             for (token, answer) in [(oncall, "error"), (user, "error"), (pager, "ack")] {
                 let ws = try await WSTestClient.connect(port: port, token: token)
                 try await ws.send(["type": "publish", "id": "p", "channel": "topic:ops", "body": ["ws": answer]])
@@ -193,6 +193,38 @@ import Testing
             // Defaults elsewhere: anyone subscribes, only service/admin publish.
             #expect(try await HTTPTestClient.request(.GET, port: port, "/v1/channels/topic:news/messages", token: user).status == 200)
             #expect(try await HTTPTestClient.publish(port: port, channel: "topic:news", body: ["a": 1], token: user).status == 403)
+        }
+    }
+
+    /// A thread's publishes are its members' only, on HTTP and WebSocket alike, in embedded mode (the store
+    /// checks the membership in the append's transaction): a non-member is refused with `FORBIDDEN`, and a
+    /// member removed while connected is refused from then on, on the same connection; nothing refused is stored.
+    @Test func aThreadsPublishesAreItsMembersOnlyOnEveryTransport() async throws {
+        try await withTestGateway { gateway in
+            let port = gateway.port
+            let (bob, carol) = (try await gateway.token("bob", roles: []), try await gateway.token("carol", roles: []))
+            let thread = try await ThreadClusterTests.createThread(port: port, token: bob, members: ["bob", "dave"])
+            let channel = "thread:\(thread)"
+            func publishOverWebSocket(_ ws: WSTestClient, _ id: String) async throws -> String {
+                try await ws.send(["type": "publish", "id": id, "channel": channel, "body": ["id": id]])
+                let reply = try await ws.next()
+                return reply?["type"] as? String == "ack" ? "ack" : (reply?["error"] as? [String: Any])?["code"] as? String ?? "?"
+            }
+            #expect(try await HTTPTestClient.publish(port: port, channel: channel, body: ["id": "carol-http"], token: carol).status == 403)
+            let carolWS = try await WSTestClient.connect(port: port, token: carol)
+            #expect(try await publishOverWebSocket(carolWS, "carol-ws") == "FORBIDDEN")
+            await carolWS.close()
+
+            let dave = try await gateway.token("dave", roles: [])
+            let daveWS = try await WSTestClient.connect(port: port, token: dave)
+            #expect(try await publishOverWebSocket(daveWS, "dave-1") == "ack")
+            #expect(try await HTTPTestClient.request(.DELETE, port: port, "/v1/threads/\(thread)/members/dave", token: bob).status == 200)
+            #expect(try await publishOverWebSocket(daveWS, "dave-2") == "FORBIDDEN")
+            #expect(try await HTTPTestClient.publish(port: port, channel: channel, body: ["id": "dave-http"], token: dave).status == 403)
+            await daveWS.close()
+
+            let history = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/\(channel)/messages", token: bob)
+            #expect((history.json["messages"] as? [[String: Any]])?.compactMap { ($0["body"] as? [String: Any])?["id"] as? String } == ["dave-1"])
         }
     }
 
@@ -239,7 +271,7 @@ import Testing
             await topic.close()
             let topicHistory = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/topic:rl/messages", token: admin)
             #expect((topicHistory.json["messages"] as? [Any])?.count == 5)
-            // A member's thread publish over WebSocket (its membership read in a task) takes one token, not two.
+            // A member's thread publish over WebSocket takes one token, not two.
             let member = try await gateway.token("m2", roles: [])
             _ = try await HTTPTestClient.request(.POST, port: port, "/v1/threads/\(channel.dropFirst("thread:".count))/members",
                                                  body: jsonText(["user": "m2"]), token: admin)
