@@ -7,8 +7,9 @@ import NIOPosix
 /// ends) fails instead. The deadline is an entry in `DeadlineWatch`, checked every 100 ms on one event loop —
 /// not a sleeping task with a timer of its own per call: every Postgres batch and read runs under one, and a
 /// timer per call cost a wake-up of libdispatch's timer thread each (~8 % of an instance's CPU at 500 msgs/s).
-public func withDeadline<T: Sendable>(_ limit: Duration, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
-    let work = Task { try await body() }
+public func withDeadline<T: Sendable>(_ limit: Duration, on executor: (any TaskExecutor)? = nil,
+                                      _ body: @escaping @Sendable () async throws -> T) async throws -> T {
+    let work = Task(executorPreference: executor) { try await body() }
     let passed = NIOLockedValueBox(false)
     let entry = DeadlineWatch.shared.add(at: .now() + .nanoseconds(limit.nanoseconds)) {
         passed.withLockedValue { $0 = true }

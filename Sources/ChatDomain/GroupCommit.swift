@@ -8,7 +8,9 @@ import NIOCore
 ///
 /// A caller hands over a request with the function that takes its answer: no task per append. One task
 /// commits batch after batch while there are appends waiting and ends when there are none; answers come on
-/// its thread (a caller on an event loop hops back itself), a refusal at once on the caller's.
+/// its thread (a caller on another event loop hops back itself), a refusal at once on the caller's. Given an
+/// event loop (`commit(on:)`), that task runs there: its store calls resume on the loop where the store's
+/// connections already live, instead of waking one of Swift's task threads for each.
 public final class GroupCommit: Sendable {
     public typealias Outcome = Result<AppendResult, ApiError>
     /// Commits a batch, returning one outcome per request, in order.
@@ -23,6 +25,8 @@ public final class GroupCommit: Sendable {
         /// Whether the committing task runs (it clears this when it finds nothing waiting).
         var running = false
         var observer: CommitObserver?
+        /// Where the committing task runs (nil: Swift's global executor).
+        var executor: LoopTaskExecutor?
     }
 
     private let maxPending: Int
@@ -36,6 +40,15 @@ public final class GroupCommit: Sendable {
         self.commitBatch = commit
     }
 
+    /// Runs the committing task on `loop` (an instance's event loop, where the store's connections and the
+    /// publishers' answers live): no thread hand-off per batch between Swift's task threads and the loop.
+    public func commit(on loop: any EventLoop) {
+        state.withLockedValue { $0.executor = LoopTaskExecutor(loop: loop) }
+    }
+
+    /// The executor the committing task prefers (a store's commit runs its own tasks there too).
+    public var executor: LoopTaskExecutor? { state.withLockedValue { $0.executor } }
+
     /// Hears of every batch's newly stored messages, in commit order, before any of its publishers is answered.
     public func setObserver(_ observer: @escaping CommitObserver) {
         state.withLockedValue { $0.observer = observer }
@@ -43,18 +56,18 @@ public final class GroupCommit: Sendable {
 
     /// Queues `request`; `answer` gets its outcome once its transaction committed or failed.
     public func append(_ request: AppendRequest, then answer: @escaping Answer) {
-        enum Queued { case refused, queued, startCommitting }
+        enum Queued { case refused, queued, startCommitting(LoopTaskExecutor?) }
         let queued = state.withLockedValue { state -> Queued in
             guard state.pending.count < maxPending else { return .refused }
             state.pending.append((request, answer))
             if state.running { return .queued }
             state.running = true
-            return .startCommitting
+            return .startCommitting(state.executor)
         }
         switch queued {
         case .refused: answer(.failure(ApiError(.storeUnavailable, "too many publishes waiting for the store")))
         case .queued: break
-        case .startCommitting: Task { await commitWhileWaiting() }
+        case .startCommitting(let executor): Task(executorPreference: executor) { await self.commitWhileWaiting() }
         }
     }
 
@@ -99,4 +112,16 @@ public final class GroupCommit: Sendable {
 final class WeakBox<T: AnyObject>: @unchecked Sendable {  // set once during init, read afterwards
     weak var value: T?
     init() {}
+}
+
+/// A task executor that runs jobs on a NIO event loop (one `execute` per job).
+public final class LoopTaskExecutor: TaskExecutor {
+    public let loop: any EventLoop
+
+    public init(loop: any EventLoop) { self.loop = loop }
+
+    public func enqueue(_ job: consuming ExecutorJob) {
+        let job = UnownedJob(job)
+        loop.execute { job.runSynchronously(on: self.asUnownedTaskExecutor()) }
+    }
 }

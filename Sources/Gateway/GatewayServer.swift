@@ -81,14 +81,15 @@ public final class GatewayServer: Sendable {
         var redis: RedisBus?
         var presenceRedis: RedisCommands?
         var hub: Hub?
-        /// Releases what this start made so far, when a later step fails.
+        /// Releases what this start made so far, when a later step fails: the event loops last, after the
+        /// Postgres pool that runs on them (it keeps connections open and may be opening one).
         func abandon() async {
             redis?.stop()
             presenceRedis?.stop()
             hub?.stop()
-            try? await group.shutdownGracefully()
             await store.close()
             await stopServices()
+            try? await group.shutdownGracefully()
             if lockFD >= 0 { close(lockFD) }
         }
         if let endpoint = redisEndpoint, let seal = config.clusterKey.map(BusSeal.init(key:)) ?? config.jwtSecret.map(BusSeal.init(derivedFromJWTSecret:)) {
@@ -110,6 +111,7 @@ public final class GatewayServer: Sendable {
             bus = InProcessBus()
         }
         await store.setCommitObserver { bus.publish($0) }
+        store.appends.commit(on: group.next())
         var hubConfig = Hub.Configuration()
         hubConfig.pollInterval = config.storePollInterval
         hubConfig.reconcileInterval = config.reconcileInterval

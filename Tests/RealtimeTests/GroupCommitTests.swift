@@ -1,5 +1,7 @@
 @testable import ChatDomain
 import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
 import Testing
 
 /// `GroupCommit`, with a commit function the test holds open: one transaction at a time, what arrives meanwhile
@@ -116,5 +118,33 @@ import Testing
         #expect(store.log.withLockedValue { $0 } == [
             "answered d STORE_UNAVAILABLE", "observed a", "answered a", "observed b,c", "answered b", "answered c",
         ])
+    }
+
+    /// Given an event loop, the committing task runs there — the commit function, a `withDeadline` under it
+    /// (what the Postgres store's commit does) and the answers: no hand-off to Swift's task threads per batch.
+    @Test func theCommittingTaskRunsOnTheLoopItIsGiven() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let loop = group.next()
+        let seen = NIOLockedValueBox<[String]>([])
+        let made = NIOLockedValueBox<GroupCommit?>(nil)
+        let commits = GroupCommit { batch in
+            let onLoop = loop.inEventLoop
+            let executor = made.withLockedValue { $0 }?.executor
+            let underDeadline = (try? await withDeadline(.seconds(5), on: executor) { loop.inEventLoop }) ?? false
+            seen.withLockedValue { $0.append("commit \(onLoop), deadline \(underDeadline)") }
+            return batch.map { .failure(ApiError(.storeUnavailable, "\($0.body)")) }
+        }
+        made.withLockedValue { $0 = commits }
+        commits.commit(on: loop)
+        for round in 0..<2 {
+            await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+                commits.append(AppendRequest(channel: try! ChannelName(parsing: "topic:gc"), sender: "u", requestId: nil, body: "\(round)")) { _ in
+                    seen.withLockedValue { $0.append("answered \(loop.inEventLoop)") }
+                    done.resume()
+                }
+            }
+        }
+        #expect(seen.withLockedValue { $0 } == ["commit true, deadline true", "answered true", "commit true, deadline true", "answered true"])
+        try await group.shutdownGracefully()
     }
 }
