@@ -9,6 +9,7 @@
 # in the bodies), and the gateway / Nchan ratio of the p99s.
 # A benchmark, not a test: nothing here asserts a number.
 #   BIN, LOADTEST: paths of the release binaries.  CLUSTER_SECONDS: publishing seconds per rate (default 20).
+#   CLUSTER_WARMUP: seconds of the same workload at the first rate before the measured ones (default 5; 0: none).
 #   CLUSTER_THREADS: event loops per instance (GATEWAY_THREADS; default 1: three instances share 2 cores,
 #   and more loops than the cores an instance has only add thread switches — p99 at 1,000 msgs/s measured
 #   28 ms with 1 loop each, 63 ms with 2).
@@ -16,13 +17,14 @@ set -euo pipefail
 BIN=${BIN:?gateway binary}; LOADTEST=${LOADTEST:?loadtest binary}
 RATES=${CLUSTER_RATES-"500 1000 2000"}
 SECONDS_EACH=${CLUSTER_SECONDS:-20}
+CLUSTER_WARMUP=${CLUSTER_WARMUP:-5}
 [ -n "$RATES" ] || exit 0
 [ "$SECONDS_EACH" -ge 5 ] || { echo "CLUSTER_SECONDS: at least 5"; exit 2; }
 export GATEWAY_THREADS=${CLUSTER_THREADS:-1} GATEWAY_LOG_LEVEL=${GATEWAY_LOG_LEVEL:-warning}
 . "$(dirname "$0")/bench-lib.sh"
 bench_scratch gw-bench-cluster
 CLUSTER_CPU=$DIR/cpu; CLUSTER_P99=$DIR/p99
-export LOADTEST RATES SECONDS_EACH CLUSTER_CPU CLUSTER_P99
+export LOADTEST RATES SECONDS_EACH CLUSTER_CPU CLUSTER_P99 CLUSTER_WARMUP
 echo "== 3 instances (Postgres + Redis, $GATEWAY_THREADS event loop(s) each): 5000 WebSocket subscribers, 200 channels, 8 publishers, ${SECONDS_EACH} s per rate =="
 BIN=$BIN "$(dirname "$0")/cluster.sh" bash -c '
   cpu() {  # CPU ms (user + system) of the processes named $@
@@ -32,6 +34,13 @@ BIN=$BIN "$(dirname "$0")/cluster.sh" bash -c '
   }
   status=0
   : >"$CLUSTER_P99"
+  # A fresh cluster first meets its 200 channels (their rows, Redis subscriptions, cold caches): warm it up
+  # with the same workload at the first rate for CLUSTER_WARMUP seconds, not counted.
+  if [ "$CLUSTER_WARMUP" -gt 0 ]; then
+    echo "-- warm-up: ${CLUSTER_WARMUP} s at ${RATES%% *} msgs/s (not counted)"
+    "$LOADTEST" $CLUSTER_URLS --subscribers 5000 --transports ws=1 --publishers 8 --rate "${RATES%% *}" --channels 200 \
+      --duration "$CLUSTER_WARMUP" --ramp 5 >/dev/null 2>&1 || true
+  fi
   for rate in $RATES; do
     echo "-- $rate msgs/s"
     # Server CPU over a window inside the publishing (from 2 s after the 5-s ramp to 1 s before the end):
@@ -53,6 +62,11 @@ BIN=$BIN "$(dirname "$0")/cluster.sh" bash -c '
 echo "== the same against Nchan: 3 nginx instances (1 worker each), one Redis; 5000 WebSocket subscribers, 200 channels, 8 HTTP publishers =="
 start_nchan_redis
 start_nchan 3
+if [ "$CLUSTER_WARMUP" -gt 0 ]; then
+  echo "-- warm-up: ${CLUSTER_WARMUP} s at ${RATES%% *} msgs/s (not counted)"
+  "$LOADTEST" fanout --target nchan "${NCHAN_SERVERS[@]}" --pids "$NCHAN_PIDS" --subscribers 5000 --channels 200 --publishers 8 \
+    --rate "${RATES%% *}" --duration "$CLUSTER_WARMUP" --latency >/dev/null 2>&1 || true
+fi
 for rate in $RATES; do
   echo "-- $rate msgs/s"
   out=$("$LOADTEST" fanout --target nchan "${NCHAN_SERVERS[@]}" --pids "$NCHAN_PIDS" --subscribers 5000 --channels 200 --publishers 8 \
