@@ -37,7 +37,8 @@ fuzz: build
 check-run:
 	scripts/check-run.sh
 
-## Benchmarks (release build): group commit appends/s at 1, 16 and 256 publishers on Postgres and SQLite;
+## Benchmarks (release build): group commit appends/s at 1, 16 and 256 publishers on Postgres and SQLite, and
+## members publishing to threads (the membership checked by the append) at 1 and 16;
 ## then fan-out CPU per delivery (WebSocket, SSE) and memory per idle WebSocket, side by side with Nchan;
 ## then publish→deliver and publish→ack across three instances (Postgres + Redis) at 500, 1,000 and 2,000 msgs/s.
 bench:
