@@ -1,8 +1,9 @@
 extension PostgresStore {
-    /// Migrations 6 and 7 both run this text: 6 once made it without the membership check (`p_member`), and
-    /// 7 adds the signature with it beside that one, which an instance not yet upgraded keeps calling.
-    /// One append batch as one function call, so one round trip and one implicit transaction (it was five statements in an explicit transaction: seven round trips with BEGIN and COMMIT, and the
-    /// channels' rows stayed locked across all of them, so other instances' batches queued behind).
+    /// One append batch as one function call, so one round trip and one implicit transaction (it was five
+    /// statements in an explicit transaction: seven round trips with BEGIN and COMMIT, and the channels' rows
+    /// stayed locked across all of them, so other instances' batches queued behind). Migrations 6 and 7 both
+    /// run this text: 6 once made it without the membership check (`p_member`); 7 adds this signature beside
+    /// that one, which an instance not yet upgraded keeps calling.
     ///
     /// Arguments: per request (1-based, in batch order) its channel, sender, request id (`''` for none),
     /// canonical body and whether the sender must be a member of the thread; the oldest `created_at` a request
