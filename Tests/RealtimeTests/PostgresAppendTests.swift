@@ -35,6 +35,13 @@ struct PostgresAppendTests {
             return seen
         }
 
+        /// Commits the session's transaction and ends the session.
+        func commitAndClose() throws {
+            try send("COMMIT;\n\\echo committed")
+            _ = try waitFor("committed")
+            close()
+        }
+
         func close() {
             try? input.fileHandleForWriting.close()
             process.waitUntilExit()
@@ -65,6 +72,19 @@ struct PostgresAppendTests {
         await postgres.stop()
     }
 
+    /// Whether a `gateway_append` call comes to wait for a lock (another transaction's) within about 5 s.
+    static func anAppendWaitsForALock(_ postgres: PostgresServer) async throws -> Bool {
+        for _ in 0..<200 {
+            let (_, output) = try await TestServices.run(postgres.binDir + "/psql", [
+                "-h", "127.0.0.1", "-p", String(postgres.port), "-U", "postgres", "-d", "gateway", "-At", "-c",
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%gateway_append%'",
+            ])
+            if output.trimmingCharacters(in: .whitespacesAndNewlines) == "1" { return true }
+            try await Task.sleep(for: .milliseconds(25))
+        }
+        return false
+    }
+
     @Test func aRequestIdTakenByAnotherInstanceMidBatchIsAnsweredAsAReplayWithoutAHole() async throws {
         try await Self.withGateway { postgres, gateway in
             let token = try await gateway.token()
@@ -81,21 +101,10 @@ struct PostgresAppendTests {
 
             // The gateway's publish with the same key waits for that transaction...
             async let publish = HTTPTestClient.publish(port: gateway.port, channel: channel, body: ["v": 1], token: token, idempotencyKey: "held")
-            var waiting = false
-            for _ in 0..<200 where !waiting {
-                let (_, output) = try await TestServices.run(postgres.binDir + "/psql", [
-                    "-h", "127.0.0.1", "-p", String(postgres.port), "-U", "postgres", "-d", "gateway", "-At", "-c",
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%gateway_append%'",
-                ])
-                waiting = output.trimmingCharacters(in: .whitespacesAndNewlines) == "1"
-                if !waiting { try await Task.sleep(for: .milliseconds(25)) }
-            }
-            #expect(waiting, "the gateway's append never waited for the other transaction")
+            #expect(try await Self.anAppendWaitsForALock(postgres), "the gateway's append never waited for the other transaction")
             // ...which commits: the key is now the other writer's, so the gateway's batch rolls back and runs
             // again, and the publish is a replay of the message the other writer stored.
-            try other.send("COMMIT;\n\\echo committed")
-            _ = try other.waitFor("committed")
-            other.close()
+            try other.commitAndClose()
             let replayed = try await publish
             #expect(replayed.status == 200)
             #expect(replayed.headers.first(name: "Idempotent-Replayed") == "true")
@@ -174,19 +183,8 @@ struct PostgresAppendTests {
             #expect(try other.waitFor("removing").contains("head|1"))
 
             async let publish = HTTPTestClient.publish(port: gateway.port, channel: channel, body: ["n": 2], token: carol)
-            var waiting = false
-            for _ in 0..<200 where !waiting {
-                let (_, output) = try await TestServices.run(postgres.binDir + "/psql", [
-                    "-h", "127.0.0.1", "-p", String(postgres.port), "-U", "postgres", "-d", "gateway", "-At", "-c",
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%gateway_append%'",
-                ])
-                waiting = output.trimmingCharacters(in: .whitespacesAndNewlines) == "1"
-                if !waiting { try await Task.sleep(for: .milliseconds(25)) }
-            }
-            #expect(waiting, "the publish never waited for the removal")
-            try other.send("COMMIT;\n\\echo committed")
-            _ = try other.waitFor("committed")
-            other.close()
+            #expect(try await Self.anAppendWaitsForALock(postgres), "the publish never waited for the removal")
+            try other.commitAndClose()
             let refused = try await publish
             #expect(refused.status == 403, "\(refused.body)")
             #expect(refused.json["code"] as? String == "FORBIDDEN")

@@ -10,17 +10,16 @@ import NIOCore
 import PostgresNIO
 import ServiceLifecycle
 
-func measure(_ store: any Store, publishers: Int, seconds: Double, channels: Int) async -> (count: Int, rate: Double) {
+/// How many `publish(publisher, n)` calls succeed in `seconds`, each of `publishers` calling it one at a time.
+func measureRate(publishers: Int, seconds: Double, _ publish: @escaping @Sendable (_ publisher: Int, _ n: Int) async -> Bool) async -> (count: Int, rate: Double) {
     let deadline = Date().addingTimeInterval(seconds)
     let start = Date()
     let count = await withTaskGroup(of: Int.self) { group in
         for p in 0..<publishers {
             group.addTask {
                 var done = 0
-                let channel = try! ChannelName(parsing: "topic:bench-\(p % channels)")
                 while Date() < deadline {
-                    let request = AppendRequest(channel: channel, sender: "bench", requestId: nil, body: "{\"p\":\(p),\"n\":\(done),\"text\":\"a chat-sized message body of about a hundred bytes......\"}")
-                    if (try? await store.append(request)) != nil { done += 1 }
+                    if await publish(p, done) { done += 1 }
                 }
                 return done
             }
@@ -28,6 +27,15 @@ func measure(_ store: any Store, publishers: Int, seconds: Double, channels: Int
         return await group.reduce(0, +)
     }
     return (count, Double(count) / Date().timeIntervalSince(start))
+}
+
+func measure(_ store: any Store, publishers: Int, seconds: Double, channels: Int) async -> (count: Int, rate: Double) {
+    let names = (0..<channels).map { try! ChannelName(parsing: "topic:bench-\($0)") }
+    return await measureRate(publishers: publishers, seconds: seconds) { p, n in
+        let request = AppendRequest(channel: names[p % channels], sender: "bench", requestId: nil,
+                                    body: "{\"p\":\(p),\"n\":\(n),\"text\":\"a chat-sized message body of about a hundred bytes......\"}")
+        return (try? await store.append(request)) != nil
+    }
 }
 
 /// Members publishing to chat threads through `ChannelService.publish` (the permission, then the append): each
@@ -43,24 +51,11 @@ func measureThreadPublishes(_ store: any Store, publishers: Int, seconds: Double
         ids.append(id)
     }
     let channels = ids.map { "thread:" + $0 }
-    let deadline = Date().addingTimeInterval(seconds)
-    let start = Date()
-    let count = await withTaskGroup(of: Int.self) { group in
-        for p in 0..<publishers {
-            group.addTask {
-                var done = 0
-                let actor = Actor(sub: "member-\(p)", roles: [], expiresAt: Date().addingTimeInterval(3600))
-                let channel = channels[p % threads]
-                while Date() < deadline {
-                    let body = JSONValue.object(["p": .number(Double(p)), "n": .number(Double(done)), "text": .string("a chat-sized message body of about a hundred bytes.....")])
-                    if (try? await service.publish(actor, to: channel, body: body, requestId: nil)) != nil { done += 1 }
-                }
-                return done
-            }
-        }
-        return await group.reduce(0, +)
+    let actors = (0..<publishers).map { Actor(sub: "member-\($0)", roles: [], expiresAt: Date().addingTimeInterval(3600)) }
+    return await measureRate(publishers: publishers, seconds: seconds) { p, n in
+        let body = JSONValue.object(["p": .number(Double(p)), "n": .number(Double(n)), "text": .string("a chat-sized message body of about a hundred bytes.....")])
+        return (try? await service.publish(actors[p], to: channels[p % threads], body: body, requestId: nil)) != nil
     }
-    return (count, Double(count) / Date().timeIntervalSince(start))
 }
 
 var logger = Logger(label: "bench")
