@@ -327,6 +327,13 @@ public final class GatewayServer: Sendable {
                     upgrades.put(channel, .init(actor: nil, log: request.log, deflate: deflate))
                     return channel.eventLoop.makeSucceededFuture(headers)
                 case ["v1", "ws"]:
+                    // A token verified before is checked here, on the loop (expiry, revocation); a new one in a task.
+                    let known: Actor?
+                    do { known = try app.authenticateKnown(request.bearerToken) } catch { return channel.eventLoop.makeSucceededFuture(nil) }
+                    if let actor = known {
+                        upgrades.put(channel, .init(actor: actor, log: request.log, deflate: deflate))
+                        return channel.eventLoop.makeSucceededFuture(headers)
+                    }
                     return channel.eventLoop.makeFutureWithTask {
                         guard let actor = try? await app.authenticate(request.bearerToken) else { return nil }
                         upgrades.put(channel, .init(actor: actor, log: request.log, deflate: deflate))

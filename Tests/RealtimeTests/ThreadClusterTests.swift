@@ -292,6 +292,10 @@ import Testing
                 let answer = try await HTTPTestClient.request(.GET, port: port, "/v1/channels/topic:news/messages", token: doomed)
                 #expect(answer.status == 401)
                 #expect(answer.json["code"] as? String == "TOKEN_REVOKED")
+                // Every instance remembers the token from its WebSocket (verified on the loop, without a task): a
+                // new upgrade is refused all the same.
+                let upgrade = try await HTTPTestClient.request(.GET, port: port, "/v1/ws", headers: AuthTests.wsUpgradeHeaders, token: doomed)
+                #expect(upgrade.status == 401 && upgrade.json["code"] as? String == "TOKEN_REVOKED", "\(upgrade.body)")
                 #expect(try await HTTPTestClient.request(.GET, port: port, "/v1/channels/topic:news/messages", token: kept).status == 200)
             }
             for ws in keptSockets {
