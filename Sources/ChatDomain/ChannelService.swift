@@ -214,18 +214,19 @@ public final class ChannelService: Sendable {
     /// Validates and commits a publish. `body` is the parsed JSON value of the request's `body`.
     public func publish(_ actor: Actor, to channelName: String, body: JSONValue?, requestId: String?) async throws(ApiError) -> AppendResult {
         let request = try appendRequest(actor, to: channelName, body: body, requestId: requestId)
-        let started = ContinuousClock.now
-        let outcome: Result<AppendResult, ApiError>
-        do throws(ApiError) { outcome = .success(try await store.append(request)) } catch { outcome = .failure(error) }
-        return try appended(outcome, since: started).get()
+        return try await withCheckedContinuation { waiter in commit(request) { waiter.resume(returning: $0) } }.get()
     }
 
-    /// `publish` without a task: the same checks in the same order, with the same errors (thrown), then the
+    /// `publish` without waiting: the same checks in the same order, with the same errors (thrown), then the
     /// append goes to the store's group commit, which gives `answer` the outcome once the transaction committed
     /// — on the committing task's thread, or at once when the queue is full.
     public func publish(_ actor: Actor, to channelName: String, body: JSONValue?, requestId: String?,
                         then answer: @escaping @Sendable (Result<AppendResult, ApiError>) -> Void) throws(ApiError) {
-        let request = try appendRequest(actor, to: channelName, body: body, requestId: requestId)
+        commit(try appendRequest(actor, to: channelName, body: body, requestId: requestId), then: answer)
+    }
+
+    /// Hands a checked request to the store's group commit; `answer` gets the outcome, timed and announced.
+    private func commit(_ request: AppendRequest, then answer: @escaping @Sendable (Result<AppendResult, ApiError>) -> Void) {
         let started = ContinuousClock.now
         store.appends.append(request) { answer(self.appended($0, since: started)) }
     }

@@ -31,17 +31,20 @@ extension PostgresStore {
             -- 0. Members' publishes to threads: the membership rows locked (a removal's DELETE waits for this
             --    commit, or this waits for the removal's), then read in a statement of their own (its snapshot
             --    sees a removal committed meanwhile). A sender who is not a member is refused.
-            PERFORM 1 FROM unnest(p_channel, p_sender, p_member) AS x(c, s, m)
-                JOIN thread_members t ON t.thread_id = substr(x.c, 8) AND t.user_id = x.s
-                WHERE x.m FOR KEY SHARE OF t;
-            FOR r IN
-                SELECT x.i::int AS i FROM unnest(p_channel, p_sender, p_member) WITH ORDINALITY AS x(c, s, m, i)
-                WHERE x.m AND NOT EXISTS (SELECT 1 FROM thread_members t WHERE t.thread_id = substr(x.c, 8) AND t.user_id = x.s)
-            LOOP
-                kind[r.i] := 'f';
-                o_index := r.i; o_kind := 'f'; o_seq := 0; o_id := NULL; o_created_at := NULL; o_body := NULL; o_epoch := 0;
-                RETURN NEXT;
-            END LOOP;
+            --    A batch without such a publish (topics only) skips both statements.
+            IF true = ANY(p_member) THEN
+                PERFORM 1 FROM unnest(p_channel, p_sender, p_member) AS x(c, s, m)
+                    JOIN thread_members t ON t.thread_id = substr(x.c, 8) AND t.user_id = x.s
+                    WHERE x.m FOR KEY SHARE OF t;
+                FOR r IN
+                    SELECT x.i::int AS i FROM unnest(p_channel, p_sender, p_member) WITH ORDINALITY AS x(c, s, m, i)
+                    WHERE x.m AND NOT EXISTS (SELECT 1 FROM thread_members t WHERE t.thread_id = substr(x.c, 8) AND t.user_id = x.s)
+                LOOP
+                    kind[r.i] := 'f';
+                    o_index := r.i; o_kind := 'f'; o_seq := 0; o_id := NULL; o_created_at := NULL; o_body := NULL; o_epoch := 0;
+                    RETURN NEXT;
+                END LOOP;
+            END IF;
             -- 1. Request ids seen before, within the window.
             FOR r IN
                 SELECT x.i::int AS i, k.seq, m.id::text AS mid, m.created_at, m.body

@@ -179,14 +179,10 @@ extension GatewayApp {
     /// A publish from any transport: the rate limit first (nothing over it is stored), then the channel
     /// service; the outcome is counted.
     func publish(_ actor: Actor, to channel: String, body: JSONValue?, requestId: String?) async -> Result<AppendResult, ApiError> {
-        if let refused = rateLimited(actor) { return .failure(refused) }
-        let outcome: Result<AppendResult, ApiError>
-        do throws(ApiError) { outcome = .success(try await channels.publish(actor, to: channel, body: body, requestId: requestId)) } catch { outcome = .failure(error) }
-        record(outcome)
-        return outcome
+        await withCheckedContinuation { waiter in publish(actor, to: channel, body: body, requestId: requestId) { waiter.resume(returning: $0) } }
     }
 
-    /// `publish` without a task (`ChannelService.publish(…then:)`): `answer` gets the outcome on the committing
+    /// `publish` without waiting (`ChannelService.publish(…then:)`): `answer` gets the outcome on the committing
     /// task's thread, or at once for a refusal.
     func publish(_ actor: Actor, to channel: String, body: JSONValue?, requestId: String?,
                  then answer: @escaping @Sendable (Result<AppendResult, ApiError>) -> Void) {
