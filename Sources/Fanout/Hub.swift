@@ -185,11 +185,23 @@ public final class Hub: Sendable {
     }
 
     public func subscribe(_ channel: ChannelName, _ subscriber: any HubSubscriber) {
-        onShard(of: channel) { $0.add(subscriber, to: channel, hub: $1) }
+        forSubscriber(subscriber, onShard: channel) { $0.add(subscriber, to: channel, hub: $1) }
     }
 
     public func unsubscribe(_ channel: ChannelName, _ subscriber: any HubSubscriber) {
-        onShard(of: channel) { $0.remove(subscriber, from: channel, hub: $1) }
+        forSubscriber(subscriber, onShard: channel) { $0.remove(subscriber, from: channel, hub: $1) }
+    }
+
+    /// A subscriber's change, made at once when the subscriber calls on the channel's home loop (a task queued
+    /// there costs an allocation, a lock and a trip through the loop: a measurable share of a long-poll). Safe
+    /// because the Hub never calls a subscriber from inside its own work (every callback is a task on the
+    /// subscriber's loop), and a subscriber calls only on its own loop, so its changes keep their order.
+    private func forSubscriber(_ subscriber: any HubSubscriber, onShard channel: ChannelName,
+                               _ body: @escaping @Sendable (HubShard, Hub) -> Void) {
+        let shard = shard(for: channel)
+        guard shard.loop.inEventLoop, subscriber.eventLoop === shard.loop else { return onShard(of: channel, body) }
+        guard !stopped.withLockedValue({ $0 }) else { return }
+        body(shard, self)
     }
 
     /// Messages from the bus, in any order, possibly duplicated.

@@ -290,7 +290,7 @@ public final class GatewayServer: Sendable {
     /// error envelope.
     static func configure(_ channel: any Channel, app: GatewayApp, upgrades: PendingUpgrades) throws {
         let sync = channel.pipeline.syncOperations
-        let deadline = RequestDeadline(app.config)
+        let deadline = RequestDeadline(app.config, timers: app.timers.on(channel.eventLoop))
         // A client IP past its connection cap gets its first request answered 429, then the connection closes.
         if app.config.maxConnectionsPerIP > 0, let ip = channel.remoteAddress?.ipAddress {
             let open = app.connectionsPerIP.add(ip)

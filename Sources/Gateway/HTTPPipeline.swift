@@ -211,7 +211,7 @@ extension ChannelHandlerContext {
 /// Sits before the HTTP decoder to see the first byte; `HTTPHandler` tells it when the head and the end came.
 /// Past the head's deadline it answers 408 itself (there is no request for the HTTP handlers yet); past the
 /// body's it fires `Passed.body` through the pipeline for `RequestReader` to answer.
-final class RequestDeadline: ChannelInboundHandler, RemovableChannelHandler {
+final class RequestDeadline: ChannelInboundHandler, RemovableChannelHandler, LoopTimerOwner {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
 
@@ -220,19 +220,24 @@ final class RequestDeadline: ChannelInboundHandler, RemovableChannelHandler {
 
     private let headLimit: TimeAmount
     private let bodyLimit: TimeAmount
+    /// The loop's one-second timer wheel: a deadline of whole seconds needs no scheduled task of its own (two
+    /// per request, each an allocation and a heap insertion and removal); it passes within a second after it is due.
+    private let timers: LoopTimers
     private var phase = Phase.between
-    private var timer: Scheduled<Void>?
+    private var timer: TimerWheel.Token?
     private var context: ChannelHandlerContext?
 
-    init(_ config: GatewayConfig) {
+    init(_ config: GatewayConfig, timers: LoopTimers) {
         headLimit = .seconds(config.headerDeadlineSeconds)
         bodyLimit = .seconds(config.bodyDeadlineSeconds)
+        self.timers = timers
     }
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
 
     func handlerRemoved(context: ChannelHandlerContext) {
-        timer?.cancel()
+        timers.cancel(timer)
+        timer = nil
         self.context = nil
     }
 
@@ -248,28 +253,31 @@ final class RequestDeadline: ChannelInboundHandler, RemovableChannelHandler {
 
     /// The whole request is in: no deadline until the next request's first byte.
     func requestReceived() {
-        timer?.cancel()
+        timers.cancel(timer)
         timer = nil
         phase = .between
     }
 
     private func arm(_ next: Phase, _ limit: TimeAmount) {
-        guard let context else { return }
-        timer?.cancel()
+        guard context != nil else { return }
+        timers.cancel(timer)
         phase = next
-        let passed: Passed = next == .head ? .head : .body
-        timer = context.eventLoop.scheduleTask(in: limit) { [weak self] in
-            guard let self, let context = self.context else { return }
-            self.phase = .done
-            guard passed == .head else { return context.fireUserInboundEventTriggered(passed) }
-            // No head yet, so no request for the HTTP handlers to answer: the 408 is written here, below them.
-            let requestId = GatewayApp.newRequestId()
-            let body = ApiError(.requestTimeout, "the request head did not arrive in time").envelopeJSON(requestId: requestId)
-            let answer = "HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\n"
-                + "X-Request-Id: \(requestId)\r\nConnection: close\r\n\r\n" + body
-            let channel = context.channel
-            context.writeAndFlush(NIOAny(ByteBuffer(string: answer))).whenComplete { _ in channel.close(promise: nil) }
-        }
+        timer = timers.schedule(self, at: .now() + limit)
+    }
+
+    func timerFired() {
+        timer = nil
+        guard let context, phase == .head || phase == .body else { return }
+        let passed: Passed = phase == .head ? .head : .body
+        phase = .done
+        guard passed == .head else { return context.fireUserInboundEventTriggered(passed) }
+        // No head yet, so no request for the HTTP handlers to answer: the 408 is written here, below them.
+        let requestId = GatewayApp.newRequestId()
+        let body = ApiError(.requestTimeout, "the request head did not arrive in time").envelopeJSON(requestId: requestId)
+        let answer = "HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\n"
+            + "X-Request-Id: \(requestId)\r\nConnection: close\r\n\r\n" + body
+        let channel = context.channel
+        context.writeAndFlush(NIOAny(ByteBuffer(string: answer))).whenComplete { _ in channel.close(promise: nil) }
     }
 }
 

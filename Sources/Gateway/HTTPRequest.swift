@@ -142,6 +142,8 @@ struct RequestLog: Sendable {
     /// The access log line of a request answered with `status` (info): method, route template, the target
     /// with any token masked, status and duration.
     func answered(_ status: HTTPResponseStatus, route: String?) {
+        // The access log is usually off (level warning and up): then no logger with the request's metadata is made.
+        guard base.logLevel <= .info else { return }
         let micros = (NIODeadline.now() - receivedAt).nanoseconds / 1000
         logger.info("request", metadata: ["method": "\(method.rawValue)", "route": "\(route ?? "-")", "target": "\(target)",
                                           "status": "\(status.code)", "duration_ms": "\(Double(micros) / 1000)"])

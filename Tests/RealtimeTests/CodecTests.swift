@@ -70,6 +70,45 @@ struct CursorAndChannelTests {
         #expect(seen.count == 100)
     }
 
+    /// New request ids are version-4 UUIDs, distinct: the counter's scramble is a bijection of the 62-bit
+    /// numbers, shown by undoing it step by step (each multiplier must have an inverse modulo 2^62, so be odd).
+    @Test func requestIdsAreDistinctUUIDs() throws {
+        func inverse(_ c: UInt64) -> UInt64 {  // Newton's iteration: c * inv == 1 modulo 2^64 (when c is odd)
+            var inv = c
+            for _ in 0..<6 { inv = inv &* (2 &- c &* inv) }
+            return inv
+        }
+        func unshift(_ y: UInt64, _ k: Int) -> UInt64 {  // undoes x ^= x >> k on 62 bits
+            var x = y
+            for _ in 0..<(62 / k + 1) { x = y ^ (x >> k) }
+            return x
+        }
+        let (m0, m1) = RequestIds.multipliers
+        let (s0, s1, s2) = RequestIds.shifts
+        func unscramble(_ y: UInt64) -> UInt64 {
+            var x = unshift(y, s2)
+            x = (x &* inverse(m1)) & RequestIds.mask62
+            x = unshift(x, s1)
+            x = (x &* inverse(m0)) & RequestIds.mask62
+            return unshift(x, s0)
+        }
+        var rng = SystemRandomNumberGenerator()
+        for count in (UInt64(0)..<10_000).map({ $0 }) + (0..<10_000).map({ _ in rng.next() & RequestIds.mask62 }) {
+            let scrambled = RequestIds.scramble(count)
+            #expect(scrambled <= RequestIds.mask62)
+            #expect(unscramble(scrambled) == count)
+        }
+        var ids = Set<String>()
+        for _ in 0..<1000 {
+            let id = GatewayApp.newRequestId()
+            let uuid = try #require(UUID(uuidString: id))
+            let bytes = withUnsafeBytes(of: uuid.uuid) { Array($0) }
+            #expect(uuid.uuidString.lowercased() == id && bytes[6] >> 4 == 4 && bytes[8] >> 6 == 2)
+            ids.insert(id)
+        }
+        #expect(ids.count == 1000)
+    }
+
     @Test func timestampsHaveMicroseconds() {
         #expect(Timestamp.iso8601(micros: 1_795_302_600_123_456) == "2026-11-21T23:10:00.123456Z")
         #expect(Timestamp.iso8601(micros: 0) == "1970-01-01T00:00:00.000000Z")
