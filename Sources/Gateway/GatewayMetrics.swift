@@ -83,20 +83,22 @@ final class GatewayMetrics: Sendable {
         self.factory = factory
         let instance = ("instance", name)
         self.instance = instance
+        // A series' whole name is its `metricName` (no unit suffix is appended: the names carry theirs).
+        func named(_ name: String, _ help: String) -> MetricNameDescriptor { MetricNameDescriptor(metricName: name, unitName: "", helpText: help) }
         func counter(_ name: String, _ help: String, _ labels: [(String, String)] = []) -> CoreMetrics.Counter {
             let labels = [instance] + labels
-            return CoreMetrics.Counter(label: name, dimensions: labels, handler: registry.makeCounter(name: name, labels: labels, help: help), factory: factory)
+            return CoreMetrics.Counter(label: name, dimensions: labels, handler: registry.makeCounter(descriptor: named(name, help), labels: labels), factory: factory)
         }
         func meter(_ name: String, _ help: String, _ labels: [(String, String)] = []) -> Meter {
             let labels = [instance] + labels
-            return Meter(label: name, dimensions: labels, handler: registry.makeGauge(name: name, labels: labels, help: help), factory: factory)
+            return Meter(label: name, dimensions: labels, handler: registry.makeGauge(descriptor: named(name, help), labels: labels), factory: factory)
         }
         func gauge(_ name: String, _ help: String) -> Recorder {
-            Recorder(label: name, dimensions: [instance], aggregate: false, handler: registry.makeGauge(name: name, labels: [instance], help: help), factory: factory)
+            Recorder(label: name, dimensions: [instance], aggregate: false, handler: registry.makeGauge(descriptor: named(name, help), labels: [instance]), factory: factory)
         }
         func timer(_ name: String, _ help: String) -> CoreMetrics.Timer {
             CoreMetrics.Timer(label: name, dimensions: [instance],
-                              handler: registry.makeDurationHistogram(name: name, labels: [instance], buckets: latency, help: help), factory: factory)
+                              handler: registry.makeDurationHistogram(descriptor: named(name, help), labels: [instance], buckets: latency), factory: factory)
         }
         events = Event.allCases.map { counter($0.series.name, $0.series.help, $0.series.labels) }
         let transports: [SessionDriver.Kind] = [.webSocket, .serverSentEvents, .longPoll]
