@@ -76,13 +76,18 @@ echo "== fan-out: one channel, 100-byte bodies, ${SECONDS_EACH} s each; server C
 for case in $CASES; do
   IFS=: read -r kind subs rate <<<"$case"
   common=(--transport "$kind" --subscribers "$subs" --rate "$rate" --duration "$SECONDS_EACH")
-  run --target gateway --server "http://127.0.0.1:$GW0_PORT" --pids "$GW0_PID" "${common[@]}"; g0=$(field "$OUT" cpu_us_per_delivery)
+  run --target gateway --server "http://127.0.0.1:$GW0_PORT" --pids "$GW0_PID" "${common[@]}"; g0=$(field "$OUT" cpu_us_per_delivery); gk=$(field "$OUT" sys_us_per_delivery)
   run --target gateway --server "http://127.0.0.1:$GW5_PORT" --pids "$GW5_PID" "${common[@]}"; g5=$(field "$OUT" cpu_us_per_delivery)
-  run --target nchan "${NCHAN_SERVERS[@]}" --pids "$NCHAN_PIDS" "${common[@]}"; n=$(field "$OUT" cpu_us_per_delivery)
+  run --target nchan "${NCHAN_SERVERS[@]}" --pids "$NCHAN_PIDS" "${common[@]}"; n=$(field "$OUT" cpu_us_per_delivery); nk=$(field "$OUT" sys_us_per_delivery)
   if [ -n "$g0" ] && [ -n "$n" ]; then
     awk -v g="$g0" -v g5="${g5:-0}" -v n="$n" -v s="$subs" -v k="$kind" 'BEGIN {
       printf "   %s, %d subscribers: gateway %.2f µs/delivery (write delay 5 ms: %.2f), Nchan %.2f: ratio %.2f (%.2f with the delay; target <= 0.5)\n",
         k, s, g, g5, n, (n > 0 ? g / n : 0), (n > 0 ? g5 / n : 0) }'
+    # Where the time goes: the kernel's part (the writes, and on loopback the receiving side's TCP they run)
+    # is what one write per delivery costs whatever the server does in user space.
+    [ -n "$gk" ] && [ -n "$nk" ] && awk -v g="$g0" -v gk="$gk" -v n="$n" -v nk="$nk" 'BEGIN {
+      printf "     in the kernel: gateway %.2f of its %.2f µs, Nchan %.2f of its %.2f; the gateway'"'"'s kernel part alone is %.2f of Nchan'"'"'s whole\n",
+        gk, g, nk, n, (n > 0 ? gk / n : 0) }'
   fi
 done
 

@@ -118,7 +118,7 @@ struct Fanout: AsyncParsableCommand {
         let expected = (0..<(each * publishers)).reduce(0) { total, n in
             total + subscribers / names.count + (n % names.count < subscribers % names.count ? 1 : 0)
         }
-        let cpuBefore = Self.cpuSeconds(serverPids)
+        let cpuBefore = Self.cpuTimes(serverPids)
         let clientBefore = Self.ownCPUSeconds()
         let start = NIODeadline.now()
         try await withThrowingTaskGroup(of: Void.self) { tasks in
@@ -133,7 +133,9 @@ struct Fanout: AsyncParsableCommand {
             delivered = try await Self.total(counters)
         } while delivered < expected && NIODeadline.now() < drainEnd
         let elapsed = Double((NIODeadline.now() - start).nanoseconds) / 1e9
-        let cpu = Self.cpuSeconds(serverPids) - cpuBefore
+        let cpuAfter = Self.cpuTimes(serverPids)
+        let systemCPU = cpuAfter.system - cpuBefore.system
+        let cpu = cpuAfter.user - cpuBefore.user + systemCPU
         let clientCPU = Self.ownCPUSeconds() - clientBefore
         let acked = publishing.reduce(0) { $0 + $1.acked.withLockedValue { $0 } }
         var deliver = Histogram<UInt64>.latencyMicros, ack = Histogram<UInt64>.latencyMicros
@@ -146,10 +148,11 @@ struct Fanout: AsyncParsableCommand {
         try? await group.shutdownGracefully()
 
         let perDelivery = delivered > 0 ? cpu / Double(delivered) * 1e6 : 0
-        print(String(format: "%@ fan-out, %d %@ subscribers, %.0f msgs/s for %.0f s: %d of %d deliveries (%d publishes acked), %.0f deliveries/s; server CPU %.2f s = %.2f µs/delivery; load generator CPU %.2f s (%.0f%% of one core)",
+        let systemPerDelivery = delivered > 0 ? systemCPU / Double(delivered) * 1e6 : 0
+        print(String(format: "%@ fan-out, %d %@ subscribers, %.0f msgs/s for %.0f s: %d of %d deliveries (%d publishes acked), %.0f deliveries/s; server CPU %.2f s = %.2f µs/delivery (in the kernel %.2f); load generator CPU %.2f s (%.0f%% of one core)",
                      target.rawValue, subscribers, kind == .ws ? "WebSocket" : kind == .sse ? "SSE" : "long-poll", rate, duration, delivered, expected, acked, Double(delivered) / elapsed, cpu, perDelivery,
-                     clientCPU, clientCPU / elapsed * 100))
-        print("RESULT target=\(target.rawValue) transport=\(kind.rawValue) subscribers=\(subscribers) deliveries=\(delivered) expected=\(expected) per_s=\(Int(Double(delivered) / elapsed)) cpu_us_per_delivery=\(String(format: "%.3f", perDelivery)) client_cpu_share=\(String(format: "%.2f", clientCPU / elapsed))")
+                     systemPerDelivery, clientCPU, clientCPU / elapsed * 100))
+        print("RESULT target=\(target.rawValue) transport=\(kind.rawValue) subscribers=\(subscribers) deliveries=\(delivered) expected=\(expected) per_s=\(Int(Double(delivered) / elapsed)) cpu_us_per_delivery=\(String(format: "%.3f", perDelivery)) sys_us_per_delivery=\(String(format: "%.3f", systemPerDelivery)) client_cpu_share=\(String(format: "%.2f", clientCPU / elapsed))")
         if latency {
             func ms(_ h: Histogram<UInt64>, _ p: Double) -> String { String(format: "%.2f", Double(h.valueAtPercentile(p)) / 1000) }
             print("  publish → deliver (ms): p50 \(ms(deliver, 50))  p99 \(ms(deliver, 99))  max \(ms(deliver, 100))  (\(deliver.totalCount) deliveries)")
@@ -191,14 +194,24 @@ struct Fanout: AsyncParsableCommand {
 
     /// utime + stime of the processes (from `/proc/PID/stat`), in seconds.
     static func cpuSeconds(_ pids: [Int32]) -> Double {
+        let times = cpuTimes(pids)
+        return times.user + times.system
+    }
+
+    /// utime and stime (the kernel's time on the processes' behalf: their system calls, and on loopback the
+    /// receiving side's TCP that a send runs) of the processes, in seconds.
+    static func cpuTimes(_ pids: [Int32]) -> (user: Double, system: Double) {
         let ticks = Double(sysconf(Int32(_SC_CLK_TCK)))
-        var total = 0.0
+        var total = (user: 0.0, system: 0.0)
         for pid in pids {
             guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
                   let close = stat.lastIndex(of: ")") else { continue }
             let fields = stat[stat.index(after: close)...].split(separator: " ")
             // After the command: state(0) … utime(11) stime(12).
-            if fields.count > 12, let user = Double(fields[11]), let system = Double(fields[12]) { total += (user + system) / ticks }
+            if fields.count > 12, let user = Double(fields[11]), let system = Double(fields[12]) {
+                total.user += user / ticks
+                total.system += system / ticks
+            }
         }
         return total
     }
