@@ -296,7 +296,8 @@ public final class GatewayServer: Sendable {
             let open = app.connectionsPerIP.add(ip)
             channel.closeFuture.whenComplete { _ in app.connectionsPerIP.remove(ip) }
             if open > app.config.maxConnectionsPerIP {
-                try sync.configureHTTPServerPipeline(withErrorHandling: true)
+                try sync.configureHTTPServerPipeline(withErrorHandling: false)
+                try sync.addHandler(ParseErrorAnswer(), position: .after(sync.handler(type: HTTPServerPipelineHandler.self)))
                 try sync.addHandler(deadline, position: .first)
                 let refusal = ApiError(.rateLimited, "at most \(app.config.maxConnectionsPerIP) connections per client address",
                                        details: ["limit": String(app.config.maxConnectionsPerIP)], retryAfter: 1)
@@ -358,10 +359,12 @@ public final class GatewayServer: Sendable {
                 sync.removeIfPresent(HTTPHandler.self)
                 sync.removeIfPresent(RequestGate.self)
                 sync.removeIfPresent(RequestReader.self)
+                sync.removeIfPresent(ParseErrorAnswer.self)
                 sync.removeIfPresent(IdleStateHandler.self)
                 sync.removeIfPresent(RequestDeadline.self)
             }),
-            withErrorHandling: true)
+            withErrorHandling: false)
+        try sync.addHandler(ParseErrorAnswer(), position: .after(sync.handler(type: HTTPServerPipelineHandler.self)))
         // Read-idle events reach HTTPHandler, which closes a connection that stalls mid-request or idles
         // between requests (WebSockets have their own pings; the handler leaves with the upgrade).
         try sync.addHandler(IdleStateHandler(readTimeout: .seconds(app.config.requestIdleSeconds)), position: .first)

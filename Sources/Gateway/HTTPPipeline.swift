@@ -6,7 +6,7 @@ import NIOHTTP1
 
 // The HTTP side of a connection is a pipeline of small handlers, each with one job:
 // `RequestDeadline` (absolute head and body deadlines) → NIO's HTTP decoder and pipelining →
-// `RequestReader` (limits of the head and body; a complete `HTTPRequest` out) → `RequestGate` (connection
+// `ParseErrorAnswer` (400 with the envelope for what the decoder cannot parse) → `RequestReader` (limits of the head and body; a complete `HTTPRequest` out) → `RequestGate` (connection
 // cap, per-connection rate, origin, content type) → `HTTPHandler` (route table → REST, long-poll, SSE).
 
 /// Reads one request at a time into an `HTTPRequest`: the request target, header count and header bytes
@@ -202,6 +202,46 @@ extension ChannelHandlerContext {
         if close && closeAfter {
             done.assumeIsolated().whenComplete { _ in self.close(promise: nil) }
         }
+    }
+}
+
+/// A request NIO's HTTP decoder cannot parse (a malformed request line or header, a bad `Content-Length`, a
+/// broken chunk) is answered `400 BAD_REQUEST` with the error envelope and a request id, as every error is
+/// (NIO's own `HTTPServerProtocolErrorHandler` answers with an empty body) — unless an answer is already on its
+/// way, which is then the last. The connection closes: the decoder gives up on the byte stream. Sits where
+/// NIO's handler would, right after its pipelining handler, and tracks the answers passing through for that.
+final class ParseErrorAnswer: ChannelDuplexHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias InboundOut = HTTPServerRequestPart
+    typealias OutboundIn = HTTPServerResponsePart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private var answering = false
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        guard error is HTTPParserError else { return context.fireErrorCaught(error) }
+        if !answering {
+            let requestId = GatewayApp.newRequestId()
+            let body = ApiError(.badRequest, "malformed HTTP request").envelopeJSON(requestId: requestId)
+            let headers = HTTPHeaders([("Content-Type", "application/json"), ("Content-Length", String(body.utf8.count)),
+                                       ("X-Request-Id", requestId), ("Connection", "close")])
+            context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: .badRequest, headers: headers))), promise: nil)
+            context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
+            let channel = context.channel
+            context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in channel.close(promise: nil) }
+        } else {
+            context.close(promise: nil)
+        }
+        context.fireErrorCaught(error)
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        switch unwrapOutboundIn(data) {
+        case .head(let head) where head.status.code >= 200: answering = true
+        case .end: answering = false
+        default: break
+        }
+        context.write(data, promise: promise)
     }
 }
 

@@ -87,6 +87,45 @@ import Testing
         }
     }
 
+    /// What NIO's HTTP decoder cannot parse gets `400 BAD_REQUEST` with the envelope and a request id, like every
+    /// error (NIO's own handler answered with an empty body), then the connection closes; a good request before it
+    /// on the same connection is answered first, and a broken publish stores nothing.
+    @Test func malformedHTTPIsAnsweredWithTheEnvelope() async throws {
+        try await withTestGateway { gateway in
+            let token = try await gateway.token()
+            let path = "/v1/channels/topic:unparsed/messages"
+            func expectEnvelope400(_ raw: String, _ what: String) throws {
+                let answer = try #require(raw.range(of: "HTTP/1.1 400").map { raw[$0.lowerBound...] }, "\(what): \(raw.prefix(300))")
+                let parts = answer.components(separatedBy: "\r\n\r\n")
+                let headers = parts[0].split(separator: "\r\n").dropFirst().map { $0.split(separator: ":", maxSplits: 1).map { $0.trimmingCharacters(in: .whitespaces) } }
+                let requestId = headers.first { $0[0].lowercased() == "x-request-id" }?[1]
+                let body = try #require(try JSONSerialization.jsonObject(with: Data(parts.dropFirst().joined(separator: "\r\n\r\n").utf8)) as? [String: Any],
+                                        "\(what): \(answer.prefix(300))")
+                #expect(body["code"] as? String == "BAD_REQUEST", "\(what)")
+                #expect(body["message"] is String && body["details"] is [String: Any], "\(what)")
+                #expect(requestId != nil && body["requestId"] as? String == requestId, "\(what)")
+                #expect(headers.contains { $0[0].lowercased() == "connection" && $0[1] == "close" }, "\(what)")
+            }
+            let cases = [
+                ("a header line without a colon", "GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n"),
+                ("a malformed Content-Length", "POST \(path) HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n"),
+                ("a broken chunk", "POST \(path) HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \(token)\r\nContent-Type: application/json\r\n"
+                    + "Transfer-Encoding: chunked\r\n\r\n5\r\n{\"bod\r\nZZ\r\n"),
+                ("a garbage request line", "BLAH\r\n\r\n"),
+            ]
+            for (what, request) in cases {
+                try expectEnvelope400(try await ConnectionLimitTests.trickle(port: gateway.port, request, every: .zero), what)
+            }
+            // A good request, then a malformed one on the same kept-alive connection: 200 first, then the 400.
+            let both = try await ConnectionLimitTests.trickle(port: gateway.port, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nBad\r\n\r\n", every: .zero)
+            #expect(both.hasPrefix("HTTP/1.1 200"), "\(both.prefix(200))")
+            try expectEnvelope400(both, "after a good request")
+            let history = try await HTTPTestClient.request(.GET, port: gateway.port, path, token: token)
+            #expect((history.json["messages"] as? [Any])?.isEmpty == true, "nothing stored")
+            try await HardeningTests.expectServing(gateway.port)
+        }
+    }
+
     @Test func httpErrorsUseTheEnvelopeAndStoreNothing() async throws {
         try await withTestGateway { gateway in
             let port = gateway.port
