@@ -248,9 +248,9 @@ extension GatewayApp {
 
 /// New request ids, one per request that brings none: random-looking version-4 UUIDs made without a system call
 /// each (`UUIDText.random()` asks the kernel for 16 random bytes, a measurable share of a long-poll's cost).
-/// The first half is random bits drawn once per process; the second, 62 bits of a counter run through a
-/// bijection of 62-bit numbers (an odd multiplier and xor-shifts, keyed by a random offset): distinct for the
-/// process's first 2^62 ids. Request ids name requests in logs; nothing relies on them being unpredictable.
+/// The second half is 62 bits of a counter run through a bijection of 62-bit numbers (an odd multiplier and
+/// xor-shifts, keyed by a random offset): distinct for the process's first 2^62 ids; the first half, random
+/// bits drawn once per process mixed with the second. Request ids name requests in logs; nothing relies on them being unpredictable.
 enum RequestIds {
     private static let seed: (high: UInt64, offset: UInt64) = {
         var rng = SystemRandomNumberGenerator()
@@ -267,8 +267,10 @@ enum RequestIds {
     }
 
     static func format(count: UInt64) -> String {
-        let high = (seed.high & 0xFFFF_FFFF_FFFF_0FFF) | 0x4000
-        return UUIDText.format(high: high, low: scramble(count &+ seed.offset) | 0x8000_0000_0000_0000)
+        let low = scramble(count &+ seed.offset)
+        // The first half varies too (mixed from the second), so that ids read apart at a glance in a log.
+        let high = ((seed.high ^ (low &* 0x9E37_79B9_7F4A_7C15)) & 0xFFFF_FFFF_FFFF_0FFF) | 0x4000
+        return UUIDText.format(high: high, low: low | 0x8000_0000_0000_0000)
     }
 
     /// A bijection of the 62-bit numbers (each step is one: xor with a right shift, multiplication by an odd

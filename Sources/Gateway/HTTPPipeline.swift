@@ -206,7 +206,8 @@ extension ChannelHandlerContext {
 }
 
 /// A request NIO's HTTP decoder cannot parse (a malformed request line or header, a bad `Content-Length`, a
-/// broken chunk) is answered `400 BAD_REQUEST` with the error envelope and a request id, as every error is
+/// broken chunk) is answered `400 BAD_REQUEST` (header fields past the decoder's bound: `431 HEADERS_TOO_LARGE`)
+/// with the error envelope and a request id, as every error is
 /// (NIO's own `HTTPServerProtocolErrorHandler` answers with an empty body) — unless an answer is already on its
 /// way, which is then the last. The connection closes: the decoder gives up on the byte stream. Sits where
 /// NIO's handler would, right after its pipelining handler, and tracks the answers passing through for that.
@@ -219,13 +220,18 @@ final class ParseErrorAnswer: ChannelDuplexHandler, RemovableChannelHandler {
     private var answering = false
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        guard error is HTTPParserError else { return context.fireErrorCaught(error) }
+        guard let parseError = error as? HTTPParserError else { return context.fireErrorCaught(error) }
         if !answering {
             let requestId = GatewayApp.newRequestId()
-            let body = ApiError(.badRequest, "malformed HTTP request").envelopeJSON(requestId: requestId)
+            // Header fields past the decoder's own bound (larger than `RequestReader`'s limit allows anyway): 431, as there.
+            let problem = parseError == .headerOverflow
+                ? ApiError(.headersTooLarge, "the header fields are too large")
+                : ApiError(.badRequest, "malformed HTTP request")
+            let body = problem.envelopeJSON(requestId: requestId)
             let headers = HTTPHeaders([("Content-Type", "application/json"), ("Content-Length", String(body.utf8.count)),
                                        ("X-Request-Id", requestId), ("Connection", "close")])
-            context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: .badRequest, headers: headers))), promise: nil)
+            let status = HTTPResponseStatus(statusCode: problem.status)
+            context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: status, headers: headers))), promise: nil)
             context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
             let channel = context.channel
             context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in channel.close(promise: nil) }

@@ -87,21 +87,21 @@ import Testing
         }
     }
 
-    /// What NIO's HTTP decoder cannot parse gets `400 BAD_REQUEST` with the envelope and a request id, like every
+    /// What NIO's HTTP decoder cannot parse gets `400 BAD_REQUEST` (too large a head: `431`) with the envelope and a request id, like every
     /// error (NIO's own handler answered with an empty body), then the connection closes; a good request before it
     /// on the same connection is answered first, and a broken publish stores nothing.
     @Test func malformedHTTPIsAnsweredWithTheEnvelope() async throws {
         try await withTestGateway { gateway in
             let token = try await gateway.token()
             let path = "/v1/channels/topic:unparsed/messages"
-            func expectEnvelope400(_ raw: String, _ what: String) throws {
-                let answer = try #require(raw.range(of: "HTTP/1.1 400").map { raw[$0.lowerBound...] }, "\(what): \(raw.prefix(300))")
+            func expectEnvelope400(_ raw: String, _ what: String, status: Int = 400, code: String = "BAD_REQUEST") throws {
+                let answer = try #require(raw.range(of: "HTTP/1.1 \(status)").map { raw[$0.lowerBound...] }, "\(what): \(raw.prefix(300))")
                 let parts = answer.components(separatedBy: "\r\n\r\n")
                 let headers = parts[0].split(separator: "\r\n").dropFirst().map { $0.split(separator: ":", maxSplits: 1).map { $0.trimmingCharacters(in: .whitespaces) } }
                 let requestId = headers.first { $0[0].lowercased() == "x-request-id" }?[1]
                 let body = try #require(try JSONSerialization.jsonObject(with: Data(parts.dropFirst().joined(separator: "\r\n\r\n").utf8)) as? [String: Any],
                                         "\(what): \(answer.prefix(300))")
-                #expect(body["code"] as? String == "BAD_REQUEST", "\(what)")
+                #expect(body["code"] as? String == code, "\(what)")
                 #expect(body["message"] is String && body["details"] is [String: Any], "\(what)")
                 #expect(requestId != nil && body["requestId"] as? String == requestId, "\(what)")
                 #expect(headers.contains { $0[0].lowercased() == "connection" && $0[1] == "close" }, "\(what)")
@@ -116,6 +116,10 @@ import Testing
             for (what, request) in cases {
                 try expectEnvelope400(try await ConnectionLimitTests.trickle(port: gateway.port, request, every: .zero), what)
             }
+            // Header fields past the decoder's own bound: 431, as past the configured limit.
+            try expectEnvelope400(try await ConnectionLimitTests.trickle(port: gateway.port, "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: "
+                                                                          + String(repeating: "a", count: 100_000) + "\r\n\r\n", every: .zero),
+                                  "100 KB of header", status: 431, code: "HEADERS_TOO_LARGE")
             // A good request, then a malformed one on the same kept-alive connection: 200 first, then the 400.
             let both = try await ConnectionLimitTests.trickle(port: gateway.port, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nBad\r\n\r\n", every: .zero)
             #expect(both.hasPrefix("HTTP/1.1 200"), "\(both.prefix(200))")
