@@ -311,9 +311,9 @@ public final class GatewayServer: Sendable {
             automaticErrorHandling: false,
             shouldUpgrade: { channel, head in
                 let request = HTTPRequest(head: head, body: ByteBuffer(), app: app)
-                // A browser page from an origin not allowed, or a malformed handshake, is refused (HTTPHandler answers
-                // 403, 400 or 426 with the envelope).
-                guard app.config.allows(origin: head.headers.first(name: "origin")), HTTPHandler.handshakeError(head.headers) == nil,
+                // A browser page from an origin not allowed, a method other than GET (RFC 6455 §4.1) or a malformed
+                // handshake is refused (HTTPHandler answers 403, 405, 400 or 426 with the envelope).
+                guard head.method == .GET, app.config.allows(origin: head.headers.first(name: "origin")), HTTPHandler.handshakeError(head.headers) == nil,
                       !app.config.testRefuse.contains("ws") else {
                     return channel.eventLoop.makeSucceededFuture(nil)
                 }

@@ -58,7 +58,10 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         case .notFound:
             write(context: context, response: .error(ApiError(.notFound, "no such route"), requestId: request.requestId), request: request)
         case .methodNotAllowed:
-            write(context: context, response: .error(ApiError(.methodNotAllowed, "method not allowed"), requestId: request.requestId), request: request)
+            // RFC 9110 §15.5.6: a 405 names the methods the path answers.
+            var response = HTTPResponse.error(ApiError(.methodNotAllowed, "method not allowed"), requestId: request.requestId)
+            response.headers.append(("Allow", (RouteTable.gateway.methods(for: request.path).map(\.rawValue) + ["OPTIONS"]).joined(separator: ", ")))
+            write(context: context, response: response, request: request)
         case .route(let route, let parameters):
             routeTemplate = route.template
             let request = RequestContext(request: request, parameters: parameters, route: route.template)

@@ -121,7 +121,7 @@ struct RouteTable: Sendable {
                 : .error(ApiError(.notFound, "the demo page is off (GATEWAY_DEMO=1)"), requestId: c.request.requestId)
         }),
         Route(.POST, "/demo/token", .work { app, c throws(ApiError) in try await Routes.demoToken(app, c.request) }),
-        Route(nil, "/v1/ws", .refusedUpgrade(echo: false)),
-        Route(nil, "/v1/echo", .refusedUpgrade(echo: true)),
+        Route(.GET, "/v1/ws", .refusedUpgrade(echo: false)),
+        Route(.GET, "/v1/echo", .refusedUpgrade(echo: true)),
     ])
 }

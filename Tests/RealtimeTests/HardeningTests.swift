@@ -1,6 +1,7 @@
 import Foundation
 import NIOConcurrencyHelpers
 import NIOCore
+import NIOHTTP1
 import NIOPosix
 import Testing
 
@@ -155,6 +156,14 @@ enum RawClient {
                     #expect(answer.status == status, "\(path) \(headers): \(answer.body)")
                     #expect(answer.json["code"] as? String == code)
                     if status == 426 { #expect(answer.headers.first(name: "Sec-WebSocket-Version") == "13") }
+                }
+                // A handshake is a GET (RFC 6455 §4.1): the same headers on another method are not upgraded.
+                for method in [HTTPMethod.POST, .PUT] {
+                    let answer = try await HTTPTestClient.request(method, port: port, path, headers: base + [key, ("Sec-WebSocket-Version", "13")],
+                                                                  body: "", token: token)
+                    #expect(answer.status == 405, "\(method) \(path): \(answer.status) \(answer.body)")
+                    #expect(answer.json["code"] as? String == "METHOD_NOT_ALLOWED")
+                    #expect(answer.headers.first(name: "Allow") == "GET, OPTIONS")
                 }
             }
             try await Self.expectServing(port)
