@@ -135,12 +135,4 @@ public enum UUIDText {
             out.hex(low, width: 12)
         }
     }
-
-    /// A random (version 4) UUID.
-    public static func random() -> String {
-        var rng = SystemRandomNumberGenerator()
-        let high = ((rng.next() as UInt64) & 0xFFFF_FFFF_FFFF_0FFF) | 0x4000
-        let low = ((rng.next() as UInt64) & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000
-        return format(high: high, low: low)
-    }
 }
