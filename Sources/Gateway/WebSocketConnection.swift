@@ -164,7 +164,13 @@ class WebSocketConnection: ChannelInboundHandler, RemovableChannelHandler, LoopT
         while true {
             switch reader.next() {
             case .frame(let frame): receive(frame, context: context)
-            case .needMore: return
+            case .needMore:
+                // A text frame cut by the read: what of it is here is checked for UTF-8 now (fail fast).
+                if !closing, let (head, payload) = reader.partialFrame(),
+                   case .fail(let code, let reason) = framing.receivePartial(head, payload: payload) {
+                    fail(code: code, reason: reason, context: context)
+                }
+                return
             case .fail(let code, let reason):
                 // The byte stream cannot be followed any further: send the close frame, then drop the connection.
                 fail(code: code, reason: reason, context: context)

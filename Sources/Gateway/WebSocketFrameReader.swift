@@ -65,6 +65,16 @@ struct WebSocketFrameReader {
         }
     }
 
+    /// The frame still arriving, once its header is here: the header and the part of its (masked) payload
+    /// already read. Nil when no frame is pending or its header is not complete.
+    func partialFrame() -> (head: Head, payload: ByteBufferView)? {
+        guard !failed, let buffer = pending,
+              case .complete(let head) = Self.header(buffer.readableBytesView, maxFrameBytes: maxFrameBytes, whole: false) else { return nil }
+        let view = buffer.readableBytesView
+        let start = view.startIndex + head.headerLength
+        return (head, view[start..<min(view.endIndex, start + head.payloadLength)])
+    }
+
     /// Keeps the bytes of an incomplete frame: a read buffer's are copied out into a buffer of the reader's own;
     /// in its own buffer, the frames already taken out are dropped (a peer that keeps sending never makes it
     /// grow past one frame and one read).
@@ -97,8 +107,9 @@ struct WebSocketFrameReader {
         case invalid(code: UInt16, reason: String)
     }
 
-    /// Reads a frame header at the start of `bytes` and checks that the whole frame is there.
-    static func header(_ bytes: ByteBufferView, maxFrameBytes: Int) -> HeaderResult {
+    /// Reads a frame header at the start of `bytes` and checks that the whole frame is there (`whole`; else
+    /// only the header).
+    static func header(_ bytes: ByteBufferView, maxFrameBytes: Int, whole: Bool = true) -> HeaderResult {
         guard bytes.count >= 2 else { return .incomplete }
         var i = bytes.startIndex
         let first = bytes[i], second = bytes[i + 1]
@@ -129,7 +140,7 @@ struct WebSocketFrameReader {
             i += 4
         }
         let headerLength = i - bytes.startIndex
-        guard bytes.count >= headerLength + length else { return .incomplete }
+        guard !whole || bytes.count >= headerLength + length else { return .incomplete }
         return .complete(Head(first: first, maskKey: maskKey, headerLength: headerLength, payloadLength: length))
     }
 }

@@ -24,13 +24,39 @@ struct WebSocketFraming {
     private var fragments: (opcode: WebSocketOpcode, data: ByteBuffer)?
     /// The text message being received, validated frame by frame (fail fast on the first bad byte).
     private var utf8 = UTF8Validator()
+    /// A text frame still arriving: how much of its payload was checked already, and the validator after it.
+    private var partialChecked = 0
+    private var partialUTF8 = UTF8Validator()
 
     init(maxMessageBytes: Int, inflater: DeflateInflater? = nil) {
         self.maxMessageBytes = maxMessageBytes
         self.inflater = inflater
     }
 
+    /// Fail fast within a frame (RFC 6455 §8.1): the payload of a text frame still arriving (`payload`, masked,
+    /// the part read so far) is checked for UTF-8 as it comes, so an invalid byte fails the connection (1007)
+    /// without waiting for the rest of the frame. Frames the whole-frame rules refuse anyway (reserved bits, no
+    /// mask, a text frame inside a message) and compressed ones are left to `receive`.
+    mutating func receivePartial(_ head: WebSocketFrameReader.Head, payload: ByteBufferView) -> Event {
+        guard let key = head.maskKey, head.first & 0x30 == 0 else { return .none }
+        let rsv1 = head.first & 0x40 != 0
+        switch head.first & 0x0F {
+        case 0x1 where fragments == nil && !rsv1:
+            if partialChecked == 0 { partialUTF8 = UTF8Validator() }
+        case 0x0 where fragments?.opcode == .text && !compressed && !rsv1:
+            if partialChecked == 0 { partialUTF8 = utf8 }
+        default:
+            return .none
+        }
+        guard payload.count > partialChecked else { return .none }
+        let offset = partialChecked
+        partialChecked = payload.count
+        let unmasked = payload.dropFirst(offset).enumerated().lazy.map { $0.element ^ key[(offset + $0.offset) & 3] }
+        return partialUTF8.feed(unmasked) ? .none : .fail(code: 1007, reason: "invalid UTF-8")
+    }
+
     mutating func receive(_ frame: WebSocketFrame) -> Event {
+        partialChecked = 0
         let firstDataFrame = (frame.opcode == .text || frame.opcode == .binary) && fragments == nil
         if frame.rsv2 || frame.rsv3 || (frame.rsv1 && !(inflater != nil && firstDataFrame)) {
             return .fail(code: 1002, reason: "reserved bits set")

@@ -1,6 +1,7 @@
 import Foundation
 import NIOCore
 import NIOHTTP1
+import NIOPosix
 import NIOWebSocket
 import Testing
 
@@ -65,6 +66,39 @@ import Testing
             let ws = try await WSTestClient.connect(port: gateway.port, token: try await gateway.token())
             try await ws.sendFrame(WebSocketFrame(fin: true, opcode: .text, maskKey: .random(), data: ByteBuffer(bytes: [0x7B, 0xFF, 0xFE, 0x7D])))
             #expect(try await ws.waitForClose() == 1007)
+        }
+    }
+
+    /// Fail fast within a frame (RFC 6455 §8.1): the first part of a text frame with an invalid byte in it is
+    /// enough for close 1007 — the rest of the frame never comes.
+    @Test func invalidUTF8InAFrameStillArrivingClosesWith1007() async throws {
+        try await withTestGateway { gateway in
+            let token = try await gateway.token()
+            let key: [UInt8] = [0x11, 0x22, 0x33, 0x44]
+            let payload = Array("{\"type\":\"ping\",\"id\":\"".utf8) + [0xC0, 0xAF]  // an overlong '/': never UTF-8
+            // A text frame announcing 200 bytes, of which only the first few are sent.
+            let frame = [0x81, 0x80 | 126, 0, 200] + key + payload.enumerated().map { $0.element ^ key[$0.offset % 4] }
+            let handshake = "GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                + "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer \(token)\r\n\r\n"
+            let answer = try await within(20, "the close") {
+                let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                    .connect(host: "127.0.0.1", port: gateway.port) { channel in
+                        channel.eventLoop.makeCompletedFuture { try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel) }
+                    }
+                return try await channel.executeThenClose { inbound, outbound in
+                    try await outbound.write(ByteBuffer(string: handshake))
+                    try await outbound.write(ByteBuffer(bytes: frame))
+                    var received: [UInt8] = []
+                    do { for try await chunk in inbound { received += chunk.readableBytesView } } catch {}
+                    return received
+                }
+            }
+            let head = String(decoding: answer, as: UTF8.self)
+            #expect(head.hasPrefix("HTTP/1.1 101"), "\(head.prefix(200))")
+            // After the 101's head: the close frame, code 1007.
+            let end = try #require(answer.firstRange(of: Array("\r\n\r\n".utf8)))
+            let close = Array(answer[end.upperBound...])
+            #expect(close.count >= 4 && close[0] == 0x88 && Int(close[2]) << 8 | Int(close[3]) == 1007, "\(close)")
         }
     }
 

@@ -159,4 +159,62 @@ struct WebSocketFrameReaderTests {
             #expect(Self.read([[0x80 | opcode, 0x80 | 126, 0, 5]], max: 1000, reader: &reader).failure == 1002)
         }
     }
+
+    /// Feeds `bytes` in `pieces`-byte reads as the connection does: whole frames to `receive`, and after each read
+    /// the frame still arriving to `receivePartial`. Returns the events, stopping at the first failure.
+    static func connection(_ bytes: [UInt8], pieces: Int, framing: inout WebSocketFraming) -> [WebSocketFraming.Event] {
+        var reader = WebSocketFrameReader(maxFrameBytes: 1000)
+        var events: [WebSocketFraming.Event] = []
+        for start in stride(from: 0, to: bytes.count, by: pieces) {
+            reader.append(ByteBuffer(bytes: bytes[start..<min(bytes.count, start + pieces)]))
+            loop: while true {
+                switch reader.next() {
+                case .frame(let frame):
+                    let event = framing.receive(frame)
+                    if event != .none { events.append(event) }
+                    if case .fail = event { return events }
+                case .needMore:
+                    if let (head, payload) = reader.partialFrame() {
+                        let event = framing.receivePartial(head, payload: payload)
+                        if case .fail = event { return events + [event] }
+                    }
+                    break loop
+                case .fail(let code, let reason): return events + [.fail(code: code, reason: reason)]
+                }
+            }
+        }
+        return events
+    }
+
+    /// RFC 6455 §8.1, fail fast: a text frame cut by reads fails at the read that brings its first invalid byte,
+    /// before the rest of the frame; valid text cut anywhere (inside a character too) is a message as before;
+    /// a continuation frame carries on from the message's earlier fragments.
+    @Test func aTextFrameCutByReadsFailsAtTheReadWithItsFirstInvalidByte() {
+        func text(_ payload: [UInt8], opcode: UInt8 = 0x1, fin: Bool = true) -> [UInt8] {
+            Self.encode(Sent(fin: fin, rsv1: false, rsv2: false, rsv3: false, opcode: opcode, key: [0x37, 0xFA, 0x21, 0x3D], payload: payload))
+        }
+        let good = Array("κόσμε, hello — ünïcödé".utf8)
+        for pieces in [1, 2, 3, 5, 7] {
+            var framing = WebSocketFraming(maxMessageBytes: 1000)
+            #expect(Self.connection(text(good), pieces: pieces, framing: &framing) == [.text(String(decoding: good, as: UTF8.self))])
+        }
+        // A surrogate (ED A0 80) after some good text, then 100 more bytes: the read that brings A0 fails.
+        let before = Array("κόσμε".utf8)
+        let bad = text(before + [0xED, 0xA0, 0x80] + Array(repeating: 0x61, count: 100))
+        let header = 2 + 4
+        var framing = WebSocketFraming(maxMessageBytes: 1000)
+        #expect(Self.connection(Array(bad[..<(header + before.count + 1)]), pieces: 4, framing: &framing) == [], "ED may start a character")
+        framing = WebSocketFraming(maxMessageBytes: 1000)
+        #expect(Self.connection(Array(bad[..<(header + before.count + 2)]), pieces: 4, framing: &framing) == [.fail(code: 1007, reason: "invalid UTF-8")])
+        // A continuation frame: "é" begun in the first fragment (C3), ended in the second (A9), then FF.
+        framing = WebSocketFraming(maxMessageBytes: 1000)
+        let fragments = text([0x61, 0xC3], fin: false) + text([0xA9, 0x62, 0xFF] + Array(repeating: 0x61, count: 50), opcode: 0x0)
+        #expect(Self.connection(Array(fragments[..<(header + 2 + header + 2)]), pieces: 3, framing: &framing) == [])
+        framing = WebSocketFraming(maxMessageBytes: 1000)
+        #expect(Self.connection(Array(fragments[..<(header + 2 + header + 3)]), pieces: 3, framing: &framing) == [.fail(code: 1007, reason: "invalid UTF-8")])
+        // Binary frames are not text.
+        framing = WebSocketFraming(maxMessageBytes: 1000)
+        let binary = Self.encode(Sent(fin: true, rsv1: false, rsv2: false, rsv3: false, opcode: 0x2, key: [1, 2, 3, 4], payload: [0xFF, 0xFE] + Array(repeating: 0, count: 20)))
+        #expect(Self.connection(Array(binary[..<10]), pieces: 2, framing: &framing) == [])
+    }
 }
