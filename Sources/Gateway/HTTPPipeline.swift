@@ -6,8 +6,9 @@ import NIOHTTP1
 
 // The HTTP side of a connection is a pipeline of small handlers, each with one job:
 // `RequestDeadline` (absolute head and body deadlines) → NIO's HTTP decoder and pipelining →
-// `ParseErrorAnswer` (400 with the envelope for what the decoder cannot parse) → `RequestReader` (limits of the head and body; a complete `HTTPRequest` out) → `RequestGate` (connection
-// cap, per-connection rate, origin, content type) → `HTTPHandler` (route table → REST, long-poll, SSE).
+// `ParseErrorAnswer` (the envelope for what the decoder cannot parse) → `RequestReader` (limits of the head
+// and body; a complete `HTTPRequest` out) → `RequestGate` (connection cap, per-connection rate, origin,
+// content type) → `HTTPHandler` (route table → REST, long-poll, SSE).
 
 /// Reads one request at a time into an `HTTPRequest`: the request target, header count and header bytes
 /// limits (answered once the request ends), the body limit (`413` as soon as it is known, from
@@ -206,11 +207,11 @@ extension ChannelHandlerContext {
 }
 
 /// A request NIO's HTTP decoder cannot parse (a malformed request line or header, a bad `Content-Length`, a
-/// broken chunk) is answered `400 BAD_REQUEST` (header fields past the decoder's bound: `431 HEADERS_TOO_LARGE`)
-/// with the error envelope and a request id, as every error is
-/// (NIO's own `HTTPServerProtocolErrorHandler` answers with an empty body) — unless an answer is already on its
-/// way, which is then the last. The connection closes: the decoder gives up on the byte stream. Sits where
-/// NIO's handler would, right after its pipelining handler, and tracks the answers passing through for that.
+/// broken chunk) is answered `400 BAD_REQUEST` (header fields past the decoder's bound: `431
+/// HEADERS_TOO_LARGE`) with the error envelope and a request id, as every error is (NIO's own
+/// `HTTPServerProtocolErrorHandler` answers with an empty body) — unless an answer is already on its way, which
+/// is then the last. The connection closes: the decoder gives up on the byte stream. Sits where NIO's handler
+/// would, right after its pipelining handler, and tracks the answers passing through for that.
 final class ParseErrorAnswer: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias InboundOut = HTTPServerRequestPart
