@@ -250,7 +250,8 @@ extension GatewayApp {
 /// each (16 random bytes from the kernel per id were a measurable share of a long-poll's cost).
 /// The second half is 62 bits of a counter run through a bijection of 62-bit numbers (an odd multiplier and
 /// xor-shifts, keyed by a random offset): distinct for the process's first 2^62 ids; the first half, random
-/// bits drawn once per process mixed with the second. Request ids name requests in logs; nothing relies on them being unpredictable.
+/// bits drawn once per process mixed with the second. Request ids name requests in logs; nothing relies on
+/// them being unpredictable.
 enum RequestIds {
     private static let seed: (high: UInt64, offset: UInt64) = {
         var rng = SystemRandomNumberGenerator()

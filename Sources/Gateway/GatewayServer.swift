@@ -297,7 +297,7 @@ public final class GatewayServer: Sendable {
             channel.closeFuture.whenComplete { _ in app.connectionsPerIP.remove(ip) }
             if open > app.config.maxConnectionsPerIP {
                 try sync.configureHTTPServerPipeline(withErrorHandling: false)
-                try sync.addHandler(ParseErrorAnswer(), position: .after(sync.handler(type: HTTPServerPipelineHandler.self)))
+                try ParseErrorAnswer.add(to: sync)
                 try sync.addHandler(deadline, position: .first)
                 let refusal = ApiError(.rateLimited, "at most \(app.config.maxConnectionsPerIP) connections per client address",
                                        details: ["limit": String(app.config.maxConnectionsPerIP)], retryAfter: 1)
@@ -364,7 +364,7 @@ public final class GatewayServer: Sendable {
                 sync.removeIfPresent(RequestDeadline.self)
             }),
             withErrorHandling: false)
-        try sync.addHandler(ParseErrorAnswer(), position: .after(sync.handler(type: HTTPServerPipelineHandler.self)))
+        try ParseErrorAnswer.add(to: sync)
         // Read-idle events reach HTTPHandler, which closes a connection that stalls mid-request or idles
         // between requests (WebSockets have their own pings; the handler leaves with the upgrade).
         try sync.addHandler(IdleStateHandler(readTimeout: .seconds(app.config.requestIdleSeconds)), position: .first)

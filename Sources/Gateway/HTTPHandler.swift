@@ -60,7 +60,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         case .methodNotAllowed:
             // RFC 9110 §15.5.6: a 405 names the methods the path answers.
             var response = HTTPResponse.error(ApiError(.methodNotAllowed, "method not allowed"), requestId: request.requestId)
-            response.headers.append(("Allow", (RouteTable.gateway.methods(for: request.path).map(\.rawValue) + ["OPTIONS"]).joined(separator: ", ")))
+            if let allow = RouteTable.gateway.allow(for: request.path) { response.headers.append(("Allow", allow)) }
             write(context: context, response: response, request: request)
         case .route(let route, let parameters):
             routeTemplate = route.template
@@ -84,14 +84,12 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// `OPTIONS`: the methods of the path (`Allow`), and for a CORS preflight from an allowed origin (`RequestGate`
     /// already refused any other with 403) what a page may send. No token needed: browsers never send one here.
     private func answerOptions(context: ChannelHandlerContext, request: HTTPRequest) {
-        let methods = RouteTable.gateway.methods(for: request.path)
-        guard !methods.isEmpty || request.path == ["v1", "ws"] else {
+        guard let allow = RouteTable.gateway.allow(for: request.path) else {
             return write(context: context, response: .error(ApiError(.notFound, "no such route"), requestId: request.requestId), request: request)
         }
-        let allow = (methods.isEmpty ? ["GET"] : methods.map(\.rawValue)) + ["OPTIONS"]
-        var headers = [("Allow", allow.joined(separator: ", "))]
+        var headers = [("Allow", allow)]
         if request.allowOrigin != nil {
-            headers += [("Access-Control-Allow-Methods", allow.joined(separator: ", ")),
+            headers += [("Access-Control-Allow-Methods", allow),
                         ("Access-Control-Allow-Headers", "Authorization, Content-Type, Idempotency-Key, X-Request-Id, Last-Event-ID"),
                         ("Access-Control-Max-Age", "600")]
         }

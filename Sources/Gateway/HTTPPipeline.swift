@@ -228,11 +228,11 @@ final class ParseErrorAnswer: ChannelDuplexHandler, RemovableChannelHandler {
             let problem = parseError == .headerOverflow
                 ? ApiError(.headersTooLarge, "the header fields are too large")
                 : ApiError(.badRequest, "malformed HTTP request")
-            let body = problem.envelopeJSON(requestId: requestId)
-            let headers = HTTPHeaders([("Content-Type", "application/json"), ("Content-Length", String(body.utf8.count)),
-                                       ("X-Request-Id", requestId), ("Connection", "close")])
-            let status = HTTPResponseStatus(statusCode: problem.status)
-            context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: status, headers: headers))), promise: nil)
+            let answer = HTTPResponse.error(problem, requestId: requestId)
+            let body = answer.parts.joined()
+            let headers = HTTPHeaders([("Content-Type", answer.contentType), ("Content-Length", String(body.utf8.count)),
+                                       ("X-Request-Id", requestId), ("Connection", "close")] + answer.headers)
+            context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: answer.status, headers: headers))), promise: nil)
             context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
             let channel = context.channel
             context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in channel.close(promise: nil) }
@@ -240,6 +240,11 @@ final class ParseErrorAnswer: ChannelDuplexHandler, RemovableChannelHandler {
             context.close(promise: nil)
         }
         context.fireErrorCaught(error)
+    }
+
+    /// Puts one right after NIO's pipelining handler in `pipeline` (set up without NIO's error handler).
+    static func add(to pipeline: ChannelPipeline.SynchronousOperations) throws {
+        try pipeline.addHandler(ParseErrorAnswer(), position: .after(pipeline.handler(type: HTTPServerPipelineHandler.self)))
     }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {

@@ -82,6 +82,12 @@ struct RouteTable: Sendable {
         routes.filter { $0.parameters(of: path) != nil }.compactMap(\.method)
     }
 
+    /// The `Allow` value of `path` (its methods and `OPTIONS`); nil when no route has that path.
+    func allow(for path: [String]) -> String? {
+        let methods = methods(for: path)
+        return methods.isEmpty ? nil : (methods.map(\.rawValue) + ["OPTIONS"]).joined(separator: ", ")
+    }
+
     /// The gateway's routes.
     static let gateway = RouteTable(routes: [
         Route(.GET, "/healthz", .immediate { _, _ in .json(.ok, "{\"status\":\"ok\"}") }),
