@@ -2,7 +2,6 @@ import Foundation
 import NIOCore
 import NIOHTTP1
 import NIOPosix
-import NIOWebSocket
 
 /// `http://host:port` → where to connect.
 struct Endpoint: Sendable, CustomStringConvertible {
@@ -19,107 +18,6 @@ struct Endpoint: Sendable, CustomStringConvertible {
 
 struct ClientError: Error, CustomStringConvertible {
     let description: String
-}
-
-/// A WebSocket client speaking the gateway's JSON commands (one connection per virtual client).
-final class WSClient: @unchecked Sendable {  // used by one task at a time
-    private enum Upgrade { case websocket(NIOAsyncChannel<WebSocketFrame, WebSocketFrame>), refused }
-    private let channel: NIOAsyncChannel<WebSocketFrame, WebSocketFrame>
-    private var iterator: NIOAsyncChannelInboundStream<WebSocketFrame>.AsyncIterator
-    private var fragments: ByteBuffer?
-    private(set) var closeCode: UInt16?
-
-    /// `inline`, when given, sees every whole text message on the connection's event loop as it arrives; the
-    /// ones it returns true for are not handed to `next()`. A subscriber's deliveries are checked there: a task
-    /// woken per message would cost the load generator more than the server spends delivering it.
-    static func connect(_ endpoint: Endpoint, token: String, group: any EventLoopGroup,
-                        inline: (@Sendable (ByteBuffer) -> Bool)? = nil) async throws -> WSClient {
-        let upgrade: EventLoopFuture<Upgrade> = try await ClientBootstrap(group: group)
-            .connect(host: endpoint.host, port: endpoint.port) { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    let upgrader = NIOTypedWebSocketClientUpgrader<Upgrade>(maxFrameSize: 1 << 24, upgradePipelineHandler: { channel, _ in
-                        channel.eventLoop.makeCompletedFuture {
-                            if let inline { try channel.pipeline.syncOperations.addHandler(InlineMessages(inline)) }
-                            return .websocket(try NIOAsyncChannel<WebSocketFrame, WebSocketFrame>(wrappingChannelSynchronously: channel))
-                        }
-                    })
-                    var headers = HTTPHeaders()
-                    headers.add(name: "Host", value: endpoint.description)
-                    headers.add(name: "Authorization", value: "Bearer \(token)")
-                    let head = HTTPRequestHead(version: .http1_1, method: .GET, uri: "/v1/ws", headers: headers)
-                    let config = NIOTypedHTTPClientUpgradeConfiguration<Upgrade>(
-                        upgradeRequestHead: head, upgraders: [upgrader],
-                        notUpgradingCompletionHandler: { channel in channel.eventLoop.makeSucceededFuture(.refused) })
-                    return try channel.pipeline.syncOperations.configureUpgradableHTTPClientPipeline(configuration: .init(upgradeConfiguration: config))
-                }
-            }
-        switch try await upgrade.get() {
-        case .websocket(let channel): return WSClient(channel: channel)
-        case .refused: throw ClientError(description: "the WebSocket upgrade to \(endpoint) was refused")
-        }
-    }
-
-    private init(channel: NIOAsyncChannel<WebSocketFrame, WebSocketFrame>) {
-        self.channel = channel
-        self.iterator = channel.inbound.makeAsyncIterator()
-    }
-
-    func send(_ text: String) async throws {
-        try await channel.outbound.write(WebSocketFrame(fin: true, opcode: .text, maskKey: .random(), data: ByteBuffer(string: text)))
-    }
-
-    /// The next text message; nil once the connection closed.
-    func next() async throws -> ByteBuffer? {
-        while closeCode == nil {
-            guard let frame = try await iterator.next() else { return nil }
-            switch frame.opcode {
-            case .text, .continuation:
-                var data = frame.unmaskedData
-                if frame.fin && fragments == nil { return data }
-                var buffer = fragments ?? ByteBuffer()
-                buffer.writeBuffer(&data)
-                if frame.fin {
-                    fragments = nil
-                    return buffer
-                }
-                fragments = buffer
-            case .ping:
-                try await channel.outbound.write(WebSocketFrame(fin: true, opcode: .pong, maskKey: .random(), data: frame.unmaskedData))
-            case .connectionClose:
-                var data = frame.unmaskedData
-                closeCode = data.readInteger(as: UInt16.self) ?? 1005
-                return nil
-            default:
-                continue
-            }
-        }
-        return nil
-    }
-
-    func close() async {
-        channel.outbound.finish()
-        try? await channel.channel.close()
-    }
-
-    deinit {
-        channel.outbound.finish()
-        channel.channel.close(promise: nil)
-    }
-}
-
-/// Hands whole unfragmented text frames to a closure on the event loop; passes on what it does not take.
-private final class InlineMessages: ChannelInboundHandler, Sendable {
-    typealias InboundIn = WebSocketFrame
-    typealias InboundOut = WebSocketFrame
-    private let take: @Sendable (ByteBuffer) -> Bool
-
-    init(_ take: @escaping @Sendable (ByteBuffer) -> Bool) { self.take = take }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let frame = unwrapInboundIn(data)
-        if frame.opcode == .text, frame.fin, take(frame.unmaskedData) { return }
-        context.fireChannelRead(data)
-    }
 }
 
 /// An HTTP/1.1 connection: a streaming response (SSE), or whole ones one after another (history,

@@ -263,7 +263,7 @@ struct Fanout: AsyncParsableCommand {
         var bytes = ByteBuffer(string: request + "\r\n")
         if target == .gateway {
             let from = (since.map { ",\"since\":\"\($0)\"" } ?? "") + (presence ? ",\"presence\":true" : "")
-            bytes.writeImmutableBuffer(FrameCounter.maskedText("{\"type\":\"subscribe\",\"channel\":\"topic:\(channel)\"\(from)}"))
+            bytes.writeImmutableBuffer(ServerFrameReader.clientText("{\"type\":\"subscribe\",\"channel\":\"topic:\(channel)\"\(from)}"))
         }
         try await connection.writeAndFlush(bytes)
         return (counter, connection)
@@ -512,8 +512,7 @@ final class LatencyRecorder: @unchecked Sendable {
     }
 }
 
-/// Counts the text frames a server sends after its `101`, reading only frame headers (with `stamps`, each text
-/// frame whole, for the send time in its payload).
+/// Counts the text frames a server sends after its `101` (with `stamps`, records the send time in each payload).
 final class FrameCounter: ChannelInboundHandler, DeliveryCounter, @unchecked Sendable {  // state only touched on `loop`
     typealias InboundIn = ByteBuffer
     let loop: any EventLoop
@@ -521,8 +520,7 @@ final class FrameCounter: ChannelInboundHandler, DeliveryCounter, @unchecked Sen
     private let waitForReply: Bool
     private var head = ResponseHead()
     private var upgraded = false
-    private var partial = ByteBuffer()
-    private var skip = 0
+    private var reader = ServerFrameReader()
     private(set) var frames = 0
     private var readyDone = false
     private let stamps: LatencyRecorder?
@@ -532,16 +530,6 @@ final class FrameCounter: ChannelInboundHandler, DeliveryCounter, @unchecked Sen
         self.ready = loop.makePromise()
         self.waitForReply = waitForReply
         self.stamps = stamps
-    }
-
-    static func maskedText(_ text: String) -> ByteBuffer {
-        let payload = Array(text.utf8)
-        var buffer = ByteBuffer()
-        buffer.writeInteger(UInt8(0x81))
-        if payload.count < 126 { buffer.writeInteger(UInt8(0x80 | payload.count)) } else { buffer.writeInteger(UInt8(0x80 | 126)); buffer.writeInteger(UInt16(payload.count)) }
-        buffer.writeBytes([0, 0, 0, 0])  // a zero mask: the payload as is
-        buffer.writeBytes(payload)
-        return buffer
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -558,51 +546,20 @@ final class FrameCounter: ChannelInboundHandler, DeliveryCounter, @unchecked Sen
                 if !waitForReply { ready.succeed() }
             }
         }
-        count(&bytes)
-    }
-
-    private func count(_ bytes: inout ByteBuffer) {
-        if partial.readableBytes > 0 {
-            partial.writeBuffer(&bytes)
-            bytes = partial
-            partial = ByteBuffer()
-        }
-        while bytes.readableBytes > 0 {
-            if skip > 0 {
-                let n = min(skip, bytes.readableBytes)
-                bytes.moveReaderIndex(forwardBy: n)
-                skip -= n
-                continue
-            }
-            let view = bytes.readableBytesView
-            guard view.count >= 2 else { break }
-            let first = view[view.startIndex], second = view[view.startIndex + 1] & 0x7F
-            var headerLength = 2
-            var length = Int(second)
-            if second == 126 {
-                guard view.count >= 4 else { break }
-                length = Int(view[view.startIndex + 2]) << 8 | Int(view[view.startIndex + 3])
-                headerLength = 4
-            } else if second == 127 {
-                guard view.count >= 10 else { break }
-                length = (0..<8).reduce(0) { $0 << 8 | Int(view[view.startIndex + 2 + $1]) }
-                headerLength = 10
-            }
-            if stamps != nil && view.count < headerLength + length { break }  // read whole: wait for the rest
-            if first & 0x0F == 0x1 {
+        do {
+            try reader.read(&bytes) { frame in
+                guard frame.opcode == 0x1 else { return }
                 if waitForReply && !readyDone {
                     readyDone = true  // the `subscribed` reply
                     ready.succeed()
-                } else {
-                    frames += 1
-                    let payload = view.startIndex + headerLength
-                    if let stamps, let sent = LatencyRecorder.stamp(in: view[payload..<(payload + length)]) { stamps.record(sentAt: sent) }
+                    return
                 }
+                frames += 1
+                if let stamps, let sent = LatencyRecorder.stamp(in: frame.payload.readableBytesView) { stamps.record(sentAt: sent) }
             }
-            bytes.moveReaderIndex(forwardBy: headerLength)
-            skip = length
+        } catch {
+            errorCaught(context: context, error: error)
         }
-        if bytes.readableBytes > 0 { partial = bytes }
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {

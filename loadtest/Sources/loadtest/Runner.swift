@@ -158,18 +158,15 @@ final class Runner: Sendable {
         // needs it (an error, an unsubscribe) and the end.
         let live = NIOLockedValueBox(Live(track: track, cursor: cursor))
         defer { (track, cursor) = live.withLockedValue { ($0.track, $0.cursor) } }
-        let ws = try await WSClient.connect(endpoint, token: token, group: group) { [self] frame in
+        let subscribe = ClientCommand.subscribe(id: .string("s"), channel: channel, since: cursor).text
+        let ws = try await LiveSocket.connect(endpoint, token: token, first: subscribe, group: group, take: { [self] frame in
             take(frame, i, live, channel: channel, who: who, onReady)
-        }
+        }, other: { [ledger] text in ledger.error("\(who): \(text.prefix(300))") })
         ledger.connected(1)
         defer { ledger.connected(-1) }
-        let churn = register(i) { await ws.close() }
+        let churn = register(i) { ws.close() }
         defer { churn?.cancel() }
-        try await ws.send(ClientCommand.subscribe(id: .string("s"), channel: channel, since: cursor).text)
-        while let frame = try await ws.next() {
-            ledger.error("\(who): \(String(buffer: frame).prefix(300))")
-            await ws.close()
-        }
+        await ws.closed()
         if let code = ws.closeCode, code != 1000, code != 1001, code != 1005 { ledger.error("\(who): closed with \(code)") }
         return isStopping ? .stopped : .closed
     }
@@ -182,17 +179,17 @@ final class Runner: Sendable {
 
     /// One text message of a WebSocket subscriber, on its event loop: a delivery or the `subscribed` reply is
     /// taken (true); an error or an unsubscribe is left to the subscriber's task (false).
-    private func take(_ frame: ByteBuffer, _ i: Int, _ live: NIOLockedValueBox<Live>, channel: String, who: String,
+    private func take(_ frame: ByteBufferView, _ i: Int, _ live: NIOLockedValueBox<Live>, channel: String, who: String,
                       _ onReady: (@Sendable () -> Void)?) -> Bool {
         func record(_ message: Delivery) {
             live.withLockedValue { s in if let next = deliver(message, i, &s.track, who: who) { s.cursor = next } }
         }
         // Messages (nearly every frame) in one pass; anything else as a reply.
-        if let message = Delivery.scan(frame.readableBytesView) {
+        if let message = Delivery.scan(frame) {
             record(message)
             return true
         }
-        guard let reply = try? ServerReply.decode(String(buffer: frame)) else { return true }
+        guard let reply = try? ServerReply.decode(String(decoding: frame, as: UTF8.self)) else { return true }
         switch reply {
         case .message(_, let raw):
             if let message = try? raw.decode(WireMessage.self) { record(Delivery(message)) }
@@ -299,59 +296,17 @@ final class Runner: Sendable {
     private func publisher(_ p: Int) async {
         let endpoint = plan.endpoints[p % plan.endpoints.count]
         let who = "publisher \(p) via \(endpoint)"
-        let ws: WSClient
+        let sends = PacedPublishes(plan: plan, index: p, ledger: ledger, who: who)
         do {
-            ws = try await WSClient.connect(endpoint, token: try await tokens.make("lt-pub-\(p)"), group: group)
+            sends.socket = try await LiveSocket.connect(endpoint, token: try await tokens.make("lt-pub-\(p)"), first: nil, group: group,
+                                                        take: { sends.answered($0) }, other: { _ in })
         } catch {
             ledger.error("\(who): \(error)")
             return
         }
-        let inFlight = NIOLockedValueBox<[Int: UInt64]>([:])
-        let reader = Task {
-            let decoder = JSONDecoder()
-            while let frame = try? await ws.next() {
-                guard let reply = try? decoder.decode(AckFrame.self, from: Data(frame.readableBytesView)), let text = reply.id,
-                      let n = Int(text), let sentAt = inFlight.withLockedValue({ $0.removeValue(forKey: n) }) else { continue }
-                if reply.type == "ack", let message = reply.message {
-                    self.ledger.acked(channel: message.channel, seq: message.seq, id: message.id, latencyMicros: (nowNanos() &- sentAt) / 1000)
-                } else {
-                    self.ledger.error("\(who): \(String(buffer: frame).prefix(300))")
-                }
-            }
-        }
-        let pad = String(repeating: "x", count: max(0, plan.size - 60))
-        let interval = plan.rate > 0 ? Double(plan.publishers) / plan.rate : 0
-        let start = nowNanos()
-        let end = start + UInt64(plan.duration * 1e9)
-        let perPublisher = plan.count > 0 ? (plan.count + plan.publishers - 1 - p) / plan.publishers : Int.max
-        var n = 0
-        while nowNanos() < end && n < perPublisher {
-            if interval > 0 {
-                let due = start + UInt64(Double(n) * interval * 1e9)
-                let now = nowNanos()
-                if due > now { try? await Task.sleep(nanoseconds: due - now) }
-            }
-            while inFlight.withLockedValue({ $0.count }) >= 256 { try? await Task.sleep(for: .milliseconds(1)) }
-            let channel = plan.channels[(p + n * plan.publishers) % plan.channels.count]
-            let t = nowNanos()
-            inFlight.withLockedValue { $0[n] = t }
-            do {
-                let body = JSONValue.object(["t": .integer(Int64(t)), "p": .integer(Int64(p)), "n": .integer(Int64(n)), "pad": .string(pad)])
-                try await ws.send(ClientCommand.publish(id: .string(String(n)), channel: channel, body: body).text)
-            } catch {
-                ledger.error("\(who): \(error)")
-                break
-            }
-            ledger.sent()
-            n += 1
-        }
-        // Every publish answered (acked or refused) before the drain starts.
-        let answeredBy = Date().addingTimeInterval(30)
-        while inFlight.withLockedValue({ !$0.isEmpty }) && Date() < answeredBy { try? await Task.sleep(for: .milliseconds(10)) }
-        let unanswered = inFlight.withLockedValue { $0.count }
+        let unanswered = await sends.run()
         if unanswered > 0 { ledger.error("\(who): \(unanswered) publishes never answered") }
-        await ws.close()
-        reader.cancel()
+        sends.socket.close()
     }
 
     // MARK: progress
@@ -468,4 +423,125 @@ struct AckFrame: Decodable, Sendable {
     let type: String
     let id: String?
     let message: Delivery?
+
+    /// An ack read straight off the frame in the server's layout
+    /// (`{"type":"ack","id":"…","message":{"id":"…","channel":"…","seq":N,"cursor":"…",…}}`); nil for anything
+    /// else, which then goes through `JSONDecoder`.
+    static func scan(_ bytes: ByteBufferView) -> AckFrame? {
+        bytes.withUnsafeBytes { raw -> AckFrame? in
+            var s = Delivery.Scanner(raw)
+            guard s.skip("{\"type\":\"ack\",\"id\":\""), let id = s.string(), s.skip(",\"message\":{\"id\":\""), let message = s.string(),
+                  s.skip(",\"channel\":\""), let channel = s.string(), s.skip(",\"seq\":"), let seq = s.integer(),
+                  s.skip(",\"cursor\":\""), let cursor = s.string() else { return nil }
+            return AckFrame(type: "ack", id: id, message: Delivery(id: message, channel: channel, seq: seq, cursor: cursor, t: nil))
+        }
+    }
+
+    init(type: String, id: String?, message: Delivery?) { (self.type, self.id, self.message) = (type, id, message) }
+}
+
+/// One publisher's sends, run on its connection's event loop (no task woken per message): message n at
+/// `start + n · interval` (back to back when the rate is unlimited), at most 256 unanswered; each answer is
+/// matched to its send time. Its state is only touched on that loop.
+final class PacedPublishes: @unchecked Sendable {
+    private let plan: Plan
+    private let index: Int
+    private let ledger: Ledger
+    private let who: String
+    /// Set once connected, before `run`.
+    var socket: LiveSocket!
+    private var sentAt: [Int: UInt64] = [:]
+    private var n = 0
+    private var start: UInt64 = 0
+    private var end: UInt64 = 0
+    private var done: EventLoopPromise<Void>?
+    /// At the cap of unanswered publishes: the next answer resumes the sending.
+    private var waitingForRoom = false
+    private let interval: Double
+    private let count: Int
+    private let pad: String
+    /// `{"type":"publish","channel":"…","id":"` per channel, written once.
+    private let heads: [String]
+
+    init(plan: Plan, index: Int, ledger: Ledger, who: String) {
+        (self.plan, self.index, self.ledger, self.who) = (plan, index, ledger, who)
+        interval = plan.rate > 0 ? Double(plan.publishers) / plan.rate : 0
+        count = plan.count > 0 ? (plan.count + plan.publishers - 1 - index) / plan.publishers : Int.max
+        pad = String(repeating: "x", count: max(0, plan.size - 60))
+        heads = plan.channels.map { channel in
+            var head = "{\"type\":\"publish\",\"channel\":"
+            WireText.appendString(channel, to: &head)
+            return head + ",\"id\":\""
+        }
+    }
+
+    /// Publishes for the plan's duration (or count), then waits up to 30 s for the answers; returns how many
+    /// never came.
+    func run() async -> Int {
+        let loop = socket.eventLoop
+        let sent = loop.makePromise(of: Void.self)
+        loop.execute {
+            self.done = sent
+            self.start = nowNanos()
+            self.end = self.start + UInt64(self.plan.duration * 1e9)
+            self.socket.closeFuture.whenComplete { _ in
+                guard let done = self.done else { return }
+                self.ledger.error("\(self.who): the connection closed while publishing")
+                self.done = nil
+                done.succeed()
+            }
+            self.tick()
+        }
+        try? await sent.futureResult.get()
+        let answeredBy = Date().addingTimeInterval(30)
+        while Date() < answeredBy, (try? await loop.submit({ !self.sentAt.isEmpty }).get()) ?? false {
+            try? await Task.sleep(for: .milliseconds(10))
+        }
+        return (try? await loop.submit { self.sentAt.count }.get()) ?? 0
+    }
+
+    /// Sends what is due; comes back when the next one is (or an answer makes room).
+    private func tick() {
+        var wrote = false
+        defer { if wrote { socket.flush() } }
+        while true {
+            let now = nowNanos()
+            guard now < end, n < count, socket.isOpen else {
+                done?.succeed()
+                done = nil
+                return
+            }
+            let due = start + UInt64(Double(n) * interval * 1e9)
+            if due > now {
+                socket.eventLoop.scheduleTask(in: .nanoseconds(Int64(due - now))) { self.tick() }
+                return
+            }
+            if sentAt.count >= 256 {
+                waitingForRoom = true  // an answer calls back
+                return
+            }
+            let channel = (index + n * plan.publishers) % plan.channels.count
+            sentAt[n] = now
+            socket.write(heads[channel] + "\(n)\",\"body\":{\"t\":\(now),\"p\":\(index),\"n\":\(n),\"pad\":\"\(pad)\"}}")
+            wrote = true
+            ledger.sent()
+            n += 1
+        }
+    }
+
+    /// A text message on the publisher's connection (on its loop): an ack, or an error, for a publish.
+    func answered(_ frame: ByteBufferView) -> Bool {
+        let reply = AckFrame.scan(frame) ?? (try? JSONDecoder().decode(AckFrame.self, from: Data(frame)))
+        guard let reply, let text = reply.id, let n = Int(text), let sent = sentAt.removeValue(forKey: n) else { return true }
+        if reply.type == "ack", let message = reply.message {
+            ledger.acked(channel: message.channel, seq: message.seq, id: message.id, latencyMicros: (nowNanos() &- sent) / 1000)
+        } else {
+            ledger.error("\(who): \(String(decoding: frame, as: UTF8.self).prefix(300))")
+        }
+        if waitingForRoom {
+            waitingForRoom = false
+            tick()
+        }
+        return true
+    }
 }
