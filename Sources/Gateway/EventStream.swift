@@ -44,6 +44,8 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
     private var heldForFault: ByteBuffer?
     /// `Access-Control-Allow-Origin` for a page of an allowed origin (nil: none), see `HTTPRequest.allowOrigin`.
     private let allowOrigin: String?
+    /// False for an HTTP/1.0 client: the stream goes unchunked (RFC 9112 §6.1) and ends with the connection.
+    private let chunked: Bool
 
     init(app: GatewayApp, actor: Actor, context: ChannelHandlerContext, request: HTTPRequest, refuse: @escaping (ApiError) -> Void) {
         self.app = app
@@ -52,6 +54,7 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
         self.refuse = refuse
         self.timers = app.timers.on(context.eventLoop)
         self.allowOrigin = request.allowOrigin
+        self.chunked = request.version.major > 1 || (request.version.major == 1 && request.version.minor >= 1)
         self.driver = SessionDriver(app: app, actor: actor, kind: .serverSentEvents, eventLoop: context.eventLoop, log: request.log, transport: self)
         self.writable = context.channel.isWritable
     }
@@ -77,7 +80,10 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
         headers.add(name: "X-Accel-Buffering", value: "no")
         headers.add(name: "X-Request-Id", value: requestId)
         for (name, value) in HTTPRequest.corsHeaders(allowOrigin: allowOrigin) { headers.add(name: name, value: value) }
-        context.write(NIOAny(HTTPServerResponsePart.head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers))), promise: nil)
+        // NIO frames a 1.1 answer without a length as chunked, a 1.0 one as the bytes until the close.
+        if !chunked { headers.add(name: "Connection", value: "close") }
+        let version: HTTPVersion = chunked ? .http1_1 : .http1_0
+        context.write(NIOAny(HTTPServerResponsePart.head(HTTPResponseHead(version: version, status: .ok, headers: headers))), promise: nil)
         writeText(": stream open\nretry: 2000\nid: \(cursor)\n\n")
         context.flush()
         keepalive = timers.schedule(self, in: .seconds(app.config.keepaliveSeconds))
@@ -148,13 +154,19 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
             promise?.fail(ChannelError.ioOnClosedChannel)
             return
         }
-        guard app.faults.fault != nil else { return chunks.write(NIOAny(bytes), promise: promise) }
+        guard app.faults.fault != nil else { return send(bytes, promise: promise) }
         var promise = promise
         app.faults.write(bytes, held: &heldForFault) {
-            chunks.write(NIOAny($0), promise: promise)
+            send($0, promise: promise)
             promise = nil
         }
         promise?.succeed()
+    }
+
+    /// Pre-framed chunks go below NIO's encoder as they are; to an HTTP/1.0 client, their payloads.
+    private func send(_ bytes: ByteBuffer, promise: EventLoopPromise<Void>?) {
+        guard !chunked else { return chunks.write(NIOAny(bytes), promise: promise) }
+        chunks.write(NIOAny(WireEncoding.unchunked(bytes) ?? bytes), promise: promise)
     }
 
     func flush() { context.flush() }

@@ -12,6 +12,8 @@ struct HTTPRequest: Sendable {
     let headers: HTTPHeaders
     let body: ByteBuffer
     let keepAlive: Bool
+    /// HTTP/1.0 or 1.1: a 1.0 client reads no chunked body (RFC 9112 §6.1), so a stream to it ends with the connection.
+    let version: HTTPVersion
     /// What its log lines need (a connection that outlives the request keeps this, not the request).
     let log: RequestLog
     /// `Access-Control-Allow-Origin` for the answer: the request's `Origin` when `GATEWAY_ALLOWED_ORIGINS` lists
@@ -30,6 +32,7 @@ struct HTTPRequest: Sendable {
         self.headers = head.headers
         self.body = body
         self.keepAlive = head.isKeepAlive
+        self.version = head.version
         self.log = RequestLog(requestId: GatewayApp.requestId(from: head.headers.first(name: "x-request-id")), method: head.method,
                               target: RequestLog.masked(uri), receivedAt: receivedAt, base: app.logger,
                               traceparent: RequestLog.traceparent(head.headers.first(name: "traceparent")))

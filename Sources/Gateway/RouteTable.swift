@@ -26,6 +26,14 @@ enum RouteAction: Sendable {
     case eventStream
     /// `/v1/ws` or `/v1/echo` reached as plain HTTP: the upgrade was refused, say why.
     case refusedUpgrade(echo: Bool)
+
+    /// A whole answer (not a stream): `HEAD` gets it too, without the body (RFC 9110 §9.3.2).
+    var answersHead: Bool {
+        switch self {
+        case .immediate, .work: true
+        case .longPoll, .eventStream, .refusedUpgrade: false
+        }
+    }
 }
 
 /// The routes of PROTOCOL.md §4 as templates (`{name}` matches one path segment), matched in order.
@@ -35,6 +43,8 @@ struct RouteTable: Sendable {
         let template: String
         let segments: [String]
         let action: RouteAction
+        /// A `GET` route with a whole answer.
+        var answersHead: Bool { method == .GET && action.answersHead }
 
         /// `method` nil: any method (the action tells).
         init(_ method: HTTPMethod?, _ template: String, _ action: RouteAction) {
@@ -72,14 +82,17 @@ struct RouteTable: Sendable {
         for route in routes {
             guard let parameters = route.parameters(of: path) else { continue }
             pathMatched = true
-            if route.method == nil || route.method == method { return .route(route, parameters) }
+            if route.method == nil || route.method == method || (method == .HEAD && route.answersHead) { return .route(route, parameters) }
         }
         return pathMatched ? .methodNotAllowed : .notFound
     }
 
     /// The methods `path` answers (empty: no such path), for `Allow` and CORS preflights.
     func methods(for path: [String]) -> [HTTPMethod] {
-        routes.filter { $0.parameters(of: path) != nil }.compactMap(\.method)
+        routes.filter { $0.parameters(of: path) != nil }.flatMap { route -> [HTTPMethod] in
+            guard let method = route.method else { return [] }
+            return route.answersHead ? [method, .HEAD] : [method]
+        }
     }
 
     /// The `Allow` value of `path` (its methods and `OPTIONS`); nil when no route has that path.

@@ -99,6 +99,21 @@ enum WireEncoding {
         return out
     }
 
+    /// The payloads of a run of chunks as `serverSentEvent` frames them (an HTTP/1.0 client reads no chunks);
+    /// nil if the bytes are not such a run.
+    static func unchunked(_ chunks: ByteBuffer) -> ByteBuffer? {
+        var chunks = chunks
+        var out = ByteBufferAllocator().buffer(capacity: chunks.readableBytes)
+        while chunks.readableBytes > 0 {
+            guard let line = chunks.readableBytesView.firstIndex(of: UInt8(ascii: "\r")),
+                  let size = Int(String(decoding: chunks.readableBytesView[..<line], as: UTF8.self), radix: 16) else { return nil }
+            chunks.moveReaderIndex(to: line + 2)
+            guard var payload = chunks.readSlice(length: size), chunks.readSlice(length: 2) != nil else { return nil }
+            out.writeBuffer(&payload)
+        }
+        return out
+    }
+
     static let encoder: MessageEncoder = { message, format in
         switch format {
         case .webSocket: webSocketMessage(message)

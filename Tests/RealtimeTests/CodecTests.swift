@@ -235,6 +235,20 @@ struct WireTests {
         let event = "id: \(message.cursor)\nevent: message\ndata: \(message.json)\n\n"
         #expect(text == String(event.utf8.count, radix: 16) + "\r\n" + event + "\r\n")
     }
+
+    /// An HTTP/1.0 stream gets the events without the chunk framing: a batch of chunks joined comes apart
+    /// into its payloads; bytes that are not chunks are not taken for them.
+    @Test func sseChunksUnwrapToTheirEventsForHTTP10() throws {
+        let channel = try ChannelName(parsing: "topic:x")
+        let messages = (1...3).map { Message(id: "i\($0)", channel: channel, seq: Int64($0), createdAtMicros: Int64($0), sender: "s", requestId: nil,
+                                            body: "{\"n\":\"" + String(repeating: "x", count: $0 * 100) + "\"}") }
+        var batch = ByteBuffer()
+        for message in messages { var chunk = WireEncoding.serverSentEvent(message); batch.writeBuffer(&chunk) }
+        let events = messages.map { "id: \($0.cursor)\nevent: message\ndata: \($0.json)\n\n" }.joined()
+        #expect(WireEncoding.unchunked(batch).map { String(buffer: $0) } == events)
+        #expect(WireEncoding.unchunked(ByteBuffer(string: "zz\r\nabc\r\n")) == nil)
+        #expect(WireEncoding.unchunked(ByteBuffer(string: "5\r\nabc\r\n")) == nil)
+    }
 }
 
 /// Property: the incremental validator agrees with the standard library on any bytes, split anywhere.

@@ -170,6 +170,54 @@ enum RawClient {
         }
     }
 
+    /// RFC 9110 §9.3.2: `HEAD` of a whole answer gets what `GET` gets (status, headers, `Content-Length`)
+    /// without the body, so a load balancer's `HEAD /healthz` works; a stream (events, poll, WebSocket) is
+    /// refused with 405 and an `Allow` without HEAD.
+    @Test func headIsAnsweredAsGetWithoutTheBody() async throws {
+        try await withTestGateway { gateway in
+            let port = gateway.port
+            let token = try await gateway.token()
+            // Pipelined on one connection: the HEAD answer carries no body, so the GET answer after it parses.
+            let raw = try await RawClient.exchange(port: port,
+                "HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            let answers = Array(raw.components(separatedBy: "HTTP/1.1 ")[1...])
+            #expect(answers.map { $0.prefix(3) } == ["200", "200"], "\(raw)")
+            #expect(answers.first?.contains("Content-Length: 15\r\n") == true && answers.first?.hasSuffix("\r\n\r\n") == true, "\(raw)")
+            #expect(answers.last?.hasSuffix("\r\n\r\n{\"status\":\"ok\"}") == true, "\(raw)")
+            let history = try await RawClient.exchange(port: port,
+                "HEAD /v1/channels/topic:a/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \(token)\r\nConnection: close\r\n\r\n")
+            #expect(history.hasPrefix("HTTP/1.1 200 ") && history.hasSuffix("\r\n\r\n"), "\(history)")
+            let anonymous = try await RawClient.exchange(port: port, "HEAD /v1/threads HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            #expect(anonymous.hasPrefix("HTTP/1.1 401 ") && anonymous.hasSuffix("\r\n\r\n"), "\(anonymous)")
+            for path in ["/v1/channels/topic:a/events", "/v1/channels/topic:a/poll", "/v1/ws"] {
+                let answer = try await RawClient.exchange(port: port,
+                    "HEAD \(path) HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \(token)\r\nConnection: close\r\n\r\n")
+                #expect(answer.hasPrefix("HTTP/1.1 405 ") && answer.contains("\r\nAllow: GET, OPTIONS\r\n"), "\(path): \(answer)")
+            }
+            let options = try await HTTPTestClient.request(.OPTIONS, port: port, "/readyz")
+            #expect(options.headers.first(name: "Allow") == "GET, HEAD, OPTIONS")
+            let post = try await HTTPTestClient.request(.POST, port: port, "/healthz", body: "")
+            #expect(post.status == 405 && post.headers.first(name: "Allow") == "GET, HEAD, OPTIONS")
+        }
+    }
+
+    /// RFC 9112 §6.1: no chunked body to an HTTP/1.0 client; its event stream is the bytes up to the close.
+    @Test func anEventStreamToAnHTTP10ClientIsNotChunked() async throws {
+        try await withTestGateway { gateway in
+            let token = try await gateway.token()
+            #expect(try await HTTPTestClient.publish(port: gateway.port, channel: "topic:old", body: ["n": 1], token: token).status == 201)
+            let bytes = try await RawClient.read(port: gateway.port,
+                "GET /v1/channels/topic:old/events?history=1 HTTP/1.0\r\nAuthorization: Bearer \(token)\r\nAccept: text/event-stream\r\n\r\n",
+                until: Array("}}\n\n".utf8))
+            let text = String(decoding: bytes, as: UTF8.self)
+            let parts = text.components(separatedBy: "\r\n\r\n")
+            let head = parts[0].lowercased()
+            #expect(head.hasPrefix("http/1.0 200 ") && head.contains("\r\nconnection: close") && !head.contains("transfer-encoding"), "\(text)")
+            let body = parts.dropFirst().joined(separator: "\r\n\r\n")
+            #expect(body.hasPrefix(": stream open\nretry: 2000\nid: ") && body.contains("\n\nid: 1.") && body.contains("event: message\ndata: {"), "\(text)")
+        }
+    }
+
     @Test func pipelinedRequestsAreAnsweredInOrder() async throws {
         try await withTestGateway { gateway in
             let raw = try await RawClient.exchange(port: gateway.port,
