@@ -135,7 +135,14 @@ extension ClientCommand: Codable {
 
     /// The command a JSON object names; every way it can be wrong is a `CommandError` naming it.
     init(object: [String: JSONValue]) throws(CommandError) {
-        let id = object["id"].flatMap(CommandID.init(json:))
+        // An id the reply could not carry back (an object, an array, a boolean) is refused, not dropped.
+        let id: CommandID?
+        if let value = object["id"], value != .null {
+            guard let valid = CommandID(json: value) else { throw CommandError(.badRequest, "an id is a string or a number") }
+            id = valid
+        } else {
+            id = nil
+        }
         /// The member `key`: nil when absent or null; `read` nil for a value of the wrong type throws.
         func field<T>(_ key: String, _ code: CommandError.Code = .badRequest, _ message: String, _ read: (JSONValue) -> T?) throws(CommandError) -> T? {
             guard let value = object[key], value != .null else { return nil }

@@ -51,6 +51,12 @@ import Testing
             #expect(Self.errorCode(try await ws.reply("error")) == "PAYLOAD_TOO_LARGE")
             try await ws.send(["type": "publish", "id": "7", "channel": "topic:bad", "body": "not an object"])
             #expect(Self.errorCode(try await ws.reply("error")) == "INVALID_BODY")
+            // An id the reply could not carry back is refused (the publish stores nothing), not dropped.
+            try await ws.send(["type": "publish", "id": ["a": 1], "channel": "topic:bad", "body": ["a": 1]])
+            let badId = try await ws.reply("error")
+            #expect(Self.errorCode(badId) == "BAD_REQUEST" && badId["id"] == nil, "\(badId)")
+            try await ws.send(["type": "publish", "id": true, "channel": "topic:bad", "body": ["a": 1]])
+            #expect(Self.errorCode(try await ws.reply("error")) == "BAD_REQUEST")
             try await ws.send(["type": "ping", "id": "8"])
             let pong = try await ws.reply("pong")
             #expect(pong["id"] as? String == "8")
