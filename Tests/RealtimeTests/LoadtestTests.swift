@@ -63,6 +63,22 @@ import Testing
         }
     }
 
+    /// The tester's WebSocket clients answer the server's pings: with a ping every second (two unanswered
+    /// close the connection), a run of several seconds keeps every connection, subscribers' and publisher's.
+    @Test func webSocketClientsAnswerPingsAndKeepTheirConnections() async throws {
+        try await withTestGateway(configure: { $0.wsPingSeconds = 1 }) { gateway in
+            let (status, report, output) = try await Self.run([
+                "--url", "http://127.0.0.1:\(gateway.port)", "--subscribers", "4", "--transports", "ws=1", "--publishers", "1",
+                "--channels", "1", "--duration", "5", "--rate", "20", "--ramp", "0", "--drain", "5",
+            ])
+            #expect(status == 0, "\(output)")
+            #expect((report["reconnects"] as? NSNumber)?.intValue == 0, "\(output)")
+            #expect((report["errors"] as? [Any])?.isEmpty == true, "\(output)")
+            let published = (report["published"] as? NSNumber)?.intValue ?? 0
+            #expect(published > 50 && (report["deliveries"] as? NSNumber)?.intValue == published * 4)
+        }
+    }
+
     @Test(arguments: ["drop:50", "swap:50"])
     func aGatewayThatLosesOrReordersMessagesFailsTheRun(fault: String) async throws {
         try await withTestGateway(configure: { $0.testFault = fault }) { gateway in
