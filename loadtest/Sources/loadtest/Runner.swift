@@ -154,8 +154,8 @@ final class Runner: Sendable {
 
     private func webSocket(_ i: Int, _ endpoint: Endpoint, _ token: String, _ channel: String, _ track: inout Track?, _ cursor: inout String?,
                            _ who: String, _ onReady: (@Sendable () -> Void)?) async throws -> End {
-        // Deliveries are checked on the connection's event loop as they arrive (`take`); the task sees only what
-        // needs it (an error, an unsubscribe) and the end.
+        // Deliveries are checked on the connection's event loop as they arrive (`take`); a reply that is not taken
+        // (an error, an unsubscribe) is recorded and ends the connection; the task waits for the end.
         let live = NIOLockedValueBox(Live(track: track, cursor: cursor))
         defer { (track, cursor) = live.withLockedValue { ($0.track, $0.cursor) } }
         let subscribe = ClientCommand.subscribe(id: .string("s"), channel: channel, since: cursor).text
@@ -178,7 +178,7 @@ final class Runner: Sendable {
     }
 
     /// One text message of a WebSocket subscriber, on its event loop: a delivery or the `subscribed` reply is
-    /// taken (true); an error or an unsubscribe is left to the subscriber's task (false).
+    /// taken (true); an error or an unsubscribe is not (false: it is recorded and the connection ends).
     private func take(_ frame: ByteBufferView, _ i: Int, _ live: NIOLockedValueBox<Live>, channel: String, who: String,
                       _ onReady: (@Sendable () -> Void)?) -> Bool {
         func record(_ message: Delivery) {
@@ -299,7 +299,7 @@ final class Runner: Sendable {
         let sends = PacedPublishes(plan: plan, index: p, ledger: ledger, who: who)
         do {
             sends.socket = try await LiveSocket.connect(endpoint, token: try await tokens.make("lt-pub-\(p)"), first: nil, group: group,
-                                                        take: { sends.answered($0) }, other: { _ in })
+                                                        take: { sends.answered($0) }, other: { [ledger] text in ledger.error("\(who): \(text.prefix(300))") })
         } catch {
             ledger.error("\(who): \(error)")
             return
