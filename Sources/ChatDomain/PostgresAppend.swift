@@ -3,7 +3,8 @@ extension PostgresStore {
     /// statements in an explicit transaction: seven round trips with BEGIN and COMMIT, and the channels' rows
     /// stayed locked across all of them, so other instances' batches queued behind). Migrations 6 and 7 both
     /// run this text: 6 once made it without the membership check (`p_member`); 7 adds this signature beside
-    /// that one, which an instance not yet upgraded keeps calling.
+    /// that one, which an instance not yet upgraded keeps calling. Migration 8 runs it again: since then a batch
+    /// without request ids skips the two idempotency statements and the count.
     ///
     /// Arguments: per request (1-based, in batch order) its channel, sender, request id (`''` for none),
     /// canonical body and whether the sender must be a member of the thread; the oldest `created_at` a request
@@ -25,7 +26,7 @@ extension PostgresStore {
         DECLARE
             n int := coalesce(cardinality(p_channel), 0);
             kind text[] := array_fill('n'::text, ARRAY[n]);
-            keyed bigint;
+            keyed bigint := 0;
             r record;
         BEGIN
             -- 0. Members' publishes to threads: the membership rows locked (a removal's DELETE waits for this
@@ -45,33 +46,37 @@ extension PostgresStore {
                     RETURN NEXT;
                 END LOOP;
             END IF;
-            -- 1. Request ids seen before, within the window.
-            FOR r IN
-                SELECT x.i::int AS i, k.seq, m.id::text AS mid, m.created_at, m.body
-                FROM unnest(p_channel, p_sender, p_request) WITH ORDINALITY AS x(c, s, q, i)
-                JOIN idempotency k ON k.channel = x.c AND k.sender = x.s AND k.request_id = x.q AND k.created_at >= p_cutoff
-                LEFT JOIN messages m ON m.channel = k.channel AND m.seq = k.seq
-                WHERE x.q <> '' AND kind[x.i] = 'n'
-            LOOP
-                kind[r.i] := CASE WHEN r.mid IS NULL THEN 'x' ELSE 'r' END;
-                o_index := r.i; o_kind := kind[r.i]; o_seq := r.seq; o_id := r.mid; o_created_at := r.created_at; o_body := r.body; o_epoch := 0;
-                RETURN NEXT;
-            END LOOP;
-            -- 2. A request id twice in this batch: the first is stored, the later ones replay it (a refused
-            --    sender's repeats are refused too: same channel, same sender).
-            FOR r IN
-                SELECT y.i, y.first FROM (
-                    SELECT x.i::int AS i, (min(x.i) OVER (PARTITION BY x.c, x.s, x.q))::int AS first
-                    FROM unnest(p_channel, p_sender, p_request) WITH ORDINALITY AS x(c, s, q, i) WHERE x.q <> '') y
-                WHERE y.i <> y.first
-            LOOP
-                IF kind[r.i] = 'n' THEN
-                    kind[r.i] := 'd';
-                    o_index := r.i; o_kind := 'd'; o_seq := r.first; o_id := NULL; o_created_at := NULL; o_body := NULL; o_epoch := 0;
+            -- 1, 2: only for a batch with request ids (most publishes to topics carry none: three statements
+            --    fewer per batch).
+            IF '' <> ANY(p_request) THEN
+                -- 1. Request ids seen before, within the window.
+                FOR r IN
+                    SELECT x.i::int AS i, k.seq, m.id::text AS mid, m.created_at, m.body
+                    FROM unnest(p_channel, p_sender, p_request) WITH ORDINALITY AS x(c, s, q, i)
+                    JOIN idempotency k ON k.channel = x.c AND k.sender = x.s AND k.request_id = x.q AND k.created_at >= p_cutoff
+                    LEFT JOIN messages m ON m.channel = k.channel AND m.seq = k.seq
+                    WHERE x.q <> '' AND kind[x.i] = 'n'
+                LOOP
+                    kind[r.i] := CASE WHEN r.mid IS NULL THEN 'x' ELSE 'r' END;
+                    o_index := r.i; o_kind := kind[r.i]; o_seq := r.seq; o_id := r.mid; o_created_at := r.created_at; o_body := r.body; o_epoch := 0;
                     RETURN NEXT;
-                END IF;
-            END LOOP;
-            SELECT count(*) INTO keyed FROM unnest(p_request) WITH ORDINALITY AS x(q, i) WHERE x.q <> '' AND kind[x.i] = 'n';
+                END LOOP;
+                -- 2. A request id twice in this batch: the first is stored, the later ones replay it (a refused
+                --    sender's repeats are refused too: same channel, same sender).
+                FOR r IN
+                    SELECT y.i, y.first FROM (
+                        SELECT x.i::int AS i, (min(x.i) OVER (PARTITION BY x.c, x.s, x.q))::int AS first
+                        FROM unnest(p_channel, p_sender, p_request) WITH ORDINALITY AS x(c, s, q, i) WHERE x.q <> '') y
+                    WHERE y.i <> y.first
+                LOOP
+                    IF kind[r.i] = 'n' THEN
+                        kind[r.i] := 'd';
+                        o_index := r.i; o_kind := 'd'; o_seq := r.first; o_id := NULL; o_created_at := NULL; o_body := NULL; o_epoch := 0;
+                        RETURN NEXT;
+                    END IF;
+                END LOOP;
+                SELECT count(*) INTO keyed FROM unnest(p_request) WITH ORDINALITY AS x(q, i) WHERE x.q <> '' AND kind[x.i] = 'n';
+            END IF;
             -- 3. Each channel's head moves by its count (rows locked in name order), then the messages and the keys.
             FOR r IN
                 WITH fresh AS (

@@ -126,6 +126,7 @@ public final class PostgresStore: Store {
         membershipEpochMigration,
         appendFunction,
         appendFunction,
+        appendFunction,
     ]
 
     /// Versioned migrations in `schema_migrations`, under an advisory lock so that instances starting at
