@@ -73,6 +73,7 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
         refuse = nil
         // The request is over: its idle timer (re-armed every few seconds per connection) has nothing left to watch.
         context.pipeline.syncOperations.removeIfPresent(IdleStateHandler.self)
+        Self.dropRequestParsing(context.pipeline.syncOperations)
         driver.log.answered(.ok, route: "/v1/channels/{channel}/events")
         var headers = HTTPHeaders()
         headers.add(name: "Content-Type", value: "text/event-stream")
@@ -147,6 +148,19 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
         context.write(NIOAny(HTTPServerResponsePart.body(.byteBuffer(buffer))), promise: nil)
     }
 
+    /// Once the stream is open no request follows on its connection (it ends with the stream): the handlers
+    /// that parse and check requests leave, and whatever the client still sends is read and dropped.
+    static func dropRequestParsing(_ sync: ChannelPipeline.SynchronousOperations) {
+        guard let decoder = try? sync.handler(type: ByteToMessageHandler<HTTPRequestDecoder>.self) else { return }
+        do { try sync.addHandler(DiscardInbound(), position: .after(decoder)) } catch { return }
+        _ = sync.removeHandler(decoder)
+        sync.removeIfPresent(HTTPServerPipelineHandler.self)
+        sync.removeIfPresent(ParseErrorAnswer.self)
+        sync.removeIfPresent(RequestDeadline.self)
+        sync.removeIfPresent(RequestReader.self)
+        sync.removeIfPresent(RequestGate.self)
+    }
+
     // MARK: SubscriptionSink
 
     func write(_ bytes: ByteBuffer, promise: EventLoopPromise<Void>?) {
@@ -204,4 +218,10 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
         guard !ended else { return }
         stop()
     }
+}
+
+/// Reads and drops what arrives (a stream's connection after its request).
+final class DiscardInbound: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
 }

@@ -218,6 +218,39 @@ enum RawClient {
         }
     }
 
+    /// An open event stream's connection takes no other request (the request parsing leaves it, keeping the idle
+    /// stream small): what the client sends afterwards — a request, garbage — is read and dropped, and the stream
+    /// goes on.
+    @Test func bytesAfterAnEventStreamOpensAreDroppedAndTheStreamGoesOn() async throws {
+        try await withTestGateway { gateway in
+            let token = try await gateway.token()
+            let text = try await within(20, "event stream") { () async throws -> String in
+                let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                    .connect(host: "127.0.0.1", port: gateway.port) { channel in
+                        channel.eventLoop.makeCompletedFuture { try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel) }
+                    }
+                return try await channel.executeThenClose { inbound, outbound in
+                    try await outbound.write(ByteBuffer(string: "GET /v1/channels/topic:after/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \(token)\r\n\r\n"))
+                    var received: [UInt8] = []
+                    var sentMore = false
+                    for try await chunk in inbound {
+                        received += chunk.readableBytesView
+                        if !sentMore, received.firstRange(of: Array(": stream open".utf8)) != nil {
+                            sentMore = true
+                            try await outbound.write(ByteBuffer(string: "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n\u{0}\u{1}not http at all\r\n\r\n"))
+                            #expect(try await HTTPTestClient.publish(port: gateway.port, channel: "topic:after", body: ["n": 1], token: token).status == 201)
+                        }
+                        if received.firstRange(of: Array("\"n\":1}}".utf8)) != nil { break }
+                    }
+                    return String(decoding: received, as: UTF8.self)
+                }
+            }
+            #expect(text.components(separatedBy: "HTTP/1.1 ").count == 2, "one response only: \(text)")
+            #expect(text.contains("event: message\ndata: {"), "\(text)")
+            try await Self.expectServing(gateway.port)
+        }
+    }
+
     @Test func pipelinedRequestsAreAnsweredInOrder() async throws {
         try await withTestGateway { gateway in
             let raw = try await RawClient.exchange(port: gateway.port,
