@@ -71,8 +71,8 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
         guard case .subscribed(_, _, let cursor) = reply, !opened, !ended else { return }
         opened = true
         refuse = nil
-        // The request is over: its idle timer (re-armed every few seconds per connection) has nothing left to watch.
-        context.pipeline.syncOperations.removeIfPresent(IdleStateHandler.self)
+        // The request is over, and no other follows on this connection: its idle timer (re-armed every few
+        // seconds per connection), deadlines, checks and parsing have nothing left to watch.
         Self.dropRequestParsing(context.pipeline.syncOperations)
         driver.log.answered(.ok, route: "/v1/channels/{channel}/events")
         var headers = HTTPHeaders()
@@ -155,10 +155,7 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
         do { try sync.addHandler(DiscardInbound(), position: .after(decoder)) } catch { return }
         _ = sync.removeHandler(decoder)
         sync.removeIfPresent(HTTPServerPipelineHandler.self)
-        sync.removeIfPresent(ParseErrorAnswer.self)
-        sync.removeIfPresent(RequestDeadline.self)
-        sync.removeIfPresent(RequestReader.self)
-        sync.removeIfPresent(RequestGate.self)
+        sync.removeRequestHandling()
     }
 
     // MARK: SubscriptionSink

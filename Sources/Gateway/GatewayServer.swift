@@ -357,11 +357,7 @@ public final class GatewayServer: Sendable {
             withServerUpgrade: (upgraders: [upgrader], completionHandler: { context in
                 let sync = context.pipeline.syncOperations
                 sync.removeIfPresent(HTTPHandler.self)
-                sync.removeIfPresent(RequestGate.self)
-                sync.removeIfPresent(RequestReader.self)
-                sync.removeIfPresent(ParseErrorAnswer.self)
-                sync.removeIfPresent(IdleStateHandler.self)
-                sync.removeIfPresent(RequestDeadline.self)
+                sync.removeRequestHandling()
             }),
             withErrorHandling: false)
         try ParseErrorAnswer.add(to: sync)

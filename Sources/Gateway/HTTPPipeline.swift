@@ -338,4 +338,14 @@ extension ChannelPipeline.SynchronousOperations {
     func removeIfPresent<Handler: RemovableChannelHandler>(_ type: Handler.Type) {
         if let handler = try? self.handler(type: type) { _ = removeHandler(handler) }
     }
+
+    /// Takes out our handlers that serve the next request (its deadlines, limits, checks, the idle timer and
+    /// the parse-error answer): for a connection that will take no other request (upgraded, or streaming).
+    func removeRequestHandling() {
+        removeIfPresent(RequestGate.self)
+        removeIfPresent(RequestReader.self)
+        removeIfPresent(ParseErrorAnswer.self)
+        removeIfPresent(IdleStateHandler.self)
+        removeIfPresent(RequestDeadline.self)
+    }
 }

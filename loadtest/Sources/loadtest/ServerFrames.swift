@@ -75,7 +75,7 @@ struct ServerFrameReader {
         }
         let key = (0..<4).map { _ in UInt8.random(in: 0...255) }
         buffer.writeBytes(key)
-        for (i, byte) in payload.enumerated() { buffer.writeInteger(byte ^ key[i & 3]) }
+        buffer.writeBytes(payload.enumerated().map { $0.element ^ key[$0.offset & 3] })
         return buffer
     }
 
