@@ -104,6 +104,7 @@ let package = Package(
             .product(name: "NIOWebSocket", package: "swift-nio"),
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
             .product(name: "Configuration", package: "swift-configuration"),
+            .product(name: "PostgresNIO", package: "postgres-nio"),
         ]),
     ]
 )

@@ -1,3 +1,5 @@
+import PostgresNIO
+
 extension PostgresStore {
     /// One append batch as one function call, so one round trip and one implicit transaction (it was five
     /// statements in an explicit transaction: seven round trips with BEGIN and COMMIT, and the channels' rows
@@ -117,4 +119,34 @@ extension PostgresStore {
         END
         $fn$
         """
+}
+
+/// One append batch: `gateway_append`'s arguments, and its rows (index, kind, seq, id, created_at, body, epoch).
+/// Run as a named prepared statement, the server parses and plans the call once per connection instead of per
+/// batch: 3 instances at 2,000 publishes/s, Postgres CPU per batch 0.38–0.55 → 0.30–0.34 ms (three alternating pairs).
+struct AppendStatement: PostgresPreparedStatement {
+    /// Named after the function's signature: a later signature gets a statement of its own.
+    static let name = "gateway_append_6"
+    static let sql = """
+        SELECT o_index, o_kind, o_seq, o_id, o_created_at, o_body, o_epoch
+        FROM gateway_append($1::text[], $2::text[], $3::text[], $4::text[], $5::boolean[], $6::bigint)
+        """
+    typealias Row = (Int, String, Int64, String?, Int64?, String?, Int64)
+
+    let batch: [AppendRequest]
+    /// The oldest `created_at` a request id is remembered from.
+    let cutoff: Int64
+
+    func makeBindings() throws -> PostgresBindings {
+        var bindings = PostgresBindings(capacity: 6)
+        bindings.append(batch.map(\.channel.rawValue))
+        bindings.append(batch.map(\.sender))
+        bindings.append(batch.map { $0.requestId ?? "" })
+        bindings.append(batch.map(\.body))
+        bindings.append(batch.map(\.senderMustBeMember))
+        bindings.append(cutoff)
+        return bindings
+    }
+
+    func decodeRow(_ row: PostgresRow) throws -> Row { try row.decode(Row.self) }
 }

@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import NIOConcurrencyHelpers
 import PostgresNIO
 
 /// The cluster store: Postgres shared by every instance. Order is decided by the channel's row: an append
@@ -14,6 +15,12 @@ public final class PostgresStore: Store {
     /// How long a request id is remembered (PROTOCOL.md: 24 hours), in microseconds.
     private let idempotencyWindow: Int64
     public let appends: GroupCommit
+    /// Whether an append batch runs as the named prepared statement `AppendStatement` (parsed and planned once
+    /// per connection) rather than an unnamed one parsed and planned per batch. Switched off by configuration,
+    /// or by itself the first time the server does not know the statement or knows it already: a connection
+    /// pooler between (PgBouncer in transaction mode before 1.21, or without `max_prepared_statements`) hands
+    /// the statement's later executions to other server connections.
+    private let preparedAppends: NIOLockedValueBox<Bool>
 
     /// Parses `postgres://user:pass@host:port/db[?sslmode=…&sslrootcert=…]` into a client configuration. TLS as
     /// libpq reads it: `disable`; `prefer` (the default: TLS when the server offers it, unverified);
@@ -77,18 +84,21 @@ public final class PostgresStore: Store {
     }
 
     /// Applies the migrations (once, even when several instances start together) through a running client.
+    /// `preparedStatements`: appends as a named prepared statement (see `preparedAppends`).
     public static func open(client: PostgresClient, maxPending: Int = 20_000, idempotencyWindow: Duration = .seconds(24 * 3600),
-                            logger: Logger) async throws -> PostgresStore {
-        let store = PostgresStore(client: client, maxPending: maxPending, idempotencyWindow: idempotencyWindow, logger: logger)
+                            preparedStatements: Bool = true, logger: Logger) async throws -> PostgresStore {
+        let store = PostgresStore(client: client, maxPending: maxPending, idempotencyWindow: idempotencyWindow,
+                                  preparedStatements: preparedStatements, logger: logger)
         try await store.migrate()
         // Pruning is housekeeping: a failure here is logged, and what matters (migrations, revocations) fails on its own.
         do { try await store.pruneExpired() } catch { logger.warning("pruning expired rows failed", metadata: ["error": "\(String(reflecting: error))"]) }
         return store
     }
 
-    private init(client: PostgresClient, maxPending: Int, idempotencyWindow: Duration, logger: Logger) {
+    private init(client: PostgresClient, maxPending: Int, idempotencyWindow: Duration, preparedStatements: Bool, logger: Logger) {
         self.client = client
         self.logger = logger
+        self.preparedAppends = NIOLockedValueBox(preparedStatements)
         let window = idempotencyWindow.components.seconds * 1_000_000 + idempotencyWindow.components.attoseconds / 1_000_000_000_000
         self.idempotencyWindow = window
         let box = WeakBox<PostgresStore>()
@@ -168,6 +178,14 @@ public final class PostgresStore: Store {
     /// it ran: the whole batch rolled back, and runs again (the key is then a replay).
     static let keyTakenState = "GW409"
 
+    /// What a server says when a named prepared statement is not on the connection an execution reached
+    /// (`26000`, invalid_sql_statement_name), or is there already when it is prepared (`42P05`,
+    /// duplicate_prepared_statement): a pooler moved the session. Both come before anything ran.
+    static let statementLostStates: Set<String> = ["26000", "42P05"]
+
+    /// Whether appends run as the named prepared statement (false after a pooler lost it).
+    public var preparesAppends: Bool { preparedAppends.withLockedValue { $0 } }
+
     /// How long an operation may wait, mostly for a connection: postgres-nio's pool keeps a lease request
     /// waiting while the server is down, and a publisher must hear 503 instead.
     static let commitDeadline = Duration.seconds(5)
@@ -175,14 +193,19 @@ public final class PostgresStore: Store {
 
     private func commit(_ batch: [AppendRequest], window: Int64) async -> [GroupCommit.Outcome] {
         for attempt in 1...3 {
+            let prepared = preparesAppends
             do {
                 let client = self.client
                 let logger = self.logger
                 return try await withDeadline(Self.commitDeadline, on: appends.executor) {
-                    try await Self.append(batch, window: window, on: client, logger: logger)
+                    try await Self.append(batch, window: window, prepared: prepared, on: client, logger: logger)
                 }
             } catch let error as PSQLError where error.serverInfo?[.sqlState] == Self.keyTakenState {
                 logger.debug("idempotency key raced with another instance; retrying the batch", metadata: ["attempt": "\(attempt)"])
+            } catch let error as PSQLError where prepared && Self.statementLostStates.contains(error.serverInfo?[.sqlState] ?? "") {
+                preparedAppends.withLockedValue { $0 = false }
+                logger.warning("the server lost the append's prepared statement (a connection pooler between?): appends are no longer prepared; set GATEWAY_PG_PREPARED_STATEMENTS=0 to start that way",
+                               metadata: ["error": "\(String(reflecting: error))"])
             } catch {
                 logger.error("store commit failed", metadata: ["error": "\(String(reflecting: error))"])
                 break
@@ -194,17 +217,17 @@ public final class PostgresStore: Store {
 
     /// One batch in one statement, so one round trip: `gateway_append` (migrations 6 and 7) does what a transaction
     /// of five statements did, and the channels' row locks are held only while the server runs it and commits.
-    static func append(_ batch: [AppendRequest], window: Int64, on client: PostgresClient, logger: Logger) async throws -> [GroupCommit.Outcome] {
-        let cutoff = Timestamp.nowMicros() - window
-        let rows = try await client.query("""
-            SELECT o_index, o_kind, o_seq, o_id, o_created_at, o_body, o_epoch FROM gateway_append(
-                \(batch.map(\.channel.rawValue))::text[], \(batch.map(\.sender))::text[], \(batch.map { $0.requestId ?? "" })::text[],
-                \(batch.map(\.body))::text[], \(batch.map(\.senderMustBeMember))::boolean[], \(cutoff))
-            """, logger: logger)
+    static func append(_ batch: [AppendRequest], window: Int64, prepared: Bool, on client: PostgresClient, logger: Logger)
+        async throws -> [GroupCommit.Outcome] {
+        let statement = AppendStatement(batch: batch, cutoff: Timestamp.nowMicros() - window)
+        let rows = prepared
+            ? try await client.execute(statement, logger: logger)
+            : try await client.query(PostgresQuery(unsafeSQL: AppendStatement.sql, binds: try statement.makeBindings()), logger: logger)
+                .decode(AppendStatement.Row.self)
         var outcomes = [GroupCommit.Outcome?](repeating: nil, count: batch.count)
         var stored: [Int: Message] = [:]
         var repeats: [(index: Int, of: Int)] = []
-        for try await (position, kind, seq, id, createdAt, body, epoch) in rows.decode((Int, String, Int64, String?, Int64?, String?, Int64).self) {
+        for try await (position, kind, seq, id, createdAt, body, epoch) in rows {
             let index = position - 1
             guard batch.indices.contains(index) else { throw PostgresStoreError("gateway_append answered an unknown index") }
             let request = batch[index]

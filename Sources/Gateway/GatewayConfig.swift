@@ -134,6 +134,10 @@ public struct GatewayConfig: Sendable {
     public var clusterKey: String?
     /// Postgres without Redis is refused unless this says it is one instance (`GATEWAY_SINGLE_INSTANCE=1`).
     public var singleInstance = false
+    /// Appends as a named prepared statement, parsed and planned once per Postgres connection
+    /// (`GATEWAY_PG_PREPARED_STATEMENTS`; off for a pooler that does not keep them, e.g. PgBouncer in
+    /// transaction mode before 1.21; the store also turns it off by itself when the server loses one).
+    public var postgresPreparedStatements = true
     /// When both are set the listener speaks TLS only (https, wss); both files are read again on SIGHUP.
     public var tlsCertificateFile: String?
     public var tlsKeyFile: String?
@@ -249,6 +253,7 @@ public struct GatewayConfig: Sendable {
         c.redisURL = e.text("REDIS_URL")
         c.clusterKey = e.text("GATEWAY_CLUSTER_KEY")
         if let v = try e.flag("GATEWAY_SINGLE_INSTANCE") { c.singleInstance = v }
+        if let v = try e.flag("GATEWAY_PG_PREPARED_STATEMENTS") { c.postgresPreparedStatements = v }
         c.tlsCertificateFile = e.text("GATEWAY_TLS_CERT")
         c.tlsKeyFile = e.text("GATEWAY_TLS_KEY")
         return c

@@ -63,7 +63,8 @@ public final class GatewayServer: Sendable {
         if let client {
             do {
                 store = try await withDeadline(config.storeStartTimeout) {
-                    try await PostgresStore.open(client: client, idempotencyWindow: config.idempotencyWindow, logger: logger)
+                    try await PostgresStore.open(client: client, idempotencyWindow: config.idempotencyWindow,
+                                                 preparedStatements: config.postgresPreparedStatements, logger: logger)
                 }
             } catch {
                 await stopServices()

@@ -27,6 +27,7 @@ extension GatewayConfig {
         Setting(name: "REDIS_URL", defaultValue: "unset: in-process", help: "Redis fan-out redis[s]://[user:password@]host:port[?cacert=…]"),
         Setting(name: "GATEWAY_CLUSTER_KEY", defaultValue: "derived from the JWT secret", help: "key of the MAC on every bus payload (required with JWKS only)"),
         Setting(name: "GATEWAY_SINGLE_INSTANCE", defaultValue: "0", help: "1: Postgres without Redis is allowed (one instance)"),
+        Setting(name: "GATEWAY_PG_PREPARED_STATEMENTS", defaultValue: "1", help: "0: appends not as a named prepared statement (PgBouncer in transaction mode before 1.21)"),
         Setting(name: "GATEWAY_INSTANCE_ID", defaultValue: "host:port", help: "name in logs and metrics"),
         Setting(name: "GATEWAY_TLS_CERT", defaultValue: "none", help: "PEM certificate (chain) for https / wss (re-read on SIGHUP)"),
         Setting(name: "GATEWAY_TLS_KEY", defaultValue: "none", help: "PEM private key of that certificate"),
