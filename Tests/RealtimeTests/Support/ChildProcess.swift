@@ -8,6 +8,8 @@ final class ChildProcess: @unchecked Sendable {  // `status` and `waiters` guard
     let pid: pid_t
     private let lock = NSLock()
     private var status: Int32?
+    /// When the reaper saw the exit (not when a waiting task got to run: on a loaded machine that is later).
+    private var exited: Date?
     private var waiters: [CheckedContinuation<Int32, Never>] = []
 
     private typealias CloseFrom = @convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, Int32) -> Int32
@@ -41,12 +43,21 @@ final class ChildProcess: @unchecked Sendable {  // `status` and `waiters` guard
     private func finish(_ raw: Int32) {
         // Exit code when it exited, 128 + signal when a signal ended it (as a shell reports it).
         let code = raw & 0x7f == 0 ? (raw >> 8) & 0xff : 128 + (raw & 0x7f)
+        let now = Date()
         lock.lock()
         status = code
+        exited = now
         let waiting = waiters
         waiters = []
         lock.unlock()
         for waiter in waiting { waiter.resume(returning: code) }
+    }
+
+    /// When the process exited, as its reaper saw it (nil while it runs).
+    var exitedAt: Date? {
+        lock.lock()
+        defer { lock.unlock() }
+        return exited
     }
 
     var isRunning: Bool {
