@@ -180,7 +180,9 @@ final class EventStream: SubscriptionSink, SessionTransport, ConnectionBoundStre
         chunks.write(NIOAny(WireEncoding.unchunked(bytes) ?? bytes), promise: promise)
     }
 
-    func flush() { context.flush() }
+    /// From below NIO's encoder too: no handler above it holds writes back, and a flush from the handler's own
+    /// context passed through each of them (~4 % of an SSE delivery's CPU).
+    func flush() { chunks.flush() }
 
     var isWritable: Bool { writable }
 
