@@ -10,24 +10,18 @@ struct PreparedAppendTests {
     static let channel = try! ChannelName(parsing: "topic:prepared")
 
     static func withStore(prepared: Bool, _ body: (PostgresStore, PostgresClient) async throws -> Void) async throws {
-        let postgres = try await PostgresServer.start()
-        let logger = Logger(label: "test-store")
-        var configuration = try #require(PostgresStore.configuration(from: postgres.url + "?sslmode=disable"))
-        configuration.options.minimumConnections = 1
-        configuration.options.maximumConnections = 1
-        let client = PostgresClient(configuration: configuration, backgroundLogger: logger)
-        let running = Task { await client.run() }
-        do {
+        try await withStarted({ try await PostgresServer.start() }, stop: { await $0.stop() }) { postgres in
+            let logger = Logger(label: "test-store")
+            var configuration = try #require(PostgresStore.configuration(from: postgres.url + "?sslmode=disable"))
+            configuration.options.minimumConnections = 1
+            configuration.options.maximumConnections = 1
+            let client = PostgresClient(configuration: configuration, backgroundLogger: logger)
+            let running = Task { await client.run() }
+            defer { running.cancel() }
             let store = try await PostgresStore.open(client: client, preparedStatements: prepared, logger: logger)
             try await body(store, client)
             await store.close()
-        } catch {
-            running.cancel()
-            await postgres.stop()
-            throw error
         }
-        running.cancel()
-        await postgres.stop()
     }
 
     static func statements(_ client: PostgresClient) async throws -> [String] {
